@@ -1,0 +1,27 @@
+"""One exception type per domain, each carrying a message a user can act on.
+
+All derive from :class:`KlausError`, so the CLI can turn any of them into a
+one-line error and a non-zero exit status without catching unrelated bugs.
+"""
+
+from __future__ import annotations
+
+
+class KlausError(Exception):
+    """Base class for every error Klaus reports to a user."""
+
+
+class KlausFormatError(KlausError):
+    """A `.klaus` file is corrupt, truncated, of an unknown version, or invalid."""
+
+
+class KlausImageError(KlausError):
+    """An input image cannot be read: missing, truncated, not an image, or too large."""
+
+
+class KlausModelError(KlausError):
+    """A model (ONNX or recipe) cannot be compressed or run as asked."""
+
+
+class KlausDataError(KlausError):
+    """An evaluation or calibration data set cannot be read as asked."""
