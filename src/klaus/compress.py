@@ -1,0 +1,240 @@
+"""The compression pipeline: an ONNX classifier plus a recipe in, a `.klaus` model out."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from . import __version__, codecs, onnxgraph
+from .errors import KlausFormatError, KlausModelError
+from .format import KlausModel, LabelRow, TensorRecord, read_model, write_model
+from .preprocess import Preprocess
+from .calibrate import InputStats
+from .quantize import PalettizedTensor, Recipe, palettize, palettize_gptq
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """Provenance written into the file's metadata."""
+
+    name: str
+    source: str = "unknown"
+    license: str = "unknown"
+    creator: str = "unknown"
+    description: str = ""
+
+
+def imagenet_label_rows() -> tuple[LabelRow, ...]:
+    from .labels import imagenet_labels
+
+    return tuple(
+        LabelRow(l.index, l.wnid, l.name, tuple(l.words), tuple(l.path), tuple(l.hierarchy)) for l in imagenet_labels()
+    )
+
+
+def plain_label_rows(names: Sequence[str]) -> tuple[LabelRow, ...]:
+    """Labels for a non-ImageNet model: names only, no WordNet hierarchy."""
+    return tuple(LabelRow(i, "", n, (n,), (), (n,)) for i, n in enumerate(names))
+
+
+def _linear(role: onnxgraph.TensorRole, array: np.ndarray) -> bool:
+    """Layers whose input Hessian is a plain channel Gram matrix: Gemm and 1x1 Conv."""
+    if role.op == "Gemm":
+        return True
+    return role.op == "Conv" and role.group == 1 and all(d == 1 for d in array.shape[2:])
+
+
+def quantize_weights(
+    weights: dict[str, np.ndarray],
+    roles: dict[str, onnxgraph.TensorRole],
+    recipe: Recipe,
+    stats: dict[str, InputStats] | None = None,
+    progress: Progress | None = None,
+) -> dict[str, PalettizedTensor]:
+    """Palettize every tensor the recipe gives bits to (GPTQ where the recipe and calibration allow)."""
+    out = {}
+    for name, bits in planned_bits(weights, roles, recipe).items():
+        array, role = weights[name], roles[name]
+        if progress:
+            progress(name)
+        common = {"granularity": recipe.granularity, "iterations": recipe.iterations, "rate_penalty": recipe.rate_penalty}
+        if recipe.method == "gptq" and stats and role.activation in stats and stats[role.activation].gram is not None:
+            out[name] = palettize_gptq(array, bits, stats[role.activation].hessian, out_axis=role.out_axis, **common)
+        else:
+            out[name] = palettize(array, bits, axis=role.out_axis, **common)
+    return out
+
+
+def planned_bits(weights: dict[str, np.ndarray], roles: dict[str, onnxgraph.TensorRole], recipe: Recipe) -> dict[str, int]:
+    plan = {}
+    for name, array in weights.items():
+        bits = recipe.bits_for(name, roles[name].kind, array.size)
+        if bits is not None and array.ndim > 0 and array.size > 0:
+            plan[name] = bits
+    return plan
+
+
+def calibration_stats(
+    model: onnx.ModelProto,
+    weights: dict[str, np.ndarray],
+    roles: dict[str, onnxgraph.TensorRole],
+    recipe: Recipe,
+    calibration: np.ndarray,
+) -> dict[str, InputStats]:
+    """Input statistics of every layer the recipe palettizes (Gram matrices only for GPTQ)."""
+    from .calibrate import input_statistics
+
+    plan = planned_bits(weights, roles, recipe)
+    activations = [roles[n].activation for n in plan]
+    grams = [roles[n].activation for n in plan if recipe.method == "gptq" and _linear(roles[n], weights[n])]
+    return input_statistics(model, calibration, activations, grams)
+
+
+def encode_tensor(name: str, array: np.ndarray, q: PalettizedTensor | None, recipe: Recipe, png: codecs.PngOptions) -> TensorRecord:
+    """A palettized tensor as palette + PNG index map, anything else as raw floats."""
+    if q is None:
+        return TensorRecord(name, tuple(array.shape), recipe.float_codec, 0, codecs.encode_raw(array, recipe.float_codec))
+    rows, cols = codecs.index_map_shape(array.shape)
+    return TensorRecord(
+        name,
+        tuple(array.shape),
+        "palette-png",
+        q.bits,
+        codecs.encode_png_indices(q.indices.reshape(rows, cols), q.bits, png),
+        palette=q.palette.astype("<f2").tobytes(),
+        scales=None if q.scales is None else q.scales.astype("<f2").tobytes(),
+        scale_axis=None if q.scales is None else q.scale_axis,
+    )
+
+
+def compress_onnx(
+    model: onnx.ModelProto,
+    recipe: Recipe,
+    *,
+    preprocess: Preprocess,
+    labels: Sequence[LabelRow],
+    card: ModelCard,
+    output: str = "logits",
+    png: codecs.PngOptions = codecs.PngOptions(),
+    calibration: np.ndarray | None = None,
+    progress: Progress | None = None,
+) -> KlausModel:
+    """Palettize, bias-correct (when calibration inputs are given) and encode a model."""
+    onnxgraph.validate_skeleton(model, card.name)
+    skeleton, weights = onnxgraph.split_weights(model)
+    roles = onnxgraph.tensor_roles(model)
+    recipe = effective_recipe(recipe, calibration is not None)
+    stats = None if calibration is None else calibration_stats(model, weights, roles, recipe, calibration)
+    quantized = quantize_weights(weights, roles, recipe, stats, progress)
+    if stats is not None:
+        weights = {**weights, **bias_corrected(weights, quantized, roles, stats)}
+    records = [encode_tensor(name, array, quantized.get(name), recipe, png) for name, array in weights.items()]
+    meta = {
+        "model_name": card.name,
+        "source": card.source,
+        "license": card.license,
+        "creator": card.creator,
+        "description": card.description,
+        "klaus_version": __version__,
+        "output": output,
+        "calibration_inputs": str(0 if calibration is None else calibration.shape[0]),
+        "recipe": json.dumps(recipe.describe(), sort_keys=True, separators=(",", ":")),
+    }
+    return KlausModel(meta, preprocess, tuple(labels), skeleton.SerializeToString(deterministic=True), tuple(records))
+
+
+def effective_recipe(recipe: Recipe, calibrated: bool) -> Recipe:
+    """GPTQ needs calibration inputs; without them the same bit plan runs as plain k-means."""
+    if recipe.method == "gptq" and not calibrated:
+        return replace(recipe, method="kmeans")
+    return recipe
+
+
+def bias_corrected(
+    weights: dict[str, np.ndarray],
+    quantized: dict[str, PalettizedTensor],
+    roles: dict[str, onnxgraph.TensorRole],
+    stats: dict[str, InputStats],
+) -> dict[str, np.ndarray]:
+    """Biases that cancel each palettized layer's expected output shift (float-model input means).
+
+    (An empirical variant that re-measured every layer's mean output in the
+    palettized model and corrected all biases at once over-corrected — later
+    layers compensate what earlier corrections already fixed — and raised KL.)
+    """
+    from .calibrate import correct_biases
+
+    layers = [n for n in quantized if roles[n].bias in weights]
+    means = {name: s.mean for name, s in stats.items()}
+    decoded = {n: quantized[n].decode() for n in layers}
+    biases = {roles[n].bias: weights[roles[n].bias] for n in layers}
+    return correct_biases(weights, decoded, roles, means, biases)
+
+
+def recompress(
+    model: KlausModel,
+    recipe: Recipe,
+    png: codecs.PngOptions = codecs.PngOptions(),
+    calibration: np.ndarray | None = None,
+    progress: Progress | None = None,
+) -> KlausModel:
+    """Apply a recipe to an existing (ideally lossless) model, keeping its card and labels."""
+    card = ModelCard(
+        model.meta["model_name"], model.meta["source"], model.meta["license"], model.meta["creator"], model.meta.get("description", "")
+    )
+    return compress_onnx(
+        to_onnx(model), recipe, preprocess=model.preprocess, labels=model.labels, card=card,
+        output=model.meta["output"], png=png, calibration=calibration, progress=progress,
+    )
+
+
+def to_onnx(model: KlausModel) -> onnx.ModelProto:
+    """Decode every tensor and rebuild a self-contained ONNX model."""
+    where = model.source_path or model.name
+    skeleton = onnx.ModelProto()
+    try:
+        skeleton.ParseFromString(model.graph)
+    except Exception as exc:  # protobuf DecodeError
+        raise KlausFormatError(f"{where}: graph is not a valid ONNX protobuf ({exc})") from None
+    onnxgraph.validate_skeleton(skeleton, where)
+    full = onnxgraph.join_weights(skeleton, model.decoded_weights())
+    onnxgraph.check_model(full, where)
+    return full
+
+
+def load_source(path: str | os.PathLike[str]) -> KlausModel | onnx.ModelProto:
+    """A compression source: a `.klaus` model or an ONNX file, told apart by content."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head.startswith(b"SQLite format 3"):
+        return read_model(path)
+    return onnxgraph.load_onnx(str(path))
+
+
+def output_classes(model: onnx.ModelProto) -> int | None:
+    """Width of the first output if it is (batch, classes); None if unknown."""
+    dims = model.graph.output[0].type.tensor_type.shape.dim
+    return int(dims[-1].dim_value) if len(dims) == 2 and dims[-1].dim_value > 0 else None
+
+
+def default_labels(model: onnx.ModelProto, names: Iterable[str] | None = None) -> tuple[LabelRow, ...]:
+    if names is not None:
+        return plain_label_rows(list(names))
+    classes = output_classes(model)
+    if classes == 1000:
+        return imagenet_label_rows()
+    raise KlausModelError(
+        f"the model has {classes or 'an unknown number of'} outputs, not the 1000 ImageNet classes; pass --labels FILE"
+    )
+
+
+def write(model: KlausModel, path: str | os.PathLike[str]) -> int:
+    return write_model(model, Path(path))

@@ -1,0 +1,157 @@
+"""Accuracy on labelled photos: top-1, top-5, and top-1 agreement with a reference model.
+
+DATA may be a folder of ``<wnid>/`` subfolders, a folder of ``<wnid>_*.ext``
+files, or a list file of ``path label`` lines (label = class index or wnid,
+whitespace or comma separated, paths relative to the list file).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import KlausDataError, KlausError
+from .format import LabelRow
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+_WNID_PREFIX = re.compile(r"^(n\d{8})[_.-]")
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: str
+    label: int
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    n: int
+    top1: float
+    top5: float
+    agreement: float | None = None
+    failed: int = 0
+
+    def to_dict(self) -> dict[str, object]:
+        return {"n": self.n, "top1": self.top1, "top5": self.top5, "agreement": self.agreement, "failed": self.failed}
+
+
+def _is_image(p: Path) -> bool:
+    return p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+
+
+def load_dataset(data: str | os.PathLike[str], labels: Sequence[LabelRow], limit: int | None = None) -> list[Sample]:
+    """Samples in a deterministic (sorted) order; see the module docstring for layouts."""
+    root = Path(data)
+    by_wnid = {row.wnid: row.index for row in labels if row.wnid}
+    if root.is_file():
+        samples = _from_list(root, by_wnid, len(labels))
+    elif root.is_dir():
+        samples = _from_folder(root, by_wnid)
+    else:
+        raise KlausDataError(f"{data}: no such file or folder")
+    if not samples:
+        raise KlausDataError(f"{data}: no labelled images found (expected <wnid>/ folders, <wnid>_*.jpg files or a list file)")
+    return samples[:limit] if limit else samples
+
+
+def _from_folder(root: Path, by_wnid: dict[str, int]) -> list[Sample]:
+    samples = []
+    for entry in sorted(root.iterdir()):
+        if entry.is_dir() and entry.name in by_wnid:
+            samples += [Sample(str(p), by_wnid[entry.name]) for p in sorted(entry.rglob("*")) if _is_image(p)]
+        elif _is_image(entry):
+            m = _WNID_PREFIX.match(entry.name)
+            if m and m.group(1) in by_wnid:
+                samples.append(Sample(str(entry), by_wnid[m.group(1)]))
+    return samples
+
+
+def _from_list(path: Path, by_wnid: dict[str, int], classes: int) -> list[Sample]:
+    samples = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise KlausDataError(f"{path}: cannot read list file ({exc})") from None
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = [p for p in re.split(r"[,\s]+", line) if p]
+        if len(parts) != 2:
+            raise KlausDataError(f"{path}:{number}: expected 'path label', got {line!r}")
+        image, label = parts
+        samples.append(Sample(str((path.parent / image)), _parse_label(label, by_wnid, classes, f"{path}:{number}")))
+    return samples
+
+
+def _parse_label(text: str, by_wnid: dict[str, int], classes: int, where: str) -> int:
+    if text.isdigit() and int(text) < classes:
+        return int(text)
+    if text in by_wnid:
+        return by_wnid[text]
+    raise KlausDataError(f"{where}: label {text!r} is neither a class index below {classes} nor a known wnid")
+
+
+def split_classes(samples: Iterable[Sample], parity: str) -> list[Sample]:
+    """The project's fixed split: even class indices calibrate, odd ones evaluate."""
+    want = {"even": 0, "odd": 1}[parity]
+    return [s for s in samples if s.label % 2 == want]
+
+
+ProbabilityFn = Callable[[Sequence[str]], np.ndarray]
+
+
+def predict_all(
+    probabilities: ProbabilityFn,
+    samples: Sequence[Sample],
+    batch: int = 16,
+    on_batch: Callable[[int], None] | None = None,
+    on_error: Callable[[str, str], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-5 class indices for every sample that could be read; returns (top5, ok-mask)."""
+    top5 = np.full((len(samples), 5), -1, dtype=np.int64)
+    ok = np.zeros(len(samples), dtype=bool)
+    for start in range(0, len(samples), batch):
+        chunk = samples[start : start + batch]
+        try:
+            probs = probabilities([s.path for s in chunk])
+            rows = range(len(chunk))
+        except KlausError:
+            probs, rows = _one_by_one(probabilities, chunk, on_error)
+        for row, p in zip(rows, probs):
+            top5[start + row] = np.argsort(-p, kind="stable")[:5]
+            ok[start + row] = True
+        if on_batch:
+            on_batch(len(chunk))
+    return top5, ok
+
+
+def _one_by_one(probabilities: ProbabilityFn, chunk: Sequence[Sample], on_error) -> tuple[list[np.ndarray], list[int]]:
+    probs, rows = [], []
+    for i, s in enumerate(chunk):
+        try:
+            probs.append(probabilities([s.path])[0])
+            rows.append(i)
+        except KlausError as exc:
+            if on_error:
+                on_error(s.path, str(exc))
+    return probs, rows
+
+
+def score(samples: Sequence[Sample], top5: np.ndarray, ok: np.ndarray, reference_top1: np.ndarray | None = None) -> Accuracy:
+    labels = np.array([s.label for s in samples])
+    n = int(ok.sum())
+    if n == 0:
+        return Accuracy(0, 0.0, 0.0, None, len(samples))
+    top1 = float((top5[ok, 0] == labels[ok]).mean())
+    top5_acc = float((top5[ok] == labels[ok, None]).any(axis=1).mean())
+    agreement = None
+    if reference_top1 is not None:
+        both = ok & (reference_top1 >= 0)
+        agreement = float((top5[both, 0] == reference_top1[both]).mean()) if both.any() else None
+    return Accuracy(n, top1, top5_acc, agreement, len(samples) - n)

@@ -1,0 +1,457 @@
+"""The `.klaus` container: one SQLite3 database, specified in docs/format.md.
+
+Reading never trusts the file: the whole file is read into memory (bounded),
+its SQLite header is checked against its length, the database is deserialized
+into a private in-memory connection (so no journal or WAL beside the file can be
+replayed and nothing is written), ``PRAGMA quick_check`` must pass, the schema
+must match this module's byte for byte, and every field of every row is checked
+against the specification before any tensor is decoded. Any failure is one
+:class:`KlausFormatError` naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import sqlite3
+import struct
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import codecs
+from .errors import KlausFormatError
+from .preprocess import Preprocess
+
+FORMAT_NAME = "klaus"
+FORMAT_VERSION = 1
+APPLICATION_ID = 0x4B4C4155  # "KLAU"
+PAGE_SIZE = 1024  # smaller pages waste less at the end of each blob's overflow chain
+MAX_FILE_BYTES = 2 << 30
+MAX_TENSOR_ELEMENTS = 1 << 31
+MAX_DEPTH = 64
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+SCHEMA = {
+    "meta": "CREATE TABLE meta (key TEXT PRIMARY KEY NOT NULL, value TEXT NOT NULL) WITHOUT ROWID",
+    "labels": (
+        "CREATE TABLE labels (idx INTEGER PRIMARY KEY NOT NULL, wnid TEXT NOT NULL, name TEXT NOT NULL, "
+        "words TEXT NOT NULL)"
+    ),
+    "synsets": (
+        "CREATE TABLE synsets (wnid TEXT PRIMARY KEY NOT NULL, name TEXT NOT NULL, parent TEXT NOT NULL) WITHOUT ROWID"
+    ),
+    "graph": (
+        "CREATE TABLE graph (id INTEGER PRIMARY KEY NOT NULL CHECK (id = 0), "
+        "onnx BLOB NOT NULL, sha256 TEXT NOT NULL)"
+    ),
+    "tensors": (
+        "CREATE TABLE tensors (ord INTEGER PRIMARY KEY NOT NULL, name TEXT NOT NULL UNIQUE, "
+        "dims TEXT NOT NULL, dtype TEXT NOT NULL, codec TEXT NOT NULL, bits INTEGER NOT NULL, "
+        "palette BLOB, scales BLOB, scale_axis INTEGER, payload BLOB NOT NULL, sha256 TEXT NOT NULL)"
+    ),
+}
+# SQLite creates these for PRIMARY KEY / UNIQUE constraints; nothing else may exist.
+AUTO_INDEXES = {"sqlite_autoindex_tensors_1"}
+REQUIRED_META = ("format", "format_version", "model_name", "source", "license", "creator", "klaus_version", "preprocess", "output", "recipe")
+OUTPUT_KINDS = ("logits", "probabilities")
+_WNID = re.compile(r"^(n\d{8})?$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class LabelRow:
+    """One class: ``path`` is wnids root..leaf, ``hierarchy`` their display names."""
+
+    index: int
+    wnid: str
+    name: str
+    words: tuple[str, ...] = ()
+    path: tuple[str, ...] = ()
+    hierarchy: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TensorRecord:
+    """One stored weight; ``palette`` and ``scales`` are little-endian fp16 bytes."""
+
+    name: str
+    dims: tuple[int, ...]
+    codec: str
+    bits: int
+    payload: bytes
+    palette: bytes | None = None
+    scales: bytes | None = None
+    scale_axis: int | None = None
+    dtype: str = "float32"
+    sha256: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.sha256:
+            object.__setattr__(self, "sha256", self.digest())
+
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for blob in (self.payload, self.palette or b"", self.scales or b""):
+            h.update(blob)
+        return h.hexdigest()
+
+    @property
+    def stored_bytes(self) -> int:
+        return len(self.payload) + len(self.palette or b"") + len(self.scales or b"")
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.dims, dtype=np.int64))
+
+    def palette_values(self) -> np.ndarray | None:
+        return None if self.palette is None else np.frombuffer(self.palette, "<f2")
+
+    def scale_values(self) -> np.ndarray | None:
+        return None if self.scales is None else np.frombuffer(self.scales, "<f2")
+
+    def indices(self) -> np.ndarray:
+        rows, cols = codecs.index_map_shape(self.dims)
+        return codecs.decode_png_indices(self.payload, rows, cols, self.bits).reshape(self.dims)
+
+    def decode(self) -> np.ndarray:
+        """The float32 tensor this record stands for."""
+        if self.codec in codecs.RAW_DTYPES:
+            return codecs.decode_raw(self.payload, self.dims, self.codec)
+        from .quantize import dequantize
+
+        palette = self.palette_values()
+        indices = self.indices()
+        if int(indices.max(initial=0)) >= len(palette):
+            raise KlausFormatError(f"tensor {self.name!r}: index map refers past its {len(palette)}-entry palette")
+        return dequantize(palette, indices, self.scale_values(), self.scale_axis or 0)
+
+
+@dataclass(frozen=True)
+class KlausModel:
+    """Everything a `.klaus` file holds, validated."""
+
+    meta: dict[str, str]
+    preprocess: Preprocess
+    labels: tuple[LabelRow, ...]
+    graph: bytes
+    tensors: tuple[TensorRecord, ...]
+    source_path: str = field(default="", compare=False)
+
+    @property
+    def name(self) -> str:
+        return self.meta["model_name"]
+
+    @property
+    def recipe(self) -> dict[str, object]:
+        return json.loads(self.meta["recipe"])
+
+    def decoded_weights(self) -> dict[str, np.ndarray]:
+        out = {}
+        for t in self.tensors:
+            try:
+                out[t.name] = t.decode()
+            except KlausFormatError as exc:
+                raise KlausFormatError(f"{self.source_path or '<model>'}: tensor {t.name!r}: {exc}") from None
+        return out
+
+
+# ---------------------------------------------------------------- writing
+
+
+def write_model(model: KlausModel, path: str | os.PathLike[str]) -> int:
+    """Write atomically (temp file + rename) and deterministically; returns the file size."""
+    data = serialize(model)
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".klaus-", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return len(data)
+
+
+def serialize(model: KlausModel) -> bytes:
+    conn = sqlite3.connect(":memory:")
+    try:
+        conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
+        conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        conn.execute(f"PRAGMA user_version = {FORMAT_VERSION}")
+        for ddl in SCHEMA.values():
+            conn.execute(ddl)
+        meta = dict(model.meta)
+        meta.update(format=FORMAT_NAME, format_version=str(FORMAT_VERSION), preprocess=_dumps(model.preprocess.to_dict()))
+        conn.executemany("INSERT INTO meta VALUES (?, ?)", sorted(meta.items()))
+        conn.executemany(
+            "INSERT INTO labels VALUES (?, ?, ?, ?)", [(r.index, r.wnid, r.name, _dumps(r.words)) for r in model.labels]
+        )
+        tree = hierarchy_tree(model.labels)
+        conn.executemany("INSERT INTO synsets VALUES (?, ?, ?)", [(w, *tree[w]) for w in sorted(tree)])
+        conn.execute("INSERT INTO graph VALUES (0, ?, ?)", (model.graph, hashlib.sha256(model.graph).hexdigest()))
+        conn.executemany(
+            "INSERT INTO tensors VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (i, t.name, _dumps(list(t.dims)), t.dtype, t.codec, t.bits, t.palette, t.scales, t.scale_axis, t.payload, t.digest())
+                for i, t in enumerate(model.tensors)
+            ],
+        )
+        conn.commit()
+        conn.execute("VACUUM")
+        return conn.serialize()
+    finally:
+        conn.close()
+
+
+def _dumps(value: object) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_model(path: str | os.PathLike[str]) -> KlausModel:
+    """Load and fully validate a `.klaus` file."""
+    where = str(path)
+    try:
+        size = os.path.getsize(path)
+        if size > MAX_FILE_BYTES:
+            raise KlausFormatError(f"{where}: file is {size} bytes, larger than the {MAX_FILE_BYTES}-byte limit")
+        with open(path, "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    except FileNotFoundError:
+        raise KlausFormatError(f"{where}: no such file") from None
+    except IsADirectoryError:
+        raise KlausFormatError(f"{where}: is a directory, not a .klaus file") from None
+    except OSError as exc:
+        raise KlausFormatError(f"{where}: cannot read ({exc.strerror})") from None
+    return parse_model(data, where)
+
+
+def parse_model(data: bytes, where: str = "<bytes>") -> KlausModel:
+    _check_sqlite_header(data, where)
+    conn = sqlite3.connect(":memory:")
+    try:
+        try:
+            conn.deserialize(data)
+            conn.execute("PRAGMA query_only = ON")
+            check = conn.execute("PRAGMA quick_check").fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise KlausFormatError(f"{where}: corrupt database ({exc})") from None
+        if check != [("ok",)]:
+            raise KlausFormatError(f"{where}: corrupt database ({check[0][0]})")
+        try:
+            return _read_tables(conn, where)
+        except sqlite3.DatabaseError as exc:
+            raise KlausFormatError(f"{where}: corrupt database ({exc})") from None
+    finally:
+        conn.close()
+
+
+def _check_sqlite_header(data: bytes, where: str) -> None:
+    if len(data) < 100 or not data.startswith(SQLITE_MAGIC):
+        raise KlausFormatError(f"{where}: not a .klaus model (not an SQLite database)")
+    (page_size,) = struct.unpack_from(">H", data, 16)
+    page_size = 65536 if page_size == 1 else page_size
+    if page_size < 512 or page_size & (page_size - 1):
+        raise KlausFormatError(f"{where}: corrupt database header (page size {page_size})")
+    if data[18] != 1 or data[19] != 1:
+        raise KlausFormatError(f"{where}: database is in WAL mode; .klaus files are written in rollback mode")
+    (changes, pages) = struct.unpack_from(">II", data, 24)
+    (valid_for,) = struct.unpack_from(">I", data, 92)
+    if changes == valid_for and pages * page_size != len(data):
+        raise KlausFormatError(
+            f"{where}: file is {len(data)} bytes but its header says {pages * page_size}; it is truncated or padded"
+        )
+    if len(data) % page_size:
+        raise KlausFormatError(f"{where}: file size is not a whole number of pages; it is truncated")
+
+
+def _read_tables(conn: sqlite3.Connection, where: str) -> KlausModel:
+    (app_id,) = conn.execute("PRAGMA application_id").fetchone()
+    (version,) = conn.execute("PRAGMA user_version").fetchone()
+    if app_id != APPLICATION_ID:
+        raise KlausFormatError(f"{where}: SQLite database, but not a .klaus model (application_id {app_id:#x})")
+    if version != FORMAT_VERSION:
+        raise KlausFormatError(
+            f"{where}: format version {version} is not supported by this Klaus (reads version {FORMAT_VERSION}); "
+            "upgrade Klaus or rebuild the model"
+        )
+    _check_schema(conn, where)
+    meta = _read_meta(conn, where)
+    preprocess = Preprocess.from_dict(_loads(meta["preprocess"], where, "meta.preprocess"))
+    labels = _read_labels(conn, where)
+    graph = _read_graph(conn, where)
+    tensors = _read_tensors(conn, where)
+    return KlausModel(meta, preprocess, labels, graph, tensors, source_path=where)
+
+
+def _check_schema(conn: sqlite3.Connection, where: str) -> None:
+    rows = conn.execute("SELECT type, name, sql FROM sqlite_master ORDER BY name").fetchall()
+    tables = {name: sql for kind, name, sql in rows if kind == "table"}
+    others = {name for kind, name, _ in rows if kind != "table"} - AUTO_INDEXES
+    if tables != SCHEMA or others:
+        missing = sorted(set(SCHEMA) - set(tables))
+        detail = f"missing tables {missing}" if missing else "unexpected schema"
+        raise KlausFormatError(f"{where}: not a valid .klaus v{FORMAT_VERSION} file ({detail})")
+
+
+def _read_meta(conn: sqlite3.Connection, where: str) -> dict[str, str]:
+    meta: dict[str, str] = {}
+    for key, value in conn.execute("SELECT key, value FROM meta"):
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise KlausFormatError(f"{where}: meta table holds a non-text entry")
+        meta[key] = value
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise KlausFormatError(f"{where}: meta table lacks {', '.join(missing)}")
+    if meta["format"] != FORMAT_NAME or meta["format_version"] != str(FORMAT_VERSION):
+        raise KlausFormatError(f"{where}: meta says format {meta['format']!r} v{meta['format_version']}, expected klaus v{FORMAT_VERSION}")
+    if meta["output"] not in OUTPUT_KINDS:
+        raise KlausFormatError(f"{where}: meta.output must be one of {OUTPUT_KINDS}, got {meta['output']!r}")
+    if not isinstance(_loads(meta["recipe"], where, "meta.recipe"), dict):
+        raise KlausFormatError(f"{where}: meta.recipe is not a JSON object")
+    return meta
+
+
+def _loads(text: str, where: str, what: str) -> object:
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        raise KlausFormatError(f"{where}: {what} is not valid JSON") from None
+
+
+def _str_list(value: object, where: str, what: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise KlausFormatError(f"{where}: {what} must be a JSON list of strings")
+    return tuple(value)
+
+
+def hierarchy_tree(labels: Sequence[LabelRow]) -> dict[str, tuple[str, str]]:
+    """{wnid: (display name, parent wnid)} for every node on every label's path."""
+    tree: dict[str, tuple[str, str]] = {}
+    for row in labels:
+        if len(row.path) != len(row.hierarchy):
+            raise ValueError(f"label {row.index}: path and hierarchy differ in length")
+        for depth, (wnid, name) in enumerate(zip(row.path, row.hierarchy)):
+            node = (name, row.path[depth - 1] if depth else "")
+            if tree.setdefault(wnid, node) != node:
+                raise ValueError(f"label {row.index}: synset {wnid} has two names or parents")
+    return tree
+
+
+def _read_labels(conn: sqlite3.Connection, where: str) -> tuple[LabelRow, ...]:
+    tree = _read_synsets(conn, where)
+    rows = []
+    for expected, (idx, wnid, name, words) in enumerate(conn.execute("SELECT idx, wnid, name, words FROM labels ORDER BY idx")):
+        what = f"labels row {idx}"
+        if idx != expected:
+            raise KlausFormatError(f"{where}: labels must be numbered 0..n-1 without gaps (found {idx} at {expected})")
+        if not isinstance(wnid, str) or not _WNID.match(wnid) or not isinstance(name, str) or not name:
+            raise KlausFormatError(f"{where}: {what} has a bad wnid or name")
+        path = _path_to_root(tree, wnid, where) if wnid else ()
+        hierarchy = tuple(tree[w][0] for w in path)
+        rows.append(LabelRow(idx, wnid, name, _str_list(_loads(words, where, what), where, what + " words"), path, hierarchy))
+    return tuple(rows)
+
+
+def _read_synsets(conn: sqlite3.Connection, where: str) -> dict[str, tuple[str, str]]:
+    tree = {}
+    for wnid, name, parent in conn.execute("SELECT wnid, name, parent FROM synsets"):
+        if not all(isinstance(v, str) for v in (wnid, name, parent)) or not _WNID.match(wnid) or not wnid or not _WNID.match(parent):
+            raise KlausFormatError(f"{where}: synsets table holds a malformed row")
+        tree[wnid] = (name, parent)
+    for wnid, (_, parent) in tree.items():
+        if parent and parent not in tree:
+            raise KlausFormatError(f"{where}: synset {wnid} names a missing parent {parent}")
+    return tree
+
+
+def _path_to_root(tree: dict[str, tuple[str, str]], wnid: str, where: str) -> tuple[str, ...]:
+    if wnid not in tree:
+        raise KlausFormatError(f"{where}: label {wnid} is missing from the synsets table")
+    path = [wnid]
+    while tree[path[-1]][1]:
+        path.append(tree[path[-1]][1])
+        if len(path) > MAX_DEPTH:
+            raise KlausFormatError(f"{where}: synset hierarchy above {wnid} is cyclic or deeper than {MAX_DEPTH}")
+    return tuple(reversed(path))
+
+
+def _read_graph(conn: sqlite3.Connection, where: str) -> bytes:
+    rows = conn.execute("SELECT id, onnx, sha256 FROM graph").fetchall()
+    if len(rows) != 1 or not isinstance(rows[0][1], bytes):
+        raise KlausFormatError(f"{where}: graph table must hold exactly one ONNX blob")
+    _, blob, digest = rows[0]
+    if hashlib.sha256(blob).hexdigest() != digest:
+        raise KlausFormatError(f"{where}: graph checksum mismatch (file is corrupt)")
+    return blob
+
+
+def _read_tensors(conn: sqlite3.Connection, where: str) -> tuple[TensorRecord, ...]:
+    records = []
+    query = "SELECT ord, name, dims, dtype, codec, bits, palette, scales, scale_axis, payload, sha256 FROM tensors ORDER BY ord"
+    for expected, row in enumerate(conn.execute(query)):
+        records.append(_tensor_record(row, expected, where))
+    return tuple(records)
+
+
+def _tensor_record(row: tuple, expected: int, where: str) -> TensorRecord:
+    ordinal, name, dims_text, dtype, codec, bits, palette, scales, scale_axis, payload, digest = row
+    if ordinal != expected or not isinstance(name, str) or not name:
+        raise KlausFormatError(f"{where}: tensors table row {ordinal} has a bad ordinal or name")
+    what = f"{where}: tensor {name!r}"
+    dims = _loads(dims_text, where, f"tensor {name!r} dims")
+    if not isinstance(dims, list) or len(dims) > 8 or not all(type(d) is int and d >= 0 for d in dims):
+        raise KlausFormatError(f"{what}: dims must be a list of at most 8 non-negative integers")
+    if math.prod(dims) > MAX_TENSOR_ELEMENTS:
+        raise KlausFormatError(f"{what}: {math.prod(dims)} elements is over the limit")
+    if dtype != "float32":
+        raise KlausFormatError(f"{what}: dtype {dtype!r} is not supported (float32 only)")
+    if codec not in codecs.CODECS:
+        raise KlausFormatError(f"{what}: unknown codec {codec!r} (known: {', '.join(codecs.CODECS)})")
+    if not isinstance(payload, bytes) or not isinstance(digest, str) or not _HEX64.match(digest):
+        raise KlausFormatError(f"{what}: payload or checksum missing")
+    record = TensorRecord(name, tuple(dims), codec, bits, payload, palette, scales, scale_axis, dtype, digest)
+    if record.digest() != digest:
+        raise KlausFormatError(f"{what}: checksum mismatch (file is corrupt)")
+    if codec in codecs.RAW_DTYPES:
+        if bits != 0 or palette is not None or scales is not None or scale_axis is not None:
+            raise KlausFormatError(f"{what}: raw tensors carry no bits, palette or scales")
+        if len(payload) != record.size * codecs.RAW_DTYPES[codec].itemsize:
+            raise KlausFormatError(f"{what}: payload is {len(payload)} bytes, expected {record.size * codecs.RAW_DTYPES[codec].itemsize}")
+        return record
+    _check_palette_fields(record, what)
+    return record
+
+
+def _check_palette_fields(r: TensorRecord, what: str) -> None:
+    if type(r.bits) is not int or not 1 <= r.bits <= 8:
+        raise KlausFormatError(f"{what}: bits must be 1..8, got {r.bits!r}")
+    if not r.dims or r.size == 0:
+        raise KlausFormatError(f"{what}: a palettized tensor needs a non-empty shape")
+    if not isinstance(r.palette, bytes) or len(r.palette) % 2 or not 2 <= len(r.palette) <= 2 << r.bits:
+        raise KlausFormatError(f"{what}: palette must hold 1..2^bits fp16 values")
+    if not np.all(np.isfinite(r.palette_values())):
+        raise KlausFormatError(f"{what}: palette holds NaN or infinite values")
+    if r.scales is None:
+        if r.scale_axis is not None:
+            raise KlausFormatError(f"{what}: scale_axis given without scales")
+        return
+    if type(r.scale_axis) is not int or not 0 <= r.scale_axis < len(r.dims):
+        raise KlausFormatError(f"{what}: scale_axis {r.scale_axis!r} is not an axis of shape {list(r.dims)}")
+    if not isinstance(r.scales, bytes) or len(r.scales) != 2 * r.dims[r.scale_axis]:
+        raise KlausFormatError(f"{what}: scales must hold one fp16 value per slice of axis {r.scale_axis}")
+    if not np.all(np.isfinite(r.scale_values())):
+        raise KlausFormatError(f"{what}: scales hold NaN or infinite values")

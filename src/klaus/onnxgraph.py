@@ -1,0 +1,195 @@
+"""ONNX graph surgery: take weights out, put them back, and say what each one is.
+
+The `.klaus` container keeps the network as an ONNX graph with its float
+initializers removed (the "skeleton"); the tensor table holds them, encoded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .errors import KlausFormatError, KlausModelError
+from .quantize import LayerKind
+
+# Operator domains a `.klaus` graph may use: the standard ONNX sets only, so a
+# model file can never ask the runtime to load custom (native) operator code.
+ALLOWED_DOMAINS = ("", "ai.onnx")
+MIN_OPSET, MAX_OPSET = 7, 23
+
+
+@dataclass(frozen=True)
+class TensorRole:
+    """How a weight is used: the layer kind and which axis indexes output channels."""
+
+    kind: LayerKind
+    out_axis: int
+    node: str
+    op: str = ""
+    activation: str = ""  # the data input the weight multiplies
+    output: str = ""  # the node output the weight produces
+    bias: str = ""  # the bias initializer added to its output, if any
+    group: int = 1
+
+
+def load_onnx(path: str) -> onnx.ModelProto:
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except FileNotFoundError:
+        raise KlausModelError(f"{path}: no such file") from None
+    except Exception as exc:  # protobuf raises DecodeError and friends
+        raise KlausModelError(f"{path}: not a readable ONNX model ({exc})") from None
+    for init in model.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            raise KlausModelError(f"{path}: external-data ONNX models are not supported; merge the weights first")
+    return model
+
+
+def float_initializers(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    return [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT]
+
+
+def split_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """Return (skeleton without float initializers, {name: float32 array}) in graph order."""
+    skeleton = onnx.ModelProto()
+    skeleton.CopyFrom(model)
+    weights: dict[str, np.ndarray] = {}
+    kept = []
+    for init in skeleton.graph.initializer:
+        if init.data_type == onnx.TensorProto.FLOAT:
+            weights[init.name] = numpy_helper.to_array(init).astype(np.float32)
+        else:
+            kept.append(init)
+    del skeleton.graph.initializer[:]
+    skeleton.graph.initializer.extend(kept)
+    return skeleton, weights
+
+
+def join_weights(skeleton: onnx.ModelProto, weights: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """Put decoded weights back as initializers, in the order given."""
+    model = onnx.ModelProto()
+    model.CopyFrom(skeleton)
+    model.graph.initializer.extend(
+        numpy_helper.from_array(np.ascontiguousarray(array, dtype=np.float32), name)
+        for name, array in weights.items()
+    )
+    return model
+
+
+def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
+    for a in node.attribute:
+        if a.name == name:
+            return int(a.i)
+    return default
+
+
+def tensor_roles(model: onnx.ModelProto) -> dict[str, TensorRole]:
+    """Classify every float initializer by the first op that consumes it as a weight."""
+    shapes = {t.name: tuple(t.dims) for t in float_initializers(model)}
+    roles: dict[str, TensorRole] = {}
+    for node in model.graph.node:
+        if len(node.input) < 2 or node.input[1] not in shapes or node.input[1] in roles:
+            continue
+        name, dims = node.input[1], shapes[node.input[1]]
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] in shapes else ""
+        link = {"node": node.name, "op": node.op_type, "activation": node.input[0], "output": node.output[0], "bias": bias}
+        if node.op_type in ("Conv", "ConvTranspose") and len(dims) >= 3:
+            group = _attr(node, "group", 1)
+            depthwise = group > 1 and dims[1] == 1 and node.op_type == "Conv"
+            axis = 0 if node.op_type == "Conv" else 1
+            roles[name] = TensorRole("depthwise" if depthwise else "conv", axis, group=group, **link)
+        elif node.op_type == "Gemm" and len(dims) == 2 and not _attr(node, "transA", 0):
+            roles[name] = TensorRole("fc", 0 if _attr(node, "transB", 0) else 1, **link)
+        elif node.op_type == "MatMul" and len(dims) == 2:
+            roles[name] = TensorRole("fc", 1, **link)
+    for name in shapes:
+        roles.setdefault(name, TensorRole("other", 0, ""))
+    return roles
+
+
+def validate_skeleton(model: onnx.ModelProto, where: str) -> None:
+    """Refuse graphs that could load native code or reach outside the file."""
+    for opset in model.opset_import:
+        if opset.domain not in ALLOWED_DOMAINS:
+            raise KlausFormatError(f"{where}: graph imports operator domain {opset.domain!r}; only standard ONNX is allowed")
+        if not MIN_OPSET <= opset.version <= MAX_OPSET:
+            raise KlausFormatError(f"{where}: graph uses opset {opset.version}, supported {MIN_OPSET}..{MAX_OPSET}")
+    if len(model.functions):
+        raise KlausFormatError(f"{where}: graph defines local functions, which Klaus does not allow")
+    _validate_graph(model.graph, where)
+
+
+def _validate_graph(graph: onnx.GraphProto, where: str) -> None:
+    for node in graph.node:
+        if node.domain not in ALLOWED_DOMAINS:
+            raise KlausFormatError(f"{where}: node {node.name!r} uses operator domain {node.domain!r}")
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                _validate_graph(a.g, where)
+            for g in a.graphs:
+                _validate_graph(g, where)
+    for init in graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            raise KlausFormatError(f"{where}: graph refers to external tensor data")
+
+
+def check_model(model: onnx.ModelProto, where: str) -> None:
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid graph"
+        raise KlausFormatError(f"{where}: ONNX graph is invalid ({first})") from None
+
+
+def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Constant-fold and fuse with ONNX Runtime's portable (basic) optimizations.
+
+    Exporters leave shape arithmetic and Pad nodes around ("same" padding); the
+    basic level folds them into Conv attributes and keeps to standard operators.
+    """
+    import tempfile
+
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = f"{tmp}/simplified.onnx"
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options.optimized_model_filepath = out
+        options.log_severity_level = 3
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        simplified = onnx.load(out)
+    used = {node.domain for node in simplified.graph.node} | {""}
+    kept = [o for o in simplified.opset_import if o.domain in used]
+    del simplified.opset_import[:]
+    simplified.opset_import.extend(kept)
+    return simplified
+
+
+def rename_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Name weights after the layer that uses them (``_blocks.3._expand_conv.weight``).
+
+    Exporters that fold batch norm invent names like ``onnx::Conv_911``; layer
+    names make `klaus inspect` readable and ``--layer PATTERN=BITS`` usable.
+    """
+    suffix = {1: "weight", 2: "bias"}
+    initializers = {t.name: t for t in model.graph.initializer}
+    renames: dict[str, str] = {}
+    for node in model.graph.node:
+        layer = node.name.strip("/").rsplit("/", 1)[0].replace("/", ".") if "/" in node.name.strip("/") else node.name
+        for position, name in enumerate(node.input):
+            if position in suffix and name in initializers and name not in renames and layer:
+                renames[name] = f"{layer}.{suffix[position]}"
+    if len(set(renames.values())) != len(renames):
+        return model  # ambiguous layer names: keep the originals
+    taken = set(initializers) - set(renames)
+    if taken & set(renames.values()):
+        return model
+    for t in model.graph.initializer:
+        t.name = renames.get(t.name, t.name)
+    for node in model.graph.node:
+        node.input[:] = [renames.get(n, n) for n in node.input]
+    return model

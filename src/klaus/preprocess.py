@@ -1,0 +1,459 @@
+"""Image loading and preprocessing: file -> RGB image -> normalized float32 tensor.
+
+Loading is defensive because the input is whatever a user points the CLI at:
+every failure becomes a one-line :class:`KlausImageError`, oversized images are
+rejected from their header before any pixel is decoded, and large JPEGs are
+decoded at reduced size (DCT scaling) when the caller says how small the image
+will end up anyway.
+
+No global Pillow state is changed.  Pillow's own decompression-bomb guard
+(``2 * PIL.Image.MAX_IMAGE_PIXELS``, i.e. :data:`DEFAULT_MAX_PIXELS` unless
+someone changed it) still runs inside ``Image.open`` as a backstop, so a
+``max_pixels`` above it only takes effect if ``Image.MAX_IMAGE_PIXELS`` is
+raised too.  ``ImageFile.LOAD_TRUNCATED_IMAGES`` is left alone.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import re
+import struct
+import warnings
+from collections.abc import Mapping
+from contextlib import ExitStack
+from dataclasses import dataclass, fields
+from numbers import Integral, Real
+from typing import IO, Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from klaus.errors import KlausFormatError, KlausImageError
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "INTERPOLATIONS",
+    "Preprocess",
+    "crop_boxes",
+    "load_image",
+    "prepare",
+    "resized_size",
+    "to_tensor",
+]
+
+#: Pillow's hard decompression-bomb threshold with its default settings
+#: (2 * 89_478_485 px, about 13400 x 13400).  Hard-coded rather than read from
+#: ``Image.MAX_IMAGE_PIXELS`` so that our limit holds even if that is ``None``.
+DEFAULT_MAX_PIXELS = 178_956_970
+
+#: Largest square input a model may declare; keeps corrupt metadata from
+#: asking for absurd allocations.
+MAX_INPUT_SIZE = 4096
+
+INTERPOLATIONS: dict[str, Image.Resampling] = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+_RESIZE_RULES = ("shorter", "stretch")
+_CHANNEL_ORDERS = ("RGB", "BGR")
+_LAYOUTS = ("NCHW", "NHWC")
+_CROPS = (1, 10)
+# Above this (16 Mpx, ~48 MB as RGB) to_tensor stops resizing whole images.
+_MAX_RESIZED_PIXELS = 4096 * 4096
+
+Source = str | os.PathLike[str] | bytes | bytearray | memoryview | IO[bytes]
+Box = tuple[int, int, int, int]
+
+
+# --------------------------------------------------------------------------
+# Preprocess spec
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """The input pipeline a model was trained with, as stored in its metadata.
+
+    ``mean``/``std`` are in 0..255 pixel units and listed in the order of the
+    tensor's channels (i.e. in ``channel_order``), as Caffe-style BGR models
+    declare them.  Direct construction with bad values raises ``ValueError``;
+    :meth:`from_dict` (untrusted input) raises :class:`KlausFormatError`.
+    """
+
+    input_size: int = 224
+    resize: str = "shorter"
+    crop_ratio: float = 0.875
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] = (127.0, 127.0, 127.0)
+    std: tuple[float, float, float] = (128.0, 128.0, 128.0)
+    channel_order: str = "RGB"
+    layout: str = "NCHW"
+
+    def __post_init__(self) -> None:
+        _check_int("input_size", self.input_size, 1, MAX_INPUT_SIZE)
+        _check_choice("resize", self.resize, _RESIZE_RULES)
+        ratio = _check_real("crop_ratio", self.crop_ratio)
+        if not 0.1 <= ratio <= 1.0:
+            raise ValueError(f"'crop_ratio' must be in 0.1..1.0, got {_show(ratio)}")
+        _check_choice("interpolation", self.interpolation, tuple(INTERPOLATIONS))
+        _check_choice("channel_order", self.channel_order, _CHANNEL_ORDERS)
+        _check_choice("layout", self.layout, _LAYOUTS)
+        object.__setattr__(self, "input_size", int(self.input_size))
+        object.__setattr__(self, "crop_ratio", ratio)
+        object.__setattr__(self, "mean", _check_triple("mean", self.mean, positive=False))
+        object.__setattr__(self, "std", _check_triple("std", self.std, positive=True))
+
+    @property
+    def resize_side(self) -> int:
+        """Side the image is resized to before cropping (256 for 224 / 0.875)."""
+        return round(self.input_size / self.crop_ratio)
+
+    @property
+    def resample(self) -> Image.Resampling:
+        return INTERPOLATIONS[self.interpolation]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form; :meth:`from_dict` inverts it exactly."""
+        return {
+            "input_size": self.input_size,
+            "resize": self.resize,
+            "crop_ratio": self.crop_ratio,
+            "interpolation": self.interpolation,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "channel_order": self.channel_order,
+            "layout": self.layout,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Preprocess:
+        """Validate metadata read from a (possibly corrupt) model file.
+
+        Missing fields take their defaults; unknown fields are rejected so a
+        typo cannot silently fall back to a default.
+        """
+        if not isinstance(d, Mapping):
+            raise KlausFormatError(
+                f"invalid preprocess metadata: expected an object, got {type(d).__name__}"
+            )
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(repr(k) for k in d if k not in known)
+        if unknown:
+            raise KlausFormatError(
+                f"invalid preprocess metadata: unknown field(s) {', '.join(unknown)}"
+            )
+        try:
+            return cls(**d)
+        except (TypeError, ValueError) as exc:
+            raise KlausFormatError(f"invalid preprocess metadata: {exc}") from exc
+
+
+def _show(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _check_int(name: str, value: object, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, Integral) or not lo <= value <= hi:
+        raise ValueError(f"'{name}' must be an integer in {lo}..{hi}, got {_show(value)}")
+
+
+def _check_real(name: str, value: object) -> float:
+    try:
+        number = float(value) if isinstance(value, Real) and not isinstance(value, bool) else None
+    except OverflowError:  # e.g. 10**400
+        number = None
+    if number is None or not math.isfinite(number):
+        raise ValueError(f"'{name}' must be a finite number, got {_show(value)}")
+    return number
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"'{name}' must be one of {', '.join(choices)}; got {_show(value)}")
+
+
+def _check_triple(name: str, value: object, *, positive: bool) -> tuple[float, float, float]:
+    if not isinstance(value, (list, tuple)) or len(value) != 3:
+        raise ValueError(f"'{name}' must be a list of 3 numbers, got {_show(value)}")
+    a, b, c = (_check_real(name, v) for v in value)
+    if positive and min(a, b, c) <= 0:
+        raise ValueError(f"'{name}' values must be > 0, got {_show(value)}")
+    return (a, b, c)
+
+
+# --------------------------------------------------------------------------
+# Loading
+
+
+# What Pillow raises for unreadable data (UnidentifiedImageError is an OSError).
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError)
+_EXIF_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError,
+                KeyError, TypeError)
+_DRAFT_FORMATS = ("JPEG", "MPO")
+_SIXTEEN_BIT = ("I", "I;16", "I;16L", "I;16B", "I;16N")
+_ALPHA = ("RGBA", "LA", "PA", "RGBa", "La")
+_WHITE = (255, 255, 255, 255)
+
+
+def load_image(
+    source: Source,
+    *,
+    target: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Image.Image:
+    """Decode ``source`` (path, bytes or binary file) into an upright 8-bit RGB image.
+
+    ``target`` promises the caller will downscale until the shorter side is
+    ``target``: JPEGs may then be decoded at 1/2, 1/4 or 1/8 scale, never
+    below ``target`` on either side.  Only the first frame of animations is
+    used.  Transparent pixels are composited over white.
+    """
+    if target is not None and target < 1:
+        raise ValueError(f"target must be >= 1, got {target}")
+    if max_pixels < 1:
+        raise ValueError(f"max_pixels must be >= 1, got {max_pixels}")
+    with ExitStack() as stack:
+        fp, label = _open_source(source, stack)
+        try:
+            with warnings.catch_warnings():
+                # Our own limit is authoritative; Pillow's warning would be noise.
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                return _decode(fp, label, target, max_pixels)
+        except Image.DecompressionBombError as exc:
+            raise KlausImageError(_bomb_message(label, exc, max_pixels)) from exc
+        except _DECODE_ERRORS as exc:
+            raise KlausImageError(f"{label}: {_describe(exc)}") from exc
+
+
+def _open_source(source: Source, stack: ExitStack) -> tuple[IO[bytes], str]:
+    """Turn any accepted source into a seekable, non-empty binary stream plus a label."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        fp, label = io.BytesIO(bytes(source)), "<bytes>"
+    elif isinstance(source, (str, os.PathLike)):
+        label = os.fsdecode(source)
+        fp = stack.enter_context(_open_path(label))
+    elif hasattr(source, "read"):
+        name = getattr(source, "name", None)
+        label = name if isinstance(name, str) else "<bytes>"
+        fp = source if _seekable(source) else io.BytesIO(source.read())
+    else:
+        raise TypeError(f"cannot load an image from {type(source).__name__}")
+    start = fp.tell()
+    if fp.seek(0, io.SEEK_END) == 0:
+        raise KlausImageError(f"{label}: empty file")
+    fp.seek(start)
+    return fp, label
+
+
+def _open_path(path: str) -> IO[bytes]:
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        raise KlausImageError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise KlausImageError(f"{path}: is a directory") from None
+    except PermissionError:
+        raise KlausImageError(f"{path}: permission denied") from None
+    except OSError as exc:
+        raise KlausImageError(f"{path}: cannot open ({exc.strerror or exc})") from exc
+
+
+def _seekable(fp: IO[bytes]) -> bool:
+    try:
+        return bool(fp.seekable())
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+def _decode(fp: IO[bytes], label: str, target: int | None, max_pixels: int) -> Image.Image:
+    with Image.open(fp) as img:
+        width, height = img.size
+        if width * height > max_pixels:
+            size = f"{width}x{height} = {_pixels(width * height, max_pixels, up=True)}"
+            raise KlausImageError(
+                f"{label}: image too large ({size} > {_pixels(max_pixels, max_pixels)} limit)"
+            )
+        if target is not None and img.format in _DRAFT_FORMATS:
+            img.draft("RGB", (target, target))
+        img.load()
+        upright = _exif_upright(img)
+        rgb = _to_rgb(upright)
+        # Closing `img` destroys its pixel data: never hand it out.
+        return rgb if rgb is not img else img.copy()
+
+
+def _exif_upright(img: Image.Image) -> Image.Image:
+    """Apply EXIF orientation; a corrupt EXIF block must not make a photo unreadable."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except _EXIF_ERRORS:
+        return img
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB without clipping or black backgrounds."""
+    if img.mode == "RGB" and img.info.get("transparency") is None:
+        return img
+    if img.mode in _SIXTEEN_BIT:
+        return _gray_to_rgb(np.asarray(img).astype(np.float64) * (255.0 / 65535.0))
+    if img.mode == "F":
+        values = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0)
+        # Float images come as 0..1 or 0..255; the former is far more common.
+        return _gray_to_rgb(values * 255.0 if values.max(initial=0.0) <= 1.0 else values)
+    if img.mode in _ALPHA or img.info.get("transparency") is not None:
+        return _over_white(img)
+    return img.convert("RGB")
+
+
+def _gray_to_rgb(values: np.ndarray) -> Image.Image:
+    gray = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+    return Image.fromarray(gray).convert("RGB")
+
+
+def _over_white(img: Image.Image) -> Image.Image:
+    if img.mode == "La":  # premultiplied; Pillow cannot convert it directly
+        lum, alpha = img.split()
+        img = Image.merge("RGBa", (lum, lum, lum, alpha))
+    rgba = img.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, _WHITE), rgba).convert("RGB")
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, Image.UnidentifiedImageError):
+        return "not an image (cannot identify image file)"
+    text = " ".join(str(exc).split())
+    if "truncated" in text.lower() or isinstance(exc, EOFError):
+        return "truncated image"
+    return f"corrupt image ({text or type(exc).__name__})"
+
+
+def _bomb_message(label: str, exc: Image.DecompressionBombError, max_pixels: int) -> str:
+    """Pillow's backstop fired before our check; rephrase its message like ours."""
+    numbers = [int(n) for n in re.findall(r"(\d+) pixels", str(exc))]
+    if len(numbers) != 2:
+        return f"{label}: image too large ({' '.join(str(exc).split())})"
+    pixels, limit = numbers[0], min(numbers[1], max_pixels)
+    size, limit_text = _pixels(pixels, limit, up=True), _pixels(limit, limit)
+    return f"{label}: image too large ({size} > {limit_text} limit)"
+
+
+def _pixels(count: int, limit: int, *, up: bool = False) -> str:
+    """Megapixels to one decimal, rounded away from the limit so "x > limit" reads true."""
+    if limit < 1_000_000:
+        return f"{count} px"
+    tenths = math.ceil(count / 1e5) if up else math.floor(count / 1e5)
+    return f"{tenths / 10:.1f} Mpx"
+
+
+# --------------------------------------------------------------------------
+# Tensor
+
+
+def resized_size(width: int, height: int, spec: Preprocess, crops: int = 1) -> tuple[int, int]:
+    """Size of the image after the resize rule, before cropping.
+
+    "stretch" with one crop fills the input exactly; with ten crops it
+    stretches to ``resize_side`` so the corner crops differ from the center.
+    """
+    _check_crops(crops)
+    if spec.resize == "stretch":
+        side = spec.input_size if crops == 1 else spec.resize_side
+        return side, side
+    side = spec.resize_side
+    if width <= height:
+        return side, max(side, round(height * side / width))
+    return max(side, round(width * side / height)), side
+
+
+def crop_boxes(width: int, height: int, spec: Preprocess, crops: int = 1) -> list[Box]:
+    """Crop windows ``(left, top, right, bottom)`` in resized-image coordinates.
+
+    One box per output crop, in tensor order.  For ten crops: top-left,
+    top-right, bottom-left, bottom-right, center, then the same five windows
+    again, which :func:`to_tensor` mirrors horizontally (Caffe's oversample).
+    """
+    rw, rh = resized_size(width, height, spec, crops)
+    s = spec.input_size
+    left, top = (rw - s) // 2, (rh - s) // 2
+    center = (left, top, left + s, top + s)
+    if crops == 1:
+        return [center]
+    windows = [(0, 0, s, s), (rw - s, 0, rw, s), (0, rh - s, s, rh), (rw - s, rh - s, rw, rh), center]
+    return windows + windows
+
+
+def to_tensor(image: Image.Image, spec: Preprocess, crops: int = 1) -> np.ndarray:
+    """Resize, crop and normalize into a float32 batch of ``crops`` model inputs."""
+    _check_crops(crops)
+    rgb = image if image.mode == "RGB" else _to_rgb(image)
+    boxes = crop_boxes(rgb.width, rgb.height, spec, crops)
+    windows = boxes[:5] if crops == 10 else boxes
+    patches = _windows(rgb, windows, spec, crops)
+    if crops == 10:
+        patches = np.concatenate([patches, patches[:, :, ::-1]])
+    return _normalize(patches, spec)
+
+
+def prepare(
+    source: Source,
+    spec: Preprocess,
+    crops: int = 1,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> np.ndarray:
+    """Load ``source`` and turn it into the model input batch for ``spec``."""
+    image = load_image(source, target=_decode_target(spec, crops), max_pixels=max_pixels)
+    return to_tensor(image, spec, crops)
+
+
+def _check_crops(crops: int) -> None:
+    if crops not in _CROPS:
+        raise ValueError(f"crops must be 1 or 10, got {crops!r}")
+
+
+def _decode_target(spec: Preprocess, crops: int) -> int:
+    """Smallest side the decoded image needs so the resize never upsamples."""
+    _check_crops(crops)
+    if spec.resize == "stretch" and crops == 1:
+        return spec.input_size
+    return spec.resize_side
+
+
+def _windows(img: Image.Image, boxes: list[Box], spec: Preprocess, crops: int) -> np.ndarray:
+    """Stack of uint8 crops (n, S, S, 3) of the image resized by the spec's rule.
+
+    Normally the whole image is resized then sliced, exactly like reference
+    pipelines.  Only when that would be huge (a 1 x 100000 strip resized to a
+    256 shorter side) is each window resampled straight from its source region
+    via ``resize(box=)``: same filter, but rounding can differ by a pixel value
+    or (nearest/box) a sampling position.
+    """
+    rw, rh = resized_size(img.width, img.height, spec, crops)
+    if rw * rh <= _MAX_RESIZED_PIXELS:
+        full = np.asarray(img.resize((rw, rh), spec.resample))
+        return np.stack([full[top:bottom, left:right] for left, top, right, bottom in boxes])
+    sx, sy = img.width / rw, img.height / rh
+    return np.stack([
+        np.asarray(img.resize(
+            (right - left, bottom - top),
+            spec.resample,
+            box=(left * sx, top * sy, min(img.width, right * sx), min(img.height, bottom * sy)),
+        ))
+        for left, top, right, bottom in boxes
+    ])
+
+
+def _normalize(patches: np.ndarray, spec: Preprocess) -> np.ndarray:
+    x = patches.astype(np.float32)
+    if spec.channel_order == "BGR":
+        x = x[..., ::-1]
+    x = (x - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+    if spec.layout == "NCHW":
+        x = x.transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(x, dtype=np.float32)
+

@@ -1,0 +1,163 @@
+"""Run a `.klaus` (or plain ONNX) classifier on ONNX Runtime's CPU provider."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import IO, Union
+
+import numpy as np
+import onnx
+
+from .compress import default_labels, to_onnx
+from .errors import KlausModelError
+from .format import KlausModel, LabelRow, read_model
+from .preprocess import Preprocess, load_image, to_tensor
+
+DEFAULT_MODEL_NAME = "efficientnet-lite0.klaus"
+ImageSource = Union[str, os.PathLike, bytes, IO[bytes]]
+
+
+def default_model_path() -> Path:
+    """The model shipped inside the package (built by `klaus zoo build efficientnet-lite0`)."""
+    return Path(str(resources.files("klaus") / "data" / DEFAULT_MODEL_NAME))
+
+
+@dataclass(frozen=True)
+class Prediction:
+    rank: int
+    index: int
+    wnid: str
+    label: str
+    probability: float
+    hierarchy: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "rank": self.rank,
+            "index": self.index,
+            "wnid": self.wnid,
+            "label": self.label,
+            "probability": self.probability,
+            "hierarchy": list(self.hierarchy),
+        }
+
+
+@dataclass(frozen=True)
+class Classification:
+    path: str
+    predictions: tuple[Prediction, ...]
+    elapsed_ms: float
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "path": self.path,
+            "predictions": [p.to_dict() for p in self.predictions],
+            "elapsed_ms": round(self.elapsed_ms, 3),
+        }
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(shifted.astype(np.float64))
+    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+def make_session(model: onnx.ModelProto | bytes, threads: int | None = None):
+    """An ONNX Runtime CPU session; deterministic settings, no custom ops."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    blob = model if isinstance(model, bytes) else model.SerializeToString()
+    try:
+        return ort.InferenceSession(blob, sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+        raise KlausModelError(f"ONNX Runtime cannot load the model ({str(exc).splitlines()[0]})") from None
+
+
+class Classifier:
+    """Top-k ImageNet-style classification with a `.klaus` model or an ONNX file."""
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str] | KlausModel | None = None,
+        *,
+        preprocess: Preprocess | None = None,
+        labels: Sequence[LabelRow] | None = None,
+        threads: int | None = None,
+    ) -> None:
+        if model is None:
+            model = default_model_path()
+        if isinstance(model, KlausModel):
+            loaded = model
+        elif str(model).endswith(".onnx"):
+            loaded = None
+        else:
+            loaded = read_model(model)
+        if loaded is not None:
+            graph = to_onnx(loaded)
+            self.preprocess = preprocess or loaded.preprocess
+            self.labels = tuple(labels or loaded.labels)
+            self.output = loaded.meta["output"]
+            self.name = loaded.name
+        else:
+            from .onnxgraph import load_onnx
+
+            graph = load_onnx(str(model))
+            self.preprocess = preprocess or Preprocess()
+            self.labels = tuple(labels or default_labels(graph))
+            self.output = "logits"
+            self.name = Path(str(model)).stem
+        self.session = make_session(graph, threads)
+        self.input_name = self.session.get_inputs()[0].name
+        self._fixed_batch = self._static_batch()
+
+    def _static_batch(self) -> int | None:
+        dim = self.session.get_inputs()[0].shape[0]
+        return dim if isinstance(dim, int) else None
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """Class probabilities for a preprocessed batch (N, ...)."""
+        if self._fixed_batch and batch.shape[0] != self._fixed_batch:
+            outs = [self.session.run(None, {self.input_name: batch[i : i + 1]})[0] for i in range(batch.shape[0])]
+            raw = np.concatenate(outs, axis=0)
+        else:
+            raw = self.session.run(None, {self.input_name: batch})[0]
+        raw = raw.reshape(raw.shape[0], -1)
+        return raw.astype(np.float32) if self.output == "probabilities" else softmax(raw)
+
+    def probabilities(self, images: Sequence[ImageSource], crops: int = 1) -> np.ndarray:
+        """(len(images), classes) probabilities; with crops=10 the crops are averaged."""
+        tensors = [to_tensor(self.load(img), self.preprocess, crops) for img in images]
+        probs = self.run(np.concatenate(tensors, axis=0))
+        return probs.reshape(len(images), crops, -1).mean(axis=1)
+
+    def load(self, image: ImageSource):
+        return load_image(image, target=self.preprocess.resize_side)
+
+    def top(self, probs: np.ndarray, top: int = 5) -> tuple[Prediction, ...]:
+        top = max(1, min(top, probs.shape[-1]))
+        order = np.argsort(-probs, kind="stable")[:top]
+        return tuple(self._prediction(rank, int(i), float(probs[i])) for rank, i in enumerate(order, 1))
+
+    def _prediction(self, rank: int, index: int, probability: float) -> Prediction:
+        if index < len(self.labels):
+            row = self.labels[index]
+            return Prediction(rank, index, row.wnid, row.name, probability, row.hierarchy or (row.name,))
+        return Prediction(rank, index, "", f"class {index}", probability, ())
+
+    def classify(self, image: ImageSource, top: int = 5, crops: int = 1) -> Classification:
+        start = time.perf_counter()
+        probs = self.probabilities([image], crops)[0]
+        elapsed = (time.perf_counter() - start) * 1000.0
+        path = str(image) if isinstance(image, (str, os.PathLike)) else "<image>"
+        return Classification(path, self.top(probs, top), elapsed)
