@@ -42,7 +42,7 @@ def imagenet_label_rows() -> tuple[LabelRow, ...]:
 
 def plain_label_rows(names: Sequence[str]) -> tuple[LabelRow, ...]:
     """Labels for a non-ImageNet model: names only, no WordNet hierarchy."""
-    return tuple(LabelRow(i, "", n, (n,), (), (n,)) for i, n in enumerate(names))
+    return tuple(LabelRow(i, "", n, (n,), (), ()) for i, n in enumerate(names))
 
 
 def _linear(role: onnxgraph.TensorRole, array: np.ndarray) -> bool:

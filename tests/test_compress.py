@@ -1,0 +1,258 @@
+"""Tests for klaus.compress: the ONNX -> .klaus pipeline on the tiny real classifier."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import helper
+from PIL import Image
+
+from conftest import EXAMPLES, TINY_CLASSES, TINY_PREPROCESS, TINY_RECIPE, TINY_SIZE, make_tiny_onnx, tiny_klaus
+from klaus import calibrate, compress, format
+from klaus.errors import KlausFormatError, KlausModelError
+from klaus.quantize import DEFAULT, LOSSLESS, Recipe
+
+NAMES = [f"class {i}" for i in range(TINY_CLASSES)]
+CARD = compress.ModelCard("tiny", "tests", "CC0-1.0", "klaus tests")
+
+
+def _logits(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0].astype(np.float64)
+
+
+def _smooth_images(n: int, seed: int) -> np.ndarray:
+    """Natural-ish inputs: low-frequency noise upsampled bicubically to the model's input size."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.standard_normal((n, 3, 4, 4)).astype(np.float32)
+    up = [
+        np.stack([np.asarray(Image.fromarray(c).resize((TINY_SIZE, TINY_SIZE), Image.Resampling.BICUBIC)) for c in img])
+        for img in coarse
+    ]
+    return (np.stack(up) * 0.6).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def photos() -> np.ndarray:
+    return calibrate.load_calibration([EXAMPLES], TINY_PREPROCESS, crops=10)
+
+
+def _compress(recipe: Recipe, calibration: np.ndarray | None = None, model: onnx.ModelProto | None = None):
+    return compress.compress_onnx(
+        model or make_tiny_onnx(), recipe, preprocess=TINY_PREPROCESS, labels=compress.plain_label_rows(NAMES),
+        card=CARD, calibration=calibration,
+    )
+
+
+# ---------------------------------------------------------------- lossless and lossy builds
+
+
+def test_lossless_build_is_exact(photos, tmp_path):
+    original = make_tiny_onnx()
+    model = tiny_klaus(LOSSLESS)
+    assert {t.codec for t in model.tensors} == {"raw-f32"}
+    # Through the file, as a user would get it.
+    path = tmp_path / "l.klaus"
+    compress.write(model, path)
+    rebuilt = compress.to_onnx(format.read_model(path))
+    noise = np.random.default_rng(0).standard_normal((8, 3, TINY_SIZE, TINY_SIZE)).astype(np.float32)
+    for x in (photos, noise):
+        assert np.max(np.abs(_logits(rebuilt, x) - _logits(original, x))) < 1e-6
+    originals = {t.name: onnx.numpy_helper.to_array(t) for t in original.graph.initializer}
+    decoded = {t.name: onnx.numpy_helper.to_array(t) for t in rebuilt.graph.initializer}
+    assert originals.keys() == decoded.keys()
+    for name in originals:
+        np.testing.assert_array_equal(decoded[name], originals[name])
+
+
+def test_compressed_build_is_close(photos):
+    original = make_tiny_onnx()
+    model = tiny_klaus()
+    bits = {t.name: (t.codec, t.bits) for t in model.tensors}
+    assert bits == {
+        "stem.weight": ("palette-png", 6),
+        "dw.weight": ("palette-png", 6),
+        "pw.weight": ("palette-png", 6),
+        "fc.weight": ("palette-png", 4),
+        "stem.bias": ("raw-f16", 0),
+        "dw.bias": ("raw-f16", 0),
+        "pw.bias": ("raw-f16", 0),
+        "fc.bias": ("raw-f16", 0),
+    }
+    ref = _logits(original, photos)
+    out = _logits(compress.to_onnx(model), photos)
+    assert np.sqrt(np.mean((out - ref) ** 2)) < 0.2 * ref.std()
+    assert np.mean(out.argmax(1) == ref.argmax(1)) >= 0.9
+    # ... but not identical: the weights really were palettized.
+    assert np.max(np.abs(out - ref)) > 1e-4
+
+
+def test_compressed_metadata():
+    model = tiny_klaus()
+    assert model.meta["model_name"] == "tiny"
+    assert model.meta["output"] == "logits"
+    assert model.meta["calibration_inputs"] == "0"
+    assert json.loads(model.meta["recipe"]) == TINY_RECIPE.describe()
+    assert model.preprocess == TINY_PREPROCESS
+    assert [r.name for r in model.labels] == NAMES
+    # The skeleton holds no weights.
+    skeleton = onnx.ModelProto()
+    skeleton.ParseFromString(model.graph)
+    assert len(skeleton.graph.initializer) == 0
+
+
+def test_compression_is_deterministic():
+    assert format.serialize(tiny_klaus()) == format.serialize(tiny_klaus())
+
+
+def test_recompress_from_lossless(tiny_lossless_path):
+    lossless = format.read_model(tiny_lossless_path)
+    again = compress.recompress(lossless, TINY_RECIPE)
+    direct = tiny_klaus()
+    # Lossless decoding is exact, so recompressing equals compressing the ONNX file.
+    assert again.tensors == direct.tensors
+    assert again.labels == lossless.labels and again.preprocess == lossless.preprocess
+    assert again.meta["model_name"] == lossless.meta["model_name"] == "tiny"
+    assert again.meta["license"] == "CC0-1.0"
+    assert json.loads(again.meta["recipe"])["name"] == "tiny"
+    assert format.serialize(again) == format.serialize(direct)
+
+
+def test_recompress_with_calibration(tiny_lossless_path, photos):
+    lossless = format.read_model(tiny_lossless_path)
+    model = compress.recompress(lossless, TINY_RECIPE.with_bits(method="gptq"), calibration=photos)
+    assert model.meta["calibration_inputs"] == str(photos.shape[0])
+    assert json.loads(model.meta["recipe"])["method"] == "gptq"
+
+
+# ---------------------------------------------------------------- calibration: GPTQ and bias correction
+
+
+def _rms_error(model, x, ref):
+    return float(np.sqrt(np.mean((_logits(compress.to_onnx(model), x) - ref) ** 2)))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_gptq_beats_kmeans_on_held_out_inputs(bits):
+    original = make_tiny_onnx()
+    calibration = _smooth_images(200, seed=0)
+    held_out = _smooth_images(100, seed=1)
+    ref = _logits(original, held_out)
+    base = Recipe(name="t", fc_bits=bits, conv_bits=bits, depthwise_bits=None, min_elements=64)
+    kmeans = _compress(base, calibration)
+    gptq = _compress(base.with_bits(method="gptq"), calibration)
+    assert json.loads(gptq.meta["recipe"])["method"] == "gptq"
+    assert json.loads(kmeans.meta["recipe"])["method"] == "kmeans"
+    # Same bits, same palettized tensors; only the rounding differs.
+    assert [(t.name, t.bits) for t in gptq.tensors] == [(t.name, t.bits) for t in kmeans.tensors]
+    err_kmeans = _rms_error(kmeans, held_out, ref)
+    err_gptq = _rms_error(gptq, held_out, ref)
+    assert err_gptq < 0.9 * err_kmeans, (err_gptq, err_kmeans)
+
+
+def _random_crops(path, n: int, seed: int) -> np.ndarray:
+    """Model inputs from random square crops (20-90 % of the shorter side, some mirrored) of one photo."""
+    rng = np.random.default_rng(seed)
+    with Image.open(path) as img:
+        img = img.convert("RGB")
+    patches = []
+    for _ in range(n):
+        side = int(rng.uniform(0.2, 0.9) * min(img.size))
+        x, y = rng.integers(0, img.width - side + 1), rng.integers(0, img.height - side + 1)
+        patch = img.crop((x, y, x + side, y + side)).resize((TINY_SIZE, TINY_SIZE), Image.Resampling.BICUBIC)
+        if rng.random() < 0.5:
+            patch = patch.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        patches.append(np.asarray(patch, dtype=np.float32))
+    x = (np.stack(patches) - np.float32(127.0)) / np.float32(128.0)  # TINY_PREPROCESS normalization
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+@pytest.fixture(scope="module")
+def photo_crops() -> list[np.ndarray]:
+    files = sorted(EXAMPLES.glob("*.jpg"))
+    assert [f.name for f in files] == ["astronaut.jpg", "cat.jpg", "coffee.jpg", "rocket.jpg"]
+    return [_random_crops(f, 60, seed) for seed, f in enumerate(files)]
+
+
+@pytest.mark.parametrize("held_out", [0, 1, 2, 3])
+def test_gptq_beats_kmeans_on_a_held_out_photo(photo_crops, held_out):
+    """Calibrate on crops of three example photos, measure on crops of the fourth."""
+    original = make_tiny_onnx()
+    calibration = np.concatenate([c for i, c in enumerate(photo_crops) if i != held_out])
+    test = photo_crops[held_out]
+    ref = _logits(original, test)
+    base = Recipe(name="t", fc_bits=3, conv_bits=3, depthwise_bits=None, min_elements=64)
+    err_kmeans = _rms_error(_compress(base, calibration), test, ref)
+    err_gptq = _rms_error(_compress(base.with_bits(method="gptq"), calibration), test, ref)
+    assert err_gptq < err_kmeans, (err_gptq, err_kmeans)
+
+
+def test_bias_correction_changes_only_biases(photos):
+    plain = _compress(TINY_RECIPE)
+    calibrated = _compress(TINY_RECIPE, photos)  # k-means: same indices, corrected biases
+    assert calibrated.meta["calibration_inputs"] == "40"
+    for a, b in zip(plain.tensors, calibrated.tensors):
+        if a.name.endswith(".weight"):
+            assert a == b
+        else:
+            assert a.payload != b.payload, a.name
+
+
+def test_effective_recipe():
+    gptq = Recipe(method="gptq", fc_bits=3)
+    fallback = compress.effective_recipe(gptq, calibrated=False)
+    assert fallback.method == "kmeans" and fallback.fc_bits == 3
+    assert compress.effective_recipe(gptq, calibrated=True) is gptq
+    assert compress.effective_recipe(TINY_RECIPE, calibrated=False) is TINY_RECIPE
+    # The default recipe without calibration runs (and records) plain k-means.
+    model = _compress(DEFAULT.with_bits(min_elements=64))
+    assert json.loads(model.meta["recipe"])["method"] == "kmeans"
+
+
+# ---------------------------------------------------------------- labels and sources
+
+
+def test_default_labels():
+    tiny = make_tiny_onnx()
+    with pytest.raises(KlausModelError, match="10 outputs.*--labels"):
+        compress.default_labels(tiny)
+    rows = compress.default_labels(tiny, NAMES)
+    assert [(r.index, r.name, r.wnid) for r in rows] == [(i, n, "") for i, n in enumerate(NAMES)]
+    imagenet = compress.default_labels(make_tiny_onnx(classes=1000))
+    assert len(imagenet) == 1000
+    assert [r.index for r in imagenet] == list(range(1000))
+    assert imagenet[0].wnid == "n01440764" and imagenet[281].name == "tabby"
+    assert imagenet[281].hierarchy[0] == "entity" and imagenet[281].hierarchy[-1] == "tabby"
+
+
+def test_default_labels_unknown_width():
+    model = make_tiny_onnx()
+    dims = model.graph.output[0].type.tensor_type.shape.dim
+    dims[1].dim_param = "classes"
+    assert compress.output_classes(model) is None
+    with pytest.raises(KlausModelError, match="unknown number"):
+        compress.default_labels(model)
+
+
+def test_load_source_tells_formats_apart(tmp_path, tiny_klaus_path, tiny_onnx_path):
+    assert isinstance(compress.load_source(tiny_klaus_path), format.KlausModel)
+    assert isinstance(compress.load_source(tiny_onnx_path), onnx.ModelProto)
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\x00\x01this is not a protobuf" * 10)
+    with pytest.raises(KlausModelError):
+        compress.load_source(garbage)
+    corrupt = tmp_path / "corrupt.klaus"
+    corrupt.write_bytes(tiny_klaus_path.read_bytes()[:3000])
+    with pytest.raises(KlausFormatError):
+        compress.load_source(corrupt)
+
+
+def test_custom_operator_domains_are_refused():
+    model = make_tiny_onnx()
+    model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    with pytest.raises(KlausFormatError, match="com.microsoft"):
+        _compress(TINY_RECIPE, model=model)
