@@ -427,15 +427,84 @@ def test_decode_rejects_short_image_data(good_png, missing):
     """An IDAT stream that ends early (cleanly, with a valid CRC) must not decode.
 
     Each scanline of the 6x13 depth-4 map is 1 + 7 bytes, so 8 and 40 missing
-    bytes drop whole rows; 1, 5 and 20 end mid-row.
+    bytes drop whole rows (a stream truncated at a row boundary); 1, 5 and 20 end mid-row.
     """
     png, _ = good_png
     parts = chunks(png)
     raw = zlib.decompress(parts[1][1])
     assert len(raw) == 6 * 8
     short = zlib.compress(raw[:-missing])
-    with pytest.raises(KlausFormatError):
+    with pytest.raises(KlausFormatError, match=f"holds {48 - missing} bytes of scanlines, expected 48"):
         codecs.decode_png_indices(build([parts[0], (b"IDAT", short), parts[-1]]), 6, 13, 4)
+
+
+def _idat_stream(good_png, change) -> bytes:
+    png, _ = good_png
+    parts = chunks(png)
+    raw = zlib.decompress(parts[1][1])
+    assert len(raw) == 6 * 8
+    return build([parts[0], (b"IDAT", change(raw)), parts[-1]])
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda raw: zlib.compress(raw + b"\x00"),  # one byte more than 6 scanlines
+        lambda raw: zlib.compress(raw + raw[:8]),  # a whole extra (valid) scanline
+        lambda raw: zlib.compress(raw + raw),  # twice the rows
+    ],
+    ids=["1B", "row", "double"],
+)
+def test_decode_rejects_long_image_data(good_png, change):
+    """The inflated data must be exactly height * (1 + ceil(width * depth / 8)) bytes."""
+    with pytest.raises(KlausFormatError, match="bytes of scanlines, expected 48"):
+        codecs.decode_png_indices(_idat_stream(good_png, change), 6, 13, 4)
+
+
+def _unterminated(raw: bytes) -> bytes:
+    z = zlib.compressobj(9)
+    return z.compress(raw) + z.flush(zlib.Z_SYNC_FLUSH)  # every byte is there, the stream never ends
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        _unterminated,
+        lambda raw: zlib.compress(raw) + b"\x00",  # bytes after the end of the zlib stream
+        lambda raw: zlib.compress(raw) + zlib.compress(b""),  # a second zlib stream
+    ],
+    ids=["unterminated", "trailing-byte", "second-stream"],
+)
+def test_decode_rejects_zlib_stream_not_ending_after_the_last_scanline(good_png, change):
+    png = _idat_stream(good_png, change)
+    assert len(zlib.decompressobj().decompress(b"".join(b for k, b in chunks(png) if k == b"IDAT"))) == 48
+    with pytest.raises(KlausFormatError, match="expected 48"):
+        codecs.decode_png_indices(png, 6, 13, 4)
+
+
+@pytest.mark.parametrize("pieces", [2, 3, 7])
+def test_decode_accepts_image_data_split_over_several_idat_chunks(good_png, pieces):
+    png, indices = good_png
+    parts = chunks(png)
+    stream = parts[1][1]
+    cuts = np.linspace(0, len(stream), pieces + 1).astype(int)
+    idats = [(b"IDAT", stream[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
+    assert len(idats) == pieces and b"".join(b for _, b in idats) == stream
+    assert np.array_equal(codecs.decode_png_indices(build([parts[0], *idats, parts[-1]]), 6, 13, 4), indices)
+
+
+@pytest.mark.parametrize(("rows", "cols", "depth"), [(5, 1, 1), (3, 8, 1), (3, 9, 1), (4, 7, 2), (2, 3, 4), (1, 17, 8)])
+def test_image_data_length_rule_at_row_padding_edges(rows, cols, depth):
+    """height * (1 + ceil(width * depth / 8)) holds for widths that do and do not fill the last byte."""
+    indices = random_map(rows, cols, depth, seed=rows * cols)
+    png = codecs._plain_png(indices, depth)
+    raw = zlib.decompress(b"".join(b for k, b in chunks(png) if k == b"IDAT"))
+    assert len(raw) == rows * (1 + math.ceil(cols * depth / 8))
+    assert np.array_equal(codecs.decode_png_indices(png, rows, cols, depth), indices)
+    header = chunks(png)[0]
+    for bad in (raw[: -(1 + math.ceil(cols * depth / 8))], raw + b"\x00"):
+        with pytest.raises(KlausFormatError, match="bytes of scanlines"):
+            codecs.decode_png_indices(build([header, (b"IDAT", zlib.compress(bad)), (b"IEND", b"")]), rows, cols, depth)
 
 
 def test_decode_rejects_bad_filter_type(good_png):
@@ -451,18 +520,41 @@ def test_decode_rejects_unsupported_header_fields(good_png):
     png, _ = good_png
     parts = chunks(png)
     width, height = struct.unpack(">II", parts[0][1][:8])
-    for depth, color, comp, filt, interlace in [(3, 0, 0, 0, 0), (4, 0, 1, 0, 0), (4, 0, 0, 1, 0), (4, 0, 0, 0, 2), (4, 4, 0, 0, 0)]:
+    for depth, color, comp, filt, interlace in [(3, 0, 0, 0, 0), (4, 0, 1, 0, 0), (4, 0, 0, 1, 0), (4, 0, 0, 0, 1), (4, 0, 0, 0, 2), (4, 4, 0, 0, 0)]:
         header = struct.pack(">IIBBBBB", width, height, depth, color, comp, filt, interlace)
-        with pytest.raises(KlausFormatError):
+        with pytest.raises(KlausFormatError, match="must be 1/2/4/8-bit grayscale, not interlaced"):
             codecs.decode_png_indices(build([(b"IHDR", header), *parts[1:]]), 6, 13, 4)
 
 
-def test_decode_accepts_interlaced_png():
-    indices = random_map(9, 13, 8, seed=12)
-    buf = io.BytesIO()
-    Image.fromarray(indices, mode="L").save(buf, format="PNG", interlace=1)  # Pillow ignores interlace on save
-    png = buf.getvalue()
-    assert np.array_equal(codecs.decode_png_indices(png, 9, 13, 8), indices)
+ADAM7 = [(0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2)]
+
+
+def adam7_png(indices: np.ndarray, depth: int) -> bytes:
+    """A genuinely interlaced grayscale PNG (Pillow cannot write one)."""
+    rows, cols = indices.shape
+    raw = b""
+    for x0, y0, dx, dy in ADAM7:
+        sub = indices[y0::dy, x0::dx]
+        if sub.size:
+            packed = codecs._pack_rows(np.ascontiguousarray(sub), depth)
+            raw += np.concatenate([np.zeros((sub.shape[0], 1), np.uint8), packed], axis=1).tobytes()
+    header = struct.pack(">IIBBBBB", cols, rows, depth, 0, 0, 0, 1)
+    return build([(b"IHDR", header), (b"IDAT", zlib.compress(raw)), (b"IEND", b"")])
+
+
+@pytest.mark.parametrize("depth", [1, 4, 8])
+def test_decode_rejects_interlaced_png(depth):
+    """docs/format.md: interlace must be 0. The map below is a valid Adam7 PNG (Pillow
+    reads back the indices), so only the interlace rule can reject it."""
+    indices = random_map(11, 13, depth, seed=12)
+    png = adam7_png(indices, depth)
+    assert ihdr(png)[6] == 1
+    with Image.open(io.BytesIO(png)) as image:
+        pixels = np.asarray(image).astype(np.uint8)
+    scale = 1 if depth in (1, 8) else 255 // ((1 << depth) - 1)
+    assert np.array_equal(pixels, indices * scale)
+    with pytest.raises(KlausFormatError, match="not interlaced"):
+        codecs.decode_png_indices(png, 11, 13, depth)
 
 
 # ---------------------------------------------------------------- entropy

@@ -12,7 +12,7 @@ from onnx import helper
 from PIL import Image
 
 from conftest import EXAMPLES, TINY_CLASSES, TINY_PREPROCESS, TINY_RECIPE, TINY_SIZE, make_tiny_onnx, tiny_klaus
-from klaus import calibrate, compress, format
+from klaus import calibrate, compress, format, onnxgraph
 from klaus.errors import KlausFormatError, KlausModelError
 from klaus.quantize import DEFAULT, LOSSLESS, Recipe
 
@@ -136,22 +136,29 @@ def _rms_error(model, x, ref):
     return float(np.sqrt(np.mean((_logits(compress.to_onnx(model), x) - ref) ** 2)))
 
 
+def _bits_recipe(bits: int, method: str = "kmeans") -> Recipe:
+    return Recipe(name="t", fc_bits=bits, conv_bits=bits, depthwise_bits=None, min_elements=64, method=method)
+
+
+@pytest.fixture(scope="module")
+def smooth_sets() -> tuple[np.ndarray, np.ndarray]:
+    return _smooth_images(200, seed=0), _smooth_images(100, seed=1)
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_gptq_beats_kmeans_on_held_out_inputs(bits):
-    original = make_tiny_onnx()
-    calibration = _smooth_images(200, seed=0)
-    held_out = _smooth_images(100, seed=1)
-    ref = _logits(original, held_out)
-    base = Recipe(name="t", fc_bits=bits, conv_bits=bits, depthwise_bits=None, min_elements=64)
-    kmeans = _compress(base, calibration)
-    gptq = _compress(base.with_bits(method="gptq"), calibration)
+def test_gptq_beats_plain_kmeans_on_held_out_inputs(smooth_sets, bits):
+    calibration, held_out = smooth_sets
+    ref = _logits(make_tiny_onnx(), held_out)
+    plain = _compress(_bits_recipe(bits))  # no calibration: plain k-means, no bias correction
+    gptq = _compress(_bits_recipe(bits, "gptq"), calibration)
     assert json.loads(gptq.meta["recipe"])["method"] == "gptq"
-    assert json.loads(kmeans.meta["recipe"])["method"] == "kmeans"
-    # Same bits, same palettized tensors; only the rounding differs.
-    assert [(t.name, t.bits) for t in gptq.tensors] == [(t.name, t.bits) for t in kmeans.tensors]
-    err_kmeans = _rms_error(kmeans, held_out, ref)
+    assert json.loads(plain.meta["recipe"])["method"] == "kmeans"
+    assert gptq.meta["calibration_inputs"] == "200"
+    # Same bits, same palettized tensors; only palettes, rounding and biases differ.
+    assert [(t.name, t.codec, t.bits) for t in gptq.tensors] == [(t.name, t.codec, t.bits) for t in plain.tensors]
+    err_plain = _rms_error(plain, held_out, ref)
     err_gptq = _rms_error(gptq, held_out, ref)
-    assert err_gptq < 0.9 * err_kmeans, (err_gptq, err_kmeans)
+    assert err_gptq < 0.6 * err_plain, (err_gptq, err_plain)
 
 
 def _random_crops(path, n: int, seed: int) -> np.ndarray:
@@ -178,28 +185,52 @@ def photo_crops() -> list[np.ndarray]:
     return [_random_crops(f, 60, seed) for seed, f in enumerate(files)]
 
 
-@pytest.mark.parametrize("held_out", [0, 1, 2, 3])
-def test_gptq_beats_kmeans_on_a_held_out_photo(photo_crops, held_out):
-    """Calibrate on crops of three example photos, measure on crops of the fourth."""
-    original = make_tiny_onnx()
+def _held_out_error(photo_crops, held_out: int, recipe: Recipe, calibrated: bool) -> float:
     calibration = np.concatenate([c for i, c in enumerate(photo_crops) if i != held_out])
     test = photo_crops[held_out]
-    ref = _logits(original, test)
-    base = Recipe(name="t", fc_bits=3, conv_bits=3, depthwise_bits=None, min_elements=64)
-    err_kmeans = _rms_error(_compress(base, calibration), test, ref)
-    err_gptq = _rms_error(_compress(base.with_bits(method="gptq"), calibration), test, ref)
+    model = _compress(recipe, calibration if calibrated else None)
+    return _rms_error(model, test, _logits(make_tiny_onnx(), test))
+
+
+@pytest.mark.parametrize("held_out", [0, 1, 2, 3])
+def test_gptq_beats_plain_kmeans_on_a_held_out_photo(photo_crops, held_out):
+    """Calibrate on crops of three example photos, measure on crops of the fourth."""
+    err_plain = _held_out_error(photo_crops, held_out, _bits_recipe(3), calibrated=False)
+    err_gptq = _held_out_error(photo_crops, held_out, _bits_recipe(3, "gptq"), calibrated=True)
+    assert err_gptq < 0.6 * err_plain, (err_gptq, err_plain)
+
+
+def test_gptq_beats_calibrated_kmeans(smooth_sets, photo_crops):
+    """Same calibration for both: GPTQ's Hessian-aware rounding is what makes the difference."""
+    calibration, held_out = smooth_sets
+    ref = _logits(make_tiny_onnx(), held_out)
+    err_kmeans = _rms_error(_compress(_bits_recipe(3), calibration), held_out, ref)
+    err_gptq = _rms_error(_compress(_bits_recipe(3, "gptq"), calibration), held_out, ref)
     assert err_gptq < err_kmeans, (err_gptq, err_kmeans)
+    # Averaged over the four held-out photos as well.
+    kmeans = np.mean([_held_out_error(photo_crops, i, _bits_recipe(3), True) for i in range(4)])
+    gptq = np.mean([_held_out_error(photo_crops, i, _bits_recipe(3, "gptq"), True) for i in range(4)])
+    assert gptq < kmeans, (gptq, kmeans)
 
 
-def test_bias_correction_changes_only_biases(photos):
-    plain = _compress(TINY_RECIPE)
-    calibrated = _compress(TINY_RECIPE, photos)  # k-means: same indices, corrected biases
-    assert calibrated.meta["calibration_inputs"] == "40"
-    for a, b in zip(plain.tensors, calibrated.tensors):
-        if a.name.endswith(".weight"):
-            assert a == b
-        else:
-            assert a.payload != b.payload, a.name
+def test_bias_correction_uses_float_input_means(photos):
+    """Calibrated biases = float biases minus the mean output shift the palettized weights cause."""
+    original = make_tiny_onnx()
+    _, floats = onnxgraph.split_weights(original)
+    model = _compress(TINY_RECIPE, photos)
+    assert model.meta["calibration_inputs"] == "40"
+    decoded = model.decoded_weights()
+    stats = calibrate.input_statistics(original, photos, ["f", "d_act"])
+    fc_shift = (decoded["fc.weight"].astype(np.float64) - floats["fc.weight"]) @ stats["f"].mean
+    pw_delta = decoded["pw.weight"][:, :, 0, 0].astype(np.float64) - floats["pw.weight"][:, :, 0, 0]
+    pw_shift = pw_delta @ stats["d_act"].mean
+    assert np.abs(fc_shift).max() > 1e-3 and np.abs(pw_shift).max() > 1e-3  # something to correct
+    # Biases are stored as fp16: allow its rounding.
+    np.testing.assert_allclose(decoded["fc.bias"], floats["fc.bias"] - fc_shift, atol=3e-4)
+    np.testing.assert_allclose(decoded["pw.bias"], floats["pw.bias"] - pw_shift, atol=3e-4)
+    # Without calibration the biases are just the float ones (in fp16).
+    plain = _compress(TINY_RECIPE).decoded_weights()
+    np.testing.assert_allclose(plain["fc.bias"], floats["fc.bias"], atol=3e-4)
 
 
 def test_effective_recipe():
@@ -229,6 +260,13 @@ def test_default_labels():
     assert imagenet[281].hierarchy[0] == "entity" and imagenet[281].hierarchy[-1] == "tabby"
 
 
+@pytest.mark.parametrize("count", [3, TINY_CLASSES + 1])
+def test_default_labels_must_match_the_outputs(count):
+    """A names file with the wrong number of lines would misname or leave classes unnamed."""
+    with pytest.raises(KlausModelError, match=str(count)):
+        compress.default_labels(make_tiny_onnx(), [f"n{i}" for i in range(count)])
+
+
 def test_default_labels_unknown_width():
     model = make_tiny_onnx()
     dims = model.graph.output[0].type.tensor_type.shape.dim
@@ -256,3 +294,36 @@ def test_custom_operator_domains_are_refused():
     model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     with pytest.raises(KlausFormatError, match="com.microsoft"):
         _compress(TINY_RECIPE, model=model)
+
+
+def test_preprocess_must_fit_the_graph_input():
+    """A 224-px preprocessing for a graph whose input is a static 32x32 makes a file that can never run."""
+    from klaus.preprocess import Preprocess
+
+    with pytest.raises(KlausModelError, match="224"):
+        compress.compress_onnx(
+            make_tiny_onnx(), TINY_RECIPE, preprocess=Preprocess(input_size=224),
+            labels=compress.plain_label_rows(NAMES), card=CARD,
+        )
+    # A symbolic (dynamic) spatial size accepts any preprocessing.
+    dynamic = make_tiny_onnx()
+    for d in dynamic.graph.input[0].type.tensor_type.shape.dim[2:]:
+        d.dim_param = "side"
+    _compress(TINY_RECIPE, model=dynamic)
+
+
+def test_duplicate_label_names_never_make_an_unreadable_file(tmp_path):
+    """The reader requires unique label names; compress must refuse duplicates or write a file that reads back."""
+    from klaus.errors import KlausError
+
+    path = tmp_path / "dup.klaus"
+    try:
+        model = compress.compress_onnx(
+            make_tiny_onnx(), TINY_RECIPE, preprocess=TINY_PREPROCESS,
+            labels=compress.plain_label_rows(["same"] * TINY_CLASSES), card=CARD,
+        )
+        compress.write(model, path)
+    except KlausError:
+        assert not path.exists()
+        return
+    assert len(format.read_model(path).labels) == TINY_CLASSES

@@ -55,8 +55,18 @@ class InputStats:
     """First and second moments of a layer input over batch and space, per channel."""
 
     total: np.ndarray  # (C,) sum of x
+    sumsq: np.ndarray  # (C,) sum of x^2
     gram: np.ndarray | None  # (C, C) sum of x x^T, when asked for
     count: int = 0
+
+    @classmethod
+    def empty(cls, channels: int, with_gram: bool) -> InputStats:
+        return cls(np.zeros(channels), np.zeros(channels), np.zeros((channels, channels)) if with_gram else None)
+
+    @property
+    def energy(self) -> np.ndarray:
+        """E[x^2] per channel: how much a weight on that input channel matters."""
+        return self.sumsq / max(1, self.count)
 
     @property
     def mean(self) -> np.ndarray:
@@ -96,13 +106,37 @@ def input_statistics(
         outs = dict(zip(fetch, session.run(fetch, {input_name: part}))) if fetch else {}
         outs.update({n: part for n in wanted if n in graph_inputs})
         for name, value in outs.items():
-            rows = np.moveaxis(value, 1, -1).reshape(-1, value.shape[1]).astype(np.float64)
-            s = stats.setdefault(name, InputStats(np.zeros(rows.shape[1]), np.zeros((rows.shape[1],) * 2) if name in grams else None))
-            s.total += rows.sum(axis=0)
+            # float32 products per chunk (BLAS sgemm), float64 accumulation across chunks
+            rows = np.ascontiguousarray(np.moveaxis(value, 1, -1).reshape(-1, value.shape[1]), dtype=np.float32)
+            s = stats.setdefault(name, InputStats.empty(rows.shape[1], name in grams))
+            s.total += rows.sum(axis=0, dtype=np.float64)
+            s.sumsq += np.einsum("ij,ij->j", rows, rows, dtype=np.float64)
             if s.gram is not None:
                 s.gram += rows.T @ rows
             s.count += rows.shape[0]
     return stats
+
+
+def weight_importance(role: TensorRole, shape: tuple[int, ...], energy: np.ndarray) -> np.ndarray | None:
+    """E[x^2] of the input each weight multiplies, broadcast to the weight's shape.
+
+    A weight's contribution to the output error is its rounding error times its
+    input, so k-means weighted by this ("sensitive k-means") spends levels where
+    errors cost the most.
+    """
+    if role.op == "Conv" and len(shape) >= 3:
+        out_ch, in_per_group = shape[0], shape[1]
+        if energy.shape[0] != in_per_group * role.group:
+            return None
+        group_of = np.arange(out_ch) // (out_ch // role.group)
+        per = energy.reshape(role.group, in_per_group)[group_of]  # (O, I/g)
+        return np.broadcast_to(per.reshape(out_ch, in_per_group, *([1] * (len(shape) - 2))), shape)
+    if role.op == "Gemm" and len(shape) == 2:
+        axis_in = 1 - role.out_axis
+        if energy.shape[0] != shape[axis_in]:
+            return None
+        return np.broadcast_to(energy[None, :] if axis_in == 1 else energy[:, None], shape)
+    return None
 
 
 def output_shift(delta: np.ndarray, role: TensorRole, mean_in: np.ndarray) -> np.ndarray | None:
@@ -118,7 +152,7 @@ def output_shift(delta: np.ndarray, role: TensorRole, mean_in: np.ndarray) -> np
         return (per_input * means).sum(axis=1)
     if role.op == "Gemm":
         matrix = delta if role.out_axis == 0 else delta.T
-        return matrix @ mean_in if matrix.shape[1] == mean_in.shape[0] else None
+        return role.alpha * (matrix @ mean_in) if matrix.shape[1] == mean_in.shape[0] else None
     return None
 
 
@@ -136,10 +170,10 @@ def correct_biases(
         if not role.bias or role.activation not in means or role.bias not in biases:
             continue
         shift = output_shift(approx.astype(np.float64) - originals[name], role, means[role.activation])
-        if shift is None or shift.shape != biases[role.bias].shape:
+        if shift is None or shift.shape != biases[role.bias].shape or role.beta == 0:
             continue
         base = corrected.get(role.bias, biases[role.bias].astype(np.float64))
-        corrected[role.bias] = (base - shift).astype(np.float32)
+        corrected[role.bias] = (base - shift / role.beta).astype(np.float32)
     return corrected
 
 
@@ -151,12 +185,9 @@ def split_files(files: Sequence[Path], split: str, wnid_index: Mapping[str, int]
     if split == "all":
         return list(files)
     want = {"even": 0, "odd": 1}[split]
-    kept = []
-    for f in files:
-        wnid = f.name.split("_", 1)[0] if f.name.split("_", 1)[0] in wnid_index else f.parent.name
-        if wnid in wnid_index and wnid_index[wnid] % 2 == want:
-            kept.append(f)
-    return kept
+    from .evaluate import wnid_of
+
+    return [f for f in files if wnid_of(f) in wnid_index and wnid_index[wnid_of(f)] % 2 == want]
 
 
 def load_calibration(

@@ -37,6 +37,9 @@ class KlausGroup(click.Group):
         except click.exceptions.Abort:
             click.echo("klaus: aborted", err=True)
             sys.exit(1)
+        except click.exceptions.NoArgsIsHelpError as exc:
+            click.echo(exc.ctx.get_help() if exc.ctx else "")
+            sys.exit(0)
         except click.UsageError as exc:
             hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
             click.echo(f"klaus: error: {exc.format_message()}{hint}", err=True)
@@ -91,10 +94,16 @@ def _calibration(calib, split, limit, crops, preprocess):
 threads_option = click.option("--threads", type=click.IntRange(1, 256), default=None, help="ONNX Runtime intra-op threads.")
 
 
-def _classifier(model: str | None, threads: int | None = None):
+low_memory_option = click.option(
+    "--low-memory", is_flag=True,
+    help="Keep the weights palettized in memory (uint8 indices + palette, decoded per layer as it runs): less RAM, slower.",
+)
+
+
+def _classifier(model: str | None, threads: int | None = None, low_memory: bool = False):
     from .runtime import Classifier
 
-    return Classifier(model, threads=threads)
+    return Classifier(model, threads=threads, memory="low" if low_memory else "default")
 
 
 # ---------------------------------------------------------------- classify
@@ -105,11 +114,12 @@ def _classifier(model: str | None, threads: int | None = None):
 @click.option("--top", type=click.IntRange(1, 1000), default=5, show_default=True, help="How many labels to show.")
 @crops_option
 @threads_option
+@low_memory_option
 @json_option
 @click.argument("images", nargs=-1, required=True, metavar="IMAGE...")
-def classify(model: str | None, top: int, crops: str, threads: int | None, as_json: bool, images: tuple[str, ...]) -> int:
+def classify(model: str | None, top: int, crops: str, threads: int | None, low_memory: bool, as_json: bool, images: tuple[str, ...]) -> int:
     """Top labels of each IMAGE with their WordNet hierarchy."""
-    classifier = _classifier(model, threads)
+    classifier = _classifier(model, threads, low_memory)
     failures = 0
     for path in images:
         try:
@@ -132,7 +142,7 @@ def _print_classification(path: str, result) -> None:
     click.echo(f"{path}  ({result.elapsed_ms:.0f} ms)")
     width = max(len(p.label) for p in result.predictions)
     for p in result.predictions:
-        click.echo(f"  {p.rank}. {p.probability * 100:5.1f}%  {p.label:<{width}}  {'/'.join(p.hierarchy)}")
+        click.echo(f"  {p.rank}. {p.probability * 100:5.1f}%  {p.label:<{width}}  {'/'.join(p.hierarchy)}".rstrip())
 
 
 # ---------------------------------------------------------------- eval
@@ -148,13 +158,14 @@ def _print_classification(path: str, result) -> None:
     help="Keep odd or even class indices only (the project's evaluation/calibration split).",
 )
 @threads_option
+@low_memory_option
 @json_option
 @click.argument("data", metavar="DATA")
-def evaluate(model, reference, crops, limit, split, threads, as_json, data) -> int:
+def evaluate(model, reference, crops, limit, split, threads, low_memory, as_json, data) -> int:
     """Top-1/top-5 accuracy on DATA: <wnid>/ folders, <wnid>_*.jpg files, or a 'path label' list file."""
     from . import evaluate as ev
 
-    clf = _classifier(model, threads)
+    clf = _classifier(model, threads, low_memory)
     samples = ev.load_dataset(data, clf.labels)
     if split != "all":
         samples = ev.split_classes(samples, split)
@@ -162,7 +173,7 @@ def evaluate(model, reference, crops, limit, split, threads, as_json, data) -> i
     top5, ok = _predict(clf, samples, int(crops), "eval", as_json)
     ref_top1 = None
     if reference:
-        ref_top5, ref_ok = _predict(_classifier(reference, threads), samples, int(crops), "reference", as_json)
+        ref_top5, ref_ok = _predict(_classifier(reference, threads), samples, int(crops), "reference", as_json, report=False)
         ref_top1 = ref_top5[:, 0].copy()
         ref_top1[~ref_ok] = -1
     acc = ev.score(samples, top5, ok, ref_top1)
@@ -172,10 +183,10 @@ def evaluate(model, reference, crops, limit, split, threads, as_json, data) -> i
         agree = "" if acc.agreement is None else f"  agreement {acc.agreement * 100:.2f}%"
         click.echo(f"{clf.name}: n={acc.n}  top-1 {acc.top1 * 100:.2f}%  top-5 {acc.top5 * 100:.2f}%{agree}"
                    + (f"  ({acc.failed} unreadable)" if acc.failed else ""))
-    return 0
+    return 1 if acc.failed else 0
 
 
-def _predict(clf, samples, crops: int, what: str, quiet: bool):
+def _predict(clf, samples, crops: int, what: str, quiet: bool, report: bool = True):
     from tqdm import tqdm
 
     from .evaluate import predict_all
@@ -184,7 +195,9 @@ def _predict(clf, samples, crops: int, what: str, quiet: bool):
         click.echo(f"klaus: error: {message}", err=True)
 
     with tqdm(total=len(samples), desc=what, unit="img", file=sys.stderr, disable=quiet or None) as bar:
-        return predict_all(lambda paths: clf.probabilities(paths, crops), samples, on_batch=bar.update, on_error=on_error)
+        return predict_all(
+            lambda paths: clf.probabilities(paths, crops), samples, on_batch=bar.update, on_error=on_error if report else None
+        )
 
 
 # ---------------------------------------------------------------- compress
@@ -235,11 +248,13 @@ bits_type = click.IntRange(1, 8)
 @click.option("--depthwise-bits", type=bits_type, help="Bits for depthwise convolution weights (default: keep fp16).")
 @click.option("--layer", "layers", multiple=True, metavar="PATTERN=BITS", help="Per-tensor rule (fnmatch on name); BITS may be 'float'. Repeatable.")
 @click.option("--granularity", type=click.Choice(["tensor", "channel"]), help="One palette per tensor, or a shared palette with per-output-channel fp16 scales.")
+@click.option("--min-elements", type=click.IntRange(0), default=None, help="Tensors with fewer weights stay fp16 (recipe default: 4096 or 16384).")
+@click.option("--weighted", is_flag=True, default=None, help="Weight k-means by each weight's input energy (needs --calib).")
 @click.option("--lossless", is_flag=True, help="Store every weight as fp32 (the reference build).")
 @click.option("--png-level", type=click.IntRange(0, 6), default=2, show_default=True, help="oxipng optimization level for index maps.")
 @click.option("--zopfli", is_flag=True, help="Zopfli deflate for index maps (slow, a little smaller).")
 @click.option("--simplify/--no-simplify", default=True, show_default=True, help="Constant-fold the ONNX graph first.")
-@click.option("--input-size", type=click.IntRange(8, 4096), default=224, show_default=True, help="ONNX input: crop side in pixels.")
+@click.option("--input-size", type=click.IntRange(8, 4096), default=None, help="ONNX input: crop side in pixels (default: the graph's fixed input size, else 224).")
 @click.option("--crop-ratio", type=click.FloatRange(0.1, 1.0), default=0.875, show_default=True, help="ONNX input: crop side / resized shorter side.")
 @click.option("--resize", "resize_rule", type=click.Choice(["shorter", "stretch"]), default="shorter", show_default=True)
 @click.option("--interpolation", type=click.Choice(["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"]), default="bicubic", show_default=True)
@@ -253,7 +268,7 @@ bits_type = click.IntRange(1, 8)
 @click.option("--license", "license_", default="unknown", show_default=True, help="License of the weights.")
 @click.option("--source", "source_", help="Where the weights come from.")
 @json_option
-def compress(src, out, recipe_name, bits, fc_bits, conv_bits, depthwise_bits, layers, granularity, lossless,
+def compress(src, out, recipe_name, bits, fc_bits, conv_bits, depthwise_bits, layers, granularity, min_elements, weighted, lossless,
              png_level, zopfli, simplify, input_size, crop_ratio, resize_rule, interpolation, mean, std,
              channel_order, layout, labels_file, calib, calib_split, calib_limit, calib_crops, name, license_, source_,
              as_json) -> int:
@@ -263,16 +278,22 @@ def compress(src, out, recipe_name, bits, fc_bits, conv_bits, depthwise_bits, la
     from .preprocess import Preprocess
 
     recipe = _recipe_from_options(recipe_name, bits, fc_bits, conv_bits, depthwise_bits, layers, granularity, lossless)
+    if min_elements is not None or weighted:
+        recipe = replace(recipe, name=f"{recipe.name}+custom" if "custom" not in recipe.name else recipe.name,
+                         min_elements=recipe.min_elements if min_elements is None else min_elements,
+                         weighted=bool(weighted) or recipe.weighted)
     png = codecs.PngOptions(level=png_level or None, zopfli=zopfli)
     start = time.perf_counter()
     source = cp.load_source(src)
     if isinstance(source, KlausModel):
+        if labels_file:
+            fail("--labels applies to ONNX input; a .klaus source keeps its own labels and preprocessing")
         calibration = _calibration(calib, calib_split, calib_limit, calib_crops, source.preprocess)
         model = cp.recompress(source, recipe, png, calibration)
     else:
         try:
             preprocess = Preprocess(
-                input_size=input_size, resize=resize_rule, crop_ratio=crop_ratio, interpolation=interpolation,
+                input_size=input_size or cp.graph_input_size(source, layout) or 224, resize=resize_rule, crop_ratio=crop_ratio, interpolation=interpolation,
                 mean=_triple(mean, "--mean"), std=_triple(std, "--std"), channel_order=channel_order, layout=layout,
             )
         except ValueError as exc:
@@ -330,7 +351,7 @@ def inspect(model_path: str, as_json: bool) -> int:
         return 0
     meta = summary["meta"]
     click.echo(f"{model_path}: {meta['model_name']}  ({summary['file_bytes']} bytes, {summary['file_bytes'] / 2**20:.2f} MiB)")
-    click.echo(f"  recipe {meta['recipe']}")
+    click.echo(f"  recipe {json.dumps(meta['recipe'], sort_keys=True)}")
     click.echo(f"  {'tensor':<44} {'shape':<18} {'codec':<12} {'bits':>4} {'bytes':>10} {'entropy':>10}")
     for t in summary["tensors"]:
         entropy = "" if t["entropy_bytes"] is None else f"{t['entropy_bytes']:.0f}"
@@ -429,6 +450,110 @@ def recipes(as_json: bool) -> int:
     for r in NAMED_RECIPES.values():
         emit(r.describe()) if as_json else click.echo(f"{r.name:<12} {json.dumps(r.describe())}")
     return 0
+
+
+# ---------------------------------------------------------------- sweep
+
+
+@main.command(context_settings=PRESERVE)
+@click.argument("src", metavar="SRC")
+@click.option("--bits", "bits_text", default="8,4,2", show_default=True, help="Comma-separated widths for the scope rows.")
+@click.option("--scope", type=click.Choice(["fc", "conv", "all"]), default="fc", show_default=True,
+              help="Layers palettized in the bits rows (conv includes depthwise); the rest stay fp16.")
+@click.option("--recipe", "recipe_names", multiple=True, metavar="NAME", help="Also a row for this named recipe (see 'klaus recipes'). Repeatable.")
+@click.option("--data", required=True, metavar="DATA", help="Labelled images: <wnid>/ folders, <wnid>_*.jpg files, or a 'path label' list file.")
+@click.option("--split", type=click.Choice(["all", "odd", "even"]), default="all", show_default=True,
+              help="Evaluate odd or even class indices only (the project's evaluation/calibration split).")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Evaluate the first N images (after the split) only.")
+@calib_options
+@crops_option
+@click.option("--min-elements", type=click.IntRange(0), default=None,
+              help="Tensors with fewer weights stay float (default: 4096 for the bits rows, each recipe's own).")
+@click.option("--labels", "labels_file", type=click.Path(dir_okay=False), help="Class names, one per line (ONNX SRC without 1000 outputs).")
+@click.option("--int8/--no-int8", "int8", default=True, show_default=True, help="Add ONNX Runtime's dynamic int8 baseline row.")
+@click.option("--out", "out_dir", metavar="DIR", help="Where to write sweep.md/.csv/.json/.png (default: sweep-<model>/).")
+@threads_option
+@json_option
+def sweep(src, bits_text, scope, recipe_names, data, split, limit, calib, calib_split, calib_limit, calib_crops, crops,
+          min_elements, labels_file, int8, out_dir, threads, as_json) -> int:
+    """Accuracy versus bits: compress SRC (lossless .klaus, .onnx or zoo name) at each setting and evaluate on DATA."""
+    import shlex
+
+    from tqdm import tqdm
+
+    from . import sweep as sw
+    from .errors import KlausModelError
+
+    try:
+        bits = sw.parse_bits(bits_text)
+        settings = sw.plan(bits, scope, recipe_names, min_elements=min_elements, int8_baseline=int8)
+    except KlausModelError as exc:
+        fail(str(exc))
+    command = ["klaus", "sweep", src, "--scope", scope, "--bits", ",".join(map(str, bits))]
+    command += [a for name in dict.fromkeys(recipe_names) for a in ("--recipe", name)]
+    command += ["--data", data] + (["--split", split] if split != "all" else []) + (["--limit", str(limit)] if limit else [])
+    command += [a for c in calib for a in ("--calib", c)]
+    if calib:
+        command += (["--calib-split", calib_split] if calib_split != "all" else []) + (["--calib-limit", str(calib_limit)] if calib_limit else [])
+        command += ["--calib-crops", calib_crops] if calib_crops != "1" else []
+    command += (["--crops", crops] if crops != "1" else []) + (["--min-elements", str(min_elements)] if min_elements is not None else [])
+    command += (["--labels", labels_file] if labels_file else []) + ([] if int8 else ["--no-int8"])
+    command += ["--out", out_dir] if out_dir else []
+
+    quiet = as_json or None  # tqdm: None = only on a terminal
+    start = time.perf_counter()
+    source = sw.load_source(src, _read_names(labels_file) if labels_file else None)
+    if source.palettized_tensors:
+        click.echo(f"klaus: warning: {src} has {source.palettized_tensors} palettized tensors, so the 'fp32' row is "
+                   "its decoded weights, not the original float model", err=True)
+    if calib and not any(s.calibrated for s in settings):
+        click.echo("klaus: note: --calib is used by --recipe rows only (the bits rows are plain k-means), so it is ignored", err=True)
+        calib = ()
+    calibration = sw.load_calibration_set(calib, source, split=calib_split, limit=calib_limit, crops=int(calib_crops))
+    with tqdm(desc="preprocess", unit="img", file=sys.stderr, disable=quiet, leave=False) as bar:
+        evalset = sw.load_eval_set(
+            data, source, split=split, limit=limit, crops=int(crops), on_image=bar.update,
+            on_error=lambda path, message: click.echo(f"klaus: error: {message}", err=True),
+        )
+    shared = sw.overlap(calibration, evalset)
+    if shared:
+        click.echo(f"klaus: warning: {shared} of the {len(evalset.samples)} evaluation images are also calibration images; "
+                   "calibrated rows will look better than they are (use --split/--calib-split)", err=True)
+    if calibration is None and any(s.recipe is not None and s.recipe.method == "gptq" for s in settings):
+        click.echo("klaus: note: no --calib images, so GPTQ recipes run as plain k-means without bias correction", err=True)
+
+    with tqdm(total=len(settings), desc="settings", unit="row", file=sys.stderr, disable=quiet, position=0) as outer:
+        images = tqdm(total=evalset.n, unit="img", file=sys.stderr, disable=quiet, position=1, leave=False)
+
+        def progress(label: str, total: int):
+            outer.set_postfix_str(label)
+            images.reset(total=total)
+            images.set_description(label)
+            return images.update
+
+        def on_row(row) -> None:
+            outer.update(1)
+            if as_json:
+                emit(row.to_dict())
+
+        result = sw.run_sweep(source, evalset, settings, calibration=calibration, threads=threads,
+                              command=shlex.join(command), on_row=on_row, progress=progress)
+        images.close()
+    written, note = sw.write_outputs(result, out_dir or f"sweep-{result.model}")
+    if note:
+        click.echo(f"klaus: note: {note}", err=True)
+    if not as_json:
+        click.echo(sw.markdown(result), nl=False)
+        click.echo(f"wrote {', '.join(str(p) for p in written)} in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+# ---------------------------------------------------------------- photo library: index / search / serve
+
+from .index.commands import COMMANDS as _LIBRARY_COMMANDS  # noqa: E402  (light: click only)
+
+for _command in _LIBRARY_COMMANDS:
+    main.add_command(_command)
 
 
 if __name__ == "__main__":

@@ -135,11 +135,12 @@ def encode_png_indices(indices: np.ndarray, bits: int, options: PngOptions = Png
     return min(candidates, key=len)
 
 
-def _walk_png(data: bytes) -> tuple[int, int, int]:
-    """Check PNG structure and CRCs; return (width, height, depth) of a plain grayscale map."""
+def _walk_png(data: bytes) -> tuple[int, int, int, bytes]:
+    """Check PNG structure and CRCs; return (width, height, depth, IDAT data) of a plain grayscale map."""
     if not data.startswith(PNG_SIGNATURE):
         raise KlausFormatError("index map is not a PNG (bad signature)")
-    pos, header, seen_idat, seen_end = len(PNG_SIGNATURE), None, False, False
+    pos, header, seen_end = len(PNG_SIGNATURE), None, False
+    idat: list[bytes] = []
     while pos < len(data):
         if pos + 12 > len(data):
             raise KlausFormatError("index map PNG is truncated")
@@ -159,7 +160,7 @@ def _walk_png(data: bytes) -> tuple[int, int, int]:
                 raise KlausFormatError("index map PNG has a malformed IHDR")
             header = struct.unpack(">IIBBBBB", body)
         elif kind == b"IDAT":
-            seen_idat = True
+            idat.append(body)
         elif kind == b"IEND":
             seen_end = True
             if end != len(data):
@@ -167,25 +168,38 @@ def _walk_png(data: bytes) -> tuple[int, int, int]:
         elif not kind[:1].islower():
             raise KlausFormatError(f"index map PNG has an unsupported critical chunk {kind!r}")
         pos = end
-    if header is None or not seen_idat or not seen_end:
+    if header is None or not idat or not seen_end:
         raise KlausFormatError("index map PNG is truncated (missing IHDR, IDAT or IEND)")
     width, height, depth, color, compression, filtering, interlace = header
-    if color != 0 or depth not in PNG_DEPTHS or compression != 0 or filtering != 0 or interlace not in (0, 1):
+    if color != 0 or depth not in PNG_DEPTHS or compression != 0 or filtering != 0 or interlace != 0:
         raise KlausFormatError(
-            f"index map PNG must be 1/2/4/8-bit grayscale (got depth {depth}, color type {color})"
+            f"index map PNG must be 1/2/4/8-bit grayscale, not interlaced (got depth {depth}, color type {color})"
         )
-    return width, height, depth
+    return width, height, depth, b"".join(idat)
+
+
+def _check_image_data(idat: bytes, rows: int, cols: int, depth: int) -> None:
+    """The zlib stream must end exactly after the last scanline: no missing rows, no trailing data."""
+    expected = rows * (1 + (cols * depth + 7) // 8)
+    inflater = zlib.decompressobj()
+    try:
+        raw = inflater.decompress(idat, expected + 1)
+    except zlib.error as exc:
+        raise KlausFormatError(f"index map PNG data is corrupt ({exc})") from None
+    if len(raw) != expected or not inflater.eof or inflater.unused_data:
+        raise KlausFormatError(f"index map PNG holds {len(raw)} bytes of scanlines, expected {expected}")
 
 
 def decode_png_indices(data: bytes, rows: int, cols: int, bits: int) -> np.ndarray:
     """Validate the PNG against the shape and bit width the tensor table declares, then decode."""
     from PIL import Image
 
-    width, height, depth = _walk_png(data)
+    width, height, depth, idat = _walk_png(data)
     if (height, width) != (rows, cols):
         raise KlausFormatError(f"index map is {width}x{height}, expected {cols}x{rows}")
     if depth < bits:
         raise KlausFormatError(f"index map has bit depth {depth}, too small for {bits}-bit indices")
+    _check_image_data(idat, rows, cols, depth)
     try:
         with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
             image.load()

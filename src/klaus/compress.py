@@ -12,11 +12,11 @@ import numpy as np
 import onnx
 
 from . import __version__, codecs, onnxgraph
-from .errors import KlausFormatError, KlausModelError
+from .errors import KlausModelError
 from .format import KlausModel, LabelRow, TensorRecord, read_model, write_model
 from .preprocess import Preprocess
-from .calibrate import InputStats
-from .quantize import PalettizedTensor, Recipe, palettize, palettize_gptq
+from .calibrate import InputStats, weight_importance
+from .quantize import LayerRule, PalettizedTensor, Recipe, palettize, palettize_gptq
 
 Progress = Callable[[str], None]
 
@@ -66,10 +66,12 @@ def quantize_weights(
         if progress:
             progress(name)
         common = {"granularity": recipe.granularity, "iterations": recipe.iterations, "rate_penalty": recipe.rate_penalty}
-        if recipe.method == "gptq" and stats and role.activation in stats and stats[role.activation].gram is not None:
-            out[name] = palettize_gptq(array, bits, stats[role.activation].hessian, out_axis=role.out_axis, **common)
+        st = stats.get(role.activation) if stats else None
+        if recipe.method == "gptq" and st is not None and st.gram is not None:
+            out[name] = palettize_gptq(array, bits, st.hessian, out_axis=role.out_axis, **common)
         else:
-            out[name] = palettize(array, bits, axis=role.out_axis, **common)
+            importance = None if st is None or not recipe.weighted else weight_importance(role, array.shape, st.energy)
+            out[name] = palettize(array, bits, axis=role.out_axis, importance=importance, **common)
     return out
 
 
@@ -129,6 +131,10 @@ def compress_onnx(
 ) -> KlausModel:
     """Palettize, bias-correct (when calibration inputs are given) and encode a model."""
     onnxgraph.validate_skeleton(model, card.name)
+    check_preprocess_fits(model, preprocess, card.name)
+    names = [row.name for row in labels]
+    if len(set(names)) != len(names):
+        raise KlausModelError(f"{card.name}: label names must be unique")
     skeleton, weights = onnxgraph.split_weights(model)
     roles = onnxgraph.tensor_roles(model)
     recipe = effective_recipe(recipe, calibration is not None)
@@ -149,6 +155,62 @@ def compress_onnx(
         "recipe": json.dumps(recipe.describe(), sort_keys=True, separators=(",", ":")),
     }
     return KlausModel(meta, preprocess, tuple(labels), skeleton.SerializeToString(deterministic=True), tuple(records))
+
+
+MIN_BUDGET_ELEMENTS = 1024  # smaller weights stay fp16 under a budget: not worth a palette
+PROBE_INPUTS = 32  # calibration inputs used to measure each layer's sensitivity
+
+
+def compress_to_budget(
+    model: onnx.ModelProto,
+    recipe: Recipe,
+    budget_bytes: int,
+    *,
+    preprocess: Preprocess,
+    labels: Sequence[LabelRow],
+    card: ModelCard,
+    calibration: np.ndarray,
+    output: str = "logits",
+    png: codecs.PngOptions = codecs.PngOptions(),
+    progress: Progress | None = None,
+) -> tuple[KlausModel, "Allocation"]:
+    """The most accurate model whose file fits ``budget_bytes`` (see klaus.mixed)."""
+    from . import mixed
+    from .format import serialize
+    from .runtime import make_session, softmax
+
+    onnxgraph.validate_skeleton(model, card.name)
+    skeleton, weights = onnxgraph.split_weights(model)
+    roles = onnxgraph.tensor_roles(model)
+    eligible = [n for n, w in weights.items() if roles[n].kind != "other" and w.size >= MIN_BUDGET_ELEMENTS]
+    stats = calibration_stats(model, weights, roles, replace(recipe, rules=tuple(LayerRule.exact(n, 8) for n in eligible)), calibration)
+    if progress:
+        progress("candidates")
+    layers = mixed.candidate_options(weights, roles, stats, eligible, recipe)
+    probe = calibration[:PROBE_INPUTS]
+    input_name = model.graph.input[0].name
+
+    def probs(ws: dict[str, np.ndarray]) -> np.ndarray:
+        return softmax(make_session(onnxgraph.join_weights(skeleton, ws)).run(None, {input_name: probe})[0])
+
+    if progress:
+        progress("sensitivities")
+    mixed.measure_scales(layers, skeleton, weights, roles, recipe, probs, probs(weights))
+    kwargs = dict(preprocess=preprocess, labels=labels, card=card, output=output, png=png)
+    # Bytes outside the planned tensors (labels, graph, small tensors, SQLite pages),
+    # measured on a quick plain-k-means build of a first allocation.
+    target = budget_bytes * 0.9
+    for _ in range(4):
+        allocation = mixed.allocate(layers, target)
+        quick = compress_onnx(model, replace(mixed.budget_recipe(recipe, allocation), method="kmeans"), **kwargs)
+        overhead = len(serialize(quick)) - allocation.predicted_bytes
+        allocation = mixed.allocate(layers, budget_bytes - overhead)
+        final = compress_onnx(model, mixed.budget_recipe(recipe, allocation), calibration=calibration, **kwargs)
+        size = len(serialize(final))
+        if size <= budget_bytes:
+            return final, allocation
+        target = budget_bytes - overhead - (size - budget_bytes) * 1.5
+    raise KlausModelError(f"cannot fit the model in {budget_bytes} bytes (smallest build: {size} bytes)")
 
 
 def effective_recipe(recipe: Recipe, calibrated: bool) -> Recipe:
@@ -199,11 +261,7 @@ def recompress(
 def to_onnx(model: KlausModel) -> onnx.ModelProto:
     """Decode every tensor and rebuild a self-contained ONNX model."""
     where = model.source_path or model.name
-    skeleton = onnx.ModelProto()
-    try:
-        skeleton.ParseFromString(model.graph)
-    except Exception as exc:  # protobuf DecodeError
-        raise KlausFormatError(f"{where}: graph is not a valid ONNX protobuf ({exc})") from None
+    skeleton = onnxgraph.parse_skeleton(model.graph, where)
     onnxgraph.validate_skeleton(skeleton, where)
     full = onnxgraph.join_weights(skeleton, model.decoded_weights())
     onnxgraph.check_model(full, where)
@@ -226,14 +284,40 @@ def output_classes(model: onnx.ModelProto) -> int | None:
 
 
 def default_labels(model: onnx.ModelProto, names: Iterable[str] | None = None) -> tuple[LabelRow, ...]:
-    if names is not None:
-        return plain_label_rows(list(names))
+    """ImageNet labels for a 1000-way classifier, else the given names (one per output)."""
     classes = output_classes(model)
+    if names is not None:
+        names = list(names)
+        if classes is not None and len(names) != classes:
+            raise KlausModelError(f"the labels file has {len(names)} names but the model has {classes} outputs")
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise KlausModelError(f"label names must be unique; repeated: {', '.join(duplicates[:5])}")
+        return plain_label_rows(names)
     if classes == 1000:
         return imagenet_label_rows()
     raise KlausModelError(
-        f"the model has {classes or 'an unknown number of'} outputs, not the 1000 ImageNet classes; pass --labels FILE"
+        f"the model has {classes or 'an unknown number of'} outputs, not the 1000 ImageNet classes; "
+        "compress it with --labels FILE (one class name per line)"
     )
+
+
+def graph_input_size(model: onnx.ModelProto, layout: str = "NCHW") -> int | None:
+    """The fixed square spatial size of the graph input, if it declares one."""
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    if len(dims) != 4:
+        return None
+    h, w = (dims[2], dims[3]) if layout == "NCHW" else (dims[1], dims[2])
+    return h.dim_value if h.dim_value and h.dim_value == w.dim_value else None
+
+
+def check_preprocess_fits(model: onnx.ModelProto, preprocess: Preprocess, where: str) -> None:
+    size = graph_input_size(model, preprocess.layout)
+    if size is not None and size != preprocess.input_size:
+        raise KlausModelError(
+            f"{where}: the graph takes {size}x{size} inputs but the preprocessing makes "
+            f"{preprocess.input_size}x{preprocess.input_size} (use --input-size {size})"
+        )
 
 
 def write(model: KlausModel, path: str | os.PathLike[str]) -> int:

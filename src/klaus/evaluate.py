@@ -44,6 +44,14 @@ def _is_image(p: Path) -> bool:
     return p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
 
 
+def wnid_of(path: Path) -> str | None:
+    """The ImageNet wnid a file is labelled with: its ``<wnid>_``/``-``/``.`` prefix, else its folder."""
+    m = _WNID_PREFIX.match(path.name)
+    if m:
+        return m.group(1)
+    return path.parent.name if re.fullmatch(r"n\d{8}", path.parent.name) else None
+
+
 def load_dataset(data: str | os.PathLike[str], labels: Sequence[LabelRow], limit: int | None = None) -> list[Sample]:
     """Samples in a deterministic (sorted) order; see the module docstring for layouts."""
     root = Path(data)
@@ -90,7 +98,7 @@ def _from_list(path: Path, by_wnid: dict[str, int], classes: int) -> list[Sample
 
 
 def _parse_label(text: str, by_wnid: dict[str, int], classes: int, where: str) -> int:
-    if text.isdigit() and int(text) < classes:
+    if text.isascii() and text.isdecimal() and int(text) < classes:
         return int(text)
     if text in by_wnid:
         return by_wnid[text]

@@ -59,7 +59,8 @@ SCHEMA = {
 }
 # SQLite creates these for PRIMARY KEY / UNIQUE constraints; nothing else may exist.
 AUTO_INDEXES = {"sqlite_autoindex_tensors_1"}
-REQUIRED_META = ("format", "format_version", "model_name", "source", "license", "creator", "klaus_version", "preprocess", "output", "recipe")
+CONTENT_KEY = "content_sha256"
+REQUIRED_META = (CONTENT_KEY, "format", "format_version", "model_name", "source", "license", "creator", "klaus_version", "preprocess", "output", "recipe")
 OUTPUT_KINDS = ("logits", "probabilities")
 _WNID = re.compile(r"^(n\d{8})?$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -191,14 +192,15 @@ def serialize(model: KlausModel) -> bytes:
         conn.execute(f"PRAGMA user_version = {FORMAT_VERSION}")
         for ddl in SCHEMA.values():
             conn.execute(ddl)
-        meta = dict(model.meta)
+        meta = {k: v for k, v in model.meta.items() if k != CONTENT_KEY}
         meta.update(format=FORMAT_NAME, format_version=str(FORMAT_VERSION), preprocess=_dumps(model.preprocess.to_dict()))
-        conn.executemany("INSERT INTO meta VALUES (?, ?)", sorted(meta.items()))
-        conn.executemany(
-            "INSERT INTO labels VALUES (?, ?, ?, ?)", [(r.index, r.wnid, r.name, _dumps(r.words)) for r in model.labels]
-        )
+        labels = [(r.index, r.wnid, r.name, _dumps(r.words)) for r in model.labels]
         tree = hierarchy_tree(model.labels)
-        conn.executemany("INSERT INTO synsets VALUES (?, ?, ?)", [(w, *tree[w]) for w in sorted(tree)])
+        synsets = [(w, *tree[w]) for w in sorted(tree)]
+        meta[CONTENT_KEY] = content_digest(sorted(meta.items()), labels, synsets)
+        conn.executemany("INSERT INTO meta VALUES (?, ?)", sorted(meta.items()))
+        conn.executemany("INSERT INTO labels VALUES (?, ?, ?, ?)", labels)
+        conn.executemany("INSERT INTO synsets VALUES (?, ?, ?)", synsets)
         conn.execute("INSERT INTO graph VALUES (0, ?, ?)", (model.graph, hashlib.sha256(model.graph).hexdigest()))
         conn.executemany(
             "INSERT INTO tensors VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -212,6 +214,23 @@ def serialize(model: KlausModel) -> bytes:
         return conn.serialize()
     finally:
         conn.close()
+
+
+def content_digest(meta: Sequence[tuple], labels: Sequence[tuple], synsets: Sequence[tuple]) -> str:
+    """SHA-256 over the small tables (meta except itself, labels, synsets), canonical JSON."""
+    rows = [[list(r) for r in meta if r[0] != CONTENT_KEY], [list(r) for r in labels], [list(r) for r in synsets]]
+    return hashlib.sha256(_dumps(rows).encode("utf-8")).hexdigest()
+
+
+def _check_content(conn: sqlite3.Connection, meta: dict[str, str], where: str) -> None:
+    labels = conn.execute("SELECT idx, wnid, name, words FROM labels ORDER BY idx").fetchall()
+    synsets = conn.execute("SELECT wnid, name, parent FROM synsets ORDER BY wnid").fetchall()
+    for table, rows in (("labels", labels), ("synsets", synsets)):
+        if any(type(v) not in (str, int) for row in rows for v in row):
+            raise KlausFormatError(f"{where}: {table} table holds a value that is neither text nor an integer")
+    digest = content_digest(sorted(meta.items()), labels, synsets)
+    if digest != meta[CONTENT_KEY]:
+        raise KlausFormatError(f"{where}: metadata or label checksum mismatch (file is corrupt)")
 
 
 def _dumps(value: object) -> str:
@@ -247,13 +266,13 @@ def parse_model(data: bytes, where: str = "<bytes>") -> KlausModel:
             conn.deserialize(data)
             conn.execute("PRAGMA query_only = ON")
             check = conn.execute("PRAGMA quick_check").fetchall()
-        except sqlite3.DatabaseError as exc:
+        except (sqlite3.Error, UnicodeDecodeError) as exc:
             raise KlausFormatError(f"{where}: corrupt database ({exc})") from None
         if check != [("ok",)]:
             raise KlausFormatError(f"{where}: corrupt database ({check[0][0]})")
         try:
             return _read_tables(conn, where)
-        except sqlite3.DatabaseError as exc:
+        except (sqlite3.Error, UnicodeDecodeError) as exc:
             raise KlausFormatError(f"{where}: corrupt database ({exc})") from None
     finally:
         conn.close()
@@ -290,7 +309,11 @@ def _read_tables(conn: sqlite3.Connection, where: str) -> KlausModel:
         )
     _check_schema(conn, where)
     meta = _read_meta(conn, where)
-    preprocess = Preprocess.from_dict(_loads(meta["preprocess"], where, "meta.preprocess"))
+    _check_content(conn, meta, where)
+    try:
+        preprocess = Preprocess.from_dict(_loads(meta["preprocess"], where, "meta.preprocess"))
+    except KlausFormatError as exc:
+        raise KlausFormatError(f"{where}: {exc}") from None
     labels = _read_labels(conn, where)
     graph = _read_graph(conn, where)
     tensors = _read_tensors(conn, where)
@@ -325,7 +348,9 @@ def _read_meta(conn: sqlite3.Connection, where: str) -> dict[str, str]:
     return meta
 
 
-def _loads(text: str, where: str, what: str) -> object:
+def _loads(text: object, where: str, what: str) -> object:
+    if not isinstance(text, str):
+        raise KlausFormatError(f"{where}: {what} is not text")
     try:
         return json.loads(text)
     except (json.JSONDecodeError, RecursionError):
@@ -363,6 +388,10 @@ def _read_labels(conn: sqlite3.Connection, where: str) -> tuple[LabelRow, ...]:
         path = _path_to_root(tree, wnid, where) if wnid else ()
         hierarchy = tuple(tree[w][0] for w in path)
         rows.append(LabelRow(idx, wnid, name, _str_list(_loads(words, where, what), where, what + " words"), path, hierarchy))
+    names = [r.name for r in rows]
+    if len(set(names)) != len(names):
+        duplicate = next(n for n in names if names.count(n) > 1)
+        raise KlausFormatError(f"{where}: label name {duplicate!r} is used twice; names must be unique")
     return tuple(rows)
 
 
@@ -396,6 +425,9 @@ def _read_graph(conn: sqlite3.Connection, where: str) -> bytes:
     _, blob, digest = rows[0]
     if hashlib.sha256(blob).hexdigest() != digest:
         raise KlausFormatError(f"{where}: graph checksum mismatch (file is corrupt)")
+    from . import onnxgraph
+
+    onnxgraph.validate_skeleton(onnxgraph.parse_skeleton(blob, where), where)
     return blob
 
 
@@ -423,6 +455,8 @@ def _tensor_record(row: tuple, expected: int, where: str) -> TensorRecord:
         raise KlausFormatError(f"{what}: unknown codec {codec!r} (known: {', '.join(codecs.CODECS)})")
     if not isinstance(payload, bytes) or not isinstance(digest, str) or not _HEX64.match(digest):
         raise KlausFormatError(f"{what}: payload or checksum missing")
+    if not all(blob is None or isinstance(blob, bytes) for blob in (palette, scales)):
+        raise KlausFormatError(f"{what}: palette and scales must be blobs")
     record = TensorRecord(name, tuple(dims), codec, bits, payload, palette, scales, scale_axis, dtype, digest)
     if record.digest() != digest:
         raise KlausFormatError(f"{what}: checksum mismatch (file is corrupt)")

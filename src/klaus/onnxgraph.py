@@ -33,6 +33,8 @@ class TensorRole:
     output: str = ""  # the node output the weight produces
     bias: str = ""  # the bias initializer added to its output, if any
     group: int = 1
+    alpha: float = 1.0  # Gemm: output = alpha * A B + beta * C
+    beta: float = 1.0
 
 
 def load_onnx(path: str) -> onnx.ModelProto:
@@ -86,6 +88,13 @@ def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
     return default
 
 
+def _float_attr(node: onnx.NodeProto, name: str, default: float) -> float:
+    for a in node.attribute:
+        if a.name == name:
+            return float(a.f)
+    return default
+
+
 def tensor_roles(model: onnx.ModelProto) -> dict[str, TensorRole]:
     """Classify every float initializer by the first op that consumes it as a weight."""
     shapes = {t.name: tuple(t.dims) for t in float_initializers(model)}
@@ -102,12 +111,24 @@ def tensor_roles(model: onnx.ModelProto) -> dict[str, TensorRole]:
             axis = 0 if node.op_type == "Conv" else 1
             roles[name] = TensorRole("depthwise" if depthwise else "conv", axis, group=group, **link)
         elif node.op_type == "Gemm" and len(dims) == 2 and not _attr(node, "transA", 0):
-            roles[name] = TensorRole("fc", 0 if _attr(node, "transB", 0) else 1, **link)
+            scale = {"alpha": _float_attr(node, "alpha", 1.0), "beta": _float_attr(node, "beta", 1.0)}
+            roles[name] = TensorRole("fc", 0 if _attr(node, "transB", 0) else 1, **link, **scale)
         elif node.op_type == "MatMul" and len(dims) == 2:
             roles[name] = TensorRole("fc", 1, **link)
     for name in shapes:
         roles.setdefault(name, TensorRole("other", 0, ""))
     return roles
+
+
+def parse_skeleton(blob: bytes, where: str) -> onnx.ModelProto:
+    skeleton = onnx.ModelProto()
+    try:
+        skeleton.ParseFromString(blob)
+    except Exception as exc:  # protobuf DecodeError
+        raise KlausFormatError(f"{where}: graph is not a valid ONNX protobuf ({exc})") from None
+    if not skeleton.graph.node:
+        raise KlausFormatError(f"{where}: graph holds no nodes")
+    return skeleton
 
 
 def validate_skeleton(model: onnx.ModelProto, where: str) -> None:
@@ -169,6 +190,9 @@ def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
     return simplified
 
 
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
 def rename_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     """Name weights after the layer that uses them (``_blocks.3._expand_conv.weight``).
 
@@ -179,6 +203,8 @@ def rename_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     initializers = {t.name: t for t in model.graph.initializer}
     renames: dict[str, str] = {}
     for node in model.graph.node:
+        if node.op_type not in WEIGHTED_OPS:
+            continue  # Clip bounds, Reshape shapes etc. are not layer weights
         layer = node.name.strip("/").rsplit("/", 1)[0].replace("/", ".") if "/" in node.name.strip("/") else node.name
         for position, name in enumerate(node.input):
             if position in suffix and name in initializers and name not in renames and layer:

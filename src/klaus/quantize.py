@@ -144,6 +144,11 @@ class LayerRule:
     bits: int | None
 
     @classmethod
+    def exact(cls, name: str, bits: int | None) -> LayerRule:
+        """A rule matching exactly one tensor name, whatever characters it holds."""
+        return cls("".join(f"[{c}]" if c in "*?[]" else c for c in name), bits)
+
+    @classmethod
     def parse(cls, text: str) -> LayerRule:
         pattern, sep, bits = text.rpartition("=")
         if not sep or not pattern:
@@ -173,6 +178,7 @@ class Recipe:
     float_codec: Literal["raw-f16", "raw-f32"] = "raw-f16"
     granularity: Granularity = "tensor"
     method: Literal["kmeans", "gptq"] = "kmeans"
+    weighted: bool = False  # k-means weighted by input energy (needs calibration)
     rate_penalty: float = 0.0
     iterations: int = 100
 
@@ -201,6 +207,7 @@ class Recipe:
             "float_codec": self.float_codec,
             "granularity": self.granularity,
             "method": self.method,
+            "weighted": self.weighted,
             "rate_penalty": self.rate_penalty,
         }
 

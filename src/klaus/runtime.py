@@ -22,6 +22,17 @@ DEFAULT_MODEL_NAME = "efficientnet-lite0.klaus"
 ImageSource = Union[str, os.PathLike, bytes, IO[bytes]]
 
 
+def _is_sqlite(path: str | os.PathLike[str]) -> bool:
+    """A `.klaus` file is an SQLite database; anything else is treated as ONNX."""
+    if str(path).lower().endswith(".klaus"):
+        return True  # the reader explains what is wrong with it
+    try:
+        with open(path, "rb") as f:
+            return f.read(16).startswith(b"SQLite format 3")
+    except OSError:
+        return str(path).endswith(".klaus")  # let the reader report the problem
+
+
 def default_model_path() -> Path:
     """The model shipped inside the package (built by `klaus zoo build efficientnet-lite0`)."""
     return Path(str(resources.files("klaus") / "data" / DEFAULT_MODEL_NAME))
@@ -94,17 +105,21 @@ class Classifier:
         preprocess: Preprocess | None = None,
         labels: Sequence[LabelRow] | None = None,
         threads: int | None = None,
+        memory: str = "default",
     ) -> None:
+        from . import lowmem
+
+        lowmem.check_mode(memory)  # "low": weights stay uint8 indices + palette in memory (klaus.lowmem)
         if model is None:
             model = default_model_path()
         if isinstance(model, KlausModel):
             loaded = model
-        elif str(model).endswith(".onnx"):
+        elif not _is_sqlite(model):
             loaded = None
         else:
             loaded = read_model(model)
         if loaded is not None:
-            graph = to_onnx(loaded)
+            graph = to_onnx(loaded) if memory == "default" else None
             self.preprocess = preprocess or loaded.preprocess
             self.labels = tuple(labels or loaded.labels)
             self.output = loaded.meta["output"]
@@ -112,12 +127,14 @@ class Classifier:
         else:
             from .onnxgraph import load_onnx
 
+            if memory != "default":
+                raise KlausModelError(f"{model}: low-memory mode needs a .klaus model (an ONNX file's weights are not palettized)")
             graph = load_onnx(str(model))
             self.preprocess = preprocess or Preprocess()
             self.labels = tuple(labels or default_labels(graph))
             self.output = "logits"
             self.name = Path(str(model)).stem
-        self.session = make_session(graph, threads)
+        self.session = make_session(graph, threads) if graph is not None else lowmem.session(loaded, threads)
         self.input_name = self.session.get_inputs()[0].name
         self._fixed_batch = self._static_batch()
 
@@ -127,11 +144,14 @@ class Classifier:
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Class probabilities for a preprocessed batch (N, ...)."""
-        if self._fixed_batch and batch.shape[0] != self._fixed_batch:
-            outs = [self.session.run(None, {self.input_name: batch[i : i + 1]})[0] for i in range(batch.shape[0])]
-            raw = np.concatenate(outs, axis=0)
-        else:
-            raw = self.session.run(None, {self.input_name: batch})[0]
+        try:
+            if self._fixed_batch and batch.shape[0] != self._fixed_batch:
+                outs = [self.session.run(None, {self.input_name: batch[i : i + 1]})[0] for i in range(batch.shape[0])]
+                raw = np.concatenate(outs, axis=0)
+            else:
+                raw = self.session.run(None, {self.input_name: batch})[0]
+        except Exception as exc:  # onnxruntime's Fail/InvalidArgument/RuntimeException types
+            raise KlausModelError(f"{self.name}: ONNX Runtime failed ({str(exc).splitlines()[0]})") from None
         raw = raw.reshape(raw.shape[0], -1)
         return raw.astype(np.float32) if self.output == "probabilities" else softmax(raw)
 
@@ -152,7 +172,7 @@ class Classifier:
     def _prediction(self, rank: int, index: int, probability: float) -> Prediction:
         if index < len(self.labels):
             row = self.labels[index]
-            return Prediction(rank, index, row.wnid, row.name, probability, row.hierarchy or (row.name,))
+            return Prediction(rank, index, row.wnid, row.name, probability, row.hierarchy)
         return Prediction(rank, index, "", f"class {index}", probability, ())
 
     def classify(self, image: ImageSource, top: int = 5, crops: int = 1) -> Classification:

@@ -1,0 +1,159 @@
+"""Mixed precision under a budget: how many bits each layer gets.
+
+Each candidate (a tensor at b bits, or kept at fp16) has a cost in stored bytes
+(the index entropy — the PNG codec stores within ~1 % of it — plus palette and
+scales) and a predicted loss: its input-energy-weighted squared weight error,
+scaled per layer by how much that layer's error actually moves the network's
+output (one forward pass per layer on calibration photos: KL to the float model
+with only that layer palettized, divided by its proxy error). The allocation
+minimizes total predicted loss + lambda * bytes layer by layer, with lambda
+found by bisection so the file fits the budget (a Lagrangian knapsack).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from . import codecs, onnxgraph
+from .calibrate import InputStats, weight_importance
+from .quantize import LayerRule, Recipe, palettize
+
+FLOAT = 0  # "bits" value of the keep-at-fp16 candidate
+DEFAULT_CHOICES = (2, 3, 4, 5, 6, 7, 8)
+PROBE_BITS = 4
+
+
+@dataclass(frozen=True)
+class Candidate:
+    bits: int  # FLOAT = keep fp16
+    bytes: float
+    proxy: float  # importance-weighted squared weight error
+
+
+@dataclass
+class LayerOptions:
+    name: str
+    size: int
+    candidates: list[Candidate]
+    scale: float = 1.0  # KL per unit of proxy error, measured
+
+    def cost(self, c: Candidate, lam: float) -> float:
+        return self.scale * c.proxy + lam * c.bytes
+
+    def best(self, lam: float) -> Candidate:
+        return min(self.candidates, key=lambda c: (self.cost(c, lam), -c.bits))
+
+
+@dataclass(frozen=True)
+class Allocation:
+    bits: dict[str, int]  # FLOAT = fp16
+    predicted_bytes: float
+    predicted_kl: float
+    layers: list[LayerOptions] = field(repr=False, default_factory=list)
+
+    def rules(self) -> tuple[LayerRule, ...]:
+        return tuple(LayerRule.exact(name, None if b == FLOAT else b) for name, b in self.bits.items())
+
+    def table(self) -> list[dict[str, object]]:
+        rows = []
+        for layer in self.layers:
+            chosen = next(c for c in layer.candidates if c.bits == self.bits[layer.name])
+            rows.append(
+                {"tensor": layer.name, "parameters": layer.size, "bits": chosen.bits or "fp16",
+                 "bytes": round(chosen.bytes), "predicted_kl": layer.scale * chosen.proxy}
+            )
+        return rows
+
+
+def _kl(p: np.ndarray, q: np.ndarray) -> float:
+    return float(np.mean(np.sum(p * (np.log(p + 1e-12) - np.log(q + 1e-12)), axis=1)))
+
+
+def candidate_options(
+    weights: dict[str, np.ndarray],
+    roles: dict[str, onnxgraph.TensorRole],
+    stats: dict[str, InputStats],
+    eligible: Sequence[str],
+    recipe: Recipe,
+    choices: Sequence[int] = DEFAULT_CHOICES,
+) -> list[LayerOptions]:
+    layers = []
+    for name in eligible:
+        w, role = weights[name], roles[name]
+        st = stats.get(role.activation)
+        importance = None if st is None else weight_importance(role, w.shape, st.energy)
+        imp = np.ones_like(w) if importance is None else importance
+        cands = [Candidate(FLOAT, 2.0 * w.size, 0.0)]
+        for bits in choices:
+            q = palettize(w, bits, granularity=recipe.granularity, axis=role.out_axis, importance=importance,
+                          iterations=recipe.iterations)
+            err = float(np.sum((q.decode() - w) ** 2 * imp))
+            extra = 2 * len(q.palette) + (0 if q.scales is None else 2 * len(q.scales))
+            cands.append(Candidate(bits, codecs.order0_entropy_bytes(q.indices) * 1.01 + extra, err))
+        layers.append(LayerOptions(name, int(w.size), cands))
+    return layers
+
+
+def measure_scales(
+    layers: list[LayerOptions],
+    skeleton: onnx.ModelProto,
+    weights: dict[str, np.ndarray],
+    roles: dict[str, onnxgraph.TensorRole],
+    recipe: Recipe,
+    probs: Callable[[dict[str, np.ndarray]], np.ndarray],
+    reference: np.ndarray,
+) -> None:
+    """KL per unit proxy error for each layer, from one forward pass with only it palettized."""
+    for layer in layers:
+        probe = next(c for c in layer.candidates if c.bits == PROBE_BITS)
+        w, role = weights[layer.name], roles[layer.name]
+        q = palettize(w, PROBE_BITS, granularity=recipe.granularity, axis=role.out_axis, iterations=recipe.iterations)
+        kl = _kl(reference, probs({**weights, layer.name: q.decode()}))
+        layer.scale = kl / probe.proxy if probe.proxy > 0 else 0.0
+
+
+def allocate(layers: list[LayerOptions], budget_bytes: float) -> Allocation:
+    """Smallest total predicted KL whose bytes fit ``budget_bytes`` (bisection on lambda)."""
+
+    def at(lam: float) -> Allocation:
+        chosen = {l.name: l.best(lam) for l in layers}
+        return Allocation(
+            {n: c.bits for n, c in chosen.items()},
+            sum(c.bytes for c in chosen.values()),
+            sum(l.scale * chosen[l.name].proxy for l in layers),
+            layers,
+        )
+
+    lo, hi = 0.0, 1e-12
+    while at(hi).predicted_bytes > budget_bytes and hi < 1e6:
+        hi *= 10
+    best = at(hi)
+    if best.predicted_bytes > budget_bytes:
+        return best  # even the smallest choices do not fit; the caller reports it
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        trial = at(mid)
+        if trial.predicted_bytes <= budget_bytes:
+            hi, best = mid, trial
+        else:
+            lo = mid
+    return best
+
+
+def budget_recipe(base: Recipe, allocation: Allocation) -> Recipe:
+    """The base recipe with one exact rule per tensor (rules win over layer kinds)."""
+    return Recipe(
+        name=f"{base.name}+budget",
+        fc_bits=None, conv_bits=None, depthwise_bits=None,
+        rules=allocation.rules(),
+        min_elements=0,
+        float_codec=base.float_codec,
+        granularity=base.granularity,
+        method=base.method,
+        rate_penalty=base.rate_penalty,
+        iterations=base.iterations,
+    )

@@ -1,0 +1,202 @@
+"""Tests for klaus.runtime: the embedded model on the example photos, and plain ONNX models."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import io
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from conftest import EXAMPLES, TINY_CLASSES, TINY_PREPROCESS, make_tiny_onnx, tiny_klaus
+from klaus import compress, format
+from klaus.errors import KlausError, KlausFormatError, KlausImageError, KlausModelError
+from klaus.preprocess import Preprocess, prepare
+from klaus.quantize import FP16
+from klaus.runtime import Classifier, default_model_path, softmax
+
+CAT_CLASSES = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+CAT = EXAMPLES / "cat.jpg"
+
+
+@pytest.fixture(scope="module")
+def classifier() -> Classifier:
+    return Classifier()
+
+
+def test_default_model_is_shipped():
+    path = default_model_path()
+    assert path.is_file() and path.name == "efficientnet-lite0.klaus"
+    model = format.read_model(path)
+    assert len(model.labels) == 1000
+    assert model.preprocess.input_size == 224
+
+
+@pytest.mark.parametrize("crops", [1, 10])
+def test_cat_is_a_cat(classifier, crops):
+    result = classifier.classify(CAT, crops=crops)
+    assert result.predictions[0].index in CAT_CLASSES
+    assert len(result.predictions) == 5
+    assert [p.rank for p in result.predictions] == [1, 2, 3, 4, 5]
+    probs = [p.probability for p in result.predictions]
+    assert probs == sorted(probs, reverse=True)
+    # Most of the probability mass of the top 5 is on cats.
+    assert sum(p.probability for p in result.predictions if p.index in CAT_CLASSES) > 0.5
+    assert result.path == str(CAT)
+    assert result.elapsed_ms > 0
+
+
+@pytest.mark.parametrize(
+    "photo,expected",
+    [("coffee.jpg", {967, 968, 504}), ("rocket.jpg", {812, 657, 744})],  # espresso/cup/coffee mug; space shuttle/missile/projectile
+)
+def test_other_examples(classifier, photo, expected):
+    top = classifier.classify(EXAMPLES / photo)
+    assert top.predictions[0].index in expected, top.predictions[0]
+
+
+def test_probabilities_sum_to_one(classifier):
+    images = [EXAMPLES / name for name in ("cat.jpg", "coffee.jpg", "rocket.jpg", "astronaut.jpg")]
+    for crops in (1, 10):
+        probs = classifier.probabilities(images, crops=crops)
+        assert probs.shape == (4, 1000)
+        assert np.all(probs >= 0)
+        np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    # Batched and one-at-a-time agree.
+    single = classifier.probabilities([images[1]])
+    np.testing.assert_allclose(single[0], classifier.probabilities(images)[1], atol=1e-5)
+
+
+def test_classify_bytes_and_file_objects(classifier):
+    data = CAT.read_bytes()
+    from_path = classifier.classify(CAT)
+    from_bytes = classifier.classify(data)
+    from_file = classifier.classify(io.BytesIO(data))
+    assert from_bytes.path == "<image>" and from_file.path == "<image>"
+    for other in (from_bytes, from_file):
+        assert [p.index for p in other.predictions] == [p.index for p in from_path.predictions]
+        np.testing.assert_allclose(
+            [p.probability for p in other.predictions], [p.probability for p in from_path.predictions], rtol=1e-6
+        )
+
+
+def test_top_k(classifier):
+    assert len(classifier.classify(CAT, top=1).predictions) == 1
+    assert len(classifier.classify(CAT, top=1000).predictions) == 1000
+    assert len(classifier.classify(CAT, top=5000).predictions) == 1000  # clamped
+    assert len(classifier.classify(CAT, top=0).predictions) == 1  # clamped
+
+
+def test_imagenet_hierarchy(classifier):
+    for p in classifier.classify(CAT).predictions:
+        assert p.hierarchy[0] == "entity"
+        assert p.hierarchy[-1] == p.label
+        assert len(p.hierarchy) > 3
+        assert p.wnid.startswith("n") and len(p.wnid) == 9
+    top = classifier.classify(CAT).predictions[0]
+    assert "cat" in top.hierarchy and "animal" in top.hierarchy
+    d = top.to_dict()
+    assert set(d) == {"rank", "index", "wnid", "label", "probability", "hierarchy"}
+    assert d["hierarchy"] == list(top.hierarchy)
+
+
+def test_bad_images_raise_image_errors(classifier, tmp_path):
+    not_image = tmp_path / "notes.jpg"
+    not_image.write_text("hello")
+    truncated = tmp_path / "cut.jpg"
+    truncated.write_bytes(CAT.read_bytes()[:2000])
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    for bad in (not_image, truncated, empty, tmp_path / "missing.jpg", tmp_path, b"garbage bytes"):
+        with pytest.raises(KlausImageError):
+            classifier.classify(bad)
+
+
+def test_classifier_on_plain_onnx(tiny_onnx_path):
+    names = [f"thing {i}" for i in range(TINY_CLASSES)]
+    # Without labels a 10-class model cannot be given ImageNet names.
+    with pytest.raises(KlausModelError, match="--labels"):
+        Classifier(tiny_onnx_path, preprocess=TINY_PREPROCESS)
+    clf = Classifier(tiny_onnx_path, preprocess=TINY_PREPROCESS, labels=compress.plain_label_rows(names))
+    assert clf.name == "tiny" and clf.preprocess == TINY_PREPROCESS
+    result = clf.classify(CAT, top=3)
+    assert len(result.predictions) == 3
+    # Probabilities are the softmax of the ONNX model's logits on the prepared input.
+    x = prepare(CAT, TINY_PREPROCESS)
+    session = ort.InferenceSession(make_tiny_onnx().SerializeToString(), providers=["CPUExecutionProvider"])
+    expected = softmax(session.run(None, {"input": x})[0])[0]
+    order = np.argsort(-expected, kind="stable")[:3]
+    assert [p.index for p in result.predictions] == list(order)
+    np.testing.assert_allclose([p.probability for p in result.predictions], expected[order], rtol=1e-5)
+    top = result.predictions[0]
+    assert top.label == names[top.index] and top.wnid == ""
+    assert top.hierarchy == ()  # no WordNet path for plain labels
+
+
+def test_classifier_on_klaus_file_and_object(tiny_klaus_path):
+    model = tiny_klaus()
+    from_file = Classifier(tiny_klaus_path)
+    from_object = Classifier(model)
+    assert from_file.preprocess == TINY_PREPROCESS == from_object.preprocess
+    a = from_file.probabilities([CAT], crops=10)
+    b = from_object.probabilities([CAT], crops=10)
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == (1, TINY_CLASSES)
+    assert [p.label for p in from_file.classify(CAT).predictions][0].startswith("class ")
+
+
+def test_classifier_rejects_bad_models(tmp_path):
+    garbage = tmp_path / "garbage.klaus"
+    garbage.write_bytes(b"definitely not sqlite" * 50)
+    with pytest.raises(KlausFormatError):
+        Classifier(garbage)
+    with pytest.raises(KlausFormatError):
+        Classifier(tmp_path / "missing.klaus")
+    with pytest.raises(KlausModelError):
+        Classifier(tmp_path / "missing.onnx")
+
+
+def test_fixed_batch_onnx_model(tmp_path, tiny_onnx_path):
+    """A model exported with batch 1 still classifies ten crops (run one by one)."""
+    model = make_tiny_onnx()
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    model.graph.output[0].type.tensor_type.shape.dim[0].dim_value = 1
+    path = tmp_path / "fixed.onnx"
+    onnx.save(model, path)
+    labels = compress.plain_label_rows([str(i) for i in range(TINY_CLASSES)])
+    fixed = Classifier(path, preprocess=TINY_PREPROCESS, labels=labels)
+    dynamic = Classifier(tiny_onnx_path, preprocess=TINY_PREPROCESS, labels=labels)
+    images = [CAT, EXAMPLES / "coffee.jpg"]
+    probs = fixed.probabilities(images, crops=10)
+    assert probs.shape == (2, TINY_CLASSES)
+    np.testing.assert_allclose(probs, dynamic.probabilities(images, crops=10), rtol=1e-5, atol=1e-7)
+
+
+def _mismatched_model():
+    """A .klaus model whose preprocessing (224 px) contradicts its graph's static 32x32 input."""
+    # compress_onnx refuses such a pair, so the contradiction is written into the model afterwards,
+    # as a hand-edited or foreign file could carry it.
+    model = compress.compress_onnx(
+        make_tiny_onnx(), FP16, preprocess=TINY_PREPROCESS,
+        labels=compress.plain_label_rows([str(i) for i in range(TINY_CLASSES)]), card=compress.ModelCard("mismatched"),
+    )
+    return dataclasses.replace(model, preprocess=Preprocess(input_size=224))
+
+
+def test_runtime_failures_are_klaus_errors():
+    """ONNX Runtime rejecting an input must surface as a KlausError (a one-line CLI error), not an ORT exception."""
+    clf = Classifier(_mismatched_model())
+    with pytest.raises(KlausError):
+        clf.classify(CAT)
+
+
+def test_classifier_recognizes_onnx_by_content(tmp_path, tiny_onnx_path):
+    """compress tells .klaus from ONNX by content; the classifier should not depend on a lower-case suffix."""
+    upper = tmp_path / "TINY.ONNX"
+    upper.write_bytes(tiny_onnx_path.read_bytes())
+    labels = compress.plain_label_rows([str(i) for i in range(TINY_CLASSES)])
+    clf = Classifier(upper, preprocess=TINY_PREPROCESS, labels=labels)
+    assert len(clf.classify(CAT).predictions) == 5

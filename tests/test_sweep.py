@@ -1,0 +1,282 @@
+"""Tests for klaus.sweep and `klaus sweep`: rows, invariants, outputs, and a real-data smoke run."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from klaus import compress
+from klaus import sweep as sw
+from klaus.cli import main
+from klaus.errors import KlausError, KlausModelError
+from klaus.preprocess import Preprocess, prepare
+from klaus.quantize import LOSSLESS
+
+from conftest import EXAMPLES, TINY_CLASSES, tiny_klaus
+
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+TIMING = set(sw.TIMING_COLUMNS)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A lossless tiny .klaus (plain labels) and a 'path label' list file of the example photos."""
+    root = tmp_path_factory.mktemp("sweep")
+    compress.write(tiny_klaus(LOSSLESS), root / "tiny-lossless.klaus")
+    photos = sorted(EXAMPLES.glob("*.jpg"))
+    lines = [f"{p} {(3 * i) % TINY_CLASSES}" for i, p in enumerate(photos * 3)]  # 12 samples, 4 files
+    (root / "data.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def _run(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
+def _sweep_args(tiny_dir: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "sweep", str(tiny_dir / "tiny-lossless.klaus"), "--data", str(tiny_dir / "data.txt"),
+        "--scope", "all", "--bits", "8,4,2", "--recipe", "fc4-rest8", "--recipe", "default",
+        "--min-elements", "64", "--out", str(out), *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_dir: Path) -> tuple[Path, list[dict], str]:
+    """One CLI sweep of the tiny model with calibration (the examples, which overlap the data on purpose)."""
+    out = tiny_dir / "out"
+    code, stdout, stderr = _run(*_sweep_args(tiny_dir, out, "--calib", str(EXAMPLES), "--json"))
+    assert code == 0, stderr
+    return out, [json.loads(line) for line in stdout.splitlines()], stderr
+
+
+# ---------------------------------------------------------------- planning
+
+
+def test_plan_rows_in_order_and_scope_recipes():
+    settings = sw.plan([8, 4, 8], "conv", ["fc4-rest8", "fp16", "default"], min_elements=10)
+    assert [s.label for s in settings] == ["fp32", "fp16", "conv 8-bit", "conv 4-bit", "fc4-rest8", "default", "ort-int8-dynamic"]
+    conv4 = settings[3].recipe
+    assert (conv4.fc_bits, conv4.conv_bits, conv4.depthwise_bits) == (None, 4, 4)
+    assert (conv4.granularity, conv4.method, conv4.min_elements) == ("tensor", "kmeans", 10)
+    assert settings[5].recipe.min_elements == 10 and settings[5].recipe.method == "gptq"
+    fc = sw.scope_recipe("fc", 2)
+    assert (fc.fc_bits, fc.conv_bits, fc.depthwise_bits, fc.min_elements) == (2, None, None, 4096)
+    every = sw.scope_recipe("all", 3)
+    assert (every.fc_bits, every.conv_bits, every.depthwise_bits) == (3, 3, 3)
+    assert [s.kind for s in sw.plan([8], "fc", int8_baseline=False)] == ["reference", "fp16", "bits"]
+
+
+@pytest.mark.parametrize("text", ["", "9", "0,4", "a,b"])
+def test_bad_bits_are_rejected(text: str):
+    with pytest.raises(KlausModelError):
+        sw.parse_bits(text)
+
+
+def test_unknown_recipe_and_scope_are_rejected():
+    with pytest.raises(KlausModelError, match="unknown recipe"):
+        sw.plan([8], "fc", ["nope"])
+    with pytest.raises(KlausModelError, match="unknown scope"):
+        sw.scope_recipe("heads", 4)
+
+
+def test_unknown_source_is_one_clear_error():
+    with pytest.raises(KlausModelError, match="not a zoo model"):
+        sw.load_source("no-such-model")
+
+
+# ---------------------------------------------------------------- evaluation images
+
+
+def test_cached_inputs_equal_fresh_preprocessing(tiny_dir: Path):
+    """The uint8 cache re-normalizes to exactly the float inputs, for odd means/stds and NHWC/BGR too."""
+    source = sw.load_source(tiny_dir / "tiny-lossless.klaus")
+    for spec in (source.preprocess, Preprocess(input_size=32, mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375),
+                                                channel_order="BGR", layout="NHWC")):
+        src = sw.SweepSource(source.name, "klaus", "x", source.graph, spec, source.labels, source.card)
+        evalset = sw.load_eval_set(tiny_dir / "data.txt", src, limit=5, crops=10)
+        cached = np.concatenate(list(evalset.batches(images=2)))
+        fresh = np.concatenate([prepare(s.path, spec, crops=10) for s in evalset.samples])
+        assert cached.dtype == np.float32 and np.array_equal(cached, fresh)
+        assert evalset.inputs.dtype == np.uint8
+
+
+def test_inputs_fall_back_to_float_when_pixels_would_not_round_trip(tiny_dir: Path, monkeypatch):
+    source = sw.load_source(tiny_dir / "tiny-lossless.klaus")
+    real, calls = sw._to_pixels, []
+
+    def flaky(x, spec):
+        calls.append(1)
+        return None if len(calls) == 3 else real(x, spec)
+
+    monkeypatch.setattr(sw, "_to_pixels", flaky)
+    evalset = sw.load_eval_set(tiny_dir / "data.txt", source, limit=5)
+    assert evalset.inputs.dtype == np.float32 and len(calls) == 3
+    fresh = np.concatenate([prepare(s.path, source.preprocess) for s in evalset.samples])
+    assert np.array_equal(np.concatenate(list(evalset.batches(images=2))), fresh)
+
+
+def test_unreadable_images_are_counted_not_fatal(tiny_dir: Path, tmp_path: Path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not a jpeg")
+    (tmp_path / "data.txt").write_text(f"{bad} 1\n{EXAMPLES / 'cat.jpg'} 2\n")
+    source = sw.load_source(tiny_dir / "tiny-lossless.klaus")
+    errors = []
+    evalset = sw.load_eval_set(tmp_path / "data.txt", source, on_error=lambda p, m: errors.append(p))
+    assert (evalset.n, evalset.failed, errors) == (1, 1, [str(bad)])
+    result = sw.run_sweep(source, evalset, sw.plan([4], "fc", int8_baseline=False, min_elements=64))
+    assert all(r.n == 1 and r.failed == 1 for r in result.rows)
+    (tmp_path / "none.txt").write_text(f"{bad} 1\n")
+    with pytest.raises(KlausError, match="could be read"):
+        sw.load_eval_set(tmp_path / "none.txt", source)
+
+
+# ---------------------------------------------------------------- the tiny sweep
+
+
+def test_rows_and_invariants(tiny_run):
+    _, rows, _ = tiny_run
+    by = {r["setting"]: r for r in rows}
+    assert list(by) == ["fp32", "fp16", "all 8-bit", "all 4-bit", "all 2-bit", "fc4-rest8", "default", "ort-int8-dynamic"]
+    assert by["fp32"]["agreement"] == 1.0 and by["fp32"]["method"] == "raw-f32"
+    assert by["fp16"]["file_bytes"] < by["fp32"]["file_bytes"]
+    assert by["all 2-bit"]["palettized_bytes"] < by["all 4-bit"]["palettized_bytes"] < by["all 8-bit"]["palettized_bytes"]
+    assert by["all 2-bit"]["file_bytes"] < by["all 8-bit"]["file_bytes"]
+    for r in rows:
+        assert r["error"] is None, r
+        assert r["n"] == 12 and r["failed"] == 0
+        assert abs(r["top1_error"] - (1 - r["top1"])) < 1e-6 and r["top1"] <= r["top5"]
+        if r["kind"] in ("bits", "recipe"):
+            assert r["palettized_tensors"] > 0
+            assert r["entropy_bytes"] <= r["index_map_bytes"] + 64  # order-0 bound vs. PNG (header slack)
+            assert r["index_map_bytes"] < r["palettized_bytes"]
+    assert {r["palettized_tensors"] for r in rows if r["kind"] == "bits"} == {4}  # every layer kind at min 64
+    # Scope rows are plain k-means without calibration; recipe rows use it (GPTQ where the recipe asks).
+    assert [by[f"all {b}-bit"]["method"] for b in (8, 4, 2)] == ["kmeans"] * 3
+    assert not any(by[f"all {b}-bit"]["calibrated"] for b in (8, 4, 2))
+    assert by["default"]["method"] == "gptq+bias-correction" and by["default"]["calibrated"]
+    assert by["fc4-rest8"]["method"] == "kmeans+bias-correction"
+    assert by["ort-int8-dynamic"]["method"] == "ort-dynamic-qint8" and by["ort-int8-dynamic"]["file_bytes"] > 0
+
+
+def test_overlap_warning(tiny_run):
+    _, _, stderr = tiny_run
+    warnings = [line for line in stderr.splitlines() if "also calibration images" in line]
+    assert len(warnings) == 1 and "12 of the 12" in warnings[0]
+
+
+def test_files_written(tiny_run):
+    out, rows, _ = tiny_run
+    md = (out / "sweep.md").read_text()
+    assert "| **fp32** | raw-f32 |" in md and "| all 2-bit | kmeans |" in md
+    assert "% (1), " in md and "% (5)" in md
+    assert "- command: `klaus sweep " in md and "--min-elements 64" in md
+    assert "split all, 12 images" in md and "calibration: `" in md
+    with open(out / "sweep.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [r["setting"] for r in table] == [r["setting"] for r in rows]
+    assert list(table[0]) == list(sw.COLUMNS)
+    doc = json.loads((out / "sweep.json").read_text())
+    assert doc["rows"] == rows and doc["n"] == 12 and doc["model"] == "tiny"
+    assert (out / "sweep.png").exists() == HAS_MATPLOTLIB
+    if HAS_MATPLOTLIB:
+        assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_outputs_are_deterministic_apart_from_timing(tiny_dir: Path, tiny_run):
+    out, rows, _ = tiny_run
+    again = tiny_dir / "again"
+    code, stdout, stderr = _run(*_sweep_args(tiny_dir, again, "--calib", str(EXAMPLES)))
+    assert code == 0, stderr
+    assert "| **fp32** |" in stdout and "wrote " in stdout  # the table on stdout without --json
+    second = json.loads((again / "sweep.json").read_text())
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in TIMING} for r in rs]
+    assert strip(second["rows"]) == strip(rows)
+    first = json.loads((out / "sweep.json").read_text())
+    assert {k: v for k, v in first.items() if k not in ("rows", "command")} == {
+        k: v for k, v in second.items() if k not in ("rows", "command")
+    }
+    drop_timing = lambda text: [line.rsplit("|", 2)[0] for line in text.splitlines()]
+    md1, md2 = (out / "sweep.md").read_text(), (again / "sweep.md").read_text()
+    assert drop_timing(md1.replace(str(out), "OUT")) == drop_timing(md2.replace(str(again), "OUT"))
+
+
+def test_onnx_source_and_baseline_failure_is_recorded(tiny_dir: Path, tiny_onnx_path: Path, tmp_path: Path, monkeypatch):
+    names = tmp_path / "names.txt"
+    names.write_text("\n".join(f"class {i}" for i in range(TINY_CLASSES)) + "\n")
+    source = sw.load_source(tiny_onnx_path, [f"class {i}" for i in range(TINY_CLASSES)])
+    assert source.kind == "onnx" and source.preprocess == Preprocess(input_size=32)  # EfficientNet-Lite defaults, graph size
+
+    import onnxruntime.quantization as q
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("quantizer exploded\nsecond line")
+
+    monkeypatch.setattr(q, "quantize_dynamic", broken)
+    code, stdout, stderr = _run(
+        "sweep", str(tiny_onnx_path), "--labels", str(names), "--data", str(tiny_dir / "data.txt"), "--bits", "4",
+        "--limit", "4", "--min-elements", "64", "--out", str(tmp_path / "o"), "--json",
+    )
+    assert code == 0, stderr
+    rows = [json.loads(line) for line in stdout.splitlines()]
+    assert [r["setting"] for r in rows] == ["fp32", "fp16", "fc 4-bit", "ort-int8-dynamic"]
+    assert rows[-1]["error"] == "RuntimeError: quantizer exploded" and rows[-1]["top1"] is None
+    assert rows[2]["n"] == 4 and rows[2]["palettized_tensors"] == 1
+    assert "RuntimeError: quantizer exploded" in (tmp_path / "o" / "sweep.md").read_text()
+
+
+def test_cli_errors_are_one_line(tiny_dir: Path, tmp_path: Path):
+    code, _, stderr = _run("sweep", "nope", "--data", str(tiny_dir / "data.txt"), "--out", str(tmp_path))
+    assert code == 1 and stderr.startswith("klaus: error: nope: no such file, and not a zoo model")
+    code, _, stderr = _run("sweep", str(tiny_dir / "tiny-lossless.klaus"), "--data", str(tiny_dir / "data.txt"), "--bits", "12")
+    assert code == 1 and "--bits" in stderr and len(stderr.strip().splitlines()) == 1
+
+
+def test_missing_matplotlib_skips_the_plot(tiny_dir: Path, tmp_path: Path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    source = sw.load_source(tiny_dir / "tiny-lossless.klaus")
+    evalset = sw.load_eval_set(tiny_dir / "data.txt", source, limit=2)
+    result = sw.run_sweep(source, evalset, sw.plan([4], "fc", int8_baseline=False))
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    written, note = sw.write_outputs(result, tmp_path)
+    assert [p.name for p in written] == ["sweep.md", "sweep.csv", "sweep.json"]
+    assert note and "matplotlib" in note and "\n" not in note
+
+
+# ---------------------------------------------------------------- real data
+
+
+def test_zoo_smoke_on_development_photos(imagenet_sample: Path, tmp_path: Path):
+    """The CI smoke run: EfficientNet-Lite0 from the zoo, FC at 8 and 4 bits, 20 odd-class photos."""
+    pytest.importorskip("torch")
+    pytest.importorskip("efficientnet_lite_pytorch")
+    out = tmp_path / "lite0"
+    code, stdout, stderr = _run(
+        "sweep", "efficientnet-lite0", "--scope", "fc", "--bits", "8,4", "--data", str(imagenet_sample),
+        "--split", "odd", "--limit", "20", "--out", str(out),
+    )
+    assert code == 0, stderr
+    md = (out / "sweep.md").read_text()
+    for setting in ("**fp32**", "fp16", "fc 8-bit", "fc 4-bit", "ort-int8-dynamic"):
+        assert f"| {setting} |" in md
+    assert "split odd, 20 images" in md
+    rows = {r["setting"]: r for r in json.loads((out / "sweep.json").read_text())["rows"]}
+    assert rows["fp32"]["agreement"] == 1.0 and rows["fp32"]["n"] == 20
+    assert rows["fc 4-bit"]["file_bytes"] < rows["fc 8-bit"]["file_bytes"] < rows["fp16"]["file_bytes"] < rows["fp32"]["file_bytes"]
+    assert rows["fc 8-bit"]["palettized_tensors"] == 1  # the one FC layer
+    assert rows["fc 8-bit"]["agreement"] >= 0.9 and rows["fc 4-bit"]["agreement"] >= 0.8
