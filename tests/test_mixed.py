@@ -1,0 +1,95 @@
+"""Mixed precision under a byte budget (klaus.mixed and compress.compress_to_budget)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import EXAMPLES, TINY_CLASSES, TINY_PREPROCESS, make_tiny_onnx
+from klaus import calibrate, compress, format as kf, mixed
+from klaus.cli import main
+from klaus.errors import KlausModelError
+from klaus.quantize import Recipe
+
+RECIPE = Recipe(name="tiny-budget", granularity="channel")
+
+
+def _layer(name: str, size: int, scale: float) -> mixed.LayerOptions:
+    cands = [mixed.Candidate(mixed.FLOAT, 2.0 * size, 0.0)]
+    cands += [mixed.Candidate(b, size * b / 8.0, 4.0 ** (-b)) for b in range(2, 9)]
+    return mixed.LayerOptions(name, size, cands, scale)
+
+
+def test_allocation_fits_the_budget_and_spends_bits_where_they_matter():
+    sensitive, robust = _layer("sensitive", 1000, 100.0), _layer("robust", 1000, 0.01)
+    budget = 1000.0  # 8 bits per weight on average across the two layers
+    alloc = mixed.allocate([sensitive, robust], budget)
+    assert alloc.predicted_bytes <= budget
+    assert alloc.bits["sensitive"] > alloc.bits["robust"]
+    bigger = mixed.allocate([sensitive, robust], 3000.0)
+    assert bigger.predicted_kl <= alloc.predicted_kl  # more bytes never predict more loss
+    assert bigger.predicted_bytes <= 3000.0
+
+
+def test_allocation_that_cannot_fit_is_reported_not_hidden():
+    layer = _layer("only", 1000, 1.0)
+    alloc = mixed.allocate([layer], 10.0)  # less than the 2-bit candidate
+    assert alloc.predicted_bytes > 10.0
+
+
+def test_rules_match_exact_names_only():
+    alloc = mixed.Allocation({"a[1].weight": 4, "a*": mixed.FLOAT}, 0.0, 0.0)
+    rules = {r.pattern: r.bits for r in alloc.rules()}
+    recipe = mixed.budget_recipe(RECIPE, alloc)
+    assert recipe.bits_for("a[1].weight", "conv", 10) == 4
+    assert recipe.bits_for("a1.weight", "conv", 10) is None  # '[1]' is not a character class
+    assert recipe.bits_for("a*", "fc", 10) is None and len(rules) == 2
+
+
+@pytest.fixture(scope="module")
+def calibration() -> np.ndarray:
+    files = calibrate.image_files([EXAMPLES])
+    return calibrate.calibration_batch(files, TINY_PREPROCESS, crops=10)
+
+
+def _tiny_budget(budget: int, calibration: np.ndarray):
+    labels = compress.plain_label_rows([f"c{i}" for i in range(TINY_CLASSES)])
+    card = compress.ModelCard("tiny")
+    return compress.compress_to_budget(
+        make_tiny_onnx(), RECIPE, budget, preprocess=TINY_PREPROCESS, labels=labels, card=card, calibration=calibration,
+        min_elements=64,
+    )
+
+
+def test_budgeted_model_fits_and_tighter_budgets_use_fewer_bits(calibration):
+    loose_budget = len(kf.serialize(compress.compress_onnx(
+        make_tiny_onnx(), compress.replace(RECIPE, fc_bits=None, conv_bits=None),
+        preprocess=TINY_PREPROCESS, labels=compress.plain_label_rows([f"c{i}" for i in range(TINY_CLASSES)]),
+        card=compress.ModelCard("tiny"),
+    )))
+    tight_budget = loose_budget - 2048  # two pages less than keeping every weight at fp16
+    model, alloc = _tiny_budget(tight_budget, calibration)
+    assert len(kf.serialize(model)) <= tight_budget
+    assert any(b != mixed.FLOAT for b in alloc.bits.values())
+    assert set(alloc.bits) <= {t.name for t in model.tensors}
+    # The allocation is what the file holds.
+    stored = {t.name: t.bits for t in model.tensors}
+    for name, bits in alloc.bits.items():
+        assert stored[name] == bits
+
+
+def test_impossible_budget_is_an_error(calibration):
+    with pytest.raises(KlausModelError, match="cannot fit"):
+        _tiny_budget(2000, calibration)
+
+
+def test_cli_budget_needs_calibration(tmp_path, tiny_onnx_path):
+    names = tmp_path / "names.txt"
+    names.write_text("\n".join(f"c{i}" for i in range(TINY_CLASSES)))
+    result = CliRunner().invoke(
+        main, ["compress", str(tiny_onnx_path), "-o", str(tmp_path / "b.klaus"), "--labels", str(names), "--budget-mib", "0.01"],
+        prog_name="klaus",
+    )
+    assert result.exit_code == 1
+    assert "--calib" in result.stderr and len(result.stderr.strip().splitlines()) == 1
