@@ -14,9 +14,11 @@ tensor instead becomes
   Reshape(dims) [→ Mul(·, scales)]`` feeding the original consumer,
 
 so the float weight exists only while the layer that needs it runs.
-(``GatherElements`` on the flattened indices is a palette lookup like
-``Gather``; ONNX Runtime's CPU ``Gather`` copies one 4-byte block per index and
-was 5× slower per weight on this machine, see BENCHMARKS.md.) ONNX
+(``GatherElements`` on the flattened indices is the same palette lookup as
+``Gather``, but ONNX Runtime 1.32's CPU ``Gather`` copies one 4-byte block per
+index: about 24 ns per weight against 5 ns for ``GatherElements`` with random
+8-bit indices on 2 threads, which made batch-1 inference of the AlexNet-shaped
+benchmark network 1.4 s instead of 0.27 s.) ONNX
 Runtime would undo this at load time — constant folding evaluates the decode
 nodes once (their inputs are all initializers) and stores float32 results, and
 weight pre-packing keeps extra copies of constant GEMM inputs — so the session
@@ -30,9 +32,17 @@ concatenated, so the float32 scratch a layer needs is one chunk (plus its int32
 indices), not the whole layer. Outputs equal the default mode's up to float
 summation order.
 
+:func:`session` hands the uint8 arrays to ONNX Runtime as external
+initializers (``SessionOptions.add_external_initializers``) instead of inside
+the serialized graph, so loading holds two copies of the indices at most, not
+four; it turns off ONNX Runtime's memory pattern (which would pre-allocate
+room for every decoded weight at once) and trims the C heap afterwards.
+
 4-bit indices are stored one per byte here: two per byte would halve the
 resident indices again but needs an unpack (BitShift/BitwiseAnd + interleave)
-that materializes the full-size uint8 map per run anyway; see BENCHMARKS.md.
+that materializes the full-size uint8 map per run anyway, and the embedded
+model has no tensor under 5 bits (in ``fc4-rest8`` only the FC layer is 4-bit:
+0.61 MiB to gain; see BENCHMARKS.md).
 """
 
 from __future__ import annotations

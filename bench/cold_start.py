@@ -1,0 +1,66 @@
+"""Cold start: wall time of `klaus classify examples/cat.jpg` versus a minimal fp32 ONNX Runtime script.
+
+    python bench/cold_start.py [--only klaus,klaus-low,imports]
+
+Every run is a new process (interpreter start, imports, model load, one photo);
+the commands run interleaved, a few rounds after one untimed warm-up round (so
+the files are in the page cache), and the table gives the median wall time and
+its ratio to the baseline, ``python bench/minimal_fp32.py`` (onnxruntime +
+Pillow + numpy, loading the fp32 ONNX export of the same network).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+from _common import CAT, KLAUS, PYTHON, ROOT, cli, command, fp32_onnx, median, ratio, table
+
+KEYS = ("klaus", "klaus-low", "imports")
+ROUNDS = 7
+
+
+def wall_ms(args: list[str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(args, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return (time.perf_counter() - start) * 1000.0
+
+
+def run(only: list[str] | None = None, rounds: int = ROUNDS) -> str:
+    wanted = set(only or KEYS)
+    cat = str(CAT.relative_to(ROOT))
+    onnx_path = str(fp32_onnx().relative_to(ROOT))
+    cases = {
+        "baseline": ("minimal fp32 ONNX Runtime script (baseline)", [PYTHON, "bench/minimal_fp32.py", onnx_path, cat],
+                     f"`python bench/minimal_fp32.py {onnx_path} {cat}`"),
+        "klaus": ("`klaus classify` (embedded model)", [KLAUS, "classify", cat], f"`klaus classify {cat}`"),
+        "klaus-low": ("`klaus classify --low-memory`", [KLAUS, "classify", "--low-memory", cat], f"`klaus classify --low-memory {cat}`"),
+        "imports": ("context: `python -c 'import onnxruntime'`", [PYTHON, "-c", "import onnxruntime"], "`python -c 'import onnxruntime'`"),
+    }
+    cases = {k: v for k, v in cases.items() if k == "baseline" or k in wanted}
+    for _, args, _ in cases.values():  # warm-up: page cache, .pyc files
+        wall_ms(args)
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    for _ in range(rounds):
+        for key, (_, args, _) in cases.items():
+            times[key].append(wall_ms(args))
+    base = median(times["baseline"])
+    rows = [[label, f"{median(times[k]):.0f}", ratio(median(times[k]), base), cmd,
+             command("cold_start.py", *(() if k == "baseline" else ("--only", k)))]
+            for k, (label, _, cmd) in cases.items()]
+    return "\n".join([
+        "### Cold start (new process: imports, model load, one photo)",
+        "",
+        f"Median wall time of {rounds} interleaved runs after a warm-up run; ratio to the minimal fp32 script.",
+        "",
+        table(["what", "median ms", "vs baseline", "the command timed", "reproduce"], rows),
+    ])
+
+
+def smoke(model_path, onnx_path) -> str:
+    """One timed run of the minimal script on the tiny model, for tests/test_bench_smoke.py (no image-size check)."""
+    return f"{wall_ms([PYTHON, '-c', 'import onnxruntime']):.0f} ms"
+
+
+if __name__ == "__main__":
+    cli(__doc__.splitlines()[0], run, KEYS)

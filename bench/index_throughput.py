@@ -1,0 +1,185 @@
+"""Photo-library indexing throughput: `klaus index`'s pipeline versus a naive loop, in the same run.
+
+    .venv/bin/python bench/index_throughput.py                   # both sets, markdown rows
+    .venv/bin/python bench/index_throughput.py --sets sample --rounds 3 --json
+
+Sets:
+
+* ``sample`` — ../shared/data/imagenet-sample (1000 JPEGs, mostly 500 px).
+* ``12mp`` — 12-megapixel JPEGs (4000 x 3000) made once by upscaling every 25th sample
+  photo (Lanczos, light grain so they compress like real photos, quality 90) into
+  bench/.cache/12mp/ (git-ignored).
+
+Contenders, each on the same photos and the same model file:
+
+* naive: for each photo, ``Image.open(...).convert("RGB")`` (full-size decode, no draft),
+  :func:`klaus.preprocess.to_tensor` (the same resize/crop/normalize), one ONNX Runtime
+  call per photo through :class:`klaus.runtime.Classifier`; nothing is stored.
+* pipeline: :func:`klaus.index.index_paths` into a fresh database, i.e. everything
+  `klaus index` does (walk, stat, read, SHA-256, EXIF header, draft decode in
+  ``--workers`` threads, ``--batch``-photo model calls, one transaction per batch).
+
+Each round alternates naive / pipeline over slices of ~100 photos, so both see the
+same machine load (after an untimed warm-up of each); the table reports the median images/s of each, the median and
+range of the per-round ratio, and top-1 agreement between the two (draft decoding is
+a different, slightly smoother downscale). The engine is loaded once, as in a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT.parent / "shared" / "data" / "imagenet-sample"
+CACHE = ROOT / "bench" / ".cache"
+MP12 = (4000, 3000)
+
+
+def sample_photos(limit: int | None) -> list[Path]:
+    if not SAMPLE.is_dir():
+        sys.exit(f"bench: {SAMPLE} not found")
+    files = sorted(p for p in SAMPLE.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
+    return files[:limit] if limit else files
+
+
+def twelve_megapixel_photos(count: int) -> list[Path]:
+    folder = CACHE / "12mp"
+    folder.mkdir(parents=True, exist_ok=True)
+    sources = sample_photos(None)[::25][:count]
+    rng = np.random.default_rng(0)
+    out = []
+    for i, src in enumerate(sources):
+        dst = folder / f"{i:03d}_{src.stem}.jpg"
+        if not dst.exists():
+            img = Image.open(src).convert("RGB")
+            size = MP12 if img.width >= img.height else MP12[::-1]
+            big = np.asarray(img.resize(size, Image.Resampling.LANCZOS), dtype=np.float32)
+            big += rng.normal(0, 6.0, big.shape).astype(np.float32)
+            tmp = dst.with_suffix(".tmp")
+            Image.fromarray(np.clip(big, 0, 255).astype(np.uint8)).save(tmp, "JPEG", quality=90)
+            tmp.rename(dst)
+        out.append(dst)
+    return out
+
+
+def naive(files: list[Path], clf) -> tuple[float, list[int]]:
+    """Seconds for the naive loop over ``files``, and each photo's top-1 class."""
+    from klaus.preprocess import to_tensor
+
+    top1 = []
+    start = time.perf_counter()
+    for f in files:
+        with Image.open(f) as img:
+            rgb = img.convert("RGB")
+        probs = clf.run(to_tensor(rgb, clf.preprocess))
+        top1.append(int(np.argmax(probs[0])))
+    return time.perf_counter() - start, top1
+
+
+def pipeline(files: list[Path], engine, args, db: Path, folder: Path) -> tuple[float, dict[str, int]]:
+    """Seconds for `klaus index` of ``files`` (symlinked into their own folder) into ``db``; top-1 by name."""
+    import sqlite3
+
+    from klaus.index import index_paths
+
+    folder.mkdir()
+    for f in files:  # the same files, through symlinks, so only they are walked
+        (folder / f.name).symlink_to(f)
+    start = time.perf_counter()
+    summary = index_paths([str(folder)], db, engine=engine, workers=args.workers, batch=args.batch,
+                          decode_mode=args.decode, progress=False)
+    seconds = time.perf_counter() - start
+    assert summary.indexed == len(files), summary
+    conn = sqlite3.connect(db)
+    top1 = {Path(p).name: c for p, c in conn.execute(
+        "SELECT ph.path, p.class FROM photos ph JOIN predictions p ON p.photo_id = ph.id AND p.rank = 1 "
+        "WHERE ph.path LIKE ?", (f"{folder}/%",))}
+    conn.close()
+    return seconds, top1
+
+
+def run_set(name: str, files: list[Path], args, clf, engine) -> dict:
+    """Rounds of: for each slice of the set, the naive loop then `klaus index` (fine-grained
+    alternation, so a machine shared with other jobs loads both alike)."""
+    slices = max(1, len(files) // args.slice)
+    parts = [files[i::slices] for i in range(slices)]
+    naive_rates, pipe_rates, agreements = [], [], []
+    with tempfile.TemporaryDirectory() as tmp:  # warm-up (ONNX Runtime allocates on first use), not timed
+        naive(files[:8], clf)
+        pipeline(files[: 2 * args.batch], engine, args, Path(tmp) / "warm.db", Path(tmp) / "warm")
+    for _ in range(args.rounds):
+        naive_s = pipe_s = 0.0
+        naive_top1: dict[str, int] = {}
+        pipe_top1: dict[str, int] = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            for k, part in enumerate(parts):
+                seconds, top1 = naive(part, clf)
+                naive_s += seconds
+                naive_top1.update((f.name, t) for f, t in zip(part, top1))
+                seconds, top1 = pipeline(part, engine, args, Path(tmp) / "bench.db", Path(tmp) / f"slice{k}")
+                pipe_s += seconds
+                pipe_top1.update(top1)
+        naive_rates.append(len(files) / naive_s)
+        pipe_rates.append(len(files) / pipe_s)
+        agreements.append(float(np.mean([pipe_top1[n] == t for n, t in naive_top1.items()])))
+        print(f"  {name}: naive {naive_rates[-1]:.1f}/s  pipeline {pipe_rates[-1]:.1f}/s", file=sys.stderr, flush=True)
+    naive_rate, pipe_rate = statistics.median(naive_rates), statistics.median(pipe_rates)
+    ratios = [p / n for p, n in zip(pipe_rates, naive_rates)]
+    with Image.open(files[0]) as img:
+        size = f"{img.width}x{img.height}"
+    return {
+        "set": name, "photos": len(files), "example_size": size, "megabytes": round(sum(f.stat().st_size for f in files) / 1e6, 1),
+        "naive_per_s": round(naive_rate, 1), "pipeline_per_s": round(pipe_rate, 1),
+        "ratio": round(statistics.median(ratios), 2), "ratio_range": [round(min(ratios), 2), round(max(ratios), 2)],
+        "top1_agreement": round(min(agreements), 4),
+        "naive_rounds": [round(r, 1) for r in naive_rates], "pipeline_rounds": [round(r, 1) for r in pipe_rates],
+        "workers": args.workers, "batch": args.batch, "decode": args.decode, "slices": slices,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sets", default="sample,12mp", help="comma-separated: sample, 12mp")
+    parser.add_argument("--limit", type=int, default=None, help="use the first N sample photos")
+    parser.add_argument("--mp12", type=int, default=40, help="how many 12-megapixel photos")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--slice", type=int, default=100, help="photos per alternation slice")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--decode", choices=["threads", "processes"], default="threads")
+    parser.add_argument("--json", action="store_true", help="one JSON object per set instead of markdown rows")
+    args = parser.parse_args()
+
+    from klaus.index.engine import Engine
+    from klaus.runtime import Classifier
+
+    clf = Classifier()
+    engine = Engine.load(threads=1)  # as `klaus index` builds it: single-threaded calls, one lane per core
+    results = []
+    for name in args.sets.split(","):
+        files = sample_photos(args.limit) if name == "sample" else twelve_megapixel_photos(args.mp12)
+        results.append(run_set(name, files, args, clf, engine))
+    if args.json:
+        for r in results:
+            print(json.dumps(r))
+        return
+    print("| set | photos | naive loop (img/s) | `klaus index` (img/s) | speed-up (median, range) | top-1 agreement |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for r in results:
+        label = {"sample": "imagenet-sample", "12mp": "12 MP JPEGs"}.get(r["set"], r["set"])
+        low, high = r["ratio_range"]
+        print(f"| {label} ({r['example_size']}) | {r['photos']} | {r['naive_per_s']} | {r['pipeline_per_s']} | "
+              f"**{r['ratio']}x** ({low}-{high}) | {r['top1_agreement'] * 100:.1f} % |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""The benchmark scripts (bench/) import and their cheapest paths run, so they cannot rot.
+
+The benchmarks themselves are not part of the test suite: `python bench/run_all.py`
+regenerates BENCHMARKS.md. These checks use the tiny test model and take a few seconds.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from conftest import ROOT, make_tiny_onnx
+
+sys.path.insert(0, str(ROOT / "bench"))
+
+MODULES = ("_common", "size_accuracy", "latency", "memory", "cold_start", "codec", "compression_time", "run_all")
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_imports(name):
+    module = importlib.import_module(name)
+    if name not in ("_common", "run_all"):
+        assert callable(module.run) and module.__doc__.strip()
+
+
+def test_latency_and_codec_on_tiny_model(tiny_klaus_path, tiny_onnx_path):
+    assert "low" in importlib.import_module("latency").smoke(tiny_klaus_path, tiny_onnx_path)
+    assert "| 4 |" in importlib.import_module("codec").smoke(tiny_klaus_path, tiny_onnx_path)
+
+
+def test_memory_child_process_on_tiny_model(tiny_klaus_path, tiny_onnx_path):
+    assert "MiB" in importlib.import_module("memory").smoke(tiny_klaus_path, tiny_onnx_path)
+
+
+def test_alexnet_shaped_network_runs():
+    model = importlib.import_module("memory").alexnet_onnx(fc=64, classes=10)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    out = session.run(None, {"input": np.zeros((2, 3, 224, 224), np.float32)})[0]
+    assert out.shape == (2, 10) and np.all(np.isfinite(out))
+
+
+def test_fp16_storage_matches_fp32():
+    size_accuracy = importlib.import_module("size_accuracy")
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    fp32 = ort.InferenceSession(make_tiny_onnx().SerializeToString(), providers=["CPUExecutionProvider"])
+    fp16 = ort.InferenceSession(size_accuracy.fp16_storage(make_tiny_onnx()).SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(fp16.run(None, {"input": x})[0], fp32.run(None, {"input": x})[0], atol=2e-2)
+    top5 = np.array([[1, 2, 3, 4, 5], [0, 9, 8, 7, 6]])
+    assert size_accuracy.scores(top5, np.array([1, 6]), np.array([1, 9])) == (0.5, 1.0, 0.5)
+
+
+def test_machine_description_and_table():
+    common = importlib.import_module("_common")
+    info = common.machine()
+    assert info["cores (nproc)"] and info["onnxruntime"] == ort.__version__
+    assert common.table(["a", "b"], [[1, 2]]).splitlines()[2] == "| 1 | 2 |"
