@@ -169,7 +169,6 @@ def build(
     return skeleton, out.arrays, LowMemStats(palettized, chunked, index_bytes, float_bytes)
 
 
-EXTERNAL_LOCATION = "klaus-lowmem-in-memory"
 
 
 class _Builder:
@@ -189,11 +188,7 @@ class _Builder:
         array = np.ascontiguousarray(array, dtype=np.uint8)
         if not self.external:
             return self.constant(name, array)
-        placeholder = TensorProto(name=name, data_type=TensorProto.UINT8, dims=array.shape, data_location=TensorProto.EXTERNAL)
-        for key, value in (("location", EXTERNAL_LOCATION), ("offset", "0"), ("length", str(array.nbytes))):
-            entry = placeholder.external_data.add()
-            entry.key, entry.value = key, value
-        self.initializers.append(placeholder)
+        self.initializers.append(onnxgraph.external_placeholder(name, array))
         self.arrays[name] = array
         return name
 

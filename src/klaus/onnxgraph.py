@@ -81,6 +81,34 @@ def join_weights(skeleton: onnx.ModelProto, weights: dict[str, np.ndarray]) -> o
     return model
 
 
+EXTERNAL_LOCATION = "klaus-session-initializer"  # never a file: values go to ONNX Runtime directly
+
+
+def external_placeholder(name: str, array: np.ndarray) -> onnx.TensorProto:
+    """An initializer whose value is handed to ONNX Runtime separately (add_external_initializers).
+
+    This keeps the serialized graph small and avoids extra copies of every weight
+    (decoded array, protobuf tensor, serialized bytes, ONNX Runtime's parse) at load.
+    """
+    placeholder = onnx.TensorProto(
+        name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape,
+        data_location=onnx.TensorProto.EXTERNAL,
+    )
+    for key, value in (("location", EXTERNAL_LOCATION), ("offset", "0"), ("length", str(array.nbytes))):
+        entry = placeholder.external_data.add()
+        entry.key, entry.value = key, value
+    return placeholder
+
+
+def join_external(skeleton: onnx.ModelProto, weights: dict[str, np.ndarray]) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """Like join_weights, but with placeholders; returns the graph and the arrays to hand over."""
+    model = onnx.ModelProto()
+    model.CopyFrom(skeleton)
+    arrays = {name: np.ascontiguousarray(a, dtype=np.float32) for name, a in weights.items()}
+    model.graph.initializer.extend(external_placeholder(name, a) for name, a in arrays.items())
+    return model, arrays
+
+
 def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
     for a in node.attribute:
         if a.name == name:

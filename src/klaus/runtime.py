@@ -78,11 +78,16 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
-def make_session(model: onnx.ModelProto | bytes, threads: int | None = None):
-    """An ONNX Runtime CPU session; deterministic settings, no custom ops."""
+def make_session(model: onnx.ModelProto | bytes, threads: int | None = None, arrays: dict[str, np.ndarray] | None = None):
+    """An ONNX Runtime CPU session; deterministic settings, no custom ops.
+
+    ``arrays`` gives the values of placeholder initializers (onnxgraph.join_external).
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    if arrays:
+        options.add_external_initializers(list(arrays), [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays.values()])
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
     if threads:
@@ -93,6 +98,16 @@ def make_session(model: onnx.ModelProto | bytes, threads: int | None = None):
         return ort.InferenceSession(blob, sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
         raise KlausModelError(f"ONNX Runtime cannot load the model ({str(exc).splitlines()[0]})") from None
+
+
+def _session_graph(model: KlausModel) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """The skeleton with placeholder weights, and the decoded weights to hand to ONNX Runtime."""
+    from .onnxgraph import join_external, parse_skeleton, validate_skeleton
+
+    where = model.source_path or model.name
+    skeleton = parse_skeleton(model.graph, where)
+    validate_skeleton(skeleton, where)
+    return join_external(skeleton, model.decoded_weights())
 
 
 class Classifier:
@@ -119,7 +134,7 @@ class Classifier:
         else:
             loaded = read_model(model)
         if loaded is not None:
-            graph = to_onnx(loaded) if memory == "default" else None
+            graph, arrays = _session_graph(loaded) if memory == "default" else (None, None)
             self.preprocess = preprocess or loaded.preprocess
             self.labels = tuple(labels or loaded.labels)
             self.output = loaded.meta["output"]
@@ -129,12 +144,12 @@ class Classifier:
 
             if memory != "default":
                 raise KlausModelError(f"{model}: low-memory mode needs a .klaus model (an ONNX file's weights are not palettized)")
-            graph = load_onnx(str(model))
+            graph, arrays = load_onnx(str(model)), None
             self.preprocess = preprocess or Preprocess()
             self.labels = tuple(labels or default_labels(graph))
             self.output = "logits"
             self.name = Path(str(model)).stem
-        self.session = make_session(graph, threads) if graph is not None else lowmem.session(loaded, threads)
+        self.session = make_session(graph, threads, arrays) if graph is not None else lowmem.session(loaded, threads)
         self.input_name = self.session.get_inputs()[0].name
         self._fixed_batch = self._static_batch()
 

@@ -1,0 +1,173 @@
+"""The `klaus index`, `klaus search` and `klaus serve` commands (registered in klaus.cli).
+
+Same conventions as the rest of the CLI: ``--json`` prints JSON objects one per line,
+and every error is one line on stderr with exit status 1 (raised as KlausError or
+click exceptions, which :class:`klaus.cli.KlausGroup` formats).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def _emit(obj: object) -> None:
+    click.echo(json.dumps(obj, ensure_ascii=False))
+
+
+def _db_path(db: str | None) -> str:
+    from .db import default_db_path
+
+    return db or str(default_db_path())
+
+
+db_option = click.option(
+    "--db", "db", metavar="FILE",
+    help="The photo index (default: $KLAUS_DB, else ~/.local/share/klaus/library.db).",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output, one JSON object per line.")
+model_option = click.option(
+    "--model", "-m", "model", metavar="M", help="A .klaus or .onnx model (default: the embedded EfficientNet-Lite0)."
+)
+
+
+@click.command("index", context_settings=CONTEXT)
+@click.argument("paths", nargs=-1, required=True, metavar="PATH...")
+@db_option
+@model_option
+@click.option("--workers", type=click.IntRange(1, 64), default=2, show_default=True,
+              help="Threads that read, hash and decode photos ahead of the model.")
+@click.option("--batch", type=click.IntRange(1, 256), default=16, show_default=True, help="Photos per model call (and per transaction).")
+@click.option("--threads", type=click.IntRange(1, 256), default=None,
+              help="ONNX Runtime threads per model call (default: 1, with one call per core in flight).")
+@click.option("--dask", "dask_address", metavar="ADDRESS", help="Decode and classify on this Dask scheduler (e.g. tcp://host:8786).")
+@json_option
+def index_command(paths, db, model, workers, batch, threads, dask_address, as_json) -> int:
+    """Classify the photos under PATH... into the index: new, changed and failed ones; skip the rest.
+
+    JPEG, PNG, WebP, GIF (first frame), TIFF and BMP (HEIC with pillow-heif). Photos
+    that are gone are marked so; a different model re-indexes everything. Bad files
+    are recorded with their error and the run goes on (exit status 0). JSON: one
+    summary object {"photos","indexed","skipped","failed","gone","seconds",
+    "images_per_second","model","db","errors":[{"path","error"}]}.
+    """
+    from .indexer import index_paths
+
+    db_path = _db_path(db)
+
+    def on_plan(summary, plan) -> None:
+        if not as_json:
+            click.echo(
+                f"{summary.photos} photos: {len(plan.tasks)} to classify, {plan.skipped} unchanged"
+                + (f", {summary.gone} gone" if summary.gone else "")
+                + (f"; {summary.unreadable_folders} folder(s) could not be read" if summary.unreadable_folders else ""),
+                err=True,
+            )
+
+    summary = index_paths(
+        paths, db_path, model=model, workers=workers, batch=batch, threads=threads, dask=dask_address,
+        progress=False if as_json else None, on_plan=on_plan,
+    )
+    if as_json:
+        _emit(summary.to_dict())
+        return 0
+    for err in summary.errors[:20]:
+        click.echo(f"klaus: warning: {err['path']}: {err['error']}", err=True)
+    if summary.failed > 20:
+        click.echo(f"klaus: warning: ... and {summary.failed - 20} more unreadable photos (see --json)", err=True)
+    click.echo(
+        f"{db_path}: indexed {summary.indexed}, skipped {summary.skipped}, failed {summary.failed}, "
+        f"gone {summary.gone} in {summary.seconds:.1f} s ({summary.images_per_second:.1f} images/s, {summary.model})"
+    )
+    return 0
+
+
+@click.command("search", context_settings=CONTEXT)
+@click.argument("query", nargs=-1, required=True, metavar="QUERY")
+@db_option
+@click.option("--min-prob", type=click.FloatRange(0.0, 1.0), default=0.2, show_default=True,
+              help="Only photos with at least this much top-5 probability under the concept.")
+@click.option("--limit", type=click.IntRange(1), default=50, show_default=True, help="Show at most N photos.")
+@json_option
+def search_command(query, db, min_prob, limit, as_json) -> int:
+    """Photos of a concept: a class name, any WordNet synonym or ancestor ("dog", "vehicle"), or a wnid.
+
+    Ranked by the probability mass of each photo's top-5 under the concept. JSON: one
+    object per photo {"rank","id","path","score","label","probability","matches"}.
+    """
+    from .db import Database
+    from .search import search
+
+    text = " ".join(query)
+    with Database(_db_path(db), readonly=True) as database:
+        result = search(database.conn, text, min_prob=min_prob, limit=limit)
+    if as_json:
+        for rank, hit in enumerate(result.hits, 1):
+            _emit(hit.to_dict(rank))
+        return 0
+    concepts = "; ".join(
+        f"{c.name} ({c.wnid}, {c.classes} class{'es' if c.classes != 1 else ''})" for c in result.concepts
+    ) or text
+    shown = f", showing {len(result.hits)}" if len(result.hits) < result.total else ""
+    click.echo(f"{concepts}: {result.total} photo{'s' if result.total != 1 else ''}{shown}")
+    for rank, hit in enumerate(result.hits, 1):
+        best = hit.matches[0]["label"] if hit.matches else hit.label
+        click.echo(f"  {rank:>3}. {hit.score * 100:5.1f}%  {hit.path}  ({best})")
+    return 0
+
+
+@click.command("serve", context_settings=CONTEXT)
+@db_option
+@model_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; the default is this machine only.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--max-upload-mb", type=click.IntRange(1, 200), default=20, show_default=True, help="Largest photo 'classify' accepts.")
+@json_option
+def serve_command(db, model, host, port, max_upload_mb, as_json) -> int:
+    """A local web gallery: browse by the WordNet tree, search, photo pages, classify a new photo."""
+    try:
+        import uvicorn
+
+        from ..web.app import create_app
+    except ImportError as exc:
+        raise click.ClickException(
+            f"klaus serve needs the 'web' extra ({exc.name} is missing): pip install 'klaus-classifier[web]'"
+        ) from None
+    db_path = _db_path(db)
+    app = create_app(db_path, model=model, max_upload=max_upload_mb * 1024 * 1024, host=host)
+    sock = _listen(host, port)
+    port = sock.getsockname()[1]
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(f"klaus: warning: listening on {host}: anyone who can reach it can see your photo index", err=True)
+    if as_json:
+        _emit({"url": url, "db": db_path})
+    else:
+        click.echo(f"klaus: serving {db_path} at {url} (Ctrl-C to stop)", err=True)
+    sys.stdout.flush()
+    config = uvicorn.Config(app, log_level="warning", access_log=False, server_header=False)
+    server = uvicorn.Server(config)
+    server.run(sockets=[sock])
+    return 0
+
+
+def _listen(host: str, port: int):
+    """Bind first, so a busy port is a one-line error and --port 0 picks a free one."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+COMMANDS = (index_command, search_command, serve_command)

@@ -1,0 +1,1 @@
+"""`klaus serve`: the local web gallery (needs the 'web' extra: starlette, uvicorn, jinja2, python-multipart)."""

@@ -1,0 +1,216 @@
+"""`klaus serve`'s app through Starlette's TestClient: pages, JSON, thumbnails, uploads, and what it refuses."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("starlette", reason="needs the 'web' extra")
+try:  # Starlette's TestClient runs on httpx2 (newer Starlette) or httpx (older)
+    import httpx2  # noqa: F401
+except ImportError:
+    pytest.importorskip("httpx", reason="Starlette's TestClient needs httpx2 (or httpx)")
+
+from PIL import Image  # noqa: E402
+from starlette.testclient import TestClient  # noqa: E402
+
+from conftest import EXAMPLES  # noqa: E402
+from klaus.index.db import KlausIndexError, thumbs_dir  # noqa: E402
+from klaus.index.indexer import index_paths  # noqa: E402
+from klaus.web.app import create_app  # noqa: E402
+from test_index import make_bad_files  # noqa: E402
+
+MAX_UPLOAD = 2 * 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory):
+    """A copy of the examples plus one bad file, indexed; returns (db, photo folder)."""
+    from klaus.index.engine import Engine
+
+    root = tmp_path_factory.mktemp("web")
+    lib = root / "photos"
+    lib.mkdir()
+    for photo in EXAMPLES.glob("*.jpg"):
+        shutil.copy(photo, lib / photo.name)
+    make_bad_files(lib / "bad")
+    db = root / "lib.db"
+    index_paths([str(lib)], db, engine=Engine.load(), progress=False)
+    return db, lib
+
+
+@pytest.fixture(scope="module")
+def client(library):
+    app = create_app(library[0], max_upload=MAX_UPLOAD, allowed_hosts=["testserver"])
+    with TestClient(app) as c:
+        yield c
+
+
+def photo_id(db: Path, name: str) -> int:
+    conn = sqlite3.connect(db)
+    try:
+        return conn.execute("SELECT id FROM photos WHERE path LIKE ?", (f"%/{name}",)).fetchone()[0]
+    finally:
+        conn.close()
+
+
+def test_home_page(client):
+    page = client.get("/")
+    assert page.status_code == 200
+    assert "<strong id=\"count-ok\">4</strong> photos indexed, 4 unreadable" in page.text
+    assert 'accept="image/*" capture' in page.text
+    assert "/browse/n00001930" in page.text  # physical entity
+    csp = page.headers["content-security-policy"]
+    assert "script-src 'self'" in csp and "unsafe-inline" not in csp
+    assert page.headers["x-content-type-options"] == "nosniff"
+
+
+def test_browse_the_tree(client):
+    page = client.get("/browse/n02121620")  # cat
+    assert page.status_code == 200
+    assert "cat.jpg" in page.text and "domestic cat" in page.text
+    assert ">feline</a>" in page.text  # breadcrumb up the tree
+    assert client.get("/browse/n99999999").status_code == 404
+    assert client.get("/browse/<script>").status_code == 404
+
+
+def test_search_page_and_api(client):
+    page = client.get("/search", params={"q": "cat"})
+    assert page.status_code == 200 and "cat.jpg" in page.text and "coffee.jpg" not in page.text
+    api = client.get("/api/search", params={"q": "vehicle"}).json()
+    assert [Path(r["path"]).name for r in api["results"]] == ["rocket.jpg"]
+    assert api["concepts"][0]["wnid"] == "n04524313"
+    missing = client.get("/search", params={"q": "dgo"})
+    assert missing.status_code == 404 and "did you mean" in missing.text
+    assert client.get("/api/search", params={"q": "dgo"}).status_code == 404
+    evil = client.get("/search", params={"q": "<script>alert(1)</script>"})
+    assert "<script>alert(1)" not in evil.text and "&lt;script&gt;" in evil.text
+    sql = client.get("/api/search", params={"q": "cat' OR 1=1 --"})
+    assert sql.status_code == 404
+
+
+def test_photo_page_thumbnail_and_file(client, library):
+    db, lib = library
+    pid = photo_id(db, "cat.jpg")
+    page = client.get(f"/photo/{pid}")
+    assert page.status_code == 200
+    assert "tiger cat" in page.text and "domestic cat" in page.text and "decode" in page.text
+    thumb = client.get(f"/thumb/{pid}")
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+    assert max(Image.open(io.BytesIO(thumb.content)).size) <= 320
+    cached = list(thumbs_dir(db).glob(f"{pid}-320-*.jpg"))
+    assert len(cached) == 1
+    assert client.get(f"/thumb/{pid}").content == thumb.content  # served from the cache
+    large = client.get(f"/thumb/{pid}", params={"size": "large"})
+    assert large.status_code == 200
+    assert client.get(f"/thumb/{pid}", params={"size": "../../x"}).status_code == 400
+    original = client.get(f"/file/{pid}")
+    assert original.status_code == 200 and original.content == (lib / "cat.jpg").read_bytes()
+    assert original.headers["content-type"] == "image/jpeg"
+    info = client.get(f"/api/photo/{pid}").json()
+    assert info["predictions"][0]["label"] == "tiger cat" and info["status"] == "ok"
+
+
+def test_only_indexed_files_are_served(client, library):
+    db, lib = library
+    bad = photo_id(db, "notes.jpg")  # an error row: in the index, but not a photo
+    for url in (f"/file/{bad}", f"/thumb/{bad}", "/file/999999", "/thumb/999999", "/photo/999999"):
+        assert client.get(url).status_code == 404, url
+    for url in ("/file/../../etc/passwd", "/file/%2e%2e%2fetc%2fpasswd", "/static/../app.py",
+                "/static/%2e%2e/app.py", "/file/-1", "/file/1.0", "/thumb/abc", "/file//etc/passwd"):
+        response = client.get(url)
+        assert response.status_code == 404, url
+        assert "root:" not in response.text and "import" not in response.text
+    assert client.get("/static/app.js").status_code == 200
+
+
+def test_changed_or_deleted_files_are_not_served(client, library, tmp_path):
+    db, lib = library
+    extra = lib / "extra.jpg"
+    shutil.copy(EXAMPLES / "coffee.jpg", extra)
+    from klaus.index.engine import Engine
+
+    index_paths([str(lib)], db, engine=Engine.load(), progress=False)
+    pid = photo_id(db, "extra.jpg")
+    assert client.get(f"/file/{pid}").status_code == 200
+    extra.write_bytes((EXAMPLES / "cat.jpg").read_bytes())
+    assert client.get(f"/file/{pid}").status_code == 409
+    extra.unlink()
+    assert client.get(f"/file/{pid}").status_code == 404
+    index_paths([str(lib)], db, engine=Engine.load(), progress=False)  # marks it gone again
+    assert client.get(f"/photo/{pid}").status_code == 200 and client.get(f"/thumb/{pid}").status_code == 404
+
+
+def test_classify_upload(client):
+    data = (EXAMPLES / "cat.jpg").read_bytes()
+    response = client.post("/api/classify", files={"photo": ("cat.jpg", data, "image/jpeg")})
+    assert response.status_code == 200, response.text
+    result = response.json()
+    assert result["predictions"][0]["index"] in range(281, 286)
+    assert result["predictions"][0]["hierarchy"][-2] == "domestic cat"
+    assert result["width"] == 451 and result["elapsed_ms"] > 0
+    raw = client.post("/api/classify", content=data, headers={"content-type": "image/jpeg"})
+    assert raw.status_code == 200 and raw.json()["predictions"][0]["index"] in range(281, 286)
+    page = client.post("/classify", files={"photo": ("cat.jpg", data, "image/jpeg")})
+    assert page.status_code == 200 and "tiger cat" in page.text
+
+
+def test_uploads_are_validated(client, tmp_path):
+    not_image = client.post("/api/classify", files={"photo": ("x.jpg", b"hello", "image/jpeg")})
+    assert not_image.status_code == 415 and "not an image" in not_image.json()["error"]
+    bomb = make_bad_files(tmp_path)["bomb"].read_bytes()
+    too_big = client.post("/api/classify", files={"photo": ("bomb.png", bomb, "image/png")})
+    assert too_big.status_code == 415 and "too large" in too_big.json()["error"]
+    empty = client.post("/api/classify", files={"photo": ("e.jpg", b"", "image/jpeg")})
+    assert empty.status_code == 400
+    no_field = client.post("/api/classify", files={"other": ("x.jpg", b"abc", "image/jpeg")})
+    assert no_field.status_code == 400
+    assert client.get("/api/classify").status_code == 405
+
+
+def test_oversize_uploads_are_refused(client):
+    big = os.urandom(MAX_UPLOAD + 200_000)
+    declared = client.post("/api/classify", files={"photo": ("big.jpg", big, "image/jpeg")})
+    assert declared.status_code == 413 and "too large" in declared.json()["error"]
+
+    def chunks():  # no Content-Length: the limit must hold while streaming
+        for i in range(0, len(big), 65536):
+            yield big[i : i + 65536]
+
+    streamed = client.post("/api/classify", content=chunks(), headers={"content-type": "image/jpeg"})
+    assert streamed.status_code == 413
+    page = client.post("/classify", files={"photo": ("big.jpg", big, "image/jpeg")})
+    assert page.status_code == 413 and "too large" in page.text
+
+
+def test_foreign_host_headers_are_refused(library):
+    app = create_app(library[0])  # the default: only 127.0.0.1 / localhost
+    with TestClient(app, base_url="http://127.0.0.1:8000") as c:
+        assert c.get("/").status_code == 200
+        assert c.get("/", headers={"host": "attacker.example:8000"}).status_code == 400
+
+
+def test_app_refuses_a_non_index(tmp_path):
+    with pytest.raises(KlausIndexError, match="no photo index here"):
+        create_app(tmp_path / "none.db")
+    (tmp_path / "x.db").write_text("not sqlite " * 100)
+    with pytest.raises(KlausIndexError):
+        create_app(tmp_path / "x.db")
+
+
+def test_cli_serve_errors_are_one_line(library, tmp_path):
+    import socket
+
+    from test_index import assert_one_line_error, run_cli
+
+    assert_one_line_error(run_cli("serve", "--db", str(tmp_path / "none.db")), "no photo index here")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert_one_line_error(run_cli("serve", "--db", str(library[0]), "--port", str(port)), "cannot listen on 127.0.0.1")
