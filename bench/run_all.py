@@ -16,7 +16,7 @@ import traceback
 
 from _common import ROOT, machine, table
 
-SECTIONS = ("size_accuracy", "latency", "memory", "cold_start", "codec", "compression_time")
+SECTIONS = ("size_accuracy", "latency", "memory", "cold_start", "codec", "compression_time", "index_throughput")
 
 INTRO = """# Benchmarks
 

@@ -352,19 +352,7 @@ def session(model: KlausModel, threads: int | None = None, chunk_elements: int |
     del graph
     result = make_session(blob, threads, arrays)
     del blob, arrays
-    _release_free_heap()
+    from .runtime import release_free_heap
+
+    release_free_heap()
     return result
-
-
-def _release_free_heap() -> None:
-    """Give the heap pages freed while decoding back to the OS (glibc only; a no-op elsewhere).
-
-    Building the session allocates and frees several copies of the indices;
-    glibc keeps such freed heap memory mapped unless asked to trim it.
-    """
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass

@@ -110,6 +110,20 @@ def _session_graph(model: KlausModel) -> tuple[onnx.ModelProto, dict[str, np.nda
     return join_external(skeleton, model.decoded_weights())
 
 
+def release_free_heap() -> None:
+    """Give the heap pages freed while decoding back to the OS (glibc only; a no-op elsewhere).
+
+    Building a session allocates and frees several copies of the weights;
+    glibc keeps such freed heap memory mapped unless asked to trim it.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class Classifier:
     """Top-k ImageNet-style classification with a `.klaus` model or an ONNX file."""
 
@@ -149,7 +163,12 @@ class Classifier:
             self.labels = tuple(labels or default_labels(graph))
             self.output = "logits"
             self.name = Path(str(model)).stem
-        self.session = make_session(graph, threads, arrays) if graph is not None else lowmem.session(loaded, threads)
+        if graph is None:
+            self.session = lowmem.session(loaded, threads)
+        else:
+            self.session = make_session(graph, threads, arrays)
+            del graph, arrays, loaded  # ONNX Runtime holds its own copy of the weights now
+            release_free_heap()
         self.input_name = self.session.get_inputs()[0].name
         self._fixed_batch = self._static_batch()
 
