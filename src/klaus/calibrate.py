@@ -17,10 +17,10 @@ import numpy as np
 import onnx
 
 from .errors import KlausDataError, KlausError
+from .evaluate import IMAGE_SUFFIXES, wnid_of
 from .onnxgraph import TensorRole
 from .preprocess import Preprocess, prepare
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
 def image_files(sources: Iterable[str | os.PathLike[str]]) -> list[Path]:
@@ -185,8 +185,6 @@ def split_files(files: Sequence[Path], split: str, wnid_index: Mapping[str, int]
     if split == "all":
         return list(files)
     want = {"even": 0, "odd": 1}[split]
-    from .evaluate import wnid_of
-
     return [f for f in files if wnid_of(f) in wnid_index and wnid_index[wnid_of(f)] % 2 == want]
 
 
