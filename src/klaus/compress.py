@@ -13,7 +13,7 @@ import onnx
 
 from . import __version__, codecs, onnxgraph
 from .errors import KlausModelError
-from .format import KlausModel, LabelRow, TensorRecord, read_model, write_model
+from .format import PAGE_SIZE, KlausModel, LabelRow, TensorRecord, read_model, write_model
 from .preprocess import Preprocess
 from .calibrate import InputStats, weight_importance
 from .quantize import LayerRule, PalettizedTensor, Recipe, palettize, palettize_gptq
@@ -62,17 +62,22 @@ def quantize_weights(
     """Palettize every tensor the recipe gives bits to (GPTQ where the recipe and calibration allow)."""
     out = {}
     for name, bits in planned_bits(weights, roles, recipe).items():
-        array, role = weights[name], roles[name]
         if progress:
             progress(name)
-        common = {"granularity": recipe.granularity, "iterations": recipe.iterations, "rate_penalty": recipe.rate_penalty}
-        st = stats.get(role.activation) if stats else None
-        if recipe.method == "gptq" and st is not None and st.gram is not None:
-            out[name] = palettize_gptq(array, bits, st.hessian, out_axis=role.out_axis, **common)
-        else:
-            importance = None if st is None or not recipe.weighted else weight_importance(role, array.shape, st.energy)
-            out[name] = palettize(array, bits, axis=role.out_axis, importance=importance, **common)
+        out[name] = quantize_tensor(weights[name], roles[name], bits, recipe, stats)
     return out
+
+
+def quantize_tensor(
+    array: np.ndarray, role: onnxgraph.TensorRole, bits: int, recipe: Recipe, stats: dict[str, InputStats] | None
+) -> PalettizedTensor:
+    """One tensor as the recipe says: GPTQ where it has an input Hessian, else (weighted) k-means."""
+    common = {"granularity": recipe.granularity, "iterations": recipe.iterations, "rate_penalty": recipe.rate_penalty}
+    st = stats.get(role.activation) if stats else None
+    if recipe.method == "gptq" and st is not None and st.gram is not None:
+        return palettize_gptq(array, bits, st.hessian, out_axis=role.out_axis, **common)
+    importance = None if st is None or not recipe.weighted else weight_importance(role, array.shape, st.energy)
+    return palettize(array, bits, axis=role.out_axis, importance=importance, **common)
 
 
 def planned_bits(weights: dict[str, np.ndarray], roles: dict[str, onnxgraph.TensorRole], recipe: Recipe) -> dict[str, int]:
@@ -187,7 +192,9 @@ def compress_to_budget(
     stats = calibration_stats(model, weights, roles, replace(recipe, rules=tuple(LayerRule.exact(n, 8) for n in eligible)), calibration)
     if progress:
         progress("candidates")
-    layers = mixed.candidate_options(weights, roles, stats, eligible, recipe)
+    layers, probes = mixed.candidate_options(
+        weights, roles, stats, eligible, lambda name, bits: quantize_tensor(weights[name], roles[name], bits, recipe, stats)
+    )
     probe = calibration[:PROBE_INPUTS]
     input_name = model.graph.input[0].name
 
@@ -196,21 +203,21 @@ def compress_to_budget(
 
     if progress:
         progress("sensitivities")
-    mixed.measure_scales(layers, skeleton, weights, roles, recipe, probs, probs(weights))
+    mixed.measure_scales(layers, weights, probes, probs, probs(weights))
     kwargs = dict(preprocess=preprocess, labels=labels, card=card, output=output, png=png)
     # Bytes outside the planned tensors (labels, graph, small tensors, SQLite pages),
     # measured on a quick plain-k-means build of a first allocation.
-    target = budget_bytes * 0.9
-    for _ in range(4):
-        allocation = mixed.allocate(layers, target)
-        quick = compress_onnx(model, replace(mixed.budget_recipe(recipe, allocation), method="kmeans"), **kwargs)
-        overhead = len(serialize(quick)) - allocation.predicted_bytes
-        allocation = mixed.allocate(layers, budget_bytes - overhead)
+    allocation = mixed.allocate(layers, budget_bytes * 0.9)
+    quick = compress_onnx(model, replace(mixed.budget_recipe(recipe, allocation), method="kmeans"), **kwargs)
+    overhead = len(serialize(quick)) - allocation.predicted_bytes
+    margin = 0.0  # grows when a build overshoots the prediction
+    for _ in range(5):
+        allocation = mixed.allocate(layers, budget_bytes - overhead - margin)
         final = compress_onnx(model, mixed.budget_recipe(recipe, allocation), calibration=calibration, **kwargs)
         size = len(serialize(final))
         if size <= budget_bytes:
             return final, allocation
-        target = budget_bytes - overhead - (size - budget_bytes) * 1.5
+        margin += (size - budget_bytes) * 1.5 + PAGE_SIZE
     raise KlausModelError(f"cannot fit the model in {budget_bytes} bytes (smallest build: {size} bytes)")
 
 

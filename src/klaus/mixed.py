@@ -16,11 +16,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnx
 
 from . import codecs, onnxgraph
 from .calibrate import InputStats, weight_importance
-from .quantize import LayerRule, Recipe, palettize
+from .quantize import LayerRule, PalettizedTensor, Recipe
 
 FLOAT = 0  # "bits" value of the keep-at-fp16 candidate
 DEFAULT_CHOICES = (2, 3, 4, 5, 6, 7, 8)
@@ -73,46 +72,60 @@ def _kl(p: np.ndarray, q: np.ndarray) -> float:
     return float(np.mean(np.sum(p * (np.log(p + 1e-12) - np.log(q + 1e-12)), axis=1)))
 
 
+Quantizer = Callable[[str, int], PalettizedTensor]
+
+
+def output_error(weight: np.ndarray, approx: np.ndarray, role: onnxgraph.TensorRole, stats: InputStats | None) -> float:
+    """Expected squared output error of a layer whose weight became ``approx``.
+
+    Exact (trace of dW H dW^T) where the input Gram matrix is known; otherwise the
+    diagonal approximation (squared error times the input channel's energy).
+    """
+    delta = approx.astype(np.float64) - weight
+    if stats is not None and stats.gram is not None:
+        matrix = np.moveaxis(delta, role.out_axis, 0).reshape(delta.shape[role.out_axis], -1)
+        if matrix.shape[1] == stats.gram.shape[0]:
+            return float(np.sum((matrix @ stats.hessian) * matrix))
+    importance = None if stats is None else weight_importance(role, weight.shape, stats.energy)
+    return float(np.sum(delta**2 * (1.0 if importance is None else importance)))
+
+
 def candidate_options(
     weights: dict[str, np.ndarray],
     roles: dict[str, onnxgraph.TensorRole],
     stats: dict[str, InputStats],
     eligible: Sequence[str],
-    recipe: Recipe,
+    quantize: Quantizer,
     choices: Sequence[int] = DEFAULT_CHOICES,
-) -> list[LayerOptions]:
-    layers = []
+) -> tuple[list[LayerOptions], dict[str, np.ndarray]]:
+    """Every tensor at every bit width, quantized as the final build will; plus the probe decodes."""
+    layers, probes = [], {}
     for name in eligible:
         w, role = weights[name], roles[name]
-        st = stats.get(role.activation)
-        importance = None if st is None else weight_importance(role, w.shape, st.energy)
-        imp = np.ones_like(w) if importance is None else importance
         cands = [Candidate(FLOAT, 2.0 * w.size, 0.0)]
         for bits in choices:
-            q = palettize(w, bits, granularity=recipe.granularity, axis=role.out_axis, importance=importance,
-                          iterations=recipe.iterations)
-            err = float(np.sum((q.decode() - w) ** 2 * imp))
+            q = quantize(name, bits)
+            decoded = q.decode()
+            if bits == PROBE_BITS:
+                probes[name] = decoded
             extra = 2 * len(q.palette) + (0 if q.scales is None else 2 * len(q.scales))
-            cands.append(Candidate(bits, codecs.order0_entropy_bytes(q.indices) * 1.01 + extra, err))
+            error = output_error(w, decoded, role, stats.get(role.activation))
+            cands.append(Candidate(bits, codecs.order0_entropy_bytes(q.indices) * 1.01 + extra, error))
         layers.append(LayerOptions(name, int(w.size), cands))
-    return layers
+    return layers, probes
 
 
 def measure_scales(
     layers: list[LayerOptions],
-    skeleton: onnx.ModelProto,
     weights: dict[str, np.ndarray],
-    roles: dict[str, onnxgraph.TensorRole],
-    recipe: Recipe,
+    probes: dict[str, np.ndarray],
     probs: Callable[[dict[str, np.ndarray]], np.ndarray],
     reference: np.ndarray,
 ) -> None:
     """KL per unit proxy error for each layer, from one forward pass with only it palettized."""
     for layer in layers:
         probe = next(c for c in layer.candidates if c.bits == PROBE_BITS)
-        w, role = weights[layer.name], roles[layer.name]
-        q = palettize(w, PROBE_BITS, granularity=recipe.granularity, axis=role.out_axis, iterations=recipe.iterations)
-        kl = _kl(reference, probs({**weights, layer.name: q.decode()}))
+        kl = _kl(reference, probs({**weights, layer.name: probes[layer.name]}))
         layer.scale = kl / probe.proxy if probe.proxy > 0 else 0.0
 
 
