@@ -45,6 +45,12 @@ def plain_label_rows(names: Sequence[str]) -> tuple[LabelRow, ...]:
     return tuple(LabelRow(i, "", n, (n,), (), ()) for i, n in enumerate(names))
 
 
+# GPTQ fits the rounding to the calibration inputs; with fewer input vectors than
+# a few times the layer's width (e.g. 500 pooled features for a 1280-wide FC layer)
+# the Hessian is rank-deficient and the fit does not carry over to other photos.
+GPTQ_MIN_SAMPLES = 2
+
+
 def _linear(role: onnxgraph.TensorRole, array: np.ndarray) -> bool:
     """Layers whose input Hessian is a plain channel Gram matrix: Gemm and 1x1 Conv."""
     if role.op == "Gemm":
@@ -74,7 +80,7 @@ def quantize_tensor(
     """One tensor as the recipe says: GPTQ where it has an input Hessian, else (weighted) k-means."""
     common = {"granularity": recipe.granularity, "iterations": recipe.iterations, "rate_penalty": recipe.rate_penalty}
     st = stats.get(role.activation) if stats else None
-    if recipe.method == "gptq" and st is not None and st.gram is not None:
+    if recipe.method == "gptq" and st is not None and st.gram is not None and st.count >= GPTQ_MIN_SAMPLES * st.gram.shape[0]:
         return palettize_gptq(array, bits, st.hessian, out_axis=role.out_axis, **common)
     importance = None if st is None or not recipe.weighted else weight_importance(role, array.shape, st.energy)
     return palettize(array, bits, axis=role.out_axis, importance=importance, **common)
