@@ -200,9 +200,16 @@ def load_calibration(
     """The calibration batch the CLI options describe, or None when no sources are given."""
     if not sources:
         return None
-    files = split_files(image_files(sources), split, wnid_index or {})
+    return calibration_batch(select_files(sources, split, limit, wnid_index or {}), preprocess, crops)
+
+
+def select_files(
+    sources: Sequence[str | os.PathLike[str]], split: str, limit: int | None, wnid_index: Mapping[str, int]
+) -> list[Path]:
+    """The calibration images the options name: found, split by class parity, capped."""
+    files = split_files(image_files(sources), split, wnid_index)
     if limit:
         files = files[:limit]
     if not files:
         raise KlausDataError(f"no calibration images in {', '.join(map(str, sources))} (split {split})")
-    return calibration_batch(files, preprocess, crops)
+    return files

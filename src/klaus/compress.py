@@ -13,7 +13,7 @@ import onnx
 
 from . import __version__, codecs, onnxgraph
 from .errors import KlausModelError
-from .format import PAGE_SIZE, KlausModel, LabelRow, TensorRecord, read_model, write_model
+from .format import PAGE_SIZE, KlausModel, LabelRow, TensorRecord, looks_like_klaus, read_model, write_model
 from .preprocess import Preprocess
 from .calibrate import InputStats, weight_importance
 from .quantize import LayerRule, PalettizedTensor, Recipe, palettize, palettize_gptq
@@ -286,9 +286,7 @@ def to_onnx(model: KlausModel) -> onnx.ModelProto:
 
 def load_source(path: str | os.PathLike[str]) -> KlausModel | onnx.ModelProto:
     """A compression source: a `.klaus` model or an ONNX file, told apart by content."""
-    with open(path, "rb") as f:
-        head = f.read(16)
-    if head.startswith(b"SQLite format 3"):
+    if looks_like_klaus(path):
         return read_model(path)
     return onnxgraph.load_onnx(str(path))
 

@@ -240,6 +240,15 @@ def _dumps(value: object) -> str:
 # ---------------------------------------------------------------- reading
 
 
+def looks_like_klaus(path: str | os.PathLike[str]) -> bool:
+    """Whether a file starts like an SQLite database (a `.klaus` model) rather than ONNX protobuf."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(SQLITE_MAGIC)) == SQLITE_MAGIC
+    except OSError:
+        return False
+
+
 def read_model(path: str | os.PathLike[str]) -> KlausModel:
     """Load and fully validate a `.klaus` file."""
     where = str(path)

@@ -13,9 +13,9 @@ from typing import IO, Union
 import numpy as np
 import onnx
 
-from .compress import default_labels, to_onnx
+from .compress import default_labels
 from .errors import KlausModelError
-from .format import KlausModel, LabelRow, read_model
+from .format import KlausModel, LabelRow, looks_like_klaus, read_model
 from .preprocess import Preprocess, load_image, to_tensor
 
 DEFAULT_MODEL_NAME = "efficientnet-lite0.klaus"
@@ -24,13 +24,8 @@ ImageSource = Union[str, os.PathLike, bytes, IO[bytes]]
 
 def _is_sqlite(path: str | os.PathLike[str]) -> bool:
     """A `.klaus` file is an SQLite database; anything else is treated as ONNX."""
-    if str(path).lower().endswith(".klaus"):
-        return True  # the reader explains what is wrong with it
-    try:
-        with open(path, "rb") as f:
-            return f.read(16).startswith(b"SQLite format 3")
-    except OSError:
-        return str(path).endswith(".klaus")  # let the reader report the problem
+    # A .klaus name always goes to the reader, which explains what is wrong with it.
+    return str(path).lower().endswith(".klaus") or looks_like_klaus(path)
 
 
 def default_model_path() -> Path:

@@ -320,18 +320,14 @@ def load_calibration_set(
     crops: int = 1,
 ) -> CalibrationSet | None:
     """Like ``calibrate.load_calibration``, but keeps the file list (for the overlap check and the header)."""
-    from .calibrate import calibration_batch, image_files, split_files
+    from .calibrate import calibration_batch, select_files
 
     if not sources:
         return None
     wnids = {row.wnid: row.index for row in source.labels if row.wnid} or {
         row.wnid: row.index for row in imagenet_label_rows()
     }
-    files = split_files(image_files(sources), split, wnids)
-    if limit:
-        files = files[:limit]
-    if not files:
-        raise KlausDataError(f"no calibration images in {', '.join(map(str, sources))} (split {split})")
+    files = select_files(sources, split, limit, wnids)
     batch = calibration_batch(files, source.preprocess, crops)
     return CalibrationSet(tuple(map(str, sources)), split, crops, tuple(files), batch)
 
