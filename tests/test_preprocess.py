@@ -189,16 +189,100 @@ def test_ten_crops_of_asymmetric_image() -> None:
 
 
 @pytest.mark.parametrize("size", [(640, 480), (333, 500)])
-@pytest.mark.parametrize("crops", [1, 10])
-def test_tensor_equals_resize_then_crop(size: tuple[int, int], crops: int) -> None:
+def test_ten_crops_equal_resize_then_crop(size: tuple[int, int]) -> None:
     img = _noise(*size)
     spec = Preprocess(layout="NHWC")
-    full = np.asarray(img.resize(resized_size(*size, spec, crops), Image.Resampling.BICUBIC))
+    full = np.asarray(img.resize(resized_size(*size, spec, 10), Image.Resampling.BICUBIC))
     expected = []
-    for i, (left, top, right, bottom) in enumerate(crop_boxes(*size, spec, crops)):
+    for i, (left, top, right, bottom) in enumerate(crop_boxes(*size, spec, 10)):
         patch = full[top:bottom, left:right]
         expected.append(patch[:, ::-1] if i >= 5 else patch)
-    np.testing.assert_array_equal(to_tensor(img, spec, crops), (np.stack(expected) - 127.0) / 128.0)
+    np.testing.assert_array_equal(to_tensor(img, spec, 10), (np.stack(expected) - 127.0) / 128.0)
+
+
+def _resize_then_crop(img: Image.Image, spec: Preprocess) -> np.ndarray:
+    left, top, right, bottom = crop_boxes(img.width, img.height, spec)[0]
+    full = img.resize(resized_size(img.width, img.height, spec), spec.resample)
+    return np.asarray(full)[top:bottom, left:right]
+
+
+# Landscape, portrait, tall enough that Pillow 13 resizes columns first (320 x 685),
+# panoramas both ways, upsampling (120 x 90), one axis unscaled (300 x 256, 256 x 300).
+WINDOW_SIZES = [(640, 480), (500, 375), (500, 333), (333, 500), (375, 500), (320, 685),
+                (1000, 200), (200, 1000), (120, 90), (300, 256), (256, 300), (257, 999)]
+
+
+@pytest.mark.parametrize("size", WINDOW_SIZES)
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear", "lanczos", "hamming"])
+def test_one_crop_is_resize_then_crop_within_one_level(size: tuple[int, int], interpolation: str) -> None:
+    """The single center crop resamples only its window: the same pixels as resizing the
+    whole image then cropping, but for a rare rounding difference of one level."""
+    img = _noise(*size, seed=size[0])
+    spec = Preprocess(interpolation=interpolation)
+    expected = _resize_then_crop(img, spec)
+    got = kp.to_pixels(img, spec)
+    assert got.shape == (1, 224, 224, 3) and got.dtype == np.uint8
+    diff = np.abs(got[0].astype(int) - expected)
+    assert diff.max() <= 1
+    assert np.count_nonzero(diff) <= 0.01 * diff.size  # rounding, not a shifted sampling grid
+
+
+def test_one_crop_is_exact_when_the_scale_is_a_binary_fraction() -> None:
+    # 640 x 480 -> 341 x 256: the vertical scale 1.875 is exact in float32, so is the window
+    img = _noise(640, 480, seed=3)
+    np.testing.assert_array_equal(kp.to_pixels(img, Preprocess())[0], _resize_then_crop(img, Preprocess()))
+
+
+def test_one_crop_of_a_real_photo_matches_closely(tmp_path: Path) -> None:
+    photo = load_image(Path(__file__).resolve().parents[1] / "examples" / "cat.jpg", target=256)
+    for spec in (Preprocess(), Preprocess(input_size=160, crop_ratio=0.9)):
+        diff = np.abs(kp.to_pixels(photo, spec)[0].astype(int) - _resize_then_crop(photo, spec))
+        assert diff.max() <= 1 and np.count_nonzero(diff) <= 0.001 * diff.size
+
+
+def test_pillow_pass_order_is_known_and_followed(monkeypatch: pytest.MonkeyPatch) -> None:
+    rule = kp._pillow_vertical_first()
+    assert rule is not None, "this Pillow orders its resize passes in an unknown way: one-crop windows are slow"
+    # An unknown order falls back to resizing the whole image: exactly resize-then-crop.
+    monkeypatch.setattr(kp, "_pillow_vertical_first", lambda: None)
+    img = _noise(333, 500)
+    np.testing.assert_array_equal(kp.to_pixels(img, Preprocess())[0], _resize_then_crop(img, Preprocess()))
+
+
+@pytest.mark.parametrize("interpolation", ["nearest", "box"])
+def test_one_crop_with_a_step_filter_resizes_the_whole_image(interpolation: str) -> None:
+    img = _noise(333, 500)
+    spec = Preprocess(interpolation=interpolation)
+    np.testing.assert_array_equal(kp.to_pixels(img, spec)[0], _resize_then_crop(img, spec))
+
+
+@pytest.mark.parametrize("order", ["RGB", "BGR"])
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_normalize_is_the_float_formula_bit_for_bit(order: str, layout: str) -> None:
+    pixels = np.random.default_rng(5).integers(0, 256, (2, 5, 7, 3), dtype=np.uint8)
+    spec = Preprocess(mean=(123.7, 116.3, 103.5), std=(58.4, 57.1, 57.4), channel_order=order, layout=layout)
+    x = pixels.astype(np.float32)
+    if order == "BGR":
+        x = x[..., ::-1]
+    x = (x - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+    if layout == "NCHW":
+        x = x.transpose(0, 3, 1, 2)
+    got = kp.normalize(pixels, spec)
+    assert got.dtype == np.float32 and got.flags.c_contiguous
+    np.testing.assert_array_equal(got, x)
+    out = np.full(got.shape, np.nan, np.float32)
+    assert kp.normalize(pixels, spec, out=out) is out
+    np.testing.assert_array_equal(out, x)
+    with pytest.raises(ValueError, match="out must be"):
+        kp.normalize(pixels, spec, out=np.empty((1, 2, 3, 4), np.float32))
+    with pytest.raises(ValueError, match="pixels must be"):
+        kp.normalize(pixels[0], spec)
+
+
+@pytest.mark.parametrize("crops", [1, 10])
+def test_to_tensor_is_normalized_pixels(crops: int) -> None:
+    img, spec = _noise(400, 300), Preprocess()
+    np.testing.assert_array_equal(to_tensor(img, spec, crops), kp.normalize(kp.to_pixels(img, spec, crops), spec))
 
 
 def test_extreme_aspect_ratio_does_not_blow_up() -> None:
