@@ -27,7 +27,7 @@ from klaus.index import db as dbm
 from klaus.index.db import Database, KlausIndexError
 from klaus.index.engine import Engine
 from klaus.index.indexer import concept_rows, index_paths
-from klaus.index.pipeline import Task, decode, exif_date
+from klaus.index.pipeline import Task, classify_batch, decode, exif_date
 from klaus.labels import ancestors, imagenet_labels
 from klaus.preprocess import Preprocess
 from klaus.runtime import default_model_path
@@ -204,6 +204,43 @@ def test_index_examples(tmp_path, engine):
     assert sha == hashlib.sha256(default_model_path().read_bytes()).hexdigest()
     timing = query(db, "SELECT decode_ms, infer_ms, elapsed_ms, indexed_at FROM photos")
     assert all(d > 0 and i > 0 and abs(e - d - i) < 0.01 and at.endswith("Z") for d, i, e, at in timing)
+
+
+def test_index_and_classify_agree(tmp_path, engine):
+    """The index preprocesses like `klaus classify` (same decode, window, normalization), in
+    batches of its own: the same top-5 classes, probabilities equal but for float noise."""
+    from klaus.runtime import Classifier
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for p in EXAMPLES.glob("*.jpg"):
+        shutil.copy(p, photos / p.name)
+    Image.open(EXAMPLES / "cat.jpg").rotate(90, expand=True).save(photos / "cat-portrait.png")
+    db = tmp_path / "lib.db"
+    assert index_paths([str(photos)], db, engine=engine, batch=3, progress=False).indexed == 5
+    clf = Classifier()
+    for path in sorted(photos.iterdir()):
+        stored = query(db, "SELECT p.class, p.probability FROM predictions p JOIN photos ph ON ph.id = p.photo_id "
+                           "WHERE ph.path = ? ORDER BY p.rank", (str(path),))
+        direct = clf.classify(str(path), top=5).predictions
+        assert [c for c, _ in stored] == [p.index for p in direct], path.name
+        np.testing.assert_allclose([pr for _, pr in stored], [p.probability for p in direct], atol=1e-4)
+
+
+def test_model_calls_of_a_few_photos_give_the_batch_result(tmp_path, engine):
+    paths = sorted(EXAMPLES.glob("*.jpg")) + [tmp_path / "missing.jpg"]
+    results = {}
+    for step in (1, 3, 16):
+        batch = [decode(Task(str(p), 0, 0), engine.preprocess) for p in paths]
+        assert [r.pixels.dtype if r.pixels is not None else None for r in batch] == [np.uint8] * 4 + [None]
+        assert batch[0].pixels.shape == (1, 224, 224, 3) and batch[-1].error
+        classify_batch(engine, batch, model_batch=step)
+        assert all(r.pixels is None for r in batch) and batch[-1].predictions == []
+        results[step] = [r.predictions for r in batch[:4]]
+    for step in (1, 3):
+        for got, want in zip(results[step], results[16]):
+            assert [c for c, _ in got] == [c for c, _ in want]
+            np.testing.assert_allclose([p for _, p in got], [p for _, p in want], atol=1e-5)
 
 
 def test_concepts_hold_the_whole_hypernym_closure(tmp_path, engine):
