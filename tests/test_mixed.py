@@ -39,12 +39,22 @@ def test_allocation_that_cannot_fit_is_reported_not_hidden():
 
 
 def test_rules_match_exact_names_only():
-    alloc = mixed.Allocation({"a[1].weight": 4, "a*": mixed.FLOAT}, 0.0, 0.0)
+    chosen = {"a[1].weight": mixed.Candidate(4, 0.0, 0.0), "a*": mixed.Candidate(mixed.FLOAT, 0.0, 0.0)}
+    alloc = mixed.Allocation(chosen, 0.0, 0.0)
     rules = {r.pattern: r.bits for r in alloc.rules()}
     recipe = mixed.budget_recipe(RECIPE, alloc)
     assert recipe.bits_for("a[1].weight", "conv", 10) == 4
     assert recipe.bits_for("a1.weight", "conv", 10) is None  # '[1]' is not a character class
     assert recipe.bits_for("a*", "fc", 10) is None and len(rules) == 2
+
+
+def test_uniform_candidates_become_step_rules():
+    layer = mixed.LayerOptions("w", 1000, [mixed.Candidate(mixed.FLOAT, 2000.0, 0.0), mixed.Candidate(8, 300.0, 0.01, 0.25)], 1.0)
+    alloc = mixed.allocate([layer], 500.0)
+    assert alloc.chosen["w"].step == 0.25 and alloc.table()[0]["bits"] == "u0.25"
+    recipe = mixed.budget_recipe(RECIPE, alloc)
+    assert recipe.step_for("w") == 0.25 and recipe.bits_for("w", "conv", 1000) == 8
+    assert "w=u0.25" in recipe.describe()["rules"][0]
 
 
 @pytest.fixture(scope="module")

@@ -302,7 +302,14 @@ def test_layer_rule_parse(text, pattern, bits):
     assert LayerRule.parse(text) == LayerRule(pattern, bits)
 
 
-@pytest.mark.parametrize("text", ["a*", "=4", "a=9", "a=-1", "a=x", "a=", "a=4.5", ""])
+def test_layer_rule_parse_uniform_step():
+    rule = LayerRule.parse("_blocks.*=u0.25")
+    assert rule == LayerRule("_blocks.*", 8, 0.25) and rule.spec == "u0.25"
+    assert Recipe(rules=(rule,)).step_for("_blocks.3.w") == 0.25
+    assert Recipe(rules=(rule,)).step_for("_fc.weight") is None
+
+
+@pytest.mark.parametrize("text", ["a*", "=4", "a=9", "a=-1", "a=x", "a=", "a=4.5", "", "a=u", "a=ux", "a=u0", "a=u9"])
 def test_layer_rule_parse_rejects(text):
     with pytest.raises(ValueError):
         LayerRule.parse(text)
@@ -413,3 +420,25 @@ def test_palettize_gptq_rejects_wrong_hessian_size():
     w = np.zeros((10, 24), np.float32)
     with pytest.raises(ValueError, match="24 inputs"):
         q.palettize_gptq(w, 4, np.eye(10), out_axis=0)
+
+
+def test_uniform_grid_is_evenly_spaced_compact_and_entropy_cheaper_than_kmeans():
+    from klaus.codecs import order0_entropy_bytes
+
+    w = np.random.default_rng(3).laplace(size=(96, 64, 1, 1)).astype(np.float32)
+    u = q.palettize(w, 8, granularity="channel", step=0.25)
+    levels = np.sort(u.palette.astype(np.float64))
+    gaps = np.diff(levels) / 0.25
+    assert np.allclose(gaps, np.round(gaps), atol=2e-3) and np.all(np.round(gaps) >= 1)  # on the grid, unused levels dropped
+    assert len(u.palette) == len(np.unique(u.indices)) and u.bits == int(np.ceil(np.log2(len(u.palette))))
+    err_u = np.mean((u.decode() - w) ** 2)
+    # Same error budget: the k-means palette with that distortion needs more bits of entropy.
+    k = next(b for b in range(2, 9) if np.mean((q.palettize(w, b, granularity="channel").decode() - w) ** 2) <= err_u)
+    km = q.palettize(w, k, granularity="channel")
+    assert order0_entropy_bytes(u.indices) < order0_entropy_bytes(km.indices)
+
+
+def test_uniform_grid_caps_at_256_levels():
+    w = np.concatenate([np.zeros(1000), [1e3, -1e3]]).astype(np.float32).reshape(1, -1)
+    u = q.palettize(w, 8, step=1e-3 / np.sqrt(np.mean(w.astype(np.float64) ** 2)))
+    assert len(u.palette) <= 256 and u.indices.dtype == np.uint8

@@ -70,15 +70,26 @@ def quantize_weights(
     for name, bits in planned_bits(weights, roles, recipe).items():
         if progress:
             progress(name)
-        out[name] = quantize_tensor(weights[name], roles[name], bits, recipe, stats)
+        out[name] = quantize_tensor(weights[name], roles[name], bits, recipe, stats, recipe.step_for(name))
     return out
 
 
 def quantize_tensor(
-    array: np.ndarray, role: onnxgraph.TensorRole, bits: int, recipe: Recipe, stats: dict[str, InputStats] | None
+    array: np.ndarray,
+    role: onnxgraph.TensorRole,
+    bits: int,
+    recipe: Recipe,
+    stats: dict[str, InputStats] | None,
+    step: float | None = None,
 ) -> PalettizedTensor:
-    """One tensor as the recipe says: GPTQ where it has an input Hessian, else (weighted) k-means."""
-    common = {"granularity": recipe.granularity, "iterations": recipe.iterations, "rate_penalty": recipe.rate_penalty}
+    """One tensor as the recipe says: GPTQ where it has an input Hessian, else (weighted) k-means.
+
+    ``step`` replaces the k-means palette by uniform levels that far apart.
+    """
+    common = {
+        "granularity": recipe.granularity, "iterations": recipe.iterations, "rate_penalty": recipe.rate_penalty,
+        "step": step,
+    }
     st = stats.get(role.activation) if stats else None
     if recipe.method == "gptq" and st is not None and st.gram is not None and st.count >= GPTQ_MIN_SAMPLES * st.gram.shape[0]:
         return palettize_gptq(array, bits, st.hessian, out_axis=role.out_axis, **common)
@@ -150,9 +161,35 @@ def compress_onnx(
     roles = onnxgraph.tensor_roles(model)
     recipe = effective_recipe(recipe, calibration is not None)
     stats = None if calibration is None else calibration_stats(model, weights, roles, recipe, calibration)
+    return _build(
+        model, skeleton, weights, roles, recipe, stats, calibration, preprocess=preprocess, labels=labels, card=card,
+        output=output, png=png, progress=progress,
+    )
+
+
+def _build(
+    model: onnx.ModelProto,
+    skeleton: onnx.ModelProto,
+    weights: dict[str, np.ndarray],
+    roles: dict[str, onnxgraph.TensorRole],
+    recipe: Recipe,
+    stats: dict[str, InputStats] | None,
+    calibration: np.ndarray | None,
+    *,
+    preprocess: Preprocess,
+    labels: Sequence[LabelRow],
+    card: ModelCard,
+    output: str,
+    png: codecs.PngOptions,
+    progress: Progress | None,
+    finetune: bool = True,
+) -> KlausModel:
+    """Quantize, bias-correct, fine-tune (as the recipe says and calibration allows) and encode."""
     quantized = quantize_weights(weights, roles, recipe, stats, progress)
     if stats is not None:
         weights = {**weights, **bias_corrected(weights, quantized, roles, stats)}
+    if finetune and recipe.finetune_steps and calibration is not None and quantized:
+        quantized, weights = finetuned(model, weights, quantized, roles, recipe, calibration, progress)
     records = [encode_tensor(name, array, quantized.get(name), recipe, png) for name, array in weights.items()]
     meta = {
         "model_name": card.name,
@@ -184,6 +221,7 @@ def compress_to_budget(
     output: str = "logits",
     png: codecs.PngOptions = codecs.PngOptions(),
     min_elements: int = MIN_BUDGET_ELEMENTS,
+    uniform: bool = True,
     progress: Progress | None = None,
 ) -> tuple[KlausModel, "Allocation"]:
     """The most accurate model whose file fits ``budget_bytes`` (see klaus.mixed)."""
@@ -192,6 +230,7 @@ def compress_to_budget(
     from .runtime import make_session, softmax
 
     onnxgraph.validate_skeleton(model, card.name)
+    check_preprocess_fits(model, preprocess, card.name)
     skeleton, weights = onnxgraph.split_weights(model)
     roles = onnxgraph.tensor_roles(model)
     eligible = [n for n, w in weights.items() if roles[n].kind != "other" and w.size >= min_elements]
@@ -199,7 +238,9 @@ def compress_to_budget(
     if progress:
         progress("candidates")
     layers, probes = mixed.candidate_options(
-        weights, roles, stats, eligible, lambda name, bits: quantize_tensor(weights[name], roles[name], bits, recipe, stats)
+        weights, roles, stats, eligible,
+        lambda name, bits, step: quantize_tensor(weights[name], roles[name], bits, recipe, stats, step),
+        steps=mixed.DEFAULT_STEPS if uniform else (),
     )
     probe = calibration[:PROBE_INPUTS]
     input_name = model.graph.input[0].name
@@ -210,21 +251,55 @@ def compress_to_budget(
     if progress:
         progress("sensitivities")
     mixed.measure_scales(layers, weights, probes, probs, probs(weights))
-    kwargs = dict(preprocess=preprocess, labels=labels, card=card, output=output, png=png)
+    kwargs = dict(preprocess=preprocess, labels=labels, card=card, output=output, png=png, progress=progress)
+    names = [row.name for row in labels]
+    if len(set(names)) != len(names):
+        raise KlausModelError(f"{card.name}: label names must be unique")
+
+    def build(allocation: mixed.Allocation, method: str, finetune: bool) -> KlausModel:
+        plan = replace(mixed.budget_recipe(recipe, allocation), method=method)
+        return _build(model, skeleton, weights, roles, plan, stats, calibration, finetune=finetune, **kwargs)
+
     # Bytes outside the planned tensors (labels, graph, small tensors, SQLite pages),
     # measured on a quick plain-k-means build of a first allocation.
     allocation = mixed.allocate(layers, budget_bytes * 0.9)
-    quick = compress_onnx(model, replace(mixed.budget_recipe(recipe, allocation), method="kmeans"), **kwargs)
-    overhead = len(serialize(quick)) - allocation.predicted_bytes
+    overhead = len(serialize(build(allocation, "kmeans", False))) - allocation.predicted_bytes
     margin = 0.0  # grows when a build overshoots the prediction
     for _ in range(5):
         allocation = mixed.allocate(layers, budget_bytes - overhead - margin)
-        final = compress_onnx(model, mixed.budget_recipe(recipe, allocation), calibration=calibration, **kwargs)
+        final = build(allocation, recipe.method, False)
         size = len(serialize(final))
         if size <= budget_bytes:
+            if recipe.finetune_steps:
+                # Fine-tuning changes palette, scale and bias values, never their count or the indices.
+                final = build(allocation, recipe.method, True)
             return final, allocation
         margin += (size - budget_bytes) * 1.5 + PAGE_SIZE
     raise KlausModelError(f"cannot fit the model in {budget_bytes} bytes (smallest build: {size} bytes)")
+
+
+def finetuned(
+    model: onnx.ModelProto,
+    weights: dict[str, np.ndarray],
+    quantized: dict[str, PalettizedTensor],
+    roles: dict[str, onnxgraph.TensorRole],
+    recipe: Recipe,
+    calibration: np.ndarray,
+    progress: Progress | None,
+) -> tuple[dict[str, PalettizedTensor], dict[str, np.ndarray]]:
+    """Palettes, scales and biases after distillation from the float model (klaus.finetune)."""
+    from .finetune import FinetuneOptions, finetune
+
+    stored = {n: stored_float(w, recipe.float_codec) for n, w in weights.items() if n not in quantized}
+    result = finetune(model, stored, quantized, roles, calibration, FinetuneOptions(steps=recipe.finetune_steps), progress)
+    if progress:
+        progress(f"fine-tuned: KL to the float model {result.kl_before:.5f} -> {result.kl_after:.5f} (calibration inputs)")
+    return result.quantized, {**weights, **result.biases}
+
+
+def stored_float(array: np.ndarray, codec: str) -> np.ndarray:
+    """A float tensor as the file will hold it (fp16-rounded for raw-f16)."""
+    return array.astype(np.float16).astype(np.float32) if codec == "raw-f16" else array
 
 
 def effective_recipe(recipe: Recipe, calibrated: bool) -> Recipe:

@@ -23,6 +23,8 @@ from .quantize import LayerRule, PalettizedTensor, Recipe
 
 FLOAT = 0  # "bits" value of the keep-at-fp16 candidate
 DEFAULT_CHOICES = (2, 3, 4, 5, 6, 7, 8)
+# Uniform (entropy-coded) grids, in channel-RMS units: from ~2 to ~5.5 bits per weight.
+DEFAULT_STEPS = (1.0, 0.7, 0.5, 0.35, 0.25, 0.18, 0.12, 0.09)
 PROBE_BITS = 4
 
 
@@ -31,6 +33,11 @@ class Candidate:
     bits: int  # FLOAT = keep fp16
     bytes: float
     proxy: float  # importance-weighted squared weight error
+    step: float | None = None  # uniform grid instead of a k-means palette
+
+    @property
+    def spec(self) -> str:
+        return "fp16" if self.bits == FLOAT else f"u{self.step:g}" if self.step is not None else str(self.bits)
 
 
 @dataclass
@@ -44,25 +51,32 @@ class LayerOptions:
         return self.scale * c.proxy + lam * c.bytes
 
     def best(self, lam: float) -> Candidate:
-        return min(self.candidates, key=lambda c: (self.cost(c, lam), -c.bits))
+        return min(self.candidates, key=lambda c: (self.cost(c, lam), -c.bits, -(c.step or 0.0)))
 
 
 @dataclass(frozen=True)
 class Allocation:
-    bits: dict[str, int]  # FLOAT = fp16
+    chosen: dict[str, Candidate]
     predicted_bytes: float
     predicted_kl: float
     layers: list[LayerOptions] = field(repr=False, default_factory=list)
 
+    @property
+    def bits(self) -> dict[str, int]:
+        """Bits per tensor (FLOAT = fp16; a uniform grid counts as 8, its palette limit)."""
+        return {n: c.bits for n, c in self.chosen.items()}
+
     def rules(self) -> tuple[LayerRule, ...]:
-        return tuple(LayerRule.exact(name, None if b == FLOAT else b) for name, b in self.bits.items())
+        return tuple(
+            LayerRule.exact(name, None if c.bits == FLOAT else c.bits, c.step) for name, c in self.chosen.items()
+        )
 
     def table(self) -> list[dict[str, object]]:
         rows = []
         for layer in self.layers:
-            chosen = next(c for c in layer.candidates if c.bits == self.bits[layer.name])
+            chosen = self.chosen[layer.name]
             rows.append(
-                {"tensor": layer.name, "parameters": layer.size, "bits": chosen.bits or "fp16",
+                {"tensor": layer.name, "parameters": layer.size, "bits": chosen.spec,
                  "bytes": round(chosen.bytes), "predicted_kl": layer.scale * chosen.proxy}
             )
         return rows
@@ -72,7 +86,7 @@ def _kl(p: np.ndarray, q: np.ndarray) -> float:
     return float(np.mean(np.sum(p * (np.log(p + 1e-12) - np.log(q + 1e-12)), axis=1)))
 
 
-Quantizer = Callable[[str, int], PalettizedTensor]
+Quantizer = Callable[[str, int, "float | None"], PalettizedTensor]
 
 
 def output_error(weight: np.ndarray, approx: np.ndarray, role: onnxgraph.TensorRole, stats: InputStats | None) -> float:
@@ -97,20 +111,21 @@ def candidate_options(
     eligible: Sequence[str],
     quantize: Quantizer,
     choices: Sequence[int] = DEFAULT_CHOICES,
+    steps: Sequence[float] = (),
 ) -> tuple[list[LayerOptions], dict[str, np.ndarray]]:
-    """Every tensor at every bit width, quantized as the final build will; plus the probe decodes."""
+    """Every tensor at every bit width (and uniform step), quantized as the final build will; plus the probe decodes."""
     layers, probes = [], {}
     for name in eligible:
         w, role = weights[name], roles[name]
         cands = [Candidate(FLOAT, 2.0 * w.size, 0.0)]
-        for bits in choices:
-            q = quantize(name, bits)
+        for bits, step in [(b, None) for b in choices] + [(8, s) for s in steps]:
+            q = quantize(name, bits, step)
             decoded = q.decode()
-            if bits == PROBE_BITS:
+            if bits == PROBE_BITS and step is None:
                 probes[name] = decoded
             extra = 2 * len(q.palette) + (0 if q.scales is None else 2 * len(q.scales))
             error = output_error(w, decoded, role, stats.get(role.activation))
-            cands.append(Candidate(bits, codecs.order0_entropy_bytes(q.indices) * 1.01 + extra, error))
+            cands.append(Candidate(q.bits, codecs.order0_entropy_bytes(q.indices) * 1.01 + extra, error, step))
         layers.append(LayerOptions(name, int(w.size), cands))
     return layers, probes
 
@@ -124,7 +139,7 @@ def measure_scales(
 ) -> None:
     """KL per unit proxy error for each layer, from one forward pass with only it palettized."""
     for layer in layers:
-        probe = next(c for c in layer.candidates if c.bits == PROBE_BITS)
+        probe = next(c for c in layer.candidates if c.bits == PROBE_BITS and c.step is None)
         kl = _kl(reference, probs({**weights, layer.name: probes[layer.name]}))
         layer.scale = kl / probe.proxy if probe.proxy > 0 else 0.0
 
@@ -135,7 +150,7 @@ def allocate(layers: list[LayerOptions], budget_bytes: float) -> Allocation:
     def at(lam: float) -> Allocation:
         chosen = {l.name: l.best(lam) for l in layers}
         return Allocation(
-            {n: c.bits for n, c in chosen.items()},
+            chosen,
             sum(c.bytes for c in chosen.values()),
             sum(l.scale * chosen[l.name].proxy for l in layers),
             layers,
@@ -169,4 +184,5 @@ def budget_recipe(base: Recipe, allocation: Allocation) -> Recipe:
         method=base.method,
         rate_penalty=base.rate_penalty,
         iterations=base.iterations,
+        finetune_steps=base.finetune_steps,
     )

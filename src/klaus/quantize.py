@@ -138,22 +138,46 @@ def assign(values: np.ndarray, levels: np.ndarray, edges: np.ndarray) -> np.ndar
 
 @dataclass(frozen=True)
 class LayerRule:
-    """``pattern`` (fnmatch on the tensor name) gets ``bits`` (None keeps it float)."""
+    """``pattern`` (fnmatch on the tensor name) gets ``bits`` (None keeps it float).
+
+    With ``step``, the tensor gets uniform levels ``step`` channel-RMS apart
+    (entropy-coded: the bytes follow how often each level is used, not the
+    level count) instead of a k-means palette; ``bits`` is then 8, the limit.
+    """
 
     pattern: str
     bits: int | None
+    step: float | None = None
 
     @classmethod
-    def exact(cls, name: str, bits: int | None) -> LayerRule:
+    def exact(cls, name: str, bits: int | None, step: float | None = None) -> LayerRule:
         """A rule matching exactly one tensor name, whatever characters it holds."""
-        return cls("".join(f"[{c}]" if c in "*?[]" else c for c in name), bits)
+        return cls("".join(f"[{c}]" if c in "*?[]" else c for c in name), bits, step)
 
     @classmethod
     def parse(cls, text: str) -> LayerRule:
-        pattern, sep, bits = text.rpartition("=")
+        pattern, sep, value = text.rpartition("=")
         if not sep or not pattern:
-            raise ValueError(f"layer rule {text!r} is not PATTERN=BITS")
-        return cls(pattern, _parse_bits(bits))
+            raise ValueError(f"layer rule {text!r} is not PATTERN=BITS or PATTERN=uSTEP")
+        if value.strip().lower().startswith("u"):
+            return cls(pattern, 8, _parse_step(value.strip()[1:]))
+        return cls(pattern, _parse_bits(value))
+
+    @property
+    def spec(self) -> str:
+        if self.step is not None:
+            return f"u{self.step:g}"
+        return str(self.bits) if self.bits else "float"
+
+
+def _parse_step(text: str) -> float:
+    try:
+        step = float(text)
+    except ValueError:
+        raise ValueError(f"uniform step must be a number, got {text!r}") from None
+    if not 0.005 <= step <= 4.0:
+        raise ValueError(f"uniform step must be in 0.005..4 (channel RMS units), got {step:g}")
+    return step
 
 
 def _parse_bits(text: str) -> int | None:
@@ -181,6 +205,7 @@ class Recipe:
     weighted: bool = False  # k-means weighted by input energy (needs calibration)
     rate_penalty: float = 0.0
     iterations: int = 100
+    finetune_steps: int = 0  # palette/scale/bias distillation steps (needs calibration and torch)
 
     def bits_for(self, name: str, kind: LayerKind, size: int) -> int | None:
         """Bits for a tensor; explicit rules win, then the layer kind, then the size floor."""
@@ -190,6 +215,13 @@ class Recipe:
         if size < self.min_elements or kind == "other":
             return None
         return {"fc": self.fc_bits, "conv": self.conv_bits, "depthwise": self.depthwise_bits}[kind]
+
+    def step_for(self, name: str) -> float | None:
+        """The uniform step of the first rule matching ``name`` (None: k-means)."""
+        for rule in self.rules:
+            if fnmatch.fnmatchcase(name, rule.pattern):
+                return rule.step
+        return None
 
     def with_bits(self, bits: int | None = None, **overrides: object) -> Recipe:
         """Same recipe with every palettized kind set to ``bits`` (plus any field overrides)."""
@@ -202,13 +234,14 @@ class Recipe:
             "fc_bits": self.fc_bits,
             "conv_bits": self.conv_bits,
             "depthwise_bits": self.depthwise_bits,
-            "rules": [f"{r.pattern}={r.bits or 'float'}" for r in self.rules],
+            "rules": [f"{r.pattern}={r.spec}" for r in self.rules],
             "min_elements": self.min_elements,
             "float_codec": self.float_codec,
             "granularity": self.granularity,
             "method": self.method,
             "weighted": self.weighted,
             "rate_penalty": self.rate_penalty,
+            "finetune_steps": self.finetune_steps,
         }
 
 
@@ -279,17 +312,55 @@ def palettize(
     importance: np.ndarray | None = None,
     iterations: int = 100,
     rate_penalty: float = 0.0,
+    step: float | None = None,
 ) -> PalettizedTensor:
-    """Cluster a tensor's values into 2**bits fp16 levels and index every value."""
+    """Cluster a tensor's values into 2**bits fp16 levels (or a uniform grid) and index every value."""
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be 1..8, got {bits}")
     weight = np.asarray(weight, dtype=np.float32)
     scales = channel_scales(weight, axis) if granularity == "channel" else None
     normalized = weight if scales is None else weight / _along(scales, weight.ndim, axis)
     # Round to fp16 first so indices are chosen against the levels that are stored.
-    book = _fp16_codebook(kmeans_1d(normalized, 1 << bits, importance, iterations, rate_penalty=rate_penalty))
+    if step is None:
+        book = _fp16_codebook(kmeans_1d(normalized, 1 << bits, importance, iterations, rate_penalty=rate_penalty))
+    else:
+        book = uniform_codebook(normalized, step if scales is not None else step * _rms(normalized))
     indices = assign(normalized.reshape(-1), book.levels, book.edges()).reshape(weight.shape)
+    return _packed(bits, book, indices, scales, axis, compact=step is not None)
+
+
+def _rms(x: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))) or 1.0
+
+
+UNIFORM_MAX_LEVELS = 256
+
+
+def uniform_codebook(values: np.ndarray, step: float) -> Codebook:
+    """Levels ``step`` apart covering the values (at most 256 of them, centred on the median).
+
+    At a given entropy, evenly spaced levels quantize with less error than a
+    fixed-size k-means palette (the high-rate ECSQ optimum is uniform).
+    """
+    k = np.round(np.asarray(values, dtype=np.float64) / step)
+    lo, hi = float(k.min()), float(k.max())
+    if hi - lo + 1 > UNIFORM_MAX_LEVELS:
+        mid = float(np.median(k))
+        lo = max(lo, mid - UNIFORM_MAX_LEVELS // 2)
+        hi = lo + UNIFORM_MAX_LEVELS - 1
+    levels = np.arange(lo, hi + 1) * step
+    return _fp16_codebook(Codebook(levels, np.ones(levels.size)))
+
+
+def _packed(
+    bits: int, book: Codebook, indices: np.ndarray, scales: np.ndarray | None, axis: int, compact: bool
+) -> PalettizedTensor:
+    """The tensor record; ``compact`` drops unused levels and sizes ``bits`` to the rest."""
     palette = book.levels.astype(np.float16)
+    if compact:
+        used, inverse = np.unique(indices.reshape(-1), return_inverse=True)
+        palette, indices = palette[used], inverse.astype(np.uint8).reshape(indices.shape)
+        bits = max(1, int(np.ceil(np.log2(max(2, used.size)))))
     return PalettizedTensor(bits=bits, palette=palette, indices=indices, scales=scales, scale_axis=axis)
 
 
@@ -357,11 +428,13 @@ def palettize_gptq(
     iterations: int = 100,
     rate_penalty: float = 0.0,
     damp: float = 0.01,
+    step: float | None = None,
 ) -> PalettizedTensor:
     """Palettize a linear layer (Gemm, or 1x1 Conv) with Hessian-aware rounding.
 
     The palette comes from k-means weighted by each weight's input energy
-    (diag of the Hessian: "sensitive k-means"); indices come from GPTQ.
+    (diag of the Hessian: "sensitive k-means") or is a uniform grid (``step``);
+    indices come from GPTQ.
     """
     weight = np.asarray(weight, dtype=np.float32)
     matrix = np.moveaxis(weight, out_axis, 0).reshape(weight.shape[out_axis], -1)
@@ -369,12 +442,15 @@ def palettize_gptq(
         raise ValueError(f"Hessian is {hessian.shape[0]}-wide but the layer has {matrix.shape[1]} inputs")
     scales = channel_scales(matrix, 0) if granularity == "channel" else None
     normalized = matrix if scales is None else matrix / scales.astype(np.float32)[:, None]
-    importance = np.broadcast_to(np.maximum(np.diag(hessian), 1e-12)[None, :], normalized.shape)
-    book = _fp16_codebook(kmeans_1d(normalized, 1 << bits, importance, iterations, rate_penalty=rate_penalty))
+    if step is None:
+        importance = np.broadcast_to(np.maximum(np.diag(hessian), 1e-12)[None, :], normalized.shape)
+        book = _fp16_codebook(kmeans_1d(normalized, 1 << bits, importance, iterations, rate_penalty=rate_penalty))
+    else:
+        book = uniform_codebook(normalized, step if scales is not None else step * _rms(normalized))
     indices = gptq_indices(normalized, hessian, book, damp)
     moved_shape = (weight.shape[out_axis], *np.delete(weight.shape, out_axis))
     indices = np.moveaxis(indices.reshape(moved_shape), 0, out_axis)
-    return PalettizedTensor(bits=bits, palette=book.levels.astype(np.float16), indices=indices, scales=scales, scale_axis=out_axis)
+    return _packed(bits, book, indices, scales, out_axis, compact=step is not None)
 
 
 def _fp16_codebook(book: Codebook) -> Codebook:
