@@ -18,7 +18,7 @@ from klaus.errors import KlausError, KlausModelError
 from klaus.preprocess import Preprocess, prepare
 from klaus.quantize import LOSSLESS
 
-from conftest import EXAMPLES, TINY_CLASSES, tiny_klaus
+from conftest import EXAMPLES, TINY_CLASSES, make_tiny_onnx, tiny_klaus
 
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 TIMING = set(sw.TIMING_COLUMNS)
@@ -175,7 +175,7 @@ def test_overlap_warning(tiny_run):
 def test_files_written(tiny_run):
     out, rows, _ = tiny_run
     md = (out / "sweep.md").read_text()
-    assert "| **fp32** | raw-f32 |" in md and "| all 2-bit | kmeans |" in md
+    assert "| **fp32** | reference | raw-f32 |" in md and "| all 2-bit | tensor | kmeans |" in md
     assert "% (1), " in md and "% (5)" in md
     assert "- command: `klaus sweep " in md and "--min-elements 64" in md
     assert "split all, 12 images" in md and "calibration: `" in md
@@ -280,3 +280,167 @@ def test_zoo_smoke_on_development_photos(imagenet_sample: Path, tmp_path: Path):
     assert rows["fc 4-bit"]["file_bytes"] < rows["fc 8-bit"]["file_bytes"] < rows["fp16"]["file_bytes"] < rows["fp32"]["file_bytes"]
     assert rows["fc 8-bit"]["palettized_tensors"] == 1  # the one FC layer
     assert rows["fc 8-bit"]["agreement"] >= 0.9 and rows["fc 4-bit"]["agreement"] >= 0.8
+
+
+# ---------------------------------------------------------------- methods and budgets (issue 5)
+
+
+def test_plan_methods_per_width_then_budgets():
+    settings = sw.plan([4], "all", ["default"], methods=["tensor", "channel", "calibrated"], budgets_mib=[2.5, 1.5],
+                       min_elements=10)
+    assert [s.label for s in settings] == [
+        "fp32", "fp16", "all 4-bit", "all 4-bit channel", "all 4-bit calibrated", "mixed 2.5 MiB", "mixed 1.5 MiB",
+        "default", "ort-int8-dynamic",
+    ]
+    assert [s.row_scheme for s in settings] == [
+        "reference", "fp16", "tensor", "channel", "calibrated", "mixed", "mixed", "recipe", "baseline",
+    ]
+    tensor, channel, calibrated = (s.recipe for s in settings[2:5])
+    for r in (tensor, channel, calibrated):  # one width: the same tensors, differing only in how
+        assert (r.fc_bits, r.conv_bits, r.depthwise_bits, r.min_elements, r.rules) == (4, 4, 4, 10, ())
+    assert (tensor.granularity, tensor.method) == ("tensor", "kmeans")
+    assert (channel.granularity, channel.method) == ("channel", "kmeans")
+    assert (calibrated.granularity, calibrated.method) == ("channel", "gptq")
+    assert [s.calibrated for s in settings[2:5]] == [False, False, True]
+    mixed = settings[5]
+    assert (mixed.kind, mixed.recipe, mixed.budget_bytes, mixed.min_elements) == ("mixed", None, int(2.5 * 2**20), 10)
+    assert [s.label for s in settings if s.requires_calibration] == ["all 4-bit calibrated", "mixed 2.5 MiB", "mixed 1.5 MiB"]
+    kept, skipped = sw.without_calibration(settings)
+    assert [s.label for s in skipped] == ["all 4-bit calibrated", "mixed 2.5 MiB", "mixed 1.5 MiB"]
+    assert [s.label for s in kept] == ["fp32", "fp16", "all 4-bit", "all 4-bit channel", "default", "ort-int8-dynamic"]
+    # Widths outer, methods inner; the default method list is the original table.
+    two = sw.plan([8, 4], "fc", methods=["channel", "tensor"], int8_baseline=False)
+    assert [s.label for s in two] == ["fp32", "fp16", "fc 8-bit channel", "fc 8-bit", "fc 4-bit channel", "fc 4-bit"]
+    assert [s.label for s in sw.plan([4], "fc")] == ["fp32", "fp16", "fc 4-bit", "ort-int8-dynamic"]
+
+
+def test_uniform_rows_map_bits_to_steps_and_rules_cover_the_scope():
+    settings = sw.plan([8, 6, 4, 2], "conv", methods=["uniform"], min_elements=64, int8_baseline=False)
+    uniform = [s for s in settings if s.row_scheme == "uniform"]
+    assert [(s.label, s.step) for s in uniform] == [("conv 6-bit uniform", 0.0625), ("conv 4-bit uniform", 0.25),
+                                                    ("conv 2-bit uniform", 1.0)]  # no grid at 8 bits: it would clip
+    graph = make_tiny_onnx()
+    recipe = sw.uniform_recipe(uniform[1].recipe, 0.25, graph)
+    assert recipe.granularity == "channel"
+    assert [(r.bits, r.step) for r in recipe.rules] == [(8, 0.25)] * 3
+    assert {r.pattern for r in recipe.rules} == {"stem.weight", "dw.weight", "pw.weight"}  # conv scope, not fc or biases
+    assert recipe.step_for("pw.weight") == 0.25 and recipe.bits_for("fc.weight", "fc", 640) is None
+
+
+@pytest.mark.parametrize("text", ["", "mixed", "tensor,nope"])
+def test_bad_methods_are_rejected(text: str):
+    with pytest.raises(KlausModelError, match="--methods"):
+        sw.parse_methods(text)
+
+
+@pytest.mark.parametrize("text", ["", "0", "-1", "a", "2.5,nan"])
+def test_bad_budgets_are_rejected(text: str):
+    with pytest.raises(KlausModelError, match="--budget-mib"):
+        sw.parse_budgets(text)
+
+
+def test_parsers_keep_order_and_drop_repeats():
+    assert sw.parse_methods("channel, tensor,channel") == ["channel", "tensor"]
+    assert sw.parse_budgets("2.5,2.0,1.5,2") == [2.5, 2.0, 1.5]
+
+
+def _row(setting: str, file_bytes: int | None, top1: float | None) -> sw.SweepRow:
+    return sw.SweepRow(setting, "bits", None, None, None, None, False, file_bytes, None, None, None, None, None, 1, 0,
+                       top1, top1, None, None, None)
+
+
+def test_frontier_is_the_best_top1_at_each_size():
+    rows = [_row("big", 100, 0.9), _row("mid-bad", 50, 0.5), _row("mid", 60, 0.85), _row("small", 10, 0.6),
+            _row("tie", 100, 0.9), _row("failed", None, None), _row("small-worse", 10, 0.4)]
+    assert [r.setting for r in sw.frontier(rows)] == ["small", "mid", "big"]
+    assert sw.frontier([]) == []
+
+
+def test_rows_needing_calibration_are_error_rows_without_it(tiny_dir: Path):
+    source = sw.load_source(tiny_dir / "tiny-lossless.klaus")
+    evalset = sw.load_eval_set(tiny_dir / "data.txt", source, limit=2)
+    settings = sw.plan([4], "all", methods=["calibrated"], budgets_mib=[0.011], min_elements=64, int8_baseline=False)
+    result = sw.run_sweep(source, evalset, settings)
+    by = {r.setting: r for r in result.rows}
+    for label in ("all 4-bit calibrated", "mixed 0.011 MiB"):
+        assert by[label].error == "skipped: needs calibration images (--calib)" and by[label].top1 is None
+
+
+@pytest.fixture(scope="module")
+def methods_run(tiny_dir: Path) -> tuple[Path, list[dict], str]:
+    """The tiny model at 4 bits by every method, plus one budgeted row; calibration on the examples."""
+    out = tiny_dir / "methods"
+    code, stdout, stderr = _run(
+        "sweep", str(tiny_dir / "tiny-lossless.klaus"), "--data", str(tiny_dir / "data.txt"), "--scope", "all",
+        "--bits", "4", "--methods", "tensor,channel,calibrated,uniform", "--budget-mib", "0.011", "--min-elements", "64",
+        "--no-int8", "--calib", str(EXAMPLES), "--out", str(out), "--json",
+    )
+    assert code == 0, stderr
+    return out, [json.loads(line) for line in stdout.splitlines()], stderr
+
+
+def test_method_rows_end_to_end(methods_run):
+    out, rows, _ = methods_run
+    by = {r["setting"]: r for r in rows}
+    expected = ["fp32", "fp16", "all 4-bit", "all 4-bit channel", "all 4-bit calibrated", "all 4-bit uniform"]
+    assert list(by) == [*expected, "mixed 0.011 MiB"]
+    for r in rows:
+        assert r["error"] is None, r
+        assert r["n"] == 12 and r["file_bytes"] > 0 and abs(r["file_mib"] - r["file_bytes"] / 2**20) < 1e-4
+    assert [by[s]["scheme"] for s in expected[2:]] == ["tensor", "channel", "calibrated", "uniform"]
+    assert (by["all 4-bit"]["method"], by["all 4-bit channel"]["method"]) == ("kmeans", "kmeans")
+    assert by["all 4-bit calibrated"]["method"] == "gptq+bias-correction" and by["all 4-bit calibrated"]["calibrated"]
+    assert not by["all 4-bit channel"]["calibrated"]
+    # Same tensors at one width; per-channel rows also store fp16 scales.
+    assert {by[s]["palettized_tensors"] for s in expected[2:]} == {4}
+    assert by["all 4-bit channel"]["palettized_bytes"] > by["all 4-bit"]["palettized_bytes"]
+    u = by["all 4-bit uniform"]
+    assert (u["method"], u["step"], u["recipe"], u["calibrated"]) == ("uniform", 0.25, "all-u0.25", False)
+    m = by["mixed 0.011 MiB"]
+    assert m["kind"] == "mixed" and m["scheme"] == "mixed" and m["calibrated"] and m["bits"] is None
+    assert m["budget_bytes"] == int(0.011 * 2**20) and m["file_bytes"] <= m["budget_bytes"]
+    assert m["allocation"] and "×" in m["allocation"] and m["method"].startswith("gptq")
+
+    md = (out / "sweep.md").read_text()
+    assert "--methods tensor,channel,calibrated,uniform" in md and "--budget-mib 0.011" in md
+    assert "| all 4-bit calibrated | calibrated | gptq+bias-correction |" in md
+    assert "| mixed 0.011 MiB | mixed |" in md and f"{m['file_bytes']:,}" in md
+    assert "Pareto frontier" in md and f"- mixed 0.011 MiB: budget {m['budget_bytes']:,} bytes" in md
+    assert "(calibrated, mixed rows only)" in md and "  - calibrated: " in md and "  - mixed: " in md
+    with open(out / "sweep.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0]) == list(sw.COLUMNS) and [r["scheme"] for r in table] == [r["scheme"] for r in rows]
+    doc = json.loads((out / "sweep.json").read_text())
+    assert doc["rows"] == rows and any(line.startswith("mixed:") for line in doc["schemes"])
+    if HAS_MATPLOTLIB:
+        assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_calibrated_and_mixed_rows_are_skipped_without_calib(tiny_dir: Path, tmp_path: Path):
+    code, stdout, stderr = _run(
+        "sweep", str(tiny_dir / "tiny-lossless.klaus"), "--data", str(tiny_dir / "data.txt"), "--scope", "fc",
+        "--bits", "4", "--methods", "tensor,calibrated", "--budget-mib", "0.011", "--min-elements", "64", "--no-int8",
+        "--limit", "2", "--out", str(tmp_path), "--json",
+    )
+    assert code == 0, stderr
+    assert [json.loads(line)["setting"] for line in stdout.splitlines()] == ["fp32", "fp16", "fc 4-bit"]
+    warning = [line for line in stderr.splitlines() if "skipped" in line]
+    assert len(warning) == 1 and "fc 4-bit calibrated, mixed 0.011 MiB" in warning[0] and "--calib" in warning[0]
+    assert "--methods tensor,calibrated --budget-mib 0.011" in (tmp_path / "sweep.md").read_text()  # as asked
+
+
+def test_cli_rejects_bad_methods_in_one_line(tiny_dir: Path, tmp_path: Path):
+    code, _, stderr = _run("sweep", str(tiny_dir / "tiny-lossless.klaus"), "--data", str(tiny_dir / "data.txt"),
+                           "--methods", "tensor,mixed", "--out", str(tmp_path))
+    assert code == 1 and "--budget-mib" in stderr and len(stderr.strip().splitlines()) == 1
+
+
+def test_uniform_widths_without_a_grid_are_noted(tiny_dir: Path, tmp_path: Path):
+    code, stdout, stderr = _run(
+        "sweep", str(tiny_dir / "tiny-lossless.klaus"), "--data", str(tiny_dir / "data.txt"), "--scope", "fc",
+        "--bits", "8,4", "--methods", "uniform", "--min-elements", "64", "--no-int8", "--limit", "1",
+        "--out", str(tmp_path), "--json",
+    )
+    assert code == 0, stderr
+    assert [json.loads(line)["setting"] for line in stdout.splitlines()] == ["fp32", "fp16", "fc 4-bit uniform"]
+    assert "no uniform row at 8 bits" in stderr

@@ -491,6 +491,13 @@ def recipes(as_json: bool) -> int:
 @click.option("--bits", "bits_text", default="8,4,2", show_default=True, help="Comma-separated widths for the scope rows.")
 @click.option("--scope", type=click.Choice(["fc", "conv", "all"]), default="fc", show_default=True,
               help="Layers palettized in the bits rows (conv includes depthwise); the rest stay fp16.")
+@click.option("--methods", "methods_text", default="tensor", show_default=True, metavar="LIST",
+              help="Rows per bit width, comma-separated: tensor (per-tensor k-means), channel (per-channel scales + "
+                   "shared palette), calibrated (per-channel + GPTQ + bias correction; needs --calib), uniform "
+                   "(per-channel uniform grid, entropy about the width).")
+@click.option("--budget-mib", "budgets_text", default=None, metavar="LIST",
+              help="Also a mixed-precision row per budget (comma-separated MiB, e.g. 2.5,2.0,1.5): the 'default' "
+                   "recipe fitted to the budget (needs --calib).")
 @click.option("--recipe", "recipe_names", multiple=True, metavar="NAME", help="Also a row for this named recipe (see 'klaus recipes'). Repeatable.")
 @click.option("--data", required=True, metavar="DATA", help="Labelled images: <wnid>/ folders, <wnid>_*.jpg files, or a 'path label' list file.")
 @click.option("--split", type=click.Choice(["all", "odd", "even"]), default="all", show_default=True,
@@ -505,8 +512,8 @@ def recipes(as_json: bool) -> int:
 @click.option("--out", "out_dir", metavar="DIR", help="Where to write sweep.md/.csv/.json/.png (default: sweep-<model>/).")
 @threads_option
 @json_option
-def sweep(src, bits_text, scope, recipe_names, data, split, limit, calib, calib_split, calib_limit, calib_crops, crops,
-          min_elements, labels_file, int8, out_dir, threads, as_json) -> int:
+def sweep(src, bits_text, scope, methods_text, budgets_text, recipe_names, data, split, limit, calib, calib_split, calib_limit,
+          calib_crops, crops, min_elements, labels_file, int8, out_dir, threads, as_json) -> int:
     """Accuracy versus bits: compress SRC (lossless .klaus, .onnx or zoo name) at each setting and evaluate on DATA."""
     import shlex
 
@@ -517,10 +524,15 @@ def sweep(src, bits_text, scope, recipe_names, data, split, limit, calib, calib_
 
     try:
         bits = sw.parse_bits(bits_text)
-        settings = sw.plan(bits, scope, recipe_names, min_elements=min_elements, int8_baseline=int8)
+        methods = sw.parse_methods(methods_text)
+        budgets = sw.parse_budgets(budgets_text) if budgets_text is not None else []
+        settings = sw.plan(bits, scope, recipe_names, methods=methods, budgets_mib=budgets, min_elements=min_elements,
+                           int8_baseline=int8)
     except KlausModelError as exc:
         fail(str(exc))
     command = ["klaus", "sweep", src, "--scope", scope, "--bits", ",".join(map(str, bits))]
+    command += ["--methods", ",".join(methods)] if methods != ["tensor"] else []
+    command += ["--budget-mib", ",".join(f"{b:g}" for b in budgets)] if budgets else []
     command += [a for name in dict.fromkeys(recipe_names) for a in ("--recipe", name)]
     command += ["--data", data] + (["--split", split] if split != "all" else []) + (["--limit", str(limit)] if limit else [])
     command += [a for c in calib for a in ("--calib", c)]
@@ -537,8 +549,17 @@ def sweep(src, bits_text, scope, recipe_names, data, split, limit, calib, calib_
     if source.palettized_tensors:
         click.echo(f"klaus: warning: {src} has {source.palettized_tensors} palettized tensors, so the 'fp32' row is "
                    "its decoded weights, not the original float model", err=True)
+    no_grid = [str(b) for b in bits if b not in sw.UNIFORM_STEPS] if "uniform" in methods else []
+    if no_grid:
+        click.echo(f"klaus: note: no uniform row at {', '.join(no_grid)} bits: a grid that fine needs more than 256 levels "
+                   f"(uniform widths: {min(sw.UNIFORM_STEPS)}..{max(sw.UNIFORM_STEPS)})", err=True)
+    if not calib:
+        settings, skipped = sw.without_calibration(settings)
+        if skipped:
+            click.echo(f"klaus: warning: no --calib images, so {len(skipped)} row{'s' if len(skipped) > 1 else ''} "
+                       f"({', '.join(s.label for s in skipped)}) skipped: calibrated and mixed rows need calibration", err=True)
     if calib and not any(s.calibrated for s in settings):
-        click.echo("klaus: note: --calib is used by --recipe rows only (the bits rows are plain k-means), so it is ignored", err=True)
+        click.echo("klaus: note: --calib is used by calibrated, mixed and --recipe rows only, so it is ignored", err=True)
         calib = ()
     calibration = sw.load_calibration_set(calib, source, split=calib_split, limit=calib_limit, crops=int(calib_crops))
     with tqdm(desc="preprocess", unit="img", file=sys.stderr, disable=quiet, leave=False) as bar:

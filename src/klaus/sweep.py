@@ -3,10 +3,13 @@
 The original Klaus write-up was a table — top-1/top-5 error of the network with
 its fully connected layers palettized at 8, 4 and 2 bits, next to the model's
 size. :func:`run_sweep` makes that table for any classifier: the fp32 reference
-and fp16 rows, one row per bit width for a layer scope (per-tensor plain
-k-means, as the original), named recipes, and ONNX Runtime's dynamic int8 as a
-baseline. Each row is compressed in memory, serialized (the byte count is the
-real file's), parsed back, and evaluated on the same preprocessed images.
+and fp16 rows; for each bit width, one row per quantization method on a layer
+scope (:data:`METHODS`: per-tensor plain k-means as the original, per-channel
+k-means, per-channel calibrated GPTQ + bias correction, per-channel uniform
+grid); budgeted mixed-precision rows (``compress.compress_to_budget``); named
+recipes; and ONNX Runtime's dynamic int8 as a baseline. Each row is compressed
+in memory, serialized (the byte count is the real file's), parsed back, and
+evaluated on the same preprocessed images.
 
 Pure orchestration: compression, evaluation and the file format are the other
 modules' jobs. Nothing here prints; the CLI reports warnings and progress.
@@ -28,18 +31,30 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import onnx
 
-from . import __version__, codecs, evaluate
+from . import __version__, codecs, evaluate, quantize
 from .compress import ModelCard, compress_onnx, default_labels, imagenet_label_rows, plain_label_rows, to_onnx
 from .errors import KlausDataError, KlausError, KlausModelError
 from .format import KlausModel, LabelRow, parse_model, serialize
 from .preprocess import Preprocess, prepare
-from .quantize import FP16, LOSSLESS, NAMED_RECIPES, Recipe
+from .quantize import FP16, LOSSLESS, NAMED_RECIPES, LayerRule, Recipe
 
 if TYPE_CHECKING:
     from .runtime import Classifier
 
 SCOPES: tuple[str, ...] = ("fc", "conv", "all")
-RowKind = Literal["reference", "fp16", "bits", "recipe", "baseline"]
+RowKind = Literal["reference", "fp16", "bits", "mixed", "recipe", "baseline"]
+# Per bit width, how the scope is quantized (--methods); "tensor" is the original's method.
+METHODS: tuple[str, ...] = ("tensor", "channel", "calibrated", "uniform")
+# What a row is, for the table and the plot: a method above, or one of these.
+SCHEMES: tuple[str, ...] = ("reference", "fp16", *METHODS, "mixed", "recipe", "baseline")
+CALIBRATED_SCHEMES = ("calibrated", "mixed")  # rows that cannot be made without calibration images
+MIXED_RECIPE = "default"  # the named recipe budgeted rows start from (looked up when the row runs)
+# Uniform rows: the grid step (in channel-RMS units) whose index entropy is about b bits per
+# weight (entropy ~ 2 - log2(step) for weights of unit RMS; measured on EfficientNet-Lite0's
+# palettized tensors: 6.02, 5.08, 4.03, 3.04, 2.09 bits/weight at 0.0625, 0.125 (0.12), 0.25,
+# 0.5, 1.0). Finer grids than 0.0625 need more than the palette's 256 levels to cover a
+# channel's outliers (clipping), so widths 7 and 8 have no uniform row.
+UNIFORM_STEPS: dict[int, float] = {1: 2.0, 2: 1.0, 3: 0.5, 4: 0.25, 5: 0.125, 6: 0.0625}
 REFERENCE = "fp32"
 INT8_BASELINE = "ort-int8-dynamic"
 BATCH_IMAGES = 32
@@ -127,6 +142,18 @@ class Setting:
     scope: str | None = None
     bits: int | None = None
     calibrated: bool = False  # receives the calibration batch, if there is one
+    scheme: str = ""  # see SCHEMES; "" = the kind's own
+    step: float | None = None  # uniform rows: the grid step, channel-RMS units
+    budget_bytes: int | None = None  # mixed rows: the file budget
+    min_elements: int | None = None  # mixed rows: smaller tensors stay fp16 (None: compress_to_budget's own)
+
+    @property
+    def row_scheme(self) -> str:
+        return self.scheme or {"bits": "tensor"}.get(self.kind, self.kind)
+
+    @property
+    def requires_calibration(self) -> bool:
+        return self.row_scheme in CALIBRATED_SCHEMES
 
 
 def scope_recipe(scope: str, bits: int, min_elements: int | None = None) -> Recipe:
@@ -144,25 +171,86 @@ def scope_recipe(scope: str, bits: int, min_elements: int | None = None) -> Reci
     )
 
 
+def method_setting(scope: str, bits: int, method: str, min_elements: int | None = None) -> Setting | None:
+    """The row for ``method`` at ``bits`` on ``scope`` (None: the method has no row at that width).
+
+    Every method starts from :func:`scope_recipe`, so rows at one width palettize the same
+    tensors (same scope, same size floor) and differ only in how.
+    """
+    base = scope_recipe(scope, bits, min_elements)
+    if method == "tensor":
+        return Setting(f"{scope} {bits}-bit", "bits", base, scope, bits, scheme="tensor")
+    if method == "channel":
+        recipe = replace(base, name=f"{scope}{bits}-channel", granularity="channel")
+        return Setting(f"{scope} {bits}-bit channel", "bits", recipe, scope, bits, scheme="channel")
+    if method == "calibrated":
+        recipe = replace(base, name=f"{scope}{bits}-calibrated", granularity="channel", method="gptq")
+        return Setting(f"{scope} {bits}-bit calibrated", "bits", recipe, scope, bits, calibrated=True, scheme="calibrated")
+    if method == "uniform":
+        step = UNIFORM_STEPS.get(bits)
+        if step is None:
+            return None
+        # The per-tensor rules that carry the step are added per model (uniform_recipe), because
+        # a rule matches tensor names and wins over the scope and the size floor.
+        recipe = replace(base, name=f"{scope}-u{step:g}", granularity="channel")
+        return Setting(f"{scope} {bits}-bit uniform", "bits", recipe, scope, bits, scheme="uniform", step=step)
+    raise KlausModelError(f"unknown method {method!r} (known: {', '.join(METHODS)}; mixed rows come from --budget-mib)")
+
+
+def uniform_recipe(recipe: Recipe, step: float, graph: onnx.ModelProto) -> Recipe:
+    """``recipe`` with a uniform grid of ``step`` on exactly the tensors it palettizes in ``graph``."""
+    from . import onnxgraph
+
+    roles = onnxgraph.tensor_roles(graph)
+    rules = []
+    for init in graph.graph.initializer:
+        size = int(np.prod(init.dims)) if init.dims else 1
+        role = roles.get(init.name)
+        if role is not None and init.dims and size and recipe.bits_for(init.name, role.kind, size) is not None:
+            rules.append(LayerRule.exact(init.name, 8, step))
+    return replace(recipe, rules=tuple(rules))
+
+
+def mixed_setting(mib: float, min_elements: int | None = None) -> Setting:
+    """A budgeted mixed-precision row: the whole file within ``mib`` MiB (the recipe is chosen when it runs)."""
+    budget = int(mib * 2**20)
+    if budget <= 0:
+        raise KlausModelError(f"--budget-mib must be positive, got {mib:g}")
+    return Setting(
+        f"mixed {mib:g} MiB", "mixed", None, calibrated=True, scheme="mixed", budget_bytes=budget, min_elements=min_elements
+    )
+
+
 def plan(
     bits: Sequence[int],
     scope: str,
     recipes: Sequence[str] = (),
     *,
+    methods: Sequence[str] = ("tensor",),
+    budgets_mib: Sequence[float] = (),
     min_elements: int | None = None,
     int8_baseline: bool = True,
 ) -> list[Setting]:
-    """The rows in table order: fp32, fp16, scope at each width, named recipes, int8 baseline.
+    """The rows in table order: fp32, fp16, each width × each method, budgets, named recipes, int8 baseline.
 
     ``min_elements`` (tensors with fewer weights stay float) defaults to
-    Recipe's 4096 for the scope rows and to each named recipe's own value.
+    Recipe's 4096 for the method rows, to ``compress_to_budget``'s own for the
+    mixed rows and to each named recipe's own value.
     """
+    for method in methods:
+        if method not in METHODS:
+            raise KlausModelError(f"unknown method {method!r} (known: {', '.join(METHODS)}; mixed rows come from --budget-mib)")
     settings = [
         Setting(REFERENCE, "reference", LOSSLESS),
         Setting("fp16", "fp16", FP16),
     ]
     for b in dict.fromkeys(bits):
-        settings.append(Setting(f"{scope} {b}-bit", "bits", scope_recipe(scope, b, min_elements), scope, b))
+        for method in dict.fromkeys(methods):
+            setting = method_setting(scope, b, method, min_elements)
+            if setting is not None:
+                settings.append(setting)
+    for mib in dict.fromkeys(budgets_mib):
+        settings.append(mixed_setting(mib, min_elements))
     for name in dict.fromkeys(recipes):
         if name not in NAMED_RECIPES:
             raise KlausModelError(f"unknown recipe {name!r} (known: {', '.join(NAMED_RECIPES)})")
@@ -171,10 +259,39 @@ def plan(
         recipe = NAMED_RECIPES[name]
         if min_elements is not None:
             recipe = recipe.with_bits(min_elements=min_elements)
-        settings.append(Setting(name, "recipe", recipe, calibrated=True))
+        settings.append(Setting(name, "recipe", recipe, calibrated=True, scheme="recipe"))
     if int8_baseline:
-        settings.append(Setting(INT8_BASELINE, "baseline", None))
+        settings.append(Setting(INT8_BASELINE, "baseline", None, scheme="baseline"))
     return settings
+
+
+def without_calibration(settings: Sequence[Setting]) -> tuple[list[Setting], list[Setting]]:
+    """(rows that can run without calibration images, rows that cannot: calibrated and mixed)."""
+    kept = [s for s in settings if not s.requires_calibration]
+    return kept, [s for s in settings if s.requires_calibration]
+
+
+def parse_methods(text: str) -> list[str]:
+    """'tensor,channel' -> ['tensor', 'channel']."""
+    values = list(dict.fromkeys(v for v in text.replace(" ", "").lower().split(",") if v))
+    unknown = [v for v in values if v not in METHODS]
+    if not values or unknown:
+        raise KlausModelError(
+            f"--methods needs comma-separated methods from {', '.join(METHODS)}, got {text!r}"
+            + (" (mixed rows come from --budget-mib)" if "mixed" in unknown else "")
+        )
+    return values
+
+
+def parse_budgets(text: str) -> list[float]:
+    """'2.5,2.0,1.5' -> [2.5, 2.0, 1.5] (MiB)."""
+    try:
+        values = [float(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        values = []
+    if not values or any(not (v > 0 and np.isfinite(v)) for v in values):
+        raise KlausModelError(f"--budget-mib needs comma-separated positive sizes in MiB, got {text!r}")
+    return list(dict.fromkeys(values))
 
 
 def parse_bits(text: str) -> list[int]:
@@ -368,6 +485,14 @@ class SweepRow:
     compress_seconds: float | None
     eval_seconds: float | None
     error: str | None = None
+    scheme: str | None = None  # tensor, channel, calibrated, uniform, mixed, recipe, baseline (or reference, fp16)
+    step: float | None = None  # uniform rows: grid step in channel-RMS units
+    budget_bytes: int | None = None  # mixed rows: the budget the file had to fit
+    allocation: str | None = None  # mixed rows: how many tensors got each width ("4×fp16, 30×6-bit, 9×u0.25")
+
+    @property
+    def file_mib(self) -> float | None:
+        return None if self.file_bytes is None else self.file_bytes / 2**20
 
     @property
     def top1_error(self) -> float | None:
@@ -389,7 +514,7 @@ class SweepRow:
         for name in COLUMNS:
             value = getattr(self, name)
             if isinstance(value, float):
-                value = round(value, 2 if name in TIMING_COLUMNS else 1 if name == "entropy_bytes" else 6)
+                value = round(value, _DIGITS.get(name, 6))
             d[name] = value
         return d
 
@@ -402,11 +527,12 @@ def _columns() -> tuple[str, ...]:
             names += ["top1_error", "top5_error"]
         if f.name == "entropy_bytes":
             names.append("bits_per_weight")
-    return tuple(names)
+    return (*names, "file_mib")
 
 
 COLUMNS = _columns()  # CSV header and JSON key order
 TIMING_COLUMNS = ("compress_seconds", "eval_seconds")  # the only values that vary between runs
+_DIGITS = {"compress_seconds": 2, "eval_seconds": 2, "entropy_bytes": 1, "file_mib": 4}  # rounding (default 6)
 
 
 @dataclass(frozen=True)
@@ -422,6 +548,7 @@ class SweepResult:
     command: str
     rows: tuple[SweepRow, ...]
     scope_rows: str = ""  # how the bits rows were made
+    schemes: tuple[str, ...] = ()  # one line per kind of row: how it was made
 
     def row(self, setting: str) -> SweepRow:
         return next(r for r in self.rows if r.setting == setting)
@@ -497,8 +624,10 @@ def run_sweep(
     with tempfile.TemporaryDirectory(prefix="klaus-sweep-") as tmp:
         for setting in settings:
             tick = progress(setting.label, evalset.n) if progress else None
-            if setting.recipe is None:
+            if setting.kind == "baseline":
                 row = _baseline_row(setting, source, evalset, Path(tmp), threads, reference_top1, tick)
+            elif setting.requires_calibration and calibration is None:
+                row = _error_row(setting, evalset, "skipped: needs calibration images (--calib)")
             else:
                 try:
                     row, top5 = _compressed_row(setting, source, evalset, calibration, threads, reference_top1, tick)
@@ -516,6 +645,7 @@ def run_sweep(
     return SweepResult(
         source.name, source.describe(), evalset.data, evalset.split, evalset.crops, len(evalset.samples), evalset.failed,
         None if calibration is None else calibration.describe(), command, tuple(rows), _describe_scope(settings),
+        _describe_schemes(settings),
     )
 
 
@@ -524,11 +654,51 @@ def _describe_scope(settings: Sequence[Setting]) -> str:
     if not bits:
         return ""
     layers = {"fc": "fully connected layers", "conv": "convolutions (incl. depthwise)", "all": "all layers"}[bits[0].scope or "all"]
-    return (
-        f"{layers} at {', '.join(str(s.bits) for s in bits)} bits, one k-means palette per tensor (plain 1-D k-means, "
-        f"no calibration); {'' if bits[0].scope == 'all' else 'other layers and '}tensors under "
-        f"{bits[0].recipe.min_elements} weights stay fp16"
-    )
+    widths = ", ".join(str(b) for b in dict.fromkeys(s.bits for s in bits))
+    others = "" if bits[0].scope == "all" else "other layers and "
+    floor = f"{others}tensors under {bits[0].recipe.min_elements} weights stay fp16"
+    if {s.row_scheme for s in bits} == {"tensor"}:  # the original table, described as before
+        return f"{layers} at {widths} bits, one k-means palette per tensor (plain 1-D k-means, no calibration); {floor}"
+    return f"{layers} at {widths} bits, one row per method (below); {floor}"
+
+
+def _describe_schemes(settings: Sequence[Setting]) -> tuple[str, ...]:
+    """One line per kind of compressed row in the sweep: how its rows were made."""
+    present = {s.row_scheme: s for s in settings}
+    lines = []
+    if "tensor" in present:
+        lines.append("tensor: one k-means palette per tensor (plain 1-D k-means, no calibration), the original method")
+    if "channel" in present:
+        lines.append(
+            "channel: per-output-channel fp16 scales (channel RMS) and one shared k-means palette per tensor, no calibration"
+        )
+    if "calibrated" in present:
+        lines.append(
+            "calibrated: per-output-channel scales + shared palette; palette by k-means weighted by input energy and indices "
+            "by GPTQ where the calibration Hessian is well determined (else k-means), then bias correction"
+        )
+    if "uniform" in present:
+        steps = ", ".join(f"{s.bits}-bit → u{s.step:g}" for s in settings if s.row_scheme == "uniform")
+        lines.append(
+            "uniform: per-output-channel scales and a uniform grid (step in channel-RMS units, at most 256 levels; "
+            f"the index entropy is about 2 − log2(step) bits/weight, so width b uses step 2^(2−b): {steps}; "
+            "no uniform row at 7 or 8 bits, whose grids would clip), no calibration; "
+            "the bytes come from entropy coding, not the level count"
+        )
+    if "mixed" in present:
+        from .compress import MIN_BUDGET_ELEMENTS
+
+        base = quantize.NAMED_RECIPES[MIXED_RECIPE]
+        floors = {s.min_elements for s in settings if s.row_scheme == "mixed"}
+        floor = MIN_BUDGET_ELEMENTS if floors == {None} else next(iter(floors))
+        how = f"{base.granularity} granularity, {base.method}"
+        how += f", {base.finetune_steps} fine-tuning steps" if getattr(base, "finetune_steps", 0) else ""
+        lines.append(
+            f"mixed: `klaus.compress.compress_to_budget` from the `{MIXED_RECIPE}` recipe ({how}): bits per tensor "
+            "(k-means widths or uniform grids, or fp16) chosen on the calibration images to fit the whole file in the "
+            f"budget; every layer kind (the scope does not apply), tensors under {floor} weights stay fp16"
+        )
+    return tuple(lines)
 
 
 Tick = Callable[[int], None] | None
@@ -546,11 +716,18 @@ def _compressed_row(
     from .runtime import Classifier
 
     use_calib = calibration.batch if (calibration is not None and setting.calibrated) else None
+    allocation = None
     start = time.perf_counter()
-    model = compress_onnx(
-        source.graph, setting.recipe, preprocess=source.preprocess, labels=source.labels, card=source.card,
-        output=source.output, calibration=use_calib,
-    )
+    if setting.kind == "mixed":
+        model, allocation = _budgeted(setting, source, use_calib)
+    else:
+        recipe = setting.recipe
+        if setting.step is not None:
+            recipe = uniform_recipe(recipe, setting.step, source.graph)
+        model = compress_onnx(
+            source.graph, recipe, preprocess=source.preprocess, labels=source.labels, card=source.card,
+            output=source.output, calibration=use_calib,
+        )
     blob = serialize(model)
     seconds = time.perf_counter() - start
     stored = parse_model(blob, f"<{setting.label}>")  # measure exactly what the file decodes to
@@ -558,13 +735,46 @@ def _compressed_row(
     top5 = _top5(Classifier(stored, threads=threads), evalset, tick)
     eval_seconds = time.perf_counter() - start
     acc = evaluate.score(evalset.samples, top5, evalset.ok, reference_top1)
+    method = _method(stored, use_calib is not None)
+    if setting.step is not None:
+        method = method.replace("kmeans", "uniform", 1)
     row = SweepRow(
-        setting.label, setting.kind, setting.scope, setting.bits, setting.recipe.name, _method(stored, use_calib is not None),
+        setting.label, setting.kind, setting.scope, setting.bits,
+        setting.recipe.name if setting.recipe is not None else str(stored.recipe.get("name") or "") or None, method,
         use_calib is not None, len(blob), **_palette_stats(stored),  # type: ignore[arg-type]
         n=acc.n, failed=acc.failed, top1=acc.top1, top5=acc.top5, agreement=acc.agreement,
-        compress_seconds=seconds, eval_seconds=eval_seconds,
+        compress_seconds=seconds, eval_seconds=eval_seconds, scheme=setting.row_scheme, step=setting.step,
+        budget_bytes=setting.budget_bytes, allocation=None if allocation is None else _allocation_summary(allocation),
     )
     return row, top5
+
+
+def _budgeted(setting: Setting, source: SweepSource, calibration: np.ndarray | None) -> tuple[KlausModel, object]:
+    """A mixed row's model: the named recipe as it is now (not at import), fitted to the budget."""
+    from . import compress
+
+    if calibration is None or setting.budget_bytes is None:
+        raise KlausModelError("a budgeted row needs calibration images (--calib)")
+    kwargs = {} if setting.min_elements is None else {"min_elements": setting.min_elements}
+    return compress.compress_to_budget(
+        source.graph, quantize.NAMED_RECIPES[MIXED_RECIPE], setting.budget_bytes, preprocess=source.preprocess,
+        labels=source.labels, card=source.card, output=source.output, calibration=calibration, **kwargs,
+    )
+
+
+def _allocation_summary(allocation: object) -> str:
+    """'3×fp16, 20×6-bit, 9×u0.25': how many tensors the allocation gave each width or uniform grid."""
+    counts: dict[str, int] = {}
+    for entry in allocation.table():  # type: ignore[attr-defined]
+        spec = str(entry["bits"])
+        counts[spec] = counts.get(spec, 0) + 1
+
+    def order(spec: str) -> tuple[int, float]:
+        if spec.startswith("u"):
+            return (2, float(spec[1:]))
+        return (1, -float(spec)) if spec.isdigit() else (0, 0.0)
+
+    return ", ".join(f"{counts[spec]}×{spec}{'-bit' if spec.isdigit() else ''}" for spec in sorted(counts, key=order))
 
 
 def _rescore(row: SweepRow, evalset: EvalSet, top5: np.ndarray, reference_top1: np.ndarray) -> SweepRow:
@@ -609,6 +819,7 @@ def _baseline_row(
     return SweepRow(
         setting.label, setting.kind, None, 8, None, "ort-dynamic-qint8", False, int8.stat().st_size,
         None, None, None, None, None, acc.n, acc.failed, acc.top1, acc.top5, acc.agreement, seconds, eval_seconds,
+        scheme=setting.row_scheme,
     )
 
 
@@ -616,6 +827,7 @@ def _error_row(setting: Setting, evalset: EvalSet, error: str) -> SweepRow:
     return SweepRow(
         setting.label, setting.kind, setting.scope, setting.bits, None if setting.recipe is None else setting.recipe.name,
         None, False, None, None, None, None, None, None, 0, len(evalset.samples), None, None, None, None, None, error,
+        scheme=setting.row_scheme, step=setting.step, budget_bytes=setting.budget_bytes,
     )
 
 
@@ -642,13 +854,14 @@ def markdown(result: SweepResult) -> str:
         f"- data: `{result.data}`, split {result.split}, {result.n} images"
         + (f" ({result.failed} unreadable)" if result.failed else "")
         + f", {result.crops} crop{'s' if result.crops > 1 else ''} per image",
-        f"- calibration: {result.calibration + ' (recipe rows only)' if result.calibration else 'none'}",
+        f"- calibration: {result.calibration + _calibration_users(result) if result.calibration else 'none'}",
         *([f"- bits rows: {result.scope_rows}"] if result.scope_rows else []),
+        *(["- schemes:", *(f"  - {line}" for line in result.schemes)] if result.schemes else []),
         f"- command: `{result.command}`" if result.command else "- command: (library call)",
         "",
-        "| setting | method | file | vs fp32 | error: top-1 (1), top-5 (5) | top-1 | top-5 | top-1 agreement with fp32 "
-        "| palettized tensors | palettized bytes | entropy bound | bits/weight | compress s |",
-        "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| setting | scheme | method | file | bytes | vs fp32 | error: top-1 (1), top-5 (5) | top-1 | top-5 "
+        "| top-1 agreement with fp32 | palettized tensors | palettized bytes | entropy bound | bits/weight | compress s |",
+        "| --- | --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     notes = []
     for r in result.rows:
@@ -660,8 +873,10 @@ def markdown(result: SweepResult) -> str:
         lines.append(
             "| " + " | ".join([
                 f"**{r.setting}**" if r.kind == "reference" else r.setting,
+                r.scheme or "—",
                 r.method or ("failed" if r.error else "—"),
                 _mib(r.file_bytes),
+                "—" if r.file_bytes is None else f"{r.file_bytes:,}",
                 ratio,
                 errors,
                 _pct(r.top1),
@@ -676,13 +891,40 @@ def markdown(result: SweepResult) -> str:
         )
     lines += [
         "",
-        "file: the whole `.klaus` file (the int8 baseline: its ONNX file). palettized bytes: index-map PNGs + fp16 "
+        "file, bytes: the whole `.klaus` file (the int8 baseline: its ONNX file). palettized bytes: index-map PNGs + fp16 "
         "palettes + scales of the palettized tensors; entropy bound: order-0 entropy of their indices; bits/weight: "
         "palettized bytes × 8 / palettized weights. Only the compress s column varies between runs.",
     ]
+    best = frontier(result.rows)
+    if best:
+        lines += ["", "Pareto frontier (the best top-1 at each size, over all rows, smallest first): "
+                  + " → ".join(f"{r.setting} ({_mib(r.file_bytes)}, {_pct(r.top1)})" for r in best) + "."]
+    budgeted = [r for r in result.rows if r.kind == "mixed" and r.budget_bytes is not None and not r.error]
+    if budgeted:
+        lines += ["", "Mixed rows (budget; tensors per width, fp16 = kept float, uN = uniform grid of step N):", ""]
+        lines += [
+            f"- {r.setting}: budget {r.budget_bytes:,} bytes, file {r.file_bytes:,} bytes; {r.allocation}" for r in budgeted
+        ]
     if notes:
         lines += ["", "Failed rows:", "", *notes]
     return "\n".join(lines) + "\n"
+
+
+def _calibration_users(result: SweepResult) -> str:
+    users = [scheme for scheme in ("calibrated", "mixed", "recipe") if any(r.scheme == scheme for r in result.rows)]
+    if users == ["recipe"]:
+        return " (recipe rows only)"
+    return f" ({', '.join(users)} rows only)" if users else " (no row uses it)"
+
+
+def frontier(rows: Sequence[SweepRow]) -> list[SweepRow]:
+    """The measured rows no smaller row beats: the best top-1 at each size, smallest file first."""
+    done = sorted((r for r in rows if r.file_bytes is not None and r.top1 is not None), key=lambda r: (r.file_bytes, -r.top1))
+    best: list[SweepRow] = []
+    for r in done:
+        if not best or r.top1 > best[-1].top1:
+            best.append(r)
+    return best
 
 
 def csv_text(result: SweepResult) -> str:
@@ -698,50 +940,98 @@ def json_text(result: SweepResult) -> str:
     return json.dumps(result.to_dict(), indent=2, ensure_ascii=False) + "\n"
 
 
-_LEGENDS = {"reference": "fp32 reference", "fp16": "fp16", "recipe": "named recipe", "baseline": "ONNX Runtime int8 (dynamic)"}
-_KIND_OF_LEGEND = {v: k for k, v in _LEGENDS.items()} | {f"{s} k-means (per tensor)": "bits" for s in SCOPES}
+_LEGENDS = {
+    "reference": "fp32 reference",
+    "fp16": "fp16",
+    "tensor": "k-means per tensor",
+    "channel": "k-means per channel",
+    "calibrated": "per channel, GPTQ + bias correction",
+    "uniform": "uniform grid per channel",
+    "mixed": "mixed precision under a budget",
+    "recipe": "named recipe",
+    "baseline": "ONNX Runtime int8 (dynamic)",
+}
+_STYLE = {
+    "reference": {"marker": "*", "s": 220, "color": "black", "zorder": 4},
+    "fp16": {"marker": "s", "s": 60, "color": "dimgray", "zorder": 3},
+    "tensor": {"marker": "o", "s": 50, "color": "tab:blue", "zorder": 3},
+    "channel": {"marker": "v", "s": 60, "color": "tab:orange", "zorder": 3},
+    "calibrated": {"marker": "^", "s": 60, "color": "tab:green", "zorder": 3},
+    "uniform": {"marker": "P", "s": 65, "color": "tab:purple", "zorder": 3},
+    "mixed": {"marker": "X", "s": 75, "color": "tab:red", "zorder": 3},
+    "recipe": {"marker": "D", "s": 55, "color": "tab:olive", "zorder": 3},
+    "baseline": {"marker": "^", "s": 80, "color": "tab:brown", "zorder": 3},
+}
+
+
+def _scheme(r: SweepRow) -> str:
+    return r.scheme or {"bits": "tensor"}.get(r.kind, r.kind)
+
+
+_SIZE_TICKS = (0.25, 0.5, 0.75, 1, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+
+
+def _point_label(r: SweepRow) -> str:
+    """The label next to a point: bits rows by their width (the marker says the method)."""
+    if r.kind == "bits" and r.bits is not None:
+        return f"{r.bits}-bit" + (f" u{r.step:g}" if r.step is not None else "")
+    return r.setting
 
 
 def plot(result: SweepResult, path: str | os.PathLike[str]) -> None:
-    """Model size (MiB) against top-1 accuracy, one labelled point per row. Needs matplotlib."""
+    """Top-1 accuracy against model size (MiB, log scale): one marker and colour per scheme, the Pareto frontier as a line.
+
+    Rows of one scheme at several sizes (the bit widths, the budgets) are joined by a faint line of
+    their colour. Needs matplotlib.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
-    fig = Figure(figsize=(8, 5.5), dpi=120)
+    fig = Figure(figsize=(9, 6), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    style = {
-        "reference": {"marker": "*", "s": 220, "color": "black", "zorder": 4},
-        "fp16": {"marker": "s", "s": 60, "color": "dimgray", "zorder": 3},
-        "bits": {"marker": "o", "s": 50, "color": "tab:blue", "zorder": 3},
-        "recipe": {"marker": "D", "s": 55, "color": "tab:green", "zorder": 3},
-        "baseline": {"marker": "^", "s": 80, "color": "tab:red", "zorder": 3},
-    }
     done = [r for r in result.rows if r.file_bytes is not None and r.top1 is not None]
-    curve = [r for r in done if r.kind == "bits"]
-    if len(curve) > 1:
-        ax.plot([r.file_bytes / 2**20 for r in curve], [r.top1 * 100 for r in curve], color="tab:blue", lw=1, alpha=0.5)
+    for scheme in ("tensor", "channel", "calibrated", "uniform", "mixed"):
+        curve = sorted((r for r in done if _scheme(r) == scheme), key=lambda r: r.file_bytes)
+        if len(curve) > 1:
+            ax.plot([r.file_bytes / 2**20 for r in curve], [r.top1 * 100 for r in curve],
+                    color=_STYLE[scheme]["color"], lw=1, alpha=0.45, zorder=2)
+    best = frontier(done)
+    if len(best) > 1:
+        ax.plot([r.file_bytes / 2**20 for r in best], [r.top1 * 100 for r in best], color="black", lw=1.4, ls="--",
+                alpha=0.7, zorder=2, label="Pareto frontier (best top-1 at each size)")
     seen: set[str] = set()
     # Labels alternate above and below in size order, so neighbouring points stay readable.
     for i, r in enumerate(sorted(done, key=lambda r: (r.file_bytes, r.setting))):
         x, y = r.file_bytes / 2**20, r.top1 * 100
-        legend = f"{r.scope} k-means (per tensor)" if r.kind == "bits" else _LEGENDS[r.kind]
-        ax.scatter([x], [y], label=None if legend in seen else legend, **style[r.kind])
+        scheme = _scheme(r) if _scheme(r) in _STYLE else "recipe"
+        legend = _LEGENDS[scheme]
+        ax.scatter([x], [y], label=None if legend in seen else legend, **_STYLE[scheme])
         seen.add(legend)
-        ax.annotate(r.setting, (x, y), textcoords="offset points", xytext=(5, 7 if i % 2 == 0 else -13), fontsize=8)
+        ax.annotate(_point_label(r), (x, y), textcoords="offset points", xytext=(5, 7 if i % 2 == 0 else -13), fontsize=7)
         if r.kind == "reference":
             ax.axhline(y, color="black", lw=0.8, ls=":", zorder=1)
-    ax.set_xlabel("model file (MiB)")
+    ax.set_xlabel("model file (MiB, log scale)")
     ax.set_ylabel("top-1 accuracy (%)")
     crops = f"{result.crops} crop{'s' if result.crops > 1 else ''}"
     ax.set_title(f"{result.model}: top-1 accuracy vs file size ({result.n} images, split {result.split}, {crops})", fontsize=10)
     if done:
-        ax.set_xlim(0, max(r.file_bytes for r in done) / 2**20 * 1.15)
+        sizes = [r.file_bytes / 2**20 for r in done if r.file_bytes > 0]
+        ax.set_xscale("log", base=2)
+        ax.set_xlim(min(sizes) / 1.2, max(sizes) * 1.35)
+        low_x, high_x = ax.get_xlim()
+        ticks = [t for t in _SIZE_TICKS if low_x <= t <= high_x]
+        if len(ticks) >= 3:
+            ax.xaxis.set_major_locator(FixedLocator(ticks))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         low, high = min(r.top1 for r in done) * 100, max(r.top1 for r in done) * 100
         pad = max(1.0, (high - low) * 0.15)
         ax.set_ylim(low - pad, high + pad)
         handles, names = ax.get_legend_handles_labels()
-        order = sorted(range(len(names)), key=lambda i: list(style).index(_KIND_OF_LEGEND.get(names[i], "recipe")))
+        rank = [*_LEGENDS.values(), "Pareto frontier (best top-1 at each size)"]
+        order = sorted(range(len(names)), key=lambda i: rank.index(names[i]) if names[i] in rank else len(rank))
         ax.legend([handles[i] for i in order], [names[i] for i in order], fontsize=8, loc="best")
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
@@ -766,7 +1056,8 @@ def write_outputs(result: SweepResult, out_dir: str | os.PathLike[str]) -> tuple
 
 
 __all__ = [
-    "SCOPES", "CalibrationSet", "EvalSet", "Setting", "SweepResult", "SweepRow", "SweepSource", "csv_text", "json_text",
-    "load_calibration_set", "load_eval_set", "load_source", "markdown", "overlap", "parse_bits", "plan", "plot",
-    "run_sweep", "scope_recipe", "write_outputs",
+    "METHODS", "SCHEMES", "SCOPES", "UNIFORM_STEPS", "CalibrationSet", "EvalSet", "Setting", "SweepResult", "SweepRow",
+    "SweepSource", "csv_text", "frontier", "json_text", "load_calibration_set", "load_eval_set", "load_source", "markdown",
+    "method_setting", "mixed_setting", "overlap", "parse_bits", "parse_budgets", "parse_methods", "plan", "plot",
+    "run_sweep", "scope_recipe", "uniform_recipe", "without_calibration", "write_outputs",
 ]
