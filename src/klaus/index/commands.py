@@ -41,7 +41,7 @@ model_option = click.option(
 @model_option
 @click.option("--workers", type=click.IntRange(1, 64), default=2, show_default=True,
               help="Threads that read, hash and decode photos ahead of the model.")
-@click.option("--batch", type=click.IntRange(1, 256), default=16, show_default=True, help="Photos per model call (and per transaction).")
+@click.option("--batch", type=click.IntRange(1, 256), default=16, show_default=True, help="Photos per transaction and per Dask task (the model runs them 4 per call).")
 @click.option("--threads", type=click.IntRange(1, 256), default=None,
               help="ONNX Runtime threads per model call (default: 1, with one call per core in flight).")
 @click.option("--dask", "dask_address", metavar="ADDRESS", help="Decode and classify on this Dask scheduler (e.g. tcp://host:8786).")

@@ -59,6 +59,10 @@ def concept_rows(labels: Sequence) -> list[tuple[str, int]]:
     return rows
 
 
+def _lazy_concept_rows(labels: Sequence) -> Iterator[tuple[str, int]]:
+    yield from concept_rows(labels)
+
+
 def plan(db: Database, found: Walk, model_id: int) -> Plan:
     """Which photos to classify: new, changed, failed before, gone before, or classified by another model.
 
@@ -129,9 +133,10 @@ def index_paths(
         labels, name = _labels_and_name(engine, blob)
         from .engine import labels_sha256
 
+        labels_id = labels_sha256(labels)
         with db.transaction():
-            db.set_labels(labels, labels_sha256(labels), concept_rows(labels))
-            model_id = db.model_id(name, blob.sha256, labels_sha256(labels))
+            db.set_labels(labels, labels_id, _lazy_concept_rows(labels))  # computed only if the table changes
+            model_id = db.model_id(name, blob.sha256, labels_id)
             work = plan(db, found, model_id)
             db.mark_gone(work.gone_ids)
         summary = Summary(

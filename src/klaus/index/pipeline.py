@@ -232,12 +232,17 @@ def classify_local(
 ) -> Iterator[list[Result]]:
     """Yield results in task order, a batch at a time.
 
-    ``workers`` decode ahead while up to ``lanes`` batches are in the model at once
-    (ONNX Runtime sessions may be run from several threads; a single-threaded call
-    per core wastes no time synchronizing intra-op threads).
+    ``workers`` decode ahead while up to ``lanes`` model calls run at once (ONNX
+    Runtime sessions may be run from several threads; a single-threaded call per core
+    wastes no time synchronizing intra-op threads). Each :data:`MODEL_BATCH` decoded
+    photos go to the model as soon as they are ready, so the model starts after the
+    first few photos rather than a whole batch, and the calls of one batch spread over
+    every lane (the last batch of a run does not leave a core idle); up to ``lanes``
+    batches are in the model at once.
     """
     it = iter(tasks)
     window = (lanes + 1) * batch + workers
+    step = max(1, min(MODEL_BATCH, batch))
     pending: deque = deque()
     inflight: deque = deque()
     pool = make_pool(workers, mode)
@@ -250,25 +255,33 @@ def classify_local(
                 return
             pending.append(pool.submit(decode, task, engine.preprocess, max_pixels))
 
-    def next_chunk() -> list[Result]:
+    def next_chunk() -> tuple[list[Result], list]:
         chunk: list[Result] = []
+        calls, group = [], []
         decoded = 0
         while pending and decoded < batch and len(chunk) < 4 * batch:  # failures/unchanged need no model
             result = pending.popleft().result()
             refill()
             chunk.append(result)
-            decoded += result.pixels is not None
-        return chunk
+            if result.pixels is not None:
+                decoded += 1
+                group.append(result)
+                if len(group) == step:
+                    calls.append(infer.submit(classify_batch, engine, group, step))
+                    group = []
+        if group:
+            calls.append(infer.submit(classify_batch, engine, group, step))
+        return chunk, calls
 
     try:
         refill()
         while pending or inflight:
             if pending and len(inflight) < lanes:
-                chunk = next_chunk()
-                inflight.append((chunk, infer.submit(classify_batch, engine, chunk)))
+                inflight.append(next_chunk())
                 continue
-            chunk, future = inflight.popleft()
-            future.result()
+            chunk, calls = inflight.popleft()
+            for call in calls:
+                call.result()
             yield chunk
     finally:
         for future in pending:
