@@ -58,3 +58,18 @@ def test_machine_description_and_table():
     info = common.machine()
     assert info["cores (nproc)"] and info["onnxruntime"] == ort.__version__
     assert common.table(["a", "b"], [[1, 2]]).splitlines()[2] == "| 1 | 2 |"
+
+
+def test_index_throughput_tables():
+    bench = importlib.import_module("index_throughput")
+    profile = {k: 1.0 for k in ("naive_decode", "index_decode", "resize_crop", "normalize", "naive_model", "index_model")}
+    profile.update(naive_ms=4.0, index_ms=4.0, model_batch=4)
+    results = [{"set": name, "photos": 10, "example_size": "500x375", "naive_per_s": 100.0, "pipeline_per_s": ratio * 100,
+                "ratio": ratio, "ratio_range": [ratio, ratio], "naive_cpu_ms": 18.0, "pipeline_cpu_ms": 13.0, "cores": 2,
+                "ceiling": 1.5, "top1_agreement": 1.0, "profile": profile}
+               for name, ratio in (("sample", 1.4), ("12mp", 5.0))]
+    assert "| imagenet-sample (500x375) | 10 | 100.0 | 140.0 | **1.40×** (1.40–1.40) | 18.0 → 13.0 ms | 1.50× |" in bench.table(results)
+    assert "| index: model, 4 photos per call, 1 thread | 1.00 | 1.00 |" in bench.profile_table(results)
+    assert bench.goals(results).startswith("Issue 4's goals: imagenet-sample: median **1.40×** against a goal of 1.5× — "
+                                           "**not met**; 12 MP JPEGs: median **5.00×** against a goal of 3.0× — met. In this "
+                                           "run the naive loop's model call on all 2 cores took 1.00 ms")
