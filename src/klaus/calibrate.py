@@ -20,6 +20,7 @@ from .errors import KlausDataError, KlausError
 from .evaluate import IMAGE_SUFFIXES, wnid_of
 from .onnxgraph import TensorRole
 from .preprocess import Preprocess, prepare
+from .quantize import DEFAULT_DAMP, HessianFactor, hessian_factor
 
 
 
@@ -76,6 +77,13 @@ class InputStats:
     def hessian(self) -> np.ndarray:
         """E[x x^T]: the Hessian of a linear layer's squared output error."""
         return self.gram / max(1, self.count)
+
+    def factor(self) -> HessianFactor:
+        """GPTQ's factorization of :attr:`hessian`, computed once (valid while the sums don't change)."""
+        key = (self.count, DEFAULT_DAMP)
+        if getattr(self, "_factor_key", None) != key:
+            self._factor, self._factor_key = hessian_factor(self.hessian, DEFAULT_DAMP), key
+        return self._factor
 
 
 def input_statistics(

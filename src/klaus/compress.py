@@ -92,7 +92,7 @@ def quantize_tensor(
     }
     st = stats.get(role.activation) if stats else None
     if recipe.method == "gptq" and st is not None and st.gram is not None and st.count >= GPTQ_MIN_SAMPLES * st.gram.shape[0]:
-        return palettize_gptq(array, bits, st.hessian, out_axis=role.out_axis, **common)
+        return palettize_gptq(array, bits, st.hessian, out_axis=role.out_axis, factor=st.factor(), **common)
     importance = None if st is None or not recipe.weighted else weight_importance(role, array.shape, st.energy)
     return palettize(array, bits, axis=role.out_axis, importance=importance, **common)
 

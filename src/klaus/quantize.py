@@ -364,9 +364,35 @@ def _packed(
     return PalettizedTensor(bits=bits, palette=palette, indices=indices, scales=scales, scale_axis=axis)
 
 
+DEFAULT_DAMP = 0.01  # GPTQ's diagonal damping, relative to the mean input energy
+
+
+@dataclass(frozen=True)
+class HessianFactor:
+    """What GPTQ needs from a layer's input Hessian: the column order and the inverse's Cholesky factor.
+
+    It depends on the Hessian only, not on the palette, so every candidate palette
+    of a layer (the budget search tries many) shares one factorization.
+    """
+
+    order: np.ndarray  # columns by decreasing input energy
+    dead: np.ndarray  # inputs that are always zero
+    upper: np.ndarray  # U with U^T U = H^-1 (ordered, damped)
+
+
+def hessian_factor(hessian: np.ndarray, damp: float = 0.01) -> HessianFactor:
+    h = np.array(hessian, dtype=np.float64)
+    dead = np.diag(h) <= 0
+    h[dead, dead] = 1.0
+    order = np.argsort(-np.diag(h), kind="stable")
+    h = h[np.ix_(order, order)]
+    h[np.diag_indices_from(h)] += damp * float(np.mean(np.diag(h)))
+    return HessianFactor(order, dead, _inverse_cholesky_upper(h))
+
+
 def gptq_indices(
     matrix: np.ndarray,
-    hessian: np.ndarray,
+    hessian: np.ndarray | HessianFactor,
     book: Codebook,
     damp: float = 0.01,
     block: int = 128,
@@ -376,18 +402,13 @@ def gptq_indices(
     Columns are rounded to the palette one at a time, in order of decreasing
     input energy, and each rounding error is pushed onto the columns not yet
     rounded through the inverse Hessian (Frantar et al. 2022; with a fixed
-    palette as in GPTVQ). ``hessian`` is E[x x^T] of the layer input.
+    palette as in GPTVQ). ``hessian`` is E[x x^T] of the layer input, or its
+    :func:`hessian_factor`.
     """
+    factor = hessian if isinstance(hessian, HessianFactor) else hessian_factor(hessian, damp)
     w = np.array(matrix, dtype=np.float64)
-    h = np.array(hessian, dtype=np.float64)
-    diag = np.diag(h).copy()
-    dead = diag <= 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    order = np.argsort(-np.diag(h), kind="stable")
-    w, h = w[:, order], h[np.ix_(order, order)]
-    h[np.diag_indices_from(h)] += damp * float(np.mean(np.diag(h)))
-    upper = _inverse_cholesky_upper(h)
+    w[:, factor.dead] = 0.0
+    w, upper = w[:, factor.order], factor.upper
     edges = book.edges()
     indices = np.zeros(w.shape, dtype=np.uint8)
     for start in range(0, w.shape[1], block):
@@ -402,7 +423,7 @@ def gptq_indices(
             errors[:, j - start] = err
         w[:, stop:] -= errors @ upper[start:stop, stop:]
     restored = np.empty_like(indices)
-    restored[:, order] = indices
+    restored[:, factor.order] = indices
     return restored
 
 
@@ -429,6 +450,7 @@ def palettize_gptq(
     rate_penalty: float = 0.0,
     damp: float = 0.01,
     step: float | None = None,
+    factor: HessianFactor | None = None,
 ) -> PalettizedTensor:
     """Palettize a linear layer (Gemm, or 1x1 Conv) with Hessian-aware rounding.
 
@@ -447,7 +469,7 @@ def palettize_gptq(
         book = _fp16_codebook(kmeans_1d(normalized, 1 << bits, importance, iterations, rate_penalty=rate_penalty))
     else:
         book = uniform_codebook(normalized, step if scales is not None else step * _rms(normalized))
-    indices = gptq_indices(normalized, hessian, book, damp)
+    indices = gptq_indices(normalized, factor if factor is not None else hessian, book, damp)
     moved_shape = (weight.shape[out_axis], *np.delete(weight.shape, out_axis))
     indices = np.moveaxis(indices.reshape(moved_shape), 0, out_axis)
     return _packed(bits, book, indices, scales, out_axis, compact=step is not None)
