@@ -285,11 +285,26 @@ def test_to_tensor_is_normalized_pixels(crops: int) -> None:
     np.testing.assert_array_equal(to_tensor(img, spec, crops), kp.normalize(kp.to_pixels(img, spec, crops), spec))
 
 
-def test_extreme_aspect_ratio_does_not_blow_up() -> None:
-    strip = Image.new("RGB", (200_000, 2), (10, 20, 30))  # would be 25.6 Gpx resized whole
-    x = to_tensor(strip, Preprocess(layout="NHWC"), crops=10)
-    assert x.shape == (10, 224, 224, 3)
+@pytest.mark.parametrize("crops", [1, 10])
+@pytest.mark.parametrize("size", [(200_000, 2), (2, 200_000)])
+def test_extreme_aspect_ratio_does_not_blow_up(size: tuple[int, int], crops: int) -> None:
+    strip = Image.new("RGB", size, (10, 20, 30))  # would be 25.6 Gpx resized whole
+    x = to_tensor(strip, Preprocess(layout="NHWC"), crops=crops)
+    assert x.shape == (crops, 224, 224, 3)
     np.testing.assert_allclose(x * 128 + 127, np.broadcast_to([10, 20, 30], x.shape), atol=1e-4)
+
+
+def test_one_crop_of_a_strip_never_makes_a_huge_first_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    made = []
+    resize = Image.Image.resize
+
+    def spy(self, size, *args, **kwargs):
+        made.append(size[0] * size[1])
+        return resize(self, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", spy)
+    to_tensor(Image.new("RGB", (200_000, 2), (10, 20, 30)), Preprocess())
+    assert made and max(made) <= kp._MAX_RESIZED_PIXELS
 
 
 def test_window_resampling_fallback_matches_closely(monkeypatch: pytest.MonkeyPatch) -> None:
