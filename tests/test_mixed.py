@@ -103,3 +103,51 @@ def test_cli_budget_needs_calibration(tmp_path, tiny_onnx_path):
     )
     assert result.exit_code == 1
     assert "--calib" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def _tiny_agreement(max_drop: float, calibration: np.ndarray):
+    labels = compress.plain_label_rows([f"c{i}" for i in range(TINY_CLASSES)])
+    return compress.compress_to_agreement(
+        make_tiny_onnx(), RECIPE, max_drop, preprocess=TINY_PREPROCESS, labels=labels, card=compress.ModelCard("tiny"),
+        calibration=calibration,
+    )
+
+
+@pytest.fixture(scope="module")
+def wide_calibration(calibration) -> np.ndarray:
+    """120 inputs: the example crops and their mirror images (--max-drop holds out a fifth)."""
+    return np.ascontiguousarray(np.concatenate([calibration, calibration[..., ::-1], calibration[..., ::-1, :]]))
+
+
+def test_max_drop_finds_smaller_files_for_looser_limits(wide_calibration):
+    calibration = wide_calibration
+    strict, _, agree_strict = _tiny_agreement(0.0, calibration)
+    loose, _, agree_loose = _tiny_agreement(30.0, calibration)
+    assert agree_strict == 100.0 and agree_loose >= 70.0
+    assert len(kf.serialize(loose)) <= len(kf.serialize(strict))
+    # The reported agreement is what the held-out calibration inputs give with the built file.
+    held = calibration[np.arange(len(calibration)) % compress.HOLDOUT_EVERY == compress.HOLDOUT_EVERY - 1]
+    from klaus.runtime import make_session
+
+    float_model = make_session(make_tiny_onnx())
+    quant = make_session(compress.to_onnx(loose))
+    ref = float_model.run(None, {"input": held})[0].argmax(1)
+    got = quant.run(None, {"input": held})[0].argmax(1)
+    assert np.mean(ref == got) * 100 == pytest.approx(agree_loose)
+
+
+def test_max_drop_rejects_bad_values_and_too_few_inputs(calibration):
+    with pytest.raises(KlausModelError, match="max-drop"):
+        _tiny_agreement(-1.0, calibration)
+    with pytest.raises(KlausModelError, match="at least"):
+        _tiny_agreement(1.0, calibration[:20])
+
+
+def test_cli_budget_and_max_drop_are_exclusive(tmp_path, tiny_onnx_path):
+    names = tmp_path / "names.txt"
+    names.write_text("\n".join(f"c{i}" for i in range(TINY_CLASSES)))
+    args = ["compress", str(tiny_onnx_path), "-o", str(tmp_path / "b.klaus"), "--labels", str(names)]
+    both = CliRunner().invoke(main, args + ["--budget-mib", "1", "--max-drop", "1", "--calib", str(EXAMPLES)], prog_name="klaus")
+    assert both.exit_code == 1 and "not both" in both.stderr
+    nocal = CliRunner().invoke(main, args + ["--max-drop", "1"], prog_name="klaus")
+    assert nocal.exit_code == 1 and "--max-drop needs calibration" in nocal.stderr

