@@ -206,7 +206,7 @@ def _build(
 
 
 MIN_BUDGET_ELEMENTS = 1024  # smaller weights stay fp16 under a budget: not worth a palette
-PROBE_INPUTS = 32  # calibration inputs used to measure each layer's sensitivity
+PROBE_INPUTS = 128  # calibration inputs used to measure each layer's sensitivity
 
 
 class _Search:

@@ -26,6 +26,9 @@ DEFAULT_CHOICES = (2, 3, 4, 5, 6, 7, 8)
 # Uniform (entropy-coded) grids, in channel-RMS units: from ~2 to ~5.5 bits per weight.
 DEFAULT_STEPS = (1.0, 0.7, 0.5, 0.35, 0.25, 0.18, 0.12, 0.09)
 PROBE_BITS = 4
+# With uniform candidates the sensitivity probe is the 0.18-step grid (~4.5 bits per
+# weight): near where allocations land, where KL is still proportional to the proxy.
+PROBE_STEP = 0.18
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,7 @@ class LayerOptions:
     size: int
     candidates: list[Candidate]
     scale: float = 1.0  # KL per unit of proxy error, measured
+    probe: int = 0  # index of the candidate whose KL was measured
 
     def cost(self, c: Candidate, lam: float) -> float:
         return self.scale * c.proxy + lam * c.bytes
@@ -114,19 +118,20 @@ def candidate_options(
     steps: Sequence[float] = (),
 ) -> tuple[list[LayerOptions], dict[str, np.ndarray]]:
     """Every tensor at every bit width (and uniform step), quantized as the final build will; plus the probe decodes."""
-    layers, probes = [], {}
+    layers, probes, probe_of = [], {}, {}
     for name in eligible:
         w, role = weights[name], roles[name]
         cands = [Candidate(FLOAT, 2.0 * w.size, 0.0)]
         for bits, step in [(b, None) for b in choices] + [(8, s) for s in steps]:
             q = quantize(name, bits, step)
             decoded = q.decode()
-            if bits == PROBE_BITS and step is None:
+            if (step == PROBE_STEP) if PROBE_STEP in steps else (bits == PROBE_BITS and step is None):
                 probes[name] = decoded
+                probe_of[name] = len(cands)
             extra = 2 * len(q.palette) + (0 if q.scales is None else 2 * len(q.scales))
             error = output_error(w, decoded, role, stats.get(role.activation))
             cands.append(Candidate(q.bits, codecs.order0_entropy_bytes(q.indices) * 1.01 + extra, error, step))
-        layers.append(LayerOptions(name, int(w.size), cands))
+        layers.append(LayerOptions(name, int(w.size), cands, probe=probe_of[name]))
     return layers, probes
 
 
@@ -139,7 +144,7 @@ def measure_scales(
 ) -> None:
     """KL per unit proxy error for each layer, from one forward pass with only it palettized."""
     for layer in layers:
-        probe = next(c for c in layer.candidates if c.bits == PROBE_BITS and c.step is None)
+        probe = layer.candidates[layer.probe]
         kl = _kl(reference, probs({**weights, layer.name: probes[layer.name]}))
         layer.scale = kl / probe.proxy if probe.proxy > 0 else 0.0
 
