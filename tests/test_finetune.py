@@ -147,3 +147,22 @@ def test_reshape_and_constant_nodes() -> None:
     with torch.no_grad():
         ours = student(torch.from_numpy(data)).numpy()
     np.testing.assert_allclose(ours, finetune.run_onnx(model, data), rtol=1e-5, atol=1e-6)
+
+
+def test_cli_finetune_steps(tmp_path, tiny_onnx_path) -> None:
+    from click.testing import CliRunner
+
+    from conftest import EXAMPLES, TINY_CLASSES
+    from klaus import format as kf
+    from klaus.cli import main
+
+    names = tmp_path / "names.txt"
+    names.write_text("\n".join(f"c{i}" for i in range(TINY_CLASSES)))
+    args = ["compress", str(tiny_onnx_path), "--labels", str(names), "--input-size", str(TINY_SIZE), "--bits", "3",
+            "--min-elements", "64", "--finetune-steps", "10"]
+    missing = CliRunner().invoke(main, args + ["-o", str(tmp_path / "a.klaus")], prog_name="klaus")
+    assert missing.exit_code == 1 and "--calib" in missing.stderr
+    out = tmp_path / "b.klaus"
+    ok = CliRunner().invoke(main, args + ["-o", str(out), "--calib", str(EXAMPLES), "--calib-crops", "10"], prog_name="klaus")
+    assert ok.exit_code == 0, ok.output
+    assert '"finetune_steps":10' in kf.read_model(out).meta["recipe"]

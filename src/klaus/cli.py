@@ -136,7 +136,9 @@ def _report_build(out: str, size: int, recipe, seconds: float, allocation, calib
         click.echo("klaus: note: no --calib images, so GPTQ and bias correction were skipped (plain k-means)", err=True)
     if allocation is not None:
         for row in allocation.table():
-            click.echo(f"  {row['tensor']:<44} {row['parameters']:>9} weights  {str(row['bits']):>4} bits  "
+            spec = str(row["bits"])
+            how = "fp16" if spec == "fp16" else f"uniform {spec[1:]}" if spec.startswith("u") else f"{spec}-bit k-means"
+            click.echo(f"  {row['tensor']:<44} {row['parameters']:>9} weights  {how:>14}  "
                        f"{row['bytes']:>9} bytes  predicted KL {row['predicted_kl']:.5f}")
     click.echo(f"{out}: {size} bytes ({size / 2**20:.2f} MiB), recipe {recipe.name}, {report['seconds']} s")
 
@@ -300,6 +302,9 @@ bits_type = click.IntRange(1, 8)
 @click.option("--granularity", type=click.Choice(["tensor", "channel"]), help="One palette per tensor, or a shared palette with per-output-channel fp16 scales.")
 @click.option("--min-elements", type=click.IntRange(0), default=None, help="Tensors with fewer weights stay fp16 (recipe default: 4096 or 16384).")
 @click.option("--weighted", is_flag=True, default=None, help="Weight k-means by each weight's input energy (needs --calib).")
+@click.option("--finetune-steps", type=click.IntRange(0, 100000), default=None, metavar="N",
+              help="Distil palettes, scales and biases from the float model for N steps (needs --calib and torch; "
+                   "see docs/recipes.md for when it pays).")
 @click.option("--lossless", is_flag=True, help="Store every weight as fp32 (the reference build).")
 @click.option("--png-level", type=click.IntRange(0, 6), default=2, show_default=True, help="oxipng optimization level for index maps.")
 @click.option("--zopfli", is_flag=True, help="Zopfli deflate for index maps (slow, a little smaller).")
@@ -319,7 +324,7 @@ bits_type = click.IntRange(1, 8)
 @click.option("--license", "license_", default="unknown", show_default=True, help="License of the weights.")
 @click.option("--source", "source_", help="Where the weights come from.")
 @json_option
-def compress(src, out, recipe_name, bits, fc_bits, conv_bits, depthwise_bits, layers, granularity, min_elements, weighted, lossless,
+def compress(src, out, recipe_name, bits, fc_bits, conv_bits, depthwise_bits, layers, granularity, min_elements, weighted, finetune_steps, lossless,
              png_level, zopfli, simplify, input_size, crop_ratio, resize_rule, interpolation, mean, std,
              channel_order, layout, labels_file, calib, calib_split, calib_limit, calib_crops, budget_mib, max_drop, name, license_,
              source_, as_json) -> int:
@@ -329,10 +334,13 @@ def compress(src, out, recipe_name, bits, fc_bits, conv_bits, depthwise_bits, la
     from .preprocess import Preprocess
 
     recipe = _recipe_from_options(recipe_name, bits, fc_bits, conv_bits, depthwise_bits, layers, granularity, lossless)
-    if min_elements is not None or weighted:
+    if min_elements is not None or weighted or finetune_steps:
         recipe = replace(recipe, name=f"{recipe.name}+custom" if "custom" not in recipe.name else recipe.name,
                          min_elements=recipe.min_elements if min_elements is None else min_elements,
-                         weighted=bool(weighted) or recipe.weighted)
+                         weighted=bool(weighted) or recipe.weighted,
+                         finetune_steps=recipe.finetune_steps if finetune_steps is None else finetune_steps)
+    if recipe.finetune_steps and not calib:
+        fail("--finetune-steps needs calibration photos (--calib DIR): the float model teaches on them")
     png = codecs.PngOptions(level=png_level or None, zopfli=zopfli)
     start = time.perf_counter()
     source = cp.load_source(src)
