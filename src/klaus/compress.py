@@ -7,6 +7,7 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -17,6 +18,9 @@ from .format import PAGE_SIZE, KlausModel, LabelRow, TensorRecord, looks_like_kl
 from .preprocess import Preprocess
 from .calibrate import InputStats, weight_importance
 from .quantize import LayerRule, PalettizedTensor, Recipe, palettize, palettize_gptq
+
+if TYPE_CHECKING:
+    from .mixed import Allocation
 
 Progress = Callable[[str], None]
 
