@@ -12,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 from klaus import compress, onnxgraph
 from klaus.errors import KlausModelError
 from klaus.quantize import palettize
+from klaus.runtime import run_batches
 
 from conftest import TINY_SIZE, make_tiny_onnx
 
@@ -44,7 +45,7 @@ def test_interpreter_matches_onnxruntime() -> None:
     student = finetune._Student(torch, model, weights, {}, [], 0, "input")
     with torch.no_grad():
         ours = student(torch.from_numpy(x)).numpy()
-    np.testing.assert_allclose(ours, finetune.run_onnx(model, x), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(ours, run_batches(model, x), rtol=1e-4, atol=1e-4)
 
 
 def test_graph_cuts_are_single_live_values() -> None:
@@ -82,11 +83,11 @@ def test_finetune_lowers_held_out_kl_and_keeps_indices() -> None:
         assert len(result.quantized[name].palette) == len(q.palette)
     fresh = _inputs(64, seed=7)
     skeleton, _ = onnxgraph.split_weights(model)
-    reference = finetune.run_onnx(model, fresh)
+    reference = run_batches(model, fresh)
 
     def logits(qs, biases):
         ws = {**weights, **biases, **{n: q.decode() for n, q in qs.items()}}
-        return finetune.run_onnx(onnxgraph.join_weights(skeleton, ws), fresh)
+        return run_batches(onnxgraph.join_weights(skeleton, ws), fresh)
 
     assert _kl(reference, logits(result.quantized, result.biases)) < _kl(reference, logits(quantized, {}))
 
@@ -146,7 +147,7 @@ def test_reshape_and_constant_nodes() -> None:
     student = finetune._Student(torch, model, {}, {}, [], 0, "x")
     with torch.no_grad():
         ours = student(torch.from_numpy(data)).numpy()
-    np.testing.assert_allclose(ours, finetune.run_onnx(model, data), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ours, run_batches(model, data), rtol=1e-5, atol=1e-6)
 
 
 def test_cli_finetune_steps(tmp_path, tiny_onnx_path) -> None:

@@ -18,7 +18,7 @@ import onnx
 
 from .errors import KlausDataError, KlausError
 from .evaluate import IMAGE_SUFFIXES, wnid_of
-from .onnxgraph import TensorRole
+from .onnxgraph import TensorRole, with_outputs
 from .preprocess import Preprocess, prepare
 from .quantize import DEFAULT_DAMP, HessianFactor, hessian_factor
 
@@ -80,9 +80,8 @@ class InputStats:
 
     def factor(self) -> HessianFactor:
         """GPTQ's factorization of :attr:`hessian`, computed once (valid while the sums don't change)."""
-        key = (self.count, DEFAULT_DAMP)
-        if getattr(self, "_factor_key", None) != key:
-            self._factor, self._factor_key = hessian_factor(self.hessian, DEFAULT_DAMP), key
+        if getattr(self, "_factor_count", None) != self.count:
+            self._factor, self._factor_count = hessian_factor(self.hessian, DEFAULT_DAMP), self.count
         return self._factor
 
 
@@ -97,14 +96,8 @@ def input_statistics(
     from .runtime import make_session
 
     wanted = list(dict.fromkeys(a for a in activations if a))
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    existing = {o.name for o in probe.graph.output}
-    graph_inputs = {i.name for i in probe.graph.input}
-    for name in wanted:
-        if name not in existing and name not in graph_inputs:
-            probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    session = make_session(probe)
+    graph_inputs = {i.name for i in model.graph.input}
+    session = make_session(with_outputs(model, wanted))
     input_name = session.get_inputs()[0].name
     fetch = [n for n in wanted if n not in graph_inputs]
     grams = set(gram_for)

@@ -136,9 +136,7 @@ def _report_build(out: str, size: int, recipe, seconds: float, allocation, calib
         click.echo("klaus: note: no --calib images, so GPTQ and bias correction were skipped (plain k-means)", err=True)
     if allocation is not None:
         for row in allocation.table():
-            spec = str(row["bits"])
-            how = "fp16" if spec == "fp16" else f"uniform {spec[1:]}" if spec.startswith("u") else f"{spec}-bit k-means"
-            click.echo(f"  {row['tensor']:<44} {row['parameters']:>9} weights  {how:>14}  "
+            click.echo(f"  {row['tensor']:<44} {row['parameters']:>9} weights  {row['quantizer']:>14}  "
                        f"{row['bytes']:>9} bytes  predicted KL {row['predicted_kl']:.5f}")
     click.echo(f"{out}: {size} bytes ({size / 2**20:.2f} MiB), recipe {recipe.name}, {report['seconds']} s")
 

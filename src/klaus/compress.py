@@ -156,28 +156,51 @@ def compress_onnx(
     progress: Progress | None = None,
 ) -> KlausModel:
     """Palettize, bias-correct (when calibration inputs are given) and encode a model."""
+    check_inputs(model, preprocess, labels, card)
+    skeleton, weights = onnxgraph.split_weights(model)
+    roles = onnxgraph.tensor_roles(model)
+    recipe = effective_recipe(recipe, calibration is not None)
+    stats = None if calibration is None else calibration_stats(model, weights, roles, recipe, calibration)
+    weights, quantized = _palettized(model, weights, roles, recipe, stats, calibration, progress, finetune=True)
+    return _assemble(
+        skeleton, weights, quantized, recipe, calibration, preprocess=preprocess, labels=labels, card=card,
+        output=output, png=png,
+    )
+
+
+def check_inputs(model: onnx.ModelProto, preprocess: Preprocess, labels: Sequence[LabelRow], card: ModelCard) -> None:
+    """What every build checks before any work: a safe graph, input size, unique label names."""
     onnxgraph.validate_skeleton(model, card.name)
     check_preprocess_fits(model, preprocess, card.name)
     names = [row.name for row in labels]
     if len(set(names)) != len(names):
         raise KlausModelError(f"{card.name}: label names must be unique")
-    skeleton, weights = onnxgraph.split_weights(model)
-    roles = onnxgraph.tensor_roles(model)
-    recipe = effective_recipe(recipe, calibration is not None)
-    stats = None if calibration is None else calibration_stats(model, weights, roles, recipe, calibration)
-    return _build(
-        model, skeleton, weights, roles, recipe, stats, calibration, preprocess=preprocess, labels=labels, card=card,
-        output=output, png=png, progress=progress,
-    )
 
 
-def _build(
+def _palettized(
     model: onnx.ModelProto,
-    skeleton: onnx.ModelProto,
     weights: dict[str, np.ndarray],
     roles: dict[str, onnxgraph.TensorRole],
     recipe: Recipe,
     stats: dict[str, InputStats] | None,
+    calibration: np.ndarray | None,
+    progress: Progress | None,
+    finetune: bool,
+) -> tuple[dict[str, np.ndarray], dict[str, PalettizedTensor]]:
+    """Every float tensor as it will be stored (biases corrected) and the palettized ones."""
+    quantized = quantize_weights(weights, roles, recipe, stats, progress)
+    if stats is not None:
+        weights = {**weights, **bias_corrected(weights, quantized, roles, stats)}
+    if finetune and recipe.finetune_steps and calibration is not None and quantized:
+        quantized, weights = finetuned(model, weights, quantized, roles, recipe, calibration, progress)
+    return weights, quantized
+
+
+def _assemble(
+    skeleton: onnx.ModelProto,
+    weights: dict[str, np.ndarray],
+    quantized: dict[str, PalettizedTensor],
+    recipe: Recipe,
     calibration: np.ndarray | None,
     *,
     preprocess: Preprocess,
@@ -185,15 +208,8 @@ def _build(
     card: ModelCard,
     output: str,
     png: codecs.PngOptions,
-    progress: Progress | None,
-    finetune: bool = True,
 ) -> KlausModel:
-    """Quantize, bias-correct, fine-tune (as the recipe says and calibration allows) and encode."""
-    quantized = quantize_weights(weights, roles, recipe, stats, progress)
-    if stats is not None:
-        weights = {**weights, **bias_corrected(weights, quantized, roles, stats)}
-    if finetune and recipe.finetune_steps and calibration is not None and quantized:
-        quantized, weights = finetuned(model, weights, quantized, roles, recipe, calibration, progress)
+    """The `.klaus` model: encoded tensors plus the metadata that says how they were made."""
     records = [encode_tensor(name, array, quantized.get(name), recipe, png) for name, array in weights.items()]
     meta = {
         "model_name": card.name,
@@ -219,11 +235,7 @@ class _Search:
     def __init__(self, model, recipe, calibration, *, preprocess, labels, card, output, png, min_elements, uniform, progress):
         from . import mixed
 
-        onnxgraph.validate_skeleton(model, card.name)
-        check_preprocess_fits(model, preprocess, card.name)
-        names = [row.name for row in labels]
-        if len(set(names)) != len(names):
-            raise KlausModelError(f"{card.name}: label names must be unique")
+        check_inputs(model, preprocess, labels, card)
         self.model, self.recipe, self.calibration = model, recipe, calibration
         self.skeleton, self.weights = onnxgraph.split_weights(model)
         self.roles = roles = onnxgraph.tensor_roles(model)
@@ -242,22 +254,26 @@ class _Search:
             progress("sensitivities")
         probe = calibration[:PROBE_INPUTS]
         mixed.measure_scales(self.layers, weights, probes, lambda ws: self.probabilities(ws, probe), self.probabilities(weights, probe))
-        self.kwargs = dict(preprocess=preprocess, labels=labels, card=card, output=output, png=png, progress=progress)
+        self.meta = dict(preprocess=preprocess, labels=labels, card=card, output=output, png=png)
+        self.progress = progress
         self.overhead: float | None = None
+        self.fitted: tuple[Recipe, dict[str, np.ndarray], dict[str, PalettizedTensor]] | None = None
 
     def probabilities(self, weights: dict[str, np.ndarray], inputs: np.ndarray) -> np.ndarray:
-        from .runtime import make_session, softmax
+        from .runtime import run_batches, softmax
 
-        session = make_session(onnxgraph.join_weights(self.skeleton, weights))
-        name = self.model.graph.input[0].name
-        return softmax(np.concatenate([session.run(None, {name: inputs[i : i + 64]})[0] for i in range(0, len(inputs), 64)]))
+        return softmax(run_batches(onnxgraph.join_weights(self.skeleton, weights), inputs))
 
-    def build(self, allocation: "Allocation", method: str | None = None, finetune: bool = False) -> KlausModel:
+    def build(self, allocation: "Allocation", method: str | None = None) -> KlausModel:
+        """The allocation built without fine-tuning; its pieces are kept for :meth:`finished`."""
         from . import mixed
 
         plan = replace(mixed.budget_recipe(self.recipe, allocation), method=method or self.recipe.method)
-        return _build(self.model, self.skeleton, self.weights, self.roles, plan, self.stats, self.calibration,
-                      finetune=finetune, **self.kwargs)
+        weights, quantized = _palettized(
+            self.model, self.weights, self.roles, plan, self.stats, self.calibration, self.progress, finetune=False
+        )
+        self.fitted = plan, weights, quantized
+        return _assemble(self.skeleton, weights, quantized, plan, self.calibration, **self.meta)
 
     def measure_overhead(self, budget_bytes: float) -> float:
         """Bytes outside the planned tensors (labels, graph, small tensors, SQLite pages).
@@ -288,9 +304,14 @@ class _Search:
             margin += (size - budget_bytes) * 1.5 + PAGE_SIZE
         raise KlausModelError(f"cannot fit the model in {budget_bytes} bytes (smallest build: {size} bytes)")
 
-    def finished(self, model: KlausModel, allocation: "Allocation") -> KlausModel:
-        # Fine-tuning changes palette, scale and bias values, never their count or the indices.
-        return self.build(allocation, finetune=True) if self.recipe.finetune_steps else model
+    def finished(self, model: KlausModel, fitted: tuple) -> KlausModel:
+        """``model`` fine-tuned from its build's pieces (``fitted``) if the recipe asks: palette, scale
+        and bias values change, never their count or the indices, so the size stays within the budget."""
+        if not self.recipe.finetune_steps:
+            return model
+        plan, weights, quantized = fitted
+        quantized, weights = finetuned(self.model, weights, quantized, self.roles, plan, self.calibration, self.progress)
+        return _assemble(self.skeleton, weights, quantized, plan, self.calibration, **self.meta)
 
 
 def compress_to_budget(
@@ -312,7 +333,7 @@ def compress_to_budget(
     search = _Search(model, recipe, calibration, preprocess=preprocess, labels=labels, card=card, output=output, png=png,
                      min_elements=min_elements, uniform=uniform, progress=progress)
     built, allocation = search.fit(budget_bytes)
-    return search.finished(built, allocation), allocation
+    return search.finished(built, search.fitted), allocation
 
 
 HOLDOUT_EVERY = 5  # --max-drop: every fifth calibration input checks agreement instead of calibrating
@@ -373,13 +394,13 @@ def compress_to_agreement(
         if progress:
             progress(f"{len(serialize(built)) / 2**20:.2f} MiB: agreement {agree:.1f} % on held-out calibration inputs")
         if agree >= 100 - max_drop:
-            best, hi = (built, allocation, agree), budget
+            best, hi = (built, allocation, agree, search.fitted), budget
         else:
             lo = budget
     if best is None:
         raise KlausModelError(f"no build kept top-1 agreement within {max_drop:g} points of the float model")
-    built, allocation, agree = best
-    return search.finished(built, allocation), allocation, agree
+    built, allocation, agree, fitted = best
+    return search.finished(built, fitted), allocation, agree
 
 
 def finetuned(

@@ -26,6 +26,7 @@ from onnx import numpy_helper
 from . import onnxgraph
 from .errors import KlausModelError
 from .quantize import PalettizedTensor
+from .runtime import run_batches
 
 Progress = Callable[[str], None]
 
@@ -71,7 +72,7 @@ def _attrs(node: onnx.NodeProto) -> dict[str, object]:
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
-def _conv(torch, F, x, w, b, a):
+def _conv(F, x, w, b, a):
     if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
         raise KlausModelError("fine-tuning: Conv with auto_pad is not supported")
     spatial = w.dim() - 2
@@ -102,7 +103,7 @@ def _pool(F, x, a, kind):
 def _run_node(torch, F, op: str, ins: list, a: dict):
     """One ONNX node in torch; ``ins`` holds tensors (None for omitted optional inputs)."""
     if op == "Conv":
-        return _conv(torch, F, ins[0], ins[1], ins[2] if len(ins) > 2 else None, a)
+        return _conv(F, ins[0], ins[1], ins[2] if len(ins) > 2 else None, a)
     if op == "Gemm":
         x, w = ins[0], ins[1]
         x = x.t() if a.get("transA", 0) else x
@@ -163,8 +164,7 @@ class _Student:
         self.entry = entry
         self.nodes = [(n.op_type, list(n.input), list(n.output), _attrs(n)) for n in model.graph.node]
         self.nodes = [n for i, n in enumerate(self.nodes) if i >= start or n[0] == "Constant"]
-        for op, *_ in self.nodes:
-            _run_node_check(op)
+        check_supported(model)
         self.constants = {
             t.name: torch.from_numpy(np.array(numpy_helper.to_array(t)))
             for t in model.graph.initializer if t.name not in weights
@@ -221,13 +221,13 @@ _SUPPORTED = {
 }
 
 
-def _run_node_check(op: str) -> None:
-    if op not in _SUPPORTED:
-        raise KlausModelError(f"fine-tuning: ONNX operator {op} is not supported (skip --finetune for this model)")
-
-
-def supported(model: onnx.ModelProto) -> bool:
-    return all(n.op_type in _SUPPORTED for n in model.graph.node) and len(model.graph.input) >= 1
+def check_supported(model: onnx.ModelProto) -> None:
+    """Raise a one-line error naming the operators the interpreter cannot run."""
+    bad = sorted({n.op_type for n in model.graph.node if n.op_type not in _SUPPORTED})
+    if bad:
+        raise KlausModelError(
+            f"fine-tuning: ONNX operator(s) {', '.join(bad)} not supported (compress without --finetune-steps)"
+        )
 
 
 # ------------------------------------------------------------------ training
@@ -303,21 +303,6 @@ def augmented_views(calibration: np.ndarray, copies: int, seed: int) -> np.ndarr
     return torch.cat(views).numpy()
 
 
-def run_onnx(model: onnx.ModelProto, inputs: np.ndarray, output: str | None = None, chunk: int = 64) -> np.ndarray:
-    """One output of ``model`` (an intermediate value if named) over ``inputs``, in chunks."""
-    from .runtime import make_session
-
-    if output is not None and output not in {o.name for o in model.graph.output}:
-        probe = onnx.ModelProto()
-        probe.CopyFrom(model)
-        probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(output))
-        model = probe
-    session = make_session(model)
-    name = session.get_inputs()[0].name
-    fetch = [output or session.get_outputs()[0].name]
-    return np.concatenate([session.run(fetch, {name: inputs[i : i + chunk]})[0] for i in range(0, len(inputs), chunk)])
-
-
 def _kl(torch, teacher_logp, student_logits):
     logq = torch.log_softmax(student_logits, dim=1)
     return (teacher_logp.exp() * (teacher_logp - logq)).sum(dim=1).mean()
@@ -339,25 +324,23 @@ def finetune(
     """
     torch = _torch()
     torch.manual_seed(options.seed)
-    if not supported(model):
-        bad = sorted({n.op_type for n in model.graph.node if n.op_type not in _SUPPORTED})
-        raise KlausModelError(f"fine-tuning: ONNX operator(s) {', '.join(bad)} not supported")
+    check_supported(model)
     views = augmented_views(calibration, options.copies, options.seed)
-    teacher_logp = torch.log_softmax(torch.from_numpy(run_onnx(model, views)), dim=1)
+    teacher_logp = torch.log_softmax(torch.from_numpy(run_batches(model, views)), dim=1)
     cut = choose_cut(model, quantized, options.tail_share)
     start = 0 if cut is None else cut[0] + 1
     tail_nodes = set(range(start, len(model.graph.node)))
     used = {i for k in tail_nodes for i in model.graph.node[k].input}
     train = {n: q for n, q in quantized.items() if n in used}
+    decoded = {**weights, **{n: q.decode() for n, q in quantized.items()}}
     if cut is None:
         features, entry = views, model.graph.input[0].name
     else:
         skeleton, _ = onnxgraph.split_weights(model)
-        student_now = onnxgraph.join_weights(skeleton, {**weights, **{n: q.decode() for n, q in quantized.items()}})
-        features, entry = run_onnx(student_now, views, cut[1]), cut[1]
+        features, entry = run_batches(onnxgraph.join_weights(skeleton, decoded), views, cut[1]), cut[1]
     trainable_biases = sorted({roles[n].bias for n in train if roles[n].bias and roles[n].bias in weights})
-    student = _Student(torch, model, {**weights, **{n: q.decode() for n, q in quantized.items() if n not in train}},
-                       train, trainable_biases, start, entry)
+    fixed = {n: w for n, w in decoded.items() if n not in train}
+    student = _Student(torch, model, fixed, train, trainable_biases, start, entry)
     groups = [
         {"params": list(student.palettes.values()), "lr": options.lr},
         {"params": list(student.log_scales.values()) if options.scales else [], "lr": options.lr},
@@ -399,12 +382,10 @@ def finetune(
                 best_kl, best = kl, [t.detach().clone() for t in params]
             if progress:
                 progress(f"fine-tune step {step + 1}/{options.steps}: held-out KL {kl:.5f} (best {best_kl:.5f})")
+    out = dict(quantized)
     with torch.no_grad():
         for t, b in zip(params, best):
             t.copy_(b)
-    kl_after = best_kl
-    out = dict(quantized)
-    with torch.no_grad():
         for name in train:
             q = quantized[name]
             palette = student.palettes[name].numpy().astype(np.float16)
@@ -413,4 +394,4 @@ def finetune(
                 scales = (student.base_scales[name] * student.log_scales[name].exp()).numpy().astype(np.float16)
             out[name] = replace(q, palette=palette, scales=scales)
         biases = {n: t.numpy().astype(np.float32) for n, t in student.biases.items()}
-    return FinetuneResult(out, biases, kl_before, kl_after)
+    return FinetuneResult(out, biases, kl_before, best_kl)

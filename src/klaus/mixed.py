@@ -42,6 +42,10 @@ class Candidate:
     def spec(self) -> str:
         return "fp16" if self.bits == FLOAT else f"u{self.step:g}" if self.step is not None else str(self.bits)
 
+    @property
+    def quantizer(self) -> str:
+        return "fp16" if self.bits == FLOAT else f"uniform {self.step:g}" if self.step is not None else f"{self.bits}-bit k-means"
+
 
 @dataclass
 class LayerOptions:
@@ -67,7 +71,7 @@ class Allocation:
 
     @property
     def bits(self) -> dict[str, int]:
-        """Bits per tensor (FLOAT = fp16; a uniform grid counts as 8, its palette limit)."""
+        """Bits per tensor as stored (FLOAT = fp16; a uniform grid: the width its used levels need)."""
         return {n: c.bits for n, c in self.chosen.items()}
 
     def rules(self) -> tuple[LayerRule, ...]:
@@ -80,7 +84,7 @@ class Allocation:
         for layer in self.layers:
             chosen = self.chosen[layer.name]
             rows.append(
-                {"tensor": layer.name, "parameters": layer.size, "bits": chosen.spec,
+                {"tensor": layer.name, "parameters": layer.size, "bits": chosen.spec, "quantizer": chosen.quantizer,
                  "bytes": round(chosen.bytes), "predicted_kl": layer.scale * chosen.proxy}
             )
         return rows
@@ -119,13 +123,14 @@ def candidate_options(
 ) -> tuple[list[LayerOptions], dict[str, np.ndarray]]:
     """Every tensor at every bit width (and uniform step), quantized as the final build will; plus the probe decodes."""
     layers, probes, probe_of = [], {}, {}
+    probe_key = (8, PROBE_STEP) if PROBE_STEP in steps else (PROBE_BITS, None)
     for name in eligible:
         w, role = weights[name], roles[name]
         cands = [Candidate(FLOAT, 2.0 * w.size, 0.0)]
         for bits, step in [(b, None) for b in choices] + [(8, s) for s in steps]:
             q = quantize(name, bits, step)
             decoded = q.decode()
-            if (step == PROBE_STEP) if PROBE_STEP in steps else (bits == PROBE_BITS and step is None):
+            if (bits, step) == probe_key:
                 probes[name] = decoded
                 probe_of[name] = len(cands)
             extra = 2 * len(q.palette) + (0 if q.scales is None else 2 * len(q.scales))

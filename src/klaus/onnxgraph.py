@@ -54,6 +54,17 @@ def float_initializers(model: onnx.ModelProto) -> list[onnx.TensorProto]:
     return [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT]
 
 
+def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of ``model`` that also returns the named intermediate values (ONNX Runtime fetches any output)."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    present = {o.name for o in probe.graph.output} | {i.name for i in probe.graph.input}
+    for name in dict.fromkeys(names):
+        if name not in present:
+            probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    return probe
+
+
 def split_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """Return (skeleton without float initializers, {name: float32 array}) in graph order."""
     skeleton = onnx.ModelProto()

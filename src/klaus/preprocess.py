@@ -521,9 +521,7 @@ def _window(img: Image.Image, box: Box, rw: int, rh: int, resample: Image.Resamp
     width, height = img.size
     if vertical_first(width, height, rw, rh):  # columns first: the mirror image of the branch below
         sx = width / rw
-        reach = _SUPPORT[resample] * max(sx, 1.0) + 1.0
-        x0 = max(0, math.floor((left + 0.5) * sx - reach))
-        x1 = min(width, math.ceil((right - 0.5) * sx + reach))
+        x0, x1 = _source_span(left, right, sx, width, resample)
         if (x1 - x0) * rh > _MAX_RESIZED_PIXELS:
             return None
         cols = img if (x0, x1) == (0, width) else img.crop((x0, 0, x1, height))
@@ -535,9 +533,7 @@ def _window(img: Image.Image, box: Box, rw: int, rh: int, resample: Image.Resamp
         window = cols.resize((right - left, bottom - top), resample, box=(left * sx - x0, 0, last, bottom - top))
         return np.asarray(window)
     sy = height / rh
-    reach = _SUPPORT[resample] * max(sy, 1.0) + 1.0  # filter radius in source rows, plus one to spare
-    y0 = max(0, math.floor((top + 0.5) * sy - reach))
-    y1 = min(height, math.ceil((bottom - 0.5) * sy + reach))
+    y0, y1 = _source_span(top, bottom, sy, height, resample)
     if rw * (y1 - y0) > _MAX_RESIZED_PIXELS:  # a 200000 x 2 strip: its first pass alone would be huge
         return None
     rows = img if (y0, y1) == (0, height) else img.crop((0, y0, width, y1))
@@ -548,6 +544,12 @@ def _window(img: Image.Image, box: Box, rw: int, rh: int, resample: Image.Resamp
     last = min(y1 - y0, bottom * sy - y0)  # bottom * sy may round past the last row
     window = rows.resize((right - left, bottom - top), resample, box=(0, top * sy - y0, right - left, last))
     return np.asarray(window)
+
+
+def _source_span(start: int, stop: int, scale: float, size: int, resample: Image.Resampling) -> tuple[int, int]:
+    """Source rows (or columns) that output pixels ``start..stop`` of one axis draw on, at ``scale``."""
+    reach = _SUPPORT[resample] * max(scale, 1.0) + 1.0  # filter radius in source pixels, plus one to spare
+    return max(0, math.floor((start + 0.5) * scale - reach)), min(size, math.ceil((stop - 0.5) * scale + reach))
 
 
 @functools.cache

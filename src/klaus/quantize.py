@@ -142,7 +142,8 @@ class LayerRule:
 
     With ``step``, the tensor gets uniform levels ``step`` channel-RMS apart
     (entropy-coded: the bytes follow how often each level is used, not the
-    level count) instead of a k-means palette; ``bits`` is then 8, the limit.
+    level count) instead of a k-means palette; ``bits`` is then only an upper bound
+    (the stored width is what the used levels need).
     """
 
     pattern: str
@@ -320,13 +321,23 @@ def palettize(
     weight = np.asarray(weight, dtype=np.float32)
     scales = channel_scales(weight, axis) if granularity == "channel" else None
     normalized = weight if scales is None else weight / _along(scales, weight.ndim, axis)
-    # Round to fp16 first so indices are chosen against the levels that are stored.
-    if step is None:
-        book = _fp16_codebook(kmeans_1d(normalized, 1 << bits, importance, iterations, rate_penalty=rate_penalty))
-    else:
-        book = uniform_codebook(normalized, step if scales is not None else step * _rms(normalized))
+    book = _codebook(normalized, bits, step, scales is not None, importance, iterations, rate_penalty)
     indices = assign(normalized.reshape(-1), book.levels, book.edges()).reshape(weight.shape)
     return _packed(bits, book, indices, scales, axis, compact=step is not None)
+
+
+def _codebook(
+    normalized: np.ndarray, bits: int, step: float | None, scaled: bool, importance: np.ndarray | None,
+    iterations: int, rate_penalty: float,
+) -> Codebook:
+    """The fp16 levels to index against: k-means at ``bits``, or the uniform grid of ``step``
+    (in channel-RMS units when the values are already ``scaled`` per channel, else tensor-RMS units).
+
+    Rounded to fp16 first so indices are chosen against the levels that are stored.
+    """
+    if step is None:
+        return _fp16_codebook(kmeans_1d(normalized, 1 << bits, importance, iterations, rate_penalty=rate_penalty))
+    return uniform_codebook(normalized, step if scaled else step * _rms(normalized))
 
 
 def _rms(x: np.ndarray) -> float:
@@ -380,7 +391,7 @@ class HessianFactor:
     upper: np.ndarray  # U with U^T U = H^-1 (ordered, damped)
 
 
-def hessian_factor(hessian: np.ndarray, damp: float = 0.01) -> HessianFactor:
+def hessian_factor(hessian: np.ndarray, damp: float = DEFAULT_DAMP) -> HessianFactor:
     h = np.array(hessian, dtype=np.float64)
     dead = np.diag(h) <= 0
     h[dead, dead] = 1.0
@@ -394,7 +405,7 @@ def gptq_indices(
     matrix: np.ndarray,
     hessian: np.ndarray | HessianFactor,
     book: Codebook,
-    damp: float = 0.01,
+    damp: float = DEFAULT_DAMP,
     block: int = 128,
 ) -> np.ndarray:
     """Indices for ``matrix`` (out x in) that minimize the layer's output error, GPTQ-style.
@@ -448,7 +459,7 @@ def palettize_gptq(
     granularity: Granularity = "tensor",
     iterations: int = 100,
     rate_penalty: float = 0.0,
-    damp: float = 0.01,
+    damp: float = DEFAULT_DAMP,
     step: float | None = None,
     factor: HessianFactor | None = None,
 ) -> PalettizedTensor:
@@ -464,11 +475,8 @@ def palettize_gptq(
         raise ValueError(f"Hessian is {hessian.shape[0]}-wide but the layer has {matrix.shape[1]} inputs")
     scales = channel_scales(matrix, 0) if granularity == "channel" else None
     normalized = matrix if scales is None else matrix / scales.astype(np.float32)[:, None]
-    if step is None:
-        importance = np.broadcast_to(np.maximum(np.diag(hessian), 1e-12)[None, :], normalized.shape)
-        book = _fp16_codebook(kmeans_1d(normalized, 1 << bits, importance, iterations, rate_penalty=rate_penalty))
-    else:
-        book = uniform_codebook(normalized, step if scales is not None else step * _rms(normalized))
+    importance = np.broadcast_to(np.maximum(np.diag(hessian), 1e-12)[None, :], normalized.shape)
+    book = _codebook(normalized, bits, step, scales is not None, importance, iterations, rate_penalty)
     indices = gptq_indices(normalized, factor if factor is not None else hessian, book, damp)
     moved_shape = (weight.shape[out_axis], *np.delete(weight.shape, out_axis))
     indices = np.moveaxis(indices.reshape(moved_shape), 0, out_axis)

@@ -73,6 +73,16 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
+def run_batches(model: onnx.ModelProto, inputs: np.ndarray, output: str | None = None, chunk: int = 64) -> np.ndarray:
+    """``model``'s first output (or the named intermediate value) over ``inputs``, ``chunk`` rows per call."""
+    from .onnxgraph import with_outputs
+
+    session = make_session(model if output is None else with_outputs(model, [output]))
+    name = session.get_inputs()[0].name
+    fetch = [output or session.get_outputs()[0].name]
+    return np.concatenate([session.run(fetch, {name: inputs[i : i + chunk]})[0] for i in range(0, len(inputs), chunk)])
+
+
 def make_session(model: onnx.ModelProto | bytes, threads: int | None = None, arrays: dict[str, np.ndarray] | None = None):
     """An ONNX Runtime CPU session; deterministic settings, no custom ops.
 
