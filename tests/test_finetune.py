@@ -17,7 +17,7 @@ from klaus.runtime import run_batches
 from conftest import TINY_SIZE, make_tiny_onnx
 
 torch = pytest.importorskip("torch", reason="fine-tuning needs the convert extra (torch)")
-finetune = pytest.importorskip("klaus.finetune")
+from klaus import finetune  # noqa: E402  (after the torch check)
 
 
 def _inputs(n: int, seed: int = 1) -> np.ndarray:
