@@ -93,7 +93,7 @@ def test_input_statistics_match_numpy(photos):
         if name == "s_act":
             assert s.gram is None  # not asked for
         else:
-            np.testing.assert_allclose(s.hessian, rows.T @ rows / rows.shape[0], rtol=1e-4, atol=1e-6)
+            np.testing.assert_allclose(s.sample_hessian, rows.T @ rows / rows.shape[0], rtol=1e-4, atol=1e-6)
             np.testing.assert_allclose(s.hessian, s.hessian.T)
     assert stats["input"].count == photos.shape[0] * TINY_SIZE * TINY_SIZE
     assert stats["s_act"].count == photos.shape[0] * (TINY_SIZE // 2) ** 2
@@ -107,6 +107,37 @@ def test_input_statistics_independent_of_chunking(photos):
     assert set(b) == {"d_act"}
     np.testing.assert_allclose(a["d_act"].mean, b["d_act"].mean, rtol=1e-5)
     np.testing.assert_allclose(a["d_act"].hessian, b["d_act"].hessian, rtol=1e-5, atol=1e-7)
+
+
+def test_merged_statistics_equal_statistics_of_both_sets(photos):
+    model = make_tiny_onnx()
+    whole = calibrate.input_statistics(model, photos, ["d_act", "f"], gram_for=["f"])
+    a = calibrate.input_statistics(model, photos[:7], ["d_act", "f"], gram_for=["f"])
+    b = calibrate.input_statistics(model, photos[7:], ["d_act", "f"], gram_for=["f"])
+    for name in ("d_act", "f"):
+        m = a[name].merged(b[name])
+        assert m.count == whole[name].count
+        np.testing.assert_allclose(m.mean, whole[name].mean, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(m.energy, whole[name].energy, rtol=1e-5, atol=1e-7)
+    assert a["d_act"].merged(b["d_act"]).gram is None
+    np.testing.assert_allclose(a["f"].merged(b["f"]).hessian, whole["f"].hessian, rtol=1e-5, atol=1e-7)
+
+
+def test_hessian_shrinks_towards_its_diagonal_with_few_rows():
+    rng = np.random.default_rng(0)
+    mix = rng.standard_normal((8, 8))
+    for rows in (4, 16, 4096):
+        x = rng.standard_normal((rows, 8)) @ mix
+        s = calibrate.InputStats(x.sum(0), (x * x).sum(0), x.T @ x, rows)
+        sample = x.T @ x / rows
+        np.testing.assert_allclose(s.sample_hessian, sample)
+        rho = 8 / (8 + rows)
+        np.testing.assert_allclose(np.diag(s.hessian), np.diag(sample))  # the diagonal is kept
+        off = ~np.eye(8, dtype=bool)
+        np.testing.assert_allclose(s.hessian[off], (1 - rho) * sample[off])
+        if rows < 8:  # rank-deficient sample Hessian, positive definite shrunk one
+            assert np.linalg.matrix_rank(sample) < 8
+            assert np.linalg.eigvalsh(s.hessian).min() > 0
 
 
 def test_input_statistics_of_an_existing_output(photos):

@@ -7,10 +7,10 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import EXAMPLES, TINY_CLASSES, TINY_PREPROCESS, make_tiny_onnx
-from klaus import calibrate, compress, format as kf, mixed
+from klaus import calibrate, compress, format as kf, mixed, onnxgraph
 from klaus.cli import main
 from klaus.errors import KlausModelError
-from klaus.quantize import Recipe
+from klaus.quantize import Recipe, palettize
 
 RECIPE = Recipe(name="tiny-budget", granularity="channel")
 
@@ -151,3 +151,44 @@ def test_cli_budget_and_max_drop_are_exclusive(tmp_path, tiny_onnx_path):
     assert both.exit_code == 1 and "not both" in both.stderr
     nocal = CliRunner().invoke(main, args + ["--max-drop", "1"], prog_name="klaus")
     assert nocal.exit_code == 1 and "--max-drop needs calibration" in nocal.stderr
+
+
+@pytest.mark.parametrize("count,views", [(500, 1), (40, 10), (1000, 1), (6, 1), (43, 10)])
+def test_probe_rows_hold_out_whole_photos(count, views):
+    fit, probe = compress.probe_rows(count, views)
+    assert probe.sum() <= compress.PROBE_INPUTS and probe.any()
+    if fit.all():  # too few inputs to hold any out: every input does both jobs
+        assert count < 2 * compress.PROBE_EVERY * views and probe.all()
+        return
+    assert not (fit & probe).any()  # probes never calibrate the tensors they measure
+    step = views if count % views == 0 else 1
+    photo = np.arange(count) // step
+    assert set(photo[~fit]).isdisjoint(photo[fit])  # all crops of a held-out photo are held out
+    assert len(set(photo[probe])) == probe.sum()  # one view per probed photo
+    assert (~fit).sum() >= count // compress.PROBE_EVERY - step
+
+
+def test_sensitivity_is_measured_on_the_probe_tensors(calibration):
+    model = make_tiny_onnx()
+    _, weights = onnxgraph.split_weights(model)
+    roles = onnxgraph.tensor_roles(model)
+    stats = calibrate.input_statistics(model, calibration, [roles["pw.weight"].activation])
+
+    def quantize(name, bits, step):
+        return palettize(weights[name], bits, granularity="channel", axis=roles[name].out_axis, step=step)
+
+    def probe_quantize(name, bits, step):
+        return palettize(weights[name], 1, granularity="channel", axis=roles[name].out_axis)  # much coarser
+
+    layers, probes = mixed.candidate_options(
+        weights, roles, stats, ["pw.weight"], quantize, steps=mixed.DEFAULT_STEPS, probe_quantize=probe_quantize
+    )
+    layer = layers[0]
+    np.testing.assert_array_equal(probes["pw.weight"], probe_quantize("pw.weight", 8, None).decode())
+    own = layer.candidates[layer.probe]
+    assert own.step == mixed.PROBE_STEP and layer.probe_proxy > 10 * own.proxy
+    reference = np.full((3, 4), 0.25)
+    measured = np.array([[0.4, 0.2, 0.2, 0.2]] * 3)
+    mixed.measure_scales(layers, weights, probes, lambda ws: measured, reference)
+    kl = float(np.sum(0.25 * (np.log(0.25) - np.log(measured[0]))))
+    assert layer.scale == pytest.approx(kl / layer.probe_proxy)

@@ -64,6 +64,11 @@ class InputStats:
     def empty(cls, channels: int, with_gram: bool) -> InputStats:
         return cls(np.zeros(channels), np.zeros(channels), np.zeros((channels, channels)) if with_gram else None)
 
+    def merged(self, other: InputStats) -> InputStats:
+        """The statistics of both input sets together."""
+        gram = None if self.gram is None or other.gram is None else self.gram + other.gram
+        return InputStats(self.total + other.total, self.sumsq + other.sumsq, gram, self.count + other.count)
+
     @property
     def energy(self) -> np.ndarray:
         """E[x^2] per channel: how much a weight on that input channel matters."""
@@ -74,9 +79,25 @@ class InputStats:
         return self.total / max(1, self.count)
 
     @property
-    def hessian(self) -> np.ndarray:
-        """E[x x^T]: the Hessian of a linear layer's squared output error."""
+    def sample_hessian(self) -> np.ndarray:
+        """E[x x^T] over the calibration rows: the Hessian of a linear layer's squared output error."""
         return self.gram / max(1, self.count)
+
+    @property
+    def hessian(self) -> np.ndarray:
+        """:attr:`sample_hessian` shrunk towards its diagonal by C / (C + N) (C inputs, N rows).
+
+        With few rows per input (a 1280-wide FC layer sees one pooled vector per
+        photo) the sample Hessian is rank-deficient and GPTQ overfits its
+        rounding to the calibration photos; shrinking the off-diagonal part
+        (Ledoit-Wolf style) keeps what generalizes. Measured on EfficientNet-Lite0's
+        FC layer (500 photos, uniform 0.5 grid): KL on other photos 0.0039 with the
+        diagonal alone, 0.0033 with the sample Hessian (rho 0.1), 0.0025 at rho 0.72.
+        Conv layers see thousands of rows per input, so their rho stays near 0.
+        """
+        h = self.sample_hessian
+        rho = h.shape[0] / (h.shape[0] + max(1, self.count))
+        return (1.0 - rho) * h + rho * np.diag(np.diag(h))
 
     def factor(self) -> HessianFactor:
         """GPTQ's factorization of :attr:`hessian`, computed once (valid while the sums don't change)."""

@@ -103,7 +103,7 @@ def budget_option(f):
     )(f)
 
 
-def _compress_graph(graph, recipe, budget_mib, max_drop, calibration, **kwargs):
+def _compress_graph(graph, recipe, budget_mib, max_drop, calibration, views: int = 1, **kwargs):
     """compress_onnx, or a budgeted allocation when --budget-mib or --max-drop is given."""
     from . import compress as cp
 
@@ -115,8 +115,10 @@ def _compress_graph(graph, recipe, budget_mib, max_drop, calibration, **kwargs):
     if calibration is None:
         fail(f"{option} needs calibration photos (--calib DIR) to measure each layer's sensitivity")
     if budget_mib is not None:
-        return cp.compress_to_budget(graph, recipe, int(budget_mib * 2**20), calibration=calibration, **kwargs)
-    model, allocation, agreement = cp.compress_to_agreement(graph, recipe, max_drop, calibration=calibration, **kwargs)
+        return cp.compress_to_budget(graph, recipe, int(budget_mib * 2**20), calibration=calibration, views=views, **kwargs)
+    model, allocation, agreement = cp.compress_to_agreement(
+        graph, recipe, max_drop, calibration=calibration, views=views, **kwargs
+    )
     click.echo(f"klaus: top-1 agreement with the float model on held-out calibration photos: {agreement:.1f} %", err=True)
     return model, allocation
 
@@ -347,7 +349,7 @@ def compress(src, out, recipe_name, bits, fc_bits, conv_bits, depthwise_bits, la
             fail("--labels applies to ONNX input; a .klaus source keeps its own labels and preprocessing")
         calibration = _calibration(calib, calib_split, calib_limit, calib_crops, source.preprocess)
         model, allocation = _compress_graph(
-            cp.to_onnx(source), recipe, budget_mib, max_drop, calibration, preprocess=source.preprocess, labels=source.labels,
+            cp.to_onnx(source), recipe, budget_mib, max_drop, calibration, int(calib_crops), preprocess=source.preprocess, labels=source.labels,
             card=cp.card_of(source), output=source.meta["output"], png=png,
         )
     else:
@@ -363,7 +365,8 @@ def compress(src, out, recipe_name, bits, fc_bits, conv_bits, depthwise_bits, la
         card = cp.ModelCard(name or Path(src).stem, source_ or str(Path(src).name), license_, "klaus compress")
         calibration = _calibration(calib, calib_split, calib_limit, calib_crops, preprocess)
         model, allocation = _compress_graph(
-            graph, recipe, budget_mib, max_drop, calibration, preprocess=preprocess, labels=cp.default_labels(graph, names),
+            graph, recipe, budget_mib, max_drop, calibration, int(calib_crops), preprocess=preprocess,
+            labels=cp.default_labels(graph, names),
             card=card, png=png,
         )
     size = cp.write(model, out)
@@ -483,7 +486,8 @@ def zoo_build(name, out, lossless, recipe_name, onnx_out, calib, calib_split, ca
     e = z.entry(name)
     calibration = None if lossless else _calibration(calib, calib_split, calib_limit, calib_crops, e.preprocess)
     model, allocation = _compress_graph(
-        graph, recipe, budget_mib, max_drop, calibration, preprocess=e.preprocess, labels=cp.imagenet_label_rows(), card=e.card
+        graph, recipe, budget_mib, max_drop, calibration, int(calib_crops), preprocess=e.preprocess,
+        labels=cp.imagenet_label_rows(), card=e.card
     )
     out = out or f"{name}{'-lossless' if lossless else ''}.klaus"
     size = cp.write(model, out)

@@ -49,12 +49,6 @@ def plain_label_rows(names: Sequence[str]) -> tuple[LabelRow, ...]:
     return tuple(LabelRow(i, "", n, (n,), (), ()) for i, n in enumerate(names))
 
 
-# GPTQ fits the rounding to the calibration inputs; with fewer input vectors than
-# a few times the layer's width (e.g. 500 pooled features for a 1280-wide FC layer)
-# the Hessian is rank-deficient and the fit does not carry over to other photos.
-GPTQ_MIN_SAMPLES = 2
-
-
 def _linear(role: onnxgraph.TensorRole, array: np.ndarray) -> bool:
     """Layers whose input Hessian is a plain channel Gram matrix: Gemm and 1x1 Conv."""
     if role.op == "Gemm":
@@ -95,7 +89,7 @@ def quantize_tensor(
         "step": step,
     }
     st = stats.get(role.activation) if stats else None
-    if recipe.method == "gptq" and st is not None and st.gram is not None and st.count >= GPTQ_MIN_SAMPLES * st.gram.shape[0]:
+    if recipe.method == "gptq" and st is not None and st.gram is not None and st.count > 0:
         return palettize_gptq(array, bits, st.hessian, out_axis=role.out_axis, factor=st.factor(), **common)
     importance = None if st is None or not recipe.weighted else weight_importance(role, array.shape, st.energy)
     return palettize(array, bits, axis=role.out_axis, importance=importance, **common)
@@ -227,12 +221,43 @@ def _assemble(
 
 MIN_BUDGET_ELEMENTS = 1024  # smaller weights stay fp16 under a budget: not worth a palette
 PROBE_INPUTS = 128  # calibration inputs used to measure each layer's sensitivity
+PROBE_EVERY = 4  # ... every fourth one, held out of the statistics the probe tensors are fitted to
+
+
+def held_out_photos(count: int, every: int, views: int = 1) -> np.ndarray:
+    """Rows of every ``every``-th photo; ``views`` consecutive rows (crops) make one photo."""
+    views = views if views > 0 and count % views == 0 else 1
+    return (np.arange(count) // views) % every == every - 1
+
+
+def probe_rows(count: int, views: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(rows the statistics come from, rows that measure sensitivities).
+
+    Every PROBE_EVERY-th photo is held out of the statistics the probe tensors
+    are fitted to, so their KL says how the fit carries over to new photos; its
+    first view (at most PROBE_INPUTS of them) is the probe. With very few
+    inputs all of them do both.
+    """
+    if count < 2 * PROBE_EVERY * max(1, views):
+        every = np.ones(count, dtype=bool)
+        return every, every
+    held = held_out_photos(count, PROBE_EVERY, views)
+    first = held & (np.arange(count) % views == 0) if views > 1 and count % views == 0 else held
+    probe = np.zeros(count, dtype=bool)
+    probe[np.flatnonzero(first)[:PROBE_INPUTS]] = True
+    return ~held, probe
+
+
+def merged_stats(a: dict[str, InputStats], b: dict[str, InputStats]) -> dict[str, InputStats]:
+    """Statistics of two disjoint input sets combined (the sums add up)."""
+    return {name: a[name].merged(b[name]) if name in b else a[name] for name in a}
 
 
 class _Search:
     """What a budgeted build needs once: statistics, every layer's candidates and their measured sensitivity."""
 
-    def __init__(self, model, recipe, calibration, *, preprocess, labels, card, output, png, min_elements, uniform, progress):
+    def __init__(self, model, recipe, calibration, *, preprocess, labels, card, output, png, min_elements, uniform, views,
+                 progress):
         from . import mixed
 
         check_inputs(model, preprocess, labels, card)
@@ -241,7 +266,11 @@ class _Search:
         self.roles = roles = onnxgraph.tensor_roles(model)
         eligible = [n for n, w in self.weights.items() if roles[n].kind != "other" and w.size >= min_elements]
         planned = replace(recipe, rules=tuple(LayerRule.exact(n, 8) for n in eligible))
-        self.stats = stats = calibration_stats(model, self.weights, roles, planned, calibration)
+        fit, probing = probe_rows(len(calibration), views)
+        fit_stats = calibration_stats(model, self.weights, roles, planned, calibration[fit])
+        rest = None if fit.all() else calibration_stats(model, self.weights, roles, planned, calibration[~fit])
+        self.stats = stats = fit_stats if rest is None else merged_stats(fit_stats, rest)
+        probe = calibration[probing]
         if progress:
             progress("candidates")
         weights = self.weights
@@ -249,10 +278,10 @@ class _Search:
             weights, roles, stats, eligible,
             lambda name, bits, step: quantize_tensor(weights[name], roles[name], bits, recipe, stats, step),
             steps=mixed.DEFAULT_STEPS if uniform else (),
+            probe_quantize=lambda name, bits, step: quantize_tensor(weights[name], roles[name], bits, recipe, fit_stats, step),
         )
         if progress:
             progress("sensitivities")
-        probe = calibration[:PROBE_INPUTS]
         mixed.measure_scales(self.layers, weights, probes, lambda ws: self.probabilities(ws, probe), self.probabilities(weights, probe))
         self.meta = dict(preprocess=preprocess, labels=labels, card=card, output=output, png=png)
         self.progress = progress
@@ -327,11 +356,15 @@ def compress_to_budget(
     png: codecs.PngOptions = codecs.PngOptions(),
     min_elements: int = MIN_BUDGET_ELEMENTS,
     uniform: bool = True,
+    views: int = 1,
     progress: Progress | None = None,
 ) -> tuple[KlausModel, "Allocation"]:
-    """The most accurate model whose file fits ``budget_bytes`` (see klaus.mixed)."""
+    """The most accurate model whose file fits ``budget_bytes`` (see klaus.mixed).
+
+    ``views`` consecutive calibration rows are crops of one photo (held out together).
+    """
     search = _Search(model, recipe, calibration, preprocess=preprocess, labels=labels, card=card, output=output, png=png,
-                     min_elements=min_elements, uniform=uniform, progress=progress)
+                     min_elements=min_elements, uniform=uniform, views=views, progress=progress)
     built, allocation = search.fit(budget_bytes)
     return search.finished(built, search.fitted), allocation
 
@@ -353,6 +386,7 @@ def compress_to_agreement(
     png: codecs.PngOptions = codecs.PngOptions(),
     min_elements: int = MIN_BUDGET_ELEMENTS,
     uniform: bool = True,
+    views: int = 1,
     progress: Progress | None = None,
 ) -> tuple[KlausModel, "Allocation", float]:
     """The smallest budgeted build whose top-1 agreement with the float model drops at most ``max_drop`` points.
@@ -367,11 +401,11 @@ def compress_to_agreement(
 
     if not 0 <= max_drop < 100:
         raise KlausModelError(f"--max-drop must be in 0..100 percentage points, got {max_drop:g}")
-    held = np.arange(len(calibration)) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
+    held = held_out_photos(len(calibration), HOLDOUT_EVERY, views)
     if held.sum() < 20:
         raise KlausModelError(f"--max-drop needs at least {20 * HOLDOUT_EVERY} calibration inputs (got {len(calibration)})")
     search = _Search(model, recipe, calibration[~held], preprocess=preprocess, labels=labels, card=card, output=output,
-                     png=png, min_elements=min_elements, uniform=uniform, progress=progress)
+                     png=png, min_elements=min_elements, uniform=uniform, views=views, progress=progress)
     check = calibration[held]
     reference = search.probabilities(search.weights, check).argmax(axis=1)
 

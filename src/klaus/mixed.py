@@ -54,6 +54,7 @@ class LayerOptions:
     candidates: list[Candidate]
     scale: float = 1.0  # KL per unit of proxy error, measured
     probe: int = 0  # index of the candidate whose KL was measured
+    probe_proxy: float | None = None  # proxy error of the measured tensor, if not that candidate's own
 
     def cost(self, c: Candidate, lam: float) -> float:
         return self.scale * c.proxy + lam * c.bytes
@@ -120,23 +121,34 @@ def candidate_options(
     quantize: Quantizer,
     choices: Sequence[int] = DEFAULT_CHOICES,
     steps: Sequence[float] = (),
+    probe_quantize: Quantizer | None = None,
 ) -> tuple[list[LayerOptions], dict[str, np.ndarray]]:
-    """Every tensor at every bit width (and uniform step), quantized as the final build will; plus the probe decodes."""
-    layers, probes, probe_of = [], {}, {}
+    """Every tensor at every bit width (and uniform step), quantized as the final build will; plus the probe decodes.
+
+    ``probe_quantize`` makes the probe tensors instead (calibrated without the
+    photos their KL is measured on, so a fit that does not carry over to new
+    photos is not mistaken for a small error).
+    """
+    layers, probes = [], {}
     probe_key = (8, PROBE_STEP) if PROBE_STEP in steps else (PROBE_BITS, None)
     for name in eligible:
         w, role = weights[name], roles[name]
+        st = stats.get(role.activation)
         cands = [Candidate(FLOAT, 2.0 * w.size, 0.0)]
+        layer = LayerOptions(name, int(w.size), cands)
         for bits, step in [(b, None) for b in choices] + [(8, s) for s in steps]:
             q = quantize(name, bits, step)
             decoded = q.decode()
             if (bits, step) == probe_key:
+                layer.probe = len(cands)
                 probes[name] = decoded
-                probe_of[name] = len(cands)
+                if probe_quantize is not None:
+                    probes[name] = probe_quantize(name, bits, step).decode()
+                    layer.probe_proxy = output_error(w, probes[name], role, st)
             extra = 2 * len(q.palette) + (0 if q.scales is None else 2 * len(q.scales))
-            error = output_error(w, decoded, role, stats.get(role.activation))
+            error = output_error(w, decoded, role, st)
             cands.append(Candidate(q.bits, codecs.order0_entropy_bytes(q.indices) * 1.01 + extra, error, step))
-        layers.append(LayerOptions(name, int(w.size), cands, probe=probe_of[name]))
+        layers.append(layer)
     return layers, probes
 
 
@@ -149,9 +161,9 @@ def measure_scales(
 ) -> None:
     """KL per unit proxy error for each layer, from one forward pass with only it palettized."""
     for layer in layers:
-        probe = layer.candidates[layer.probe]
+        proxy = layer.candidates[layer.probe].proxy if layer.probe_proxy is None else layer.probe_proxy
         kl = _kl(reference, probs({**weights, layer.name: probes[layer.name]}))
-        layer.scale = kl / probe.proxy if probe.proxy > 0 else 0.0
+        layer.scale = kl / proxy if proxy > 0 else 0.0
 
 
 def allocate(layers: list[LayerOptions], budget_bytes: float) -> Allocation:
