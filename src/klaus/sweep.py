@@ -719,7 +719,7 @@ def _compressed_row(
     allocation = None
     start = time.perf_counter()
     if setting.kind == "mixed":
-        model, allocation = _budgeted(setting, source, use_calib)
+        model, allocation = _budgeted(setting, source, use_calib, calibration.crops if calibration is not None else 1)
     else:
         recipe = setting.recipe
         if setting.step is not None:
@@ -749,8 +749,10 @@ def _compressed_row(
     return row, top5
 
 
-def _budgeted(setting: Setting, source: SweepSource, calibration: np.ndarray | None) -> tuple[KlausModel, object]:
-    """A mixed row's model: the named recipe as it is now (not at import), fitted to the budget."""
+def _budgeted(
+    setting: Setting, source: SweepSource, calibration: np.ndarray | None, views: int = 1
+) -> tuple[KlausModel, object]:
+    """A mixed row's model: the named recipe as it is now (not at import), fitted to the budget (``views`` crops per photo)."""
     from . import compress
 
     if calibration is None or setting.budget_bytes is None:
@@ -758,7 +760,7 @@ def _budgeted(setting: Setting, source: SweepSource, calibration: np.ndarray | N
     kwargs = {} if setting.min_elements is None else {"min_elements": setting.min_elements}
     return compress.compress_to_budget(
         source.graph, quantize.NAMED_RECIPES[MIXED_RECIPE], setting.budget_bytes, preprocess=source.preprocess,
-        labels=source.labels, card=source.card, output=source.output, calibration=calibration, **kwargs,
+        labels=source.labels, card=source.card, output=source.output, calibration=calibration, views=views, **kwargs,
     )
 
 
