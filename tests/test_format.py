@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import lzma
 import re
 import os
 import sqlite3
@@ -96,11 +97,62 @@ CONTENT_MISMATCH = "metadata or label checksum mismatch \\(file is corrupt\\)"
 
 
 def content_rows(conn: sqlite3.Connection) -> tuple[list[tuple], list[tuple], list[tuple]]:
-    """meta, labels and synsets rows as the reader feeds them to fmt.content_digest."""
+    """meta, labels and synsets rows as the reader feeds them to fmt.content_digest: from
+    the v1 tables, or decoded from the v2 labelset (words back to canonical JSON text)."""
     meta = sorted(conn.execute("SELECT key, value FROM meta").fetchall())
-    labels = conn.execute("SELECT idx, wnid, name, words FROM labels ORDER BY idx").fetchall()
-    synsets = conn.execute("SELECT wnid, name, parent FROM synsets ORDER BY wnid").fetchall()
-    return meta, labels, synsets
+    if conn.execute("PRAGMA user_version").fetchone()[0] == 1:
+        labels = conn.execute("SELECT idx, wnid, name, words FROM labels ORDER BY idx").fetchall()
+        synsets = conn.execute("SELECT wnid, name, parent FROM synsets ORDER BY wnid").fetchall()
+        return meta, labels, synsets
+    rows = labelset_json(conn)
+    labels = [(i, w, n, canonical(words)) for i, w, n, words in sorted(rows["labels"], key=lambda r: r[0])]
+    return meta, labels, sorted(tuple(r) for r in rows["synsets"])
+
+
+def canonical(value: object) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def labelset_json(conn: sqlite3.Connection) -> dict:
+    (codec, payload), = conn.execute("SELECT codec, payload FROM labelset").fetchall()
+    assert codec == "json+xz"
+    return json.loads(lzma.decompress(payload, format=lzma.FORMAT_XZ))
+
+
+def xz(data: bytes) -> bytes:
+    return lzma.compress(data, format=lzma.FORMAT_XZ)
+
+
+def serialize_v1(model: KlausModel) -> bytes:
+    """A private version-1 writer (the library writes v2 only): the v1 tables, label rows
+    uncompressed in ``labels``/``synsets``, the raw ONNX graph and its sha256."""
+    conn = sqlite3.connect(":memory:")
+    try:
+        conn.execute(f"PRAGMA page_size = {fmt.PAGE_SIZE}")
+        conn.execute(f"PRAGMA application_id = {fmt.APPLICATION_ID}")
+        conn.execute("PRAGMA user_version = 1")
+        for ddl in fmt.SCHEMA_V1.values():
+            conn.execute(ddl)
+        meta = {k: v for k, v in model.meta.items() if k != fmt.CONTENT_KEY}
+        meta.update(format="klaus", format_version="1", preprocess=canonical(model.preprocess.to_dict()))
+        labels = [(r.index, r.wnid, r.name, canonical(list(r.words))) for r in model.labels]
+        tree = fmt.hierarchy_tree(model.labels)
+        synsets = [(w, *tree[w]) for w in sorted(tree)]
+        meta[fmt.CONTENT_KEY] = fmt.content_digest(sorted(meta.items()), labels, synsets)
+        conn.executemany("INSERT INTO meta VALUES (?, ?)", sorted(meta.items()))
+        conn.executemany("INSERT INTO labels VALUES (?, ?, ?, ?)", labels)
+        conn.executemany("INSERT INTO synsets VALUES (?, ?, ?)", synsets)
+        conn.execute("INSERT INTO graph VALUES (0, ?, ?)", (model.graph, sha(model.graph)))
+        conn.executemany(
+            "INSERT INTO tensors VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(i, t.name, canonical(list(t.dims)), t.dtype, t.codec, t.bits, t.palette, t.scales, t.scale_axis, t.payload, t.digest())
+             for i, t in enumerate(model.tensors)],
+        )
+        conn.commit()
+        conn.execute("VACUUM")
+        return conn.serialize()
+    finally:
+        conn.close()
 
 
 def recompute_content(conn: sqlite3.Connection) -> None:
@@ -188,20 +240,34 @@ def rich_path(tmp_path, rich_bytes) -> Path:
     return path
 
 
-def expected_meta(model: KlausModel) -> dict[str, str]:
+@pytest.fixture(scope="module")
+def rich_v1_bytes(rich_model) -> bytes:
+    return serialize_v1(rich_model)
+
+
+@pytest.fixture
+def rich_v1_path(tmp_path, rich_v1_bytes) -> Path:
+    """The rich model as a version-1 file: the SQL edits of the labels, synsets and graph
+    tables below exercise the v1 reader (v2 stores those compressed; see the v2 section)."""
+    path = tmp_path / "rich-v1.klaus"
+    path.write_bytes(rich_v1_bytes)
+    return path
+
+
+def expected_meta(model: KlausModel, version: int = fmt.FORMAT_VERSION) -> dict[str, str]:
     """What a reader sees: the writer adds format, format_version and preprocess."""
     return {
         **model.meta,
         "format": "klaus",
-        "format_version": str(fmt.FORMAT_VERSION),
+        "format_version": str(version),
         "preprocess": json.dumps(model.preprocess.to_dict(), sort_keys=True, separators=(",", ":")),
     }
 
 
-def assert_same_model(got: KlausModel, want: KlausModel) -> None:
+def assert_same_model(got: KlausModel, want: KlausModel, version: int = fmt.FORMAT_VERSION) -> None:
     meta = dict(got.meta)
     assert re.fullmatch(r"[0-9a-f]{64}", meta.pop(fmt.CONTENT_KEY))  # the writer's checksum of meta/labels/synsets
-    assert meta == expected_meta(want)
+    assert meta == expected_meta(want, version)
     assert got.preprocess == want.preprocess
     assert got.labels == want.labels
     assert got.graph == want.graph
@@ -250,10 +316,11 @@ def test_imagenet_labels_path_and_hierarchy_come_back_from_synsets(imagenet_mode
     assert len(rows) == 1000
     path = tmp_path / "inet.klaus"
     fmt.write_model(imagenet_model, path)
-    # labels keep only index/wnid/name/words; path and hierarchy live in the synsets table
+    # labels keep only index/wnid/name/words; path and hierarchy live in the synsets rows
     with closing(sqlite3.connect(path)) as conn:
-        assert conn.execute("SELECT count(*) FROM labels").fetchone()[0] == 1000
-        synsets = dict((w, (n, p)) for w, n, p in conn.execute("SELECT wnid, name, parent FROM synsets"))
+        _, labels, synset_rows = content_rows(conn)
+    assert len(labels) == 1000
+    synsets = dict((w, (n, p)) for w, n, p in synset_rows)
     assert synsets == fmt.hierarchy_tree(rows)
     assert sum(1 for _, p in synsets.values() if p == "") == 1  # one root: entity
     labels = fmt.read_model(path).labels
@@ -269,7 +336,7 @@ def test_plain_labels_have_no_synsets(tmp_path, palette_model):
     path = tmp_path / "plain.klaus"
     fmt.write_model(palette_model, path)
     with closing(sqlite3.connect(path)) as conn:
-        assert conn.execute("SELECT count(*) FROM synsets").fetchone()[0] == 0
+        assert labelset_json(conn)["synsets"] == []
     labels = fmt.read_model(path).labels
     assert [r.name for r in labels] == [f"class {i}" for i in range(TINY_CLASSES)]
     assert all(r.wnid == "" and r.path == () and r.hierarchy == () for r in labels)
@@ -483,11 +550,18 @@ def test_other_application_id(tmp_path, rich_path):
     assert_rejected(path, "application_id 0x4750")
 
 
-@pytest.mark.parametrize("version", [0, 2, 99, -1])
+@pytest.mark.parametrize("version", [0, 3, 99, -1])
 def test_wrong_format_version(tmp_path, rich_path, version):
     path = edited(rich_path, tmp_path / "v.klaus", sql(f"PRAGMA user_version = {version}"))
     error = assert_rejected(path, f"format version {version} is not supported")
-    assert "version 1" in str(error)
+    assert "reads versions 1, 2" in str(error)
+
+
+@pytest.mark.parametrize(("base", "version"), [("rich_path", 1), ("rich_v1_path", 2)])
+def test_version_and_tables_must_agree(request, tmp_path, base, version):
+    """A v2 file labelled v1 (or the reverse) fails the schema check of the version it claims."""
+    path = edited(request.getfixturevalue(base), tmp_path / "v.klaus", sql(f"PRAGMA user_version = {version}"))
+    assert_rejected(path, f"not a valid .klaus v{version} file")
 
 
 def test_wal_mode_header(tmp_path, rich_bytes):
@@ -694,9 +768,11 @@ def test_flips_never_silently_change_meta_or_labels(flip_outcomes):
 
 
 def test_flips_in_meta_and_labels_are_caught_by_the_content_checksum(flip_outcomes):
-    """The sweep does reach meta/labels/synsets text, and content_sha256 is what catches it."""
+    """The sweep does reach meta and label text: content_sha256 catches meta, and in v2
+    the labelset's xz check (CRC64) catches flips in the compressed label rows first."""
     caught = [o for o in flip_outcomes["rejected"] if re.search(CONTENT_MISMATCH, o[2])]
-    assert len(caught) >= 100, len(caught)
+    in_labelset = [o for o in flip_outcomes["rejected"] if "labelset payload is not valid xz data" in o[2]]
+    assert len(caught) >= 50 and len(in_labelset) >= 50, (len(caught), len(in_labelset))
 
 
 def test_flip_in_an_invalid_utf8_schema_name(rich_bytes):
@@ -718,14 +794,30 @@ def test_flip_in_an_invalid_utf8_schema_name(rich_bytes):
         ("CREATE TABLE extra (x)", "unexpected schema"),
         ("CREATE TRIGGER t AFTER INSERT ON meta BEGIN SELECT 1; END", "unexpected schema"),
         ("CREATE VIEW v AS SELECT * FROM meta", "unexpected schema"),
+        ("CREATE INDEX i ON labelset (codec)", "unexpected schema"),
+        ("ALTER TABLE labelset ADD COLUMN extra TEXT", "unexpected schema"),
+        ("ALTER TABLE graph DROP COLUMN codec", "unexpected schema"),
+        (fmt.SCHEMA_V1["synsets"], "unexpected schema"),
+        ("DROP TABLE labelset", "missing tables \\['labelset'\\]"),
+        ("ALTER TABLE graph RENAME TO graphs", "missing tables \\['graph'\\]"),
+    ],
+)
+def test_schema_changes_are_rejected(tmp_path, rich_path, statement, match):
+    path = edited(rich_path, tmp_path / "schema.klaus", sql(statement))
+    assert_rejected(path, match)
+
+
+@pytest.mark.parametrize(
+    ("statement", "match"),
+    [
         ("CREATE INDEX i ON labels (name)", "unexpected schema"),
         ("ALTER TABLE labels ADD COLUMN extra TEXT", "unexpected schema"),
         ("DROP TABLE synsets", "missing tables \\['synsets'\\]"),
         ("ALTER TABLE graph RENAME TO graphs", "missing tables \\['graph'\\]"),
     ],
 )
-def test_schema_changes_are_rejected(tmp_path, rich_path, statement, match):
-    path = edited(rich_path, tmp_path / "schema.klaus", sql(statement))
+def test_v1_schema_changes_are_rejected(tmp_path, rich_v1_path, statement, match):
+    path = edited(rich_v1_path, tmp_path / "schema.klaus", sql(statement))
     assert_rejected(path, match)
 
 
@@ -752,7 +844,8 @@ def test_optional_meta_rows_may_be_missing_and_extra_rows_are_kept(tmp_path, ric
     ("key", "value", "match"),
     [
         ("format", "onnx", "meta says format 'onnx'"),
-        ("format_version", "2", "meta says format 'klaus' v2"),
+        ("format_version", "1", "meta says format 'klaus' v1"),
+        ("format_version", "3", "meta says format 'klaus' v3"),
         ("output", "softmax", "meta.output must be one of"),
         ("recipe", "{not json", "meta.recipe is not valid JSON"),
         ("recipe", "[1, 2]", "meta.recipe is not a JSON object"),
@@ -819,17 +912,17 @@ VALID_CONTENT_EDITS = {
 
 
 @pytest.mark.parametrize("edit", VALID_CONTENT_EDITS.values(), ids=VALID_CONTENT_EDITS.keys())
-def test_tampering_with_meta_labels_or_synsets_is_caught_by_the_content_checksum(tmp_path, rich_path, edit):
-    path = edited(rich_path, tmp_path / "content.klaus", edit)
+def test_tampering_with_meta_labels_or_synsets_is_caught_by_the_content_checksum(tmp_path, rich_v1_path, edit):
+    path = edited(rich_v1_path, tmp_path / "content.klaus", edit)
     assert_rejected(path, CONTENT_MISMATCH)
 
 
 @pytest.mark.parametrize("edit", VALID_CONTENT_EDITS.values(), ids=VALID_CONTENT_EDITS.keys())
-def test_the_same_edits_with_a_recomputed_content_checksum_are_read(tmp_path, rich_path, rich_model, edit):
+def test_the_same_edits_with_a_recomputed_content_checksum_are_read(tmp_path, rich_v1_path, rich_model, edit):
     """Control: only the checksum tells these edits apart (and recompute_content mirrors the reader)."""
-    path = edited(rich_path, tmp_path / "content.klaus", with_content(edit))
+    path = edited(rich_v1_path, tmp_path / "content.klaus", with_content(edit))
     model = fmt.read_model(path)
-    original = fmt.read_model(rich_path)
+    original = fmt.read_model(rich_v1_path)
     assert model.meta[fmt.CONTENT_KEY] != original.meta[fmt.CONTENT_KEY]  # the edit changed digested content
     assert model.tensors == original.tensors and model.graph == original.graph
 
@@ -839,8 +932,8 @@ def test_the_same_edits_with_a_recomputed_content_checksum_are_read(tmp_path, ri
     ["0" * 64, "", "abc", "not a checksum", lambda v: v.upper(), lambda v: v[1:] + v[0], lambda v: v + "\n"],
     ids=["zeros", "empty", "short", "text", "upper", "rotated", "newline"],
 )
-def test_wrong_content_sha256_value(tmp_path, rich_path, value):
-    path = edited(rich_path, tmp_path / "content.klaus", _set_meta(fmt.CONTENT_KEY, value if callable(value) else lambda v: value))
+def test_wrong_content_sha256_value(tmp_path, rich_v1_path, value):
+    path = edited(rich_v1_path, tmp_path / "content.klaus", _set_meta(fmt.CONTENT_KEY, value if callable(value) else lambda v: value))
     assert_rejected(path, CONTENT_MISMATCH)
 
 
@@ -856,10 +949,10 @@ def test_wrong_content_sha256_value(tmp_path, rich_path, value):
         "UPDATE synsets SET wnid = 'bad' WHERE wnid = 'n01440764'",
     ],
 )
-def test_content_checksum_is_checked_before_preprocess_labels_and_synsets(tmp_path, rich_path, statement):
+def test_content_checksum_is_checked_before_preprocess_labels_and_synsets(tmp_path, rich_v1_path, statement):
     """format._check_content runs right after meta is read: a tampered row that a later
     check would also reject is reported as a checksum mismatch."""
-    path = edited(rich_path, tmp_path / "content.klaus", _changes_something(statement))
+    path = edited(rich_v1_path, tmp_path / "content.klaus", _changes_something(statement))
     assert_rejected(path, CONTENT_MISMATCH)
 
 
@@ -875,31 +968,31 @@ def test_content_checksum_is_checked_before_preprocess_labels_and_synsets(tmp_pa
         "UPDATE labels SET idx = -1 WHERE idx = 0",
     ],
 )
-def test_label_gaps(tmp_path, rich_path, statement):
-    path = edited(rich_path, tmp_path / "labels.klaus", with_content(sql(statement)))
+def test_label_gaps(tmp_path, rich_v1_path, statement):
+    path = edited(rich_v1_path, tmp_path / "labels.klaus", with_content(sql(statement)))
     assert_rejected(path, "labels must be numbered 0..n-1 without gaps")
 
 
 @pytest.mark.parametrize(
     ("source", "target"), [(0, 1), (3, 9), (9, 0)], ids=["first-second", "middle-last", "last-first"]
 )
-def test_duplicate_label_names_are_rejected(tmp_path, rich_path, source, target):
+def test_duplicate_label_names_are_rejected(tmp_path, rich_v1_path, source, target):
     """docs/format.md: ``name`` is the display name (unique), and the reader checks every rule."""
-    name = fmt.read_model(rich_path).labels[source].name
-    path = edited(rich_path, tmp_path / "labels.klaus", with_content(sql("UPDATE labels SET name = ? WHERE idx = ?", params=(name, target))))
+    name = fmt.read_model(rich_v1_path).labels[source].name
+    path = edited(rich_v1_path, tmp_path / "labels.klaus", with_content(sql("UPDATE labels SET name = ? WHERE idx = ?", params=(name, target))))
     assert_rejected(path, f"label name {re.escape(repr(name))} is used twice; names must be unique")
 
 
-def test_label_names_differing_only_in_case_are_distinct(tmp_path, rich_path):
-    name = fmt.read_model(rich_path).labels[0].name
+def test_label_names_differing_only_in_case_are_distinct(tmp_path, rich_v1_path):
+    name = fmt.read_model(rich_v1_path).labels[0].name
     assert name.upper() != name
-    path = edited(rich_path, tmp_path / "labels.klaus", with_content(sql("UPDATE labels SET name = ? WHERE idx = 1", params=(name.upper(),))))
+    path = edited(rich_v1_path, tmp_path / "labels.klaus", with_content(sql("UPDATE labels SET name = ? WHERE idx = 1", params=(name.upper(),))))
     assert fmt.read_model(path).labels[1].name == name.upper()
 
 
-def test_label_removed_from_the_end_is_still_a_valid_file(tmp_path, rich_path):
+def test_label_removed_from_the_end_is_still_a_valid_file(tmp_path, rich_v1_path):
     # 0..n-2 has no gap; with its checksum recomputed the file is valid, with one label fewer
-    path = edited(rich_path, tmp_path / "labels.klaus", with_content(sql(f"DELETE FROM labels WHERE idx = {TINY_CLASSES - 1}")))
+    path = edited(rich_v1_path, tmp_path / "labels.klaus", with_content(sql(f"DELETE FROM labels WHERE idx = {TINY_CLASSES - 1}")))
     assert len(fmt.read_model(path).labels) == TINY_CLASSES - 1
 
 
@@ -919,8 +1012,8 @@ def test_label_removed_from_the_end_is_still_a_valid_file(tmp_path, rich_path):
         ("UPDATE synsets SET parent = 'x' WHERE wnid = 'n01440764'", "synsets table holds a malformed row"),
     ],
 )
-def test_bad_labels_and_synsets(tmp_path, rich_path, statement, match):
-    path = edited(rich_path, tmp_path / "labels.klaus", with_content(_changes_something(statement)))
+def test_bad_labels_and_synsets(tmp_path, rich_v1_path, statement, match):
+    path = edited(rich_v1_path, tmp_path / "labels.klaus", with_content(_changes_something(statement)))
     assert_rejected(path, match)
 
 
@@ -936,24 +1029,24 @@ def test_bad_labels_and_synsets(tmp_path, rich_path, statement, match):
         ("UPDATE synsets SET parent = X'' WHERE parent = ''", "synsets table holds a malformed row"),
     ],
 )
-def test_label_cells_stored_as_blobs_are_rejected(tmp_path, rich_path, statement, match):
+def test_label_cells_stored_as_blobs_are_rejected(tmp_path, rich_v1_path, statement, match):
     """A BLOB in a labels/synsets TEXT column must give a KlausFormatError naming the file.
     There is no content_sha256 over a BLOB row to recompute (fmt.content_digest cannot
     encode bytes), so either the checksum or the cell's own check may report it."""
-    path = edited(rich_path, tmp_path / "labels.klaus", _changes_something(statement))
+    path = edited(rich_v1_path, tmp_path / "labels.klaus", _changes_something(statement))
     with closing(sqlite3.connect(path)) as conn:
         assert any(isinstance(v, bytes) for rows in content_rows(conn)[1:] for row in rows for v in row)
     assert_rejected(path, f"{CONTENT_MISMATCH}|{match}|neither text nor an integer")
 
 
-def test_too_deep_synset_chain(tmp_path, rich_path):
+def test_too_deep_synset_chain(tmp_path, rich_v1_path):
     def deepen(conn: sqlite3.Connection) -> None:
         (root,) = conn.execute("SELECT wnid FROM synsets WHERE parent = ''").fetchone()
         chain = [f"n9{i:07d}" for i in range(fmt.MAX_DEPTH + 1)]
         conn.executemany("INSERT INTO synsets VALUES (?, 'x', ?)", [(w, chain[i + 1] if i + 1 < len(chain) else "") for i, w in enumerate(chain)])
         conn.execute("UPDATE synsets SET parent = ? WHERE wnid = ?", (chain[0], root))
 
-    assert_rejected(edited(rich_path, tmp_path / "deep.klaus", with_content(deepen)), f"cyclic or deeper than {fmt.MAX_DEPTH}")
+    assert_rejected(edited(rich_v1_path, tmp_path / "deep.klaus", with_content(deepen)), f"cyclic or deeper than {fmt.MAX_DEPTH}")
 
 
 # ---------------------------------------------------------------- graph
@@ -990,71 +1083,71 @@ def _change_graph_blob(change: Callable[[bytes], bytes]) -> Callable[[sqlite3.Co
     ],
     ids=["appended", "truncated", "flipped", "other-digest", "short-digest", "blob-digest"],
 )
-def test_graph_checksum_mismatch(tmp_path, rich_path, edit):
-    path = edited(rich_path, tmp_path / "graph.klaus", edit)
+def test_graph_checksum_mismatch(tmp_path, rich_v1_path, edit):
+    path = edited(rich_v1_path, tmp_path / "graph.klaus", edit)
     assert_rejected(path, "graph checksum mismatch")
 
 
 @pytest.mark.parametrize(
     "statement", ["DELETE FROM graph", "UPDATE graph SET onnx = 'text', sha256 = sha('text')"]
 )
-def test_graph_table_must_hold_one_blob(tmp_path, rich_path, statement):
-    path = edited(rich_path, tmp_path / "graph.klaus", sql(statement))
+def test_graph_table_must_hold_one_blob(tmp_path, rich_v1_path, statement):
+    path = edited(rich_v1_path, tmp_path / "graph.klaus", sql(statement))
     assert_rejected(path, "exactly one ONNX blob")
 
 
 @pytest.mark.parametrize("blob", [b"\xff\xff\xff\xff", b"\x0a\xff\xff\xff\xff\x0f", b"not an onnx model at all, just text"])
-def test_graph_that_is_not_onnx(tmp_path, rich_path, blob):
+def test_graph_that_is_not_onnx(tmp_path, rich_v1_path, blob):
     # the checksum is right, so only parsing the graph at read time can catch it
-    path = edited(rich_path, tmp_path / "g.klaus", _replace_graph(blob))
+    path = edited(rich_v1_path, tmp_path / "g.klaus", _replace_graph(blob))
     assert_rejected(path, "graph is not a valid ONNX protobuf")
 
 
-def test_graph_that_parses_but_holds_no_nodes(tmp_path, rich_path):
-    path = edited(rich_path, tmp_path / "g.klaus", _replace_graph(b""))  # an empty ModelProto
+def test_graph_that_parses_but_holds_no_nodes(tmp_path, rich_v1_path):
+    path = edited(rich_v1_path, tmp_path / "g.klaus", _replace_graph(b""))  # an empty ModelProto
     assert_rejected(path, "graph holds no nodes")
 
 
 @pytest.mark.parametrize("domain", ["com.microsoft", "ai.onnx.contrib", "evil"])
-def test_graph_with_custom_operator_domain(tmp_path, rich_path, domain):
-    skeleton = _stored_skeleton(rich_path)
+def test_graph_with_custom_operator_domain(tmp_path, rich_v1_path, domain):
+    skeleton = _stored_skeleton(rich_v1_path)
     skeleton.opset_import.append(helper.make_opsetid(domain, 1))
     skeleton.graph.node[1].domain = domain
-    path = edited(rich_path, tmp_path / "g.klaus", _replace_graph(skeleton))
+    path = edited(rich_v1_path, tmp_path / "g.klaus", _replace_graph(skeleton))
     assert_rejected(path, f"graph imports operator domain '{domain}'; only standard ONNX is allowed")
 
 
-def test_graph_with_custom_node_domain_only(tmp_path, rich_path):
-    skeleton = _stored_skeleton(rich_path)
+def test_graph_with_custom_node_domain_only(tmp_path, rich_v1_path):
+    skeleton = _stored_skeleton(rich_v1_path)
     skeleton.graph.node[3].domain = "com.microsoft"
-    path = edited(rich_path, tmp_path / "g.klaus", _replace_graph(skeleton))
+    path = edited(rich_v1_path, tmp_path / "g.klaus", _replace_graph(skeleton))
     assert_rejected(path, f"node {re.escape(repr(skeleton.graph.node[3].name))} uses operator domain 'com.microsoft'")
 
 
-def test_graph_with_custom_domain_inside_a_subgraph(tmp_path, rich_path):
-    skeleton = _stored_skeleton(rich_path)
+def test_graph_with_custom_domain_inside_a_subgraph(tmp_path, rich_v1_path):
+    skeleton = _stored_skeleton(rich_v1_path)
     inner = helper.make_node("Relu", ["x"], ["y"], name="inner", domain="evil")
     branch = helper.make_graph([inner], "branch", [], [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)])
     skeleton.graph.node.append(helper.make_node("If", ["cond"], ["out"], name="if", then_branch=branch, else_branch=branch))
-    path = edited(rich_path, tmp_path / "g.klaus", _replace_graph(skeleton))
+    path = edited(rich_v1_path, tmp_path / "g.klaus", _replace_graph(skeleton))
     assert_rejected(path, "node 'inner' uses operator domain 'evil'")
 
 
-def test_graph_with_local_functions(tmp_path, rich_path):
-    skeleton = _stored_skeleton(rich_path)
+def test_graph_with_local_functions(tmp_path, rich_v1_path):
+    skeleton = _stored_skeleton(rich_v1_path)
     skeleton.functions.append(helper.make_function("", "MyRelu", ["x"], ["y"], [helper.make_node("Relu", ["x"], ["y"])], [helper.make_opsetid("", 13)]))
-    path = edited(rich_path, tmp_path / "g.klaus", _replace_graph(skeleton))
+    path = edited(rich_v1_path, tmp_path / "g.klaus", _replace_graph(skeleton))
     assert_rejected(path, "graph defines local functions")
 
 
-def test_graph_with_external_data_reference(tmp_path, rich_path):
-    skeleton = _stored_skeleton(rich_path)
+def test_graph_with_external_data_reference(tmp_path, rich_v1_path):
+    skeleton = _stored_skeleton(rich_v1_path)
     ext = skeleton.graph.initializer.add()
     ext.name, ext.data_type = "ext", onnx.TensorProto.FLOAT
     ext.dims.extend([4])
     ext.data_location = onnx.TensorProto.EXTERNAL
     ext.external_data.add(key="location", value="/etc/passwd")
-    path = edited(rich_path, tmp_path / "g.klaus", _replace_graph(skeleton))
+    path = edited(rich_v1_path, tmp_path / "g.klaus", _replace_graph(skeleton))
     assert_rejected(path, "graph refers to external tensor data")
 
 
@@ -1085,16 +1178,16 @@ def _opset_graph(version: int) -> Callable[[Path], onnx.ModelProto]:
     ],
     ids=["not-onnx", "custom-domain", "opset-3", "opset-6", "opset-24"],
 )
-def test_read_model_itself_rejects_graphs_that_break_the_graph_rules(tmp_path, rich_path, make, match):
+def test_read_model_itself_rejects_graphs_that_break_the_graph_rules(tmp_path, rich_v1_path, make, match):
     """docs/format.md: read_model "checks every rule below" and "the graph may use only
     standard ONNX operators": the graph is parsed and validated at read time."""
-    path = edited(rich_path, tmp_path / "g.klaus", _replace_graph(make(rich_path)))
+    path = edited(rich_v1_path, tmp_path / "g.klaus", _replace_graph(make(rich_v1_path)))
     assert_rejected(path, match, at="read")
 
 
 @pytest.mark.parametrize("version", [7, 23])
-def test_graph_opset_bounds_are_inclusive(tmp_path, rich_path, version):
-    path = edited(rich_path, tmp_path / "g.klaus", _replace_graph(_opset_graph(version)(rich_path)))
+def test_graph_opset_bounds_are_inclusive(tmp_path, rich_v1_path, version):
+    path = edited(rich_v1_path, tmp_path / "g.klaus", _replace_graph(_opset_graph(version)(rich_v1_path)))
     assert onnx.load_from_string(fmt.read_model(path).graph).opset_import[0].version == version
 
 
@@ -1102,6 +1195,216 @@ def test_graph_missing_a_weight_is_rejected_when_rebuilt(tmp_path, rich_path):
     path = edited(rich_path, tmp_path / "t.klaus", sql("DELETE FROM tensors WHERE ord = (SELECT max(ord) FROM tensors)"))
     fmt.read_model(path)
     assert_rejected(path, "ONNX graph is invalid", at="load")
+
+
+# ---------------------------------------------------------------- version 1 files and the v2 compressed tables
+
+
+@pytest.mark.parametrize("which", ["palette_model", "rich_model", "imagenet_model"])
+def test_v1_files_are_still_read(request, tmp_path, which):
+    model = request.getfixturevalue(which)
+    path = tmp_path / "v1.klaus"
+    path.write_bytes(serialize_v1(model))
+    read = fmt.read_model(path)
+    assert_same_model(read, model, version=1)
+    assert fmt.serialize(read) == fmt.serialize(model)  # read as v1, written back as v2
+
+
+def test_the_shipped_v1_model_is_read_and_rewritten_smaller_as_v2():
+    path = Path(fmt.__file__).parent / "data" / "efficientnet-lite0.klaus"
+    if not path.exists():
+        pytest.skip("no shipped model")
+    model = fmt.read_model(path)
+    data = fmt.serialize(model)
+    again = fmt.parse_model(data)
+    assert (again.labels, again.graph, again.tensors) == (model.labels, model.graph, model.tensors)
+    if model.meta["format_version"] == "1":
+        assert len(data) < path.stat().st_size - 100_000  # labels and graph compressed
+
+
+def test_content_digest_covers_the_same_rows_in_v1_and_v2(tmp_path, imagenet_model):
+    """The label and synset rows are the same in both versions, so the digests differ
+    only through the meta row format_version ("1" or "2") itself."""
+    rows = {}
+    for version, data in ((1, serialize_v1(imagenet_model)), (2, fmt.serialize(imagenet_model))):
+        with closing(sqlite3.connect(":memory:")) as conn:
+            conn.deserialize(data)
+            rows[version] = content_rows(conn)
+    (meta1, labels1, synsets1), (meta2, labels2, synsets2) = rows[1], rows[2]
+    assert (labels1, synsets1) == (labels2, synsets2)
+    assert dict(meta1)["format_version"] == "1" and dict(meta2)["format_version"] == "2"
+    as_v2 = [(k, "2" if k == "format_version" else v) for k, v in meta1]
+    assert dict(meta1)[fmt.CONTENT_KEY] == fmt.content_digest(meta1, labels2, synsets2)
+    assert dict(meta2)[fmt.CONTENT_KEY] == fmt.content_digest(as_v2, labels1, synsets1)
+
+
+def test_v2_stores_labels_and_graph_xz_compressed(rich_path, rich_model):
+    with closing(sqlite3.connect(rich_path)) as conn:
+        value = labelset_json(conn)
+        codec, blob, digest = conn.execute("SELECT codec, onnx, sha256 FROM graph").fetchone()
+    assert sorted(value) == ["labels", "synsets"]
+    assert value["labels"][0] == [0, rich_model.labels[0].wnid, rich_model.labels[0].name, list(rich_model.labels[0].words)]
+    assert codec == "onnx+xz"
+    assert lzma.decompress(blob, format=lzma.FORMAT_XZ) == rich_model.graph
+    assert digest == sha(rich_model.graph)  # over the decompressed ONNX bytes
+
+
+def _set_labelset_payload(payload: bytes, codec: str = "json+xz") -> Callable[[sqlite3.Connection], None]:
+    return sql("UPDATE labelset SET codec = ?, payload = ?", params=(codec, payload))
+
+
+def _labelset_value(change: Callable[[dict], object], recompute: bool = True) -> Callable[[sqlite3.Connection], None]:
+    """Re-encode a changed labelset JSON; with ``recompute`` the content digest is refreshed so
+    the check behind it is reached (the shape must then still be readable by content_rows)."""
+
+    def run(conn: sqlite3.Connection) -> None:
+        value = change(labelset_json(conn))
+        conn.execute("UPDATE labelset SET payload = ?", (xz(canonical(value).encode()),))
+        if recompute:
+            recompute_content(conn)
+
+    return run
+
+
+def _set_row(table: str, position: int, column: int, value: object) -> Callable[[dict], dict]:
+    def change(rows: dict) -> dict:
+        rows[table][position][column] = value
+        return rows
+
+    return change
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (_set_labelset_payload(xz(b"{}"), "json+gz"), "labelset codec 'json\\+gz' is not supported"),
+        (_set_labelset_payload(b"[]"), "labelset payload is not valid xz data"),
+        (_set_labelset_payload(b"\xfd7zXZ\x00" + b"\x00" * 40), "labelset payload is not valid xz data"),
+        (_set_labelset_payload(xz(b"{}")[:-13]), "labelset payload is not valid xz data"),
+        (_set_labelset_payload(xz(b"{}") + xz(b"{}")), "labelset payload has data after its xz stream"),
+        (sql("UPDATE labelset SET payload = 'text'"), "labelset payload is not a blob"),
+        (_set_labelset_payload(xz(b"{not json")), "labelset payload is not valid JSON"),
+        (_set_labelset_payload(xz(b"\xff\xfe")), "labelset payload is not valid JSON"),
+        (_set_labelset_payload(xz(b"[" * 100000)), "labelset payload is not valid JSON"),
+        (sql("DELETE FROM labelset"), "labelset table must hold exactly one row"),
+    ],
+    ids=["codec", "not-xz", "bad-xz", "truncated-xz", "two-streams", "text", "not-json", "not-utf8", "deep-json", "no-row"],
+)
+def test_bad_labelset_payload(tmp_path, rich_path, edit, match):
+    assert_rejected(edited(rich_path, tmp_path / "ls.klaus", edit), match)
+
+
+LABELSET_SHAPE = "labelset JSON must be an object with exactly 'labels'"
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda rows: [rows["labels"], rows["synsets"]],
+        lambda rows: {"labels": rows["labels"]},
+        lambda rows: {**rows, "extra": []},
+        lambda rows: {**rows, "labels": {}},
+        lambda rows: {**rows, "labels": [r[:3] for r in rows["labels"]]},
+        _set_row("labels", 0, 0, "0"),
+        _set_row("labels", 0, 0, True),
+        _set_row("labels", 0, 0, 0.0),
+        lambda rows: {**rows, "synsets": [r + [""] for r in rows["synsets"]]},
+        _set_row("synsets", 0, 0, None),
+        lambda rows: {**rows, "labels": [[r] for r in rows["labels"]]},
+        lambda rows: {**rows, "labels": [[[[0]]] + r[1:] for r in rows["labels"]]},
+    ],
+    ids=["list", "no-synsets", "extra-key", "labels-object", "short-row", "idx-text", "idx-bool", "idx-float",
+         "long-synset", "wnid-null", "nested-row", "nested-idx"],
+)
+def test_labelset_json_of_the_wrong_shape(tmp_path, rich_path, change):
+    path = edited(rich_path, tmp_path / "ls.klaus", _labelset_value(change, recompute=False))
+    assert_rejected(path, LABELSET_SHAPE)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (_set_row("labels", 1, 0, 20), "labels must be numbered 0..n-1 without gaps \\(found 2 at 1\\)"),  # read by idx
+        (_set_row("labels", 1, 0, 0), "labels must be numbered 0..n-1 without gaps \\(found 0 at 1\\)"),
+        (_set_row("labels", 0, 1, "x01440764"), "labels row 0 has a bad wnid or name"),
+        (_set_row("labels", 3, 2, ""), "labels row 3 has a bad wnid or name"),
+        (_set_row("labels", 2, 3, "tench"), "labels row 2 words must be a JSON list of strings"),
+        (_set_row("labels", 2, 3, [1, 2]), "labels row 2 words must be a JSON list of strings"),
+        (_set_row("labels", 2, 2, 1.5), "labels table holds a value that is neither text nor an integer"),
+        (_set_row("synsets", 0, 1, None), "synsets table holds a value that is neither text nor an integer"),
+        (_set_row("labels", 0, 1, "n99999999"), "label n99999999 is missing from the synsets table"),
+        (lambda rows: {**rows, "synsets": rows["synsets"] + rows["synsets"][:1]}, "is listed twice"),
+        (_set_row("synsets", 0, 2, "n99999999"), "names a missing parent n99999999"),
+        (lambda rows: {**rows, "labels": rows["labels"] + [[TINY_CLASSES, "", rows["labels"][0][2], []]]}, "is used twice"),
+    ],
+)
+def test_labelset_rows_get_the_v1_checks(tmp_path, rich_path, change, match):
+    path = edited(rich_path, tmp_path / "ls.klaus", _labelset_value(change))
+    assert_rejected(path, match)
+
+
+def test_labelset_rows_in_any_order_are_read_and_digested_in_key_order(tmp_path, rich_path, rich_model):
+    reverse = lambda rows: {"labels": rows["labels"][::-1], "synsets": rows["synsets"][::-1]}  # noqa: E731
+    path = edited(rich_path, tmp_path / "ls.klaus", _labelset_value(reverse, recompute=False))
+    assert fmt.read_model(path).labels == rich_model.labels
+
+
+def test_tampered_labelset_is_caught_by_the_content_checksum(tmp_path, rich_path):
+    path = edited(rich_path, tmp_path / "ls.klaus", _labelset_value(_set_row("labels", 1, 2, "not a goldfish"), recompute=False))
+    assert_rejected(path, CONTENT_MISMATCH)
+
+
+def _set_graph(blob: bytes, codec: str = "onnx+xz", digest: str | None = None) -> Callable[[sqlite3.Connection], None]:
+    if digest is None:
+        return sql("UPDATE graph SET codec = ?, onnx = ?", params=(codec, blob))
+    return sql("UPDATE graph SET codec = ?, onnx = ?, sha256 = ?", params=(codec, blob, digest))
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda g: _set_graph(g, "onnx"), "graph codec 'onnx' is not supported"),
+        (lambda g: _set_graph(xz(g), "onnx+gz"), "graph codec 'onnx\\+gz' is not supported"),
+        (lambda g: _set_graph(g), "graph is not valid xz data"),
+        (lambda g: _set_graph(xz(g)[:-1]), "graph is not valid xz data"),
+        (lambda g: _set_graph(xz(g + b"\x00")), "graph checksum mismatch"),
+        (lambda g: _set_graph(xz(g), digest=sha(xz(g))), "graph checksum mismatch"),  # digest of the stored bytes
+        (lambda g: _set_graph(xz(b"\xff\xff\xff\xff"), digest=sha(b"\xff\xff\xff\xff")), "graph is not a valid ONNX protobuf"),
+        (lambda g: sql("UPDATE graph SET onnx = 'text'"), "exactly one ONNX blob"),
+        (lambda g: sql("DELETE FROM graph"), "exactly one ONNX blob"),
+    ],
+    ids=["raw-codec", "gz-codec", "not-xz", "truncated-xz", "other-bytes", "stored-digest", "not-onnx", "text", "no-row"],
+)
+def test_bad_v2_graph(tmp_path, rich_path, rich_model, edit, match):
+    path = edited(rich_path, tmp_path / "g.klaus", edit(rich_model.graph))
+    assert_rejected(path, match)
+
+
+def test_v2_graph_recompressed_differently_is_read(tmp_path, rich_path, rich_model):
+    """The digest is over the ONNX bytes, so any valid xz encoding of them is accepted."""
+    path = edited(rich_path, tmp_path / "g.klaus", _set_graph(lzma.compress(rich_model.graph, preset=0)))
+    assert fmt.read_model(path).graph == rich_model.graph
+
+
+def test_decompressed_size_cap(tmp_path, rich_path, rich_model, monkeypatch):
+    with closing(sqlite3.connect(rich_path)) as conn:
+        (payload,) = conn.execute("SELECT payload FROM labelset").fetchone()
+    sizes = {"labelset payload": len(lzma.decompress(payload)), "graph": len(rich_model.graph)}
+    monkeypatch.setattr(fmt, "MAX_DECOMPRESSED_BYTES", max(sizes.values()))
+    fmt.read_model(rich_path)  # exactly at the cap is fine
+    monkeypatch.setattr(fmt, "MAX_DECOMPRESSED_BYTES", sizes["labelset payload"] - 1)
+    assert_rejected(rich_path, "labelset payload decompresses to more than")  # read first
+    monkeypatch.setattr(fmt, "MAX_DECOMPRESSED_BYTES", sizes["labelset payload"])
+    big_graph = edited(rich_path, tmp_path / "g.klaus", _set_graph(xz(b"\x00" * (sizes["labelset payload"] + 1))))
+    assert_rejected(big_graph, "graph decompresses to more than")
+
+
+def test_xz_decoder_memory_is_capped(tmp_path, rich_path, monkeypatch):
+    """A stream declaring a huge dictionary is refused, not allocated."""
+    monkeypatch.setattr(fmt, "MAX_XZ_MEMORY", 1 << 20)
+    big_dict = lzma.compress(b"{}", format=lzma.FORMAT_XZ, filters=[{"id": lzma.FILTER_LZMA2, "dict_size": 64 << 20}])
+    path = edited(rich_path, tmp_path / "ls.klaus", _set_labelset_payload(big_dict))
+    assert_rejected(path, "labelset payload is not valid xz data")
 
 
 # ---------------------------------------------------------------- tensors

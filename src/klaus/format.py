@@ -7,19 +7,24 @@ replayed and nothing is written), ``PRAGMA quick_check`` must pass, the schema
 must match this module's byte for byte, and every field of every row is checked
 against the specification before any tensor is decoded. Any failure is one
 :class:`KlausFormatError` naming the file and the problem.
+
+The writer writes version 2 (label tables and graph xz-compressed, because they
+were 4 % of the shipped model's bytes); the reader also reads version 1. Both
+versions feed the same label checks and the same content digest.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import lzma
 import math
 import os
 import re
 import sqlite3
 import struct
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,15 +35,23 @@ from .errors import KlausFormatError
 from .preprocess import Preprocess
 
 FORMAT_NAME = "klaus"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what the writer writes
+READ_VERSIONS = (1, 2)  # what the reader reads
 APPLICATION_ID = 0x4B4C4155  # "KLAU"
 PAGE_SIZE = 1024  # smaller pages waste less at the end of each blob's overflow chain
 MAX_FILE_BYTES = 2 << 30
 MAX_TENSOR_ELEMENTS = 1 << 31
 MAX_DEPTH = 64
 SQLITE_MAGIC = b"SQLite format 3\x00"
+# Decompressed size cap for the v2 xz blobs, and the decoder's memory cap (dictionary
+# included), so a crafted file cannot make the reader allocate more than this.
+MAX_DECOMPRESSED_BYTES = 64 << 20
+MAX_XZ_MEMORY = 128 << 20
+LABELSET_CODEC = "json+xz"
+GRAPH_CODEC = "onnx+xz"
+LABELSET_KEYS = ("labels", "synsets")
 
-SCHEMA = {
+SCHEMA_V1 = {
     "meta": "CREATE TABLE meta (key TEXT PRIMARY KEY NOT NULL, value TEXT NOT NULL) WITHOUT ROWID",
     "labels": (
         "CREATE TABLE labels (idx INTEGER PRIMARY KEY NOT NULL, wnid TEXT NOT NULL, name TEXT NOT NULL, "
@@ -57,6 +70,20 @@ SCHEMA = {
         "palette BLOB, scales BLOB, scale_axis INTEGER, payload BLOB NOT NULL, sha256 TEXT NOT NULL)"
     ),
 }
+SCHEMA_V2 = {
+    "meta": SCHEMA_V1["meta"],
+    "labelset": (
+        "CREATE TABLE labelset (id INTEGER PRIMARY KEY NOT NULL CHECK (id = 0), "
+        "codec TEXT NOT NULL, payload BLOB NOT NULL)"
+    ),
+    "graph": (
+        "CREATE TABLE graph (id INTEGER PRIMARY KEY NOT NULL CHECK (id = 0), "
+        "codec TEXT NOT NULL, onnx BLOB NOT NULL, sha256 TEXT NOT NULL)"
+    ),
+    "tensors": SCHEMA_V1["tensors"],
+}
+SCHEMAS = {1: SCHEMA_V1, 2: SCHEMA_V2}
+SCHEMA = SCHEMAS[FORMAT_VERSION]  # what the writer creates
 # SQLite creates these for PRIMARY KEY / UNIQUE constraints; nothing else may exist.
 AUTO_INDEXES = {"sqlite_autoindex_tensors_1"}
 CONTENT_KEY = "content_sha256"
@@ -185,6 +212,7 @@ def write_model(model: KlausModel, path: str | os.PathLike[str]) -> int:
 
 
 def serialize(model: KlausModel) -> bytes:
+    """The version-2 file image (deterministic: fixed row order, fixed xz settings, VACUUM)."""
     conn = sqlite3.connect(":memory:")
     try:
         conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
@@ -199,9 +227,9 @@ def serialize(model: KlausModel) -> bytes:
         synsets = [(w, *tree[w]) for w in sorted(tree)]
         meta[CONTENT_KEY] = content_digest(sorted(meta.items()), labels, synsets)
         conn.executemany("INSERT INTO meta VALUES (?, ?)", sorted(meta.items()))
-        conn.executemany("INSERT INTO labels VALUES (?, ?, ?, ?)", labels)
-        conn.executemany("INSERT INTO synsets VALUES (?, ?, ?)", synsets)
-        conn.execute("INSERT INTO graph VALUES (0, ?, ?)", (model.graph, hashlib.sha256(model.graph).hexdigest()))
+        conn.execute("INSERT INTO labelset VALUES (0, ?, ?)", (LABELSET_CODEC, encode_labelset(labels, synsets)))
+        graph = (GRAPH_CODEC, xz_compress(model.graph), hashlib.sha256(model.graph).hexdigest())
+        conn.execute("INSERT INTO graph VALUES (0, ?, ?, ?)", graph)
         conn.executemany(
             "INSERT INTO tensors VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
@@ -216,19 +244,55 @@ def serialize(model: KlausModel) -> bytes:
         conn.close()
 
 
+def encode_labelset(labels: Sequence[tuple], synsets: Sequence[tuple]) -> bytes:
+    """The v2 ``labelset`` payload from v1-shaped rows (``words`` as JSON text): the same rows,
+    with ``words`` as a JSON list, as canonical JSON, xz-compressed."""
+    rows = {
+        "labels": [[idx, wnid, name, json.loads(words)] for idx, wnid, name, words in labels],
+        "synsets": [list(row) for row in synsets],
+    }
+    return xz_compress(_dumps(rows).encode("utf-8"))
+
+
+def xz_compress(data: bytes) -> bytes:
+    """xz at preset 9e, deterministic for a given liblzma. The dictionary is cut to the
+    data's size (no loss: LZMA never looks further back) so readers allocate little."""
+    dict_size = min(max(len(data), 4096), 64 << 20)
+    filters = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "dict_size": dict_size}]
+    return lzma.compress(data, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC64, filters=filters)
+
+
 def content_digest(meta: Sequence[tuple], labels: Sequence[tuple], synsets: Sequence[tuple]) -> str:
     """SHA-256 over the small tables (meta except itself, labels, synsets), canonical JSON."""
     rows = [[list(r) for r in meta if r[0] != CONTENT_KEY], [list(r) for r in labels], [list(r) for r in synsets]]
     return hashlib.sha256(_dumps(rows).encode("utf-8")).hexdigest()
 
 
-def _check_content(conn: sqlite3.Connection, meta: dict[str, str], where: str) -> None:
-    labels = conn.execute("SELECT idx, wnid, name, words FROM labels ORDER BY idx").fetchall()
-    synsets = conn.execute("SELECT wnid, name, parent FROM synsets ORDER BY wnid").fetchall()
-    for table, rows in (("labels", labels), ("synsets", synsets)):
+@dataclass(frozen=True)
+class _LabelTables:
+    """The label and synset rows as stored, in v1's shape whatever the version: ``labels``
+    (idx, wnid, name, words) by idx with ``words`` as JSON text, ``synsets`` (wnid, name,
+    parent) by wnid, so that one digest and one set of checks serve both versions.
+    ``parsed_words`` (v2 only) holds each label's ``words`` as decoded from the JSON
+    payload, in ``labels`` order; v1 parses the stored text instead."""
+
+    labels: list[tuple]
+    synsets: list[tuple]
+    parsed_words: list[object] | None = None
+
+    def words_list(self, position: int, where: str, what: str) -> tuple[str, ...]:
+        if self.parsed_words is None:
+            value = _loads(self.labels[position][3], where, what)
+        else:
+            value = self.parsed_words[position]
+        return _str_list(value, where, what + " words")
+
+
+def _check_content(tables: _LabelTables, meta: dict[str, str], where: str) -> None:
+    for table, rows in (("labels", tables.labels), ("synsets", tables.synsets)):
         if any(type(v) not in (str, int) for row in rows for v in row):
             raise KlausFormatError(f"{where}: {table} table holds a value that is neither text nor an integer")
-    digest = content_digest(sorted(meta.items()), labels, synsets)
+    digest = content_digest(sorted(meta.items()), tables.labels, tables.synsets)
     if digest != meta[CONTENT_KEY]:
         raise KlausFormatError(f"{where}: metadata or label checksum mismatch (file is corrupt)")
 
@@ -311,35 +375,37 @@ def _read_tables(conn: sqlite3.Connection, where: str) -> KlausModel:
     (version,) = conn.execute("PRAGMA user_version").fetchone()
     if app_id != APPLICATION_ID:
         raise KlausFormatError(f"{where}: SQLite database, but not a .klaus model (application_id {app_id:#x})")
-    if version != FORMAT_VERSION:
+    if version not in READ_VERSIONS:
         raise KlausFormatError(
-            f"{where}: format version {version} is not supported by this Klaus (reads version {FORMAT_VERSION}); "
-            "upgrade Klaus or rebuild the model"
+            f"{where}: format version {version} is not supported by this Klaus "
+            f"(reads versions {', '.join(map(str, READ_VERSIONS))}); upgrade Klaus or rebuild the model"
         )
-    _check_schema(conn, where)
-    meta = _read_meta(conn, where)
-    _check_content(conn, meta, where)
+    _check_schema(conn, version, where)
+    meta = _read_meta(conn, version, where)
+    tables = _label_tables_v1(conn) if version == 1 else _label_tables_v2(conn, where)
+    _check_content(tables, meta, where)
     try:
         preprocess = Preprocess.from_dict(_loads(meta["preprocess"], where, "meta.preprocess"))
     except KlausFormatError as exc:
         raise KlausFormatError(f"{where}: {exc}") from None
-    labels = _read_labels(conn, where)
-    graph = _read_graph(conn, where)
+    labels = _read_labels(tables, where)
+    graph = _read_graph_v1(conn, where) if version == 1 else _read_graph_v2(conn, where)
     tensors = _read_tensors(conn, where)
     return KlausModel(meta, preprocess, labels, graph, tensors, source_path=where)
 
 
-def _check_schema(conn: sqlite3.Connection, where: str) -> None:
+def _check_schema(conn: sqlite3.Connection, version: int, where: str) -> None:
+    schema = SCHEMAS[version]
     rows = conn.execute("SELECT type, name, sql FROM sqlite_master ORDER BY name").fetchall()
     tables = {name: sql for kind, name, sql in rows if kind == "table"}
     others = {name for kind, name, _ in rows if kind != "table"} - AUTO_INDEXES
-    if tables != SCHEMA or others:
-        missing = sorted(set(SCHEMA) - set(tables))
+    if tables != schema or others:
+        missing = sorted(set(schema) - set(tables))
         detail = f"missing tables {missing}" if missing else "unexpected schema"
-        raise KlausFormatError(f"{where}: not a valid .klaus v{FORMAT_VERSION} file ({detail})")
+        raise KlausFormatError(f"{where}: not a valid .klaus v{version} file ({detail})")
 
 
-def _read_meta(conn: sqlite3.Connection, where: str) -> dict[str, str]:
+def _read_meta(conn: sqlite3.Connection, version: int, where: str) -> dict[str, str]:
     meta: dict[str, str] = {}
     for key, value in conn.execute("SELECT key, value FROM meta"):
         if not isinstance(key, str) or not isinstance(value, str):
@@ -348,8 +414,8 @@ def _read_meta(conn: sqlite3.Connection, where: str) -> dict[str, str]:
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
         raise KlausFormatError(f"{where}: meta table lacks {', '.join(missing)}")
-    if meta["format"] != FORMAT_NAME or meta["format_version"] != str(FORMAT_VERSION):
-        raise KlausFormatError(f"{where}: meta says format {meta['format']!r} v{meta['format_version']}, expected klaus v{FORMAT_VERSION}")
+    if meta["format"] != FORMAT_NAME or meta["format_version"] != str(version):
+        raise KlausFormatError(f"{where}: meta says format {meta['format']!r} v{meta['format_version']}, expected klaus v{version}")
     if meta["output"] not in OUTPUT_KINDS:
         raise KlausFormatError(f"{where}: meta.output must be one of {OUTPUT_KINDS}, got {meta['output']!r}")
     if not isinstance(_loads(meta["recipe"], where, "meta.recipe"), dict):
@@ -385,10 +451,60 @@ def hierarchy_tree(labels: Sequence[LabelRow]) -> dict[str, tuple[str, str]]:
     return tree
 
 
-def _read_labels(conn: sqlite3.Connection, where: str) -> tuple[LabelRow, ...]:
-    tree = _read_synsets(conn, where)
+def _label_tables_v1(conn: sqlite3.Connection) -> _LabelTables:
+    labels = conn.execute("SELECT idx, wnid, name, words FROM labels ORDER BY idx").fetchall()
+    synsets = conn.execute("SELECT wnid, name, parent FROM synsets ORDER BY wnid").fetchall()
+    return _LabelTables(labels, synsets)
+
+
+def _label_tables_v2(conn: sqlite3.Connection, where: str) -> _LabelTables:
+    """Decode the ``labelset`` row into v1-shaped rows; only the JSON's shape is checked here,
+    its values get the same checks as v1's table cells."""
+    rows = conn.execute("SELECT id, codec, payload FROM labelset").fetchall()
+    if len(rows) != 1:
+        raise KlausFormatError(f"{where}: labelset table must hold exactly one row")
+    _, codec, payload = rows[0]
+    if codec != LABELSET_CODEC:
+        raise KlausFormatError(f"{where}: labelset codec {codec!r} is not supported (v2 uses {LABELSET_CODEC!r})")
+    text = xz_decompress(payload, where, "labelset payload")
+    try:
+        value = json.loads(text.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise KlausFormatError(f"{where}: labelset payload is not valid JSON") from None
+    return _labelset_rows(value, where)
+
+
+def _labelset_rows(value: object, where: str) -> _LabelTables:
+    bad = KlausFormatError(
+        f"{where}: labelset JSON must be an object with exactly 'labels' ([idx, wnid, name, words] rows, "
+        "idx an integer) and 'synsets' ([wnid, name, parent] rows)"
+    )
+    if not isinstance(value, dict) or sorted(value) != sorted(LABELSET_KEYS):
+        raise bad
+    labels, synsets = value["labels"], value["synsets"]
+    if not isinstance(labels, list) or not isinstance(synsets, list):
+        raise bad
+    if not all(isinstance(r, list) and len(r) == 4 and type(r[0]) is int for r in labels):
+        raise bad
+    if not all(isinstance(r, list) and len(r) == 3 and type(r[0]) is str for r in synsets):
+        raise bad
+    labels = sorted(labels, key=lambda r: r[0])  # v1 reads its tables in key order too
+    try:
+        words_text = [_dumps(r[3]) for r in labels]  # v1's cell: words as canonical JSON text
+    except RecursionError:
+        raise bad from None
+    return _LabelTables(
+        [(idx, wnid, name, text) for (idx, wnid, name, _), text in zip(labels, words_text)],
+        [tuple(r) for r in sorted(synsets, key=lambda r: r[0])],
+        [r[3] for r in labels],
+    )
+
+
+def _read_labels(tables: _LabelTables, where: str) -> tuple[LabelRow, ...]:
+    """Label rows with their hierarchy paths; the same checks for every format version."""
+    tree = _read_synsets(tables.synsets, where)
     rows = []
-    for expected, (idx, wnid, name, words) in enumerate(conn.execute("SELECT idx, wnid, name, words FROM labels ORDER BY idx")):
+    for expected, (idx, wnid, name, _) in enumerate(tables.labels):
         what = f"labels row {idx}"
         if idx != expected:
             raise KlausFormatError(f"{where}: labels must be numbered 0..n-1 without gaps (found {idx} at {expected})")
@@ -396,7 +512,7 @@ def _read_labels(conn: sqlite3.Connection, where: str) -> tuple[LabelRow, ...]:
             raise KlausFormatError(f"{where}: {what} has a bad wnid or name")
         path = _path_to_root(tree, wnid, where) if wnid else ()
         hierarchy = tuple(tree[w][0] for w in path)
-        rows.append(LabelRow(idx, wnid, name, _str_list(_loads(words, where, what), where, what + " words"), path, hierarchy))
+        rows.append(LabelRow(idx, wnid, name, tables.words_list(expected, where, what), path, hierarchy))
     names = [r.name for r in rows]
     if len(set(names)) != len(names):
         duplicate = next(n for n in names if names.count(n) > 1)
@@ -404,11 +520,13 @@ def _read_labels(conn: sqlite3.Connection, where: str) -> tuple[LabelRow, ...]:
     return tuple(rows)
 
 
-def _read_synsets(conn: sqlite3.Connection, where: str) -> dict[str, tuple[str, str]]:
-    tree = {}
-    for wnid, name, parent in conn.execute("SELECT wnid, name, parent FROM synsets"):
+def _read_synsets(rows: Sequence[tuple], where: str) -> dict[str, tuple[str, str]]:
+    tree: dict[str, tuple[str, str]] = {}
+    for wnid, name, parent in rows:
         if not all(isinstance(v, str) for v in (wnid, name, parent)) or not _WNID.match(wnid) or not wnid or not _WNID.match(parent):
             raise KlausFormatError(f"{where}: synsets table holds a malformed row")
+        if wnid in tree:  # only possible in v2 (wnid is v1's primary key)
+            raise KlausFormatError(f"{where}: synset {wnid} is listed twice")
         tree[wnid] = (name, parent)
     for wnid, (_, parent) in tree.items():
         if parent and parent not in tree:
@@ -427,17 +545,51 @@ def _path_to_root(tree: dict[str, tuple[str, str]], wnid: str, where: str) -> tu
     return tuple(reversed(path))
 
 
-def _read_graph(conn: sqlite3.Connection, where: str) -> bytes:
+def _read_graph_v1(conn: sqlite3.Connection, where: str) -> bytes:
     rows = conn.execute("SELECT id, onnx, sha256 FROM graph").fetchall()
     if len(rows) != 1 or not isinstance(rows[0][1], bytes):
         raise KlausFormatError(f"{where}: graph table must hold exactly one ONNX blob")
     _, blob, digest = rows[0]
+    return _check_graph(blob, digest, where)
+
+
+def _read_graph_v2(conn: sqlite3.Connection, where: str) -> bytes:
+    """v2 stores the graph xz-compressed; ``sha256`` is over the decompressed ONNX bytes."""
+    rows = conn.execute("SELECT id, codec, onnx, sha256 FROM graph").fetchall()
+    if len(rows) != 1 or not isinstance(rows[0][2], bytes):
+        raise KlausFormatError(f"{where}: graph table must hold exactly one ONNX blob")
+    _, codec, blob, digest = rows[0]
+    if codec != GRAPH_CODEC:
+        raise KlausFormatError(f"{where}: graph codec {codec!r} is not supported (v2 uses {GRAPH_CODEC!r})")
+    return _check_graph(xz_decompress(blob, where, "graph"), digest, where)
+
+
+def _check_graph(blob: bytes, digest: object, where: str) -> bytes:
     if hashlib.sha256(blob).hexdigest() != digest:
         raise KlausFormatError(f"{where}: graph checksum mismatch (file is corrupt)")
     from . import onnxgraph
 
     onnxgraph.validate_skeleton(onnxgraph.parse_skeleton(blob, where), where)
     return blob
+
+
+def xz_decompress(blob: object, where: str, what: str) -> bytes:
+    """One whole xz stream, at most MAX_DECOMPRESSED_BYTES out and MAX_XZ_MEMORY of decoder
+    state, nothing after it: a crafted blob cannot exhaust memory or hide data."""
+    if not isinstance(blob, bytes):
+        raise KlausFormatError(f"{where}: {what} is not a blob")
+    decoder = lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=MAX_XZ_MEMORY)
+    try:
+        data = decoder.decompress(blob, max_length=MAX_DECOMPRESSED_BYTES + 1)
+    except lzma.LZMAError as exc:
+        raise KlausFormatError(f"{where}: {what} is not valid xz data ({exc})") from None
+    if len(data) > MAX_DECOMPRESSED_BYTES:
+        raise KlausFormatError(f"{where}: {what} decompresses to more than {MAX_DECOMPRESSED_BYTES} bytes")
+    if not decoder.eof:
+        raise KlausFormatError(f"{where}: {what} is not valid xz data (truncated stream)")
+    if decoder.unused_data:
+        raise KlausFormatError(f"{where}: {what} has data after its xz stream")
+    return data
 
 
 def _read_tensors(conn: sqlite3.Connection, where: str) -> tuple[TensorRecord, ...]:
