@@ -10,6 +10,7 @@ from conftest import EXAMPLES, TINY_CLASSES, TINY_PREPROCESS, make_tiny_onnx
 from klaus import calibrate, compress, format as kf, mixed, onnxgraph
 from klaus.cli import main
 from klaus.errors import KlausModelError
+from klaus.format import PAGE_SIZE
 from klaus.quantize import Recipe, palettize
 
 RECIPE = Recipe(name="tiny-budget", granularity="channel")
@@ -192,3 +193,53 @@ def test_sensitivity_is_measured_on_the_probe_tensors(calibration):
     mixed.measure_scales(layers, weights, probes, lambda ws: measured, reference)
     kl = float(np.sum(0.25 * (np.log(0.25) - np.log(measured[0]))))
     assert layer.scale == pytest.approx(kl / layer.probe_proxy)
+
+
+class _FakeFit(compress._Search):
+    """fit() against a stand-in build whose file size is the allocation's target plus a fixed error."""
+
+    def __init__(self, error: float):
+        self.layers, self.overhead, self.fitted, self.error, self.targets = [], 0.0, None, error, []
+
+    def build(self, allocation, method=None):
+        self.targets.append(allocation)
+        self.fitted = ("pieces", allocation)
+        return ("model", int(allocation + self.error))
+
+
+@pytest.mark.parametrize("error", [-50_000.0, -3_000.0, 0.0, 20_000.0])
+def test_budget_fit_fills_the_budget_and_never_exceeds_it(monkeypatch, error):
+    monkeypatch.setattr(mixed, "allocate", lambda layers, target: target)
+    monkeypatch.setattr(kf, "serialize", lambda model: b"x" * model[1])
+    budget = 1_000_000
+    search = _FakeFit(error)
+    model, allocation = search.fit(budget)
+    size = model[1]
+    assert size <= budget
+    assert search.fitted == ("pieces", allocation)  # the kept build's pieces, not the last one tried
+    assert len(search.targets) <= compress.FIT_BUILDS + compress.FIT_REFINEMENTS
+    slack = budget - size
+    allowed = max(compress.FIT_SLACK * budget, compress.FIT_SLACK_PAGES * PAGE_SIZE)
+    if -error > allowed:  # an underfull first build is grown until little is left unused
+        assert slack < -error
+        assert slack <= allowed or len(search.targets) == 1 + compress.FIT_REFINEMENTS
+    elif error <= 0:  # close enough: one build
+        assert len(search.targets) == 1 and slack == -error
+    if error > 0:  # an overfull first build is shrunk
+        assert len(search.targets) >= 2
+
+
+def test_budget_fit_keeps_the_last_fitting_build_when_growing_overshoots(monkeypatch):
+    monkeypatch.setattr(mixed, "allocate", lambda layers, target: target)
+    sizes = iter([900_000, 1_200_000])  # fits with slack, then the grown allocation is too big
+
+    class Jumpy(_FakeFit):
+        def build(self, allocation, method=None):
+            self.targets.append(allocation)
+            self.fitted = ("pieces", allocation)
+            return ("model", next(sizes))
+
+    monkeypatch.setattr(kf, "serialize", lambda model: b"x" * model[1])
+    search = Jumpy(0.0)
+    model, allocation = search.fit(1_000_000)
+    assert model[1] == 900_000 and search.fitted == ("pieces", allocation) and len(search.targets) == 2

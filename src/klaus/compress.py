@@ -219,6 +219,9 @@ def _assemble(
     return KlausModel(meta, preprocess, tuple(labels), skeleton.SerializeToString(deterministic=True), tuple(records))
 
 
+FIT_BUILDS = 5  # builds a budget fit may spend shrinking an allocation that came out too big
+FIT_REFINEMENTS = 2  # ... and growing one that left more than FIT_SLACK of the budget unused
+FIT_SLACK, FIT_SLACK_PAGES = 0.005, 4
 MIN_BUDGET_ELEMENTS = 1024  # smaller weights stay fp16 under a budget: not worth a palette
 PROBE_INPUTS = 128  # calibration inputs used to measure each layer's sensitivity
 PROBE_EVERY = 4  # ... every fourth one, held out of the statistics the probe tensors are fitted to
@@ -318,20 +321,37 @@ class _Search:
         return self.overhead
 
     def fit(self, budget_bytes: int) -> tuple[KlausModel, "Allocation"]:
-        """The allocation with the least predicted loss whose built file fits ``budget_bytes`` (no fine-tuning yet)."""
+        """The allocation with the least predicted loss whose built file fits ``budget_bytes`` (no fine-tuning yet).
+
+        Predicted bytes miss the built size by a little (PNG and SQLite overheads), so an
+        allocation that overshoots is shrunk, and one that leaves more than FIT_SLACK of
+        the budget unused is grown once or twice, keeping the largest build that fits.
+        """
         from . import mixed
         from .format import serialize
 
-        overhead = self.measure_overhead(budget_bytes)
-        margin = 0.0  # grows when a build overshoots the prediction
-        for _ in range(5):
-            allocation = mixed.allocate(self.layers, budget_bytes - overhead - margin)
+        target = budget_bytes - self.measure_overhead(budget_bytes)
+        best = None
+        refinements = 0
+        for _ in range(FIT_BUILDS + FIT_REFINEMENTS):
+            allocation = mixed.allocate(self.layers, target)
             model = self.build(allocation)
             size = len(serialize(model))
-            if size <= budget_bytes:
-                return model, allocation
-            margin += (size - budget_bytes) * 1.5 + PAGE_SIZE
-        raise KlausModelError(f"cannot fit the model in {budget_bytes} bytes (smallest build: {size} bytes)")
+            if size > budget_bytes:
+                if best is not None:
+                    break  # a refinement overshot: keep the last build that fit
+                target -= (size - budget_bytes) * 1.5 + PAGE_SIZE
+                continue
+            best = model, allocation, self.fitted
+            slack = budget_bytes - size
+            if slack <= max(FIT_SLACK_PAGES * PAGE_SIZE, FIT_SLACK * budget_bytes) or refinements == FIT_REFINEMENTS:
+                break
+            target += 0.9 * slack  # the prediction error barely changes between nearby allocations
+            refinements += 1
+        if best is None:
+            raise KlausModelError(f"cannot fit the model in {budget_bytes} bytes (smallest build: {size} bytes)")
+        model, allocation, self.fitted = best
+        return model, allocation
 
     def finished(self, model: KlausModel, fitted: tuple) -> KlausModel:
         """``model`` fine-tuned from its build's pieces (``fitted``) if the recipe asks: palette, scale
