@@ -243,3 +243,21 @@ def test_budget_fit_keeps_the_last_fitting_build_when_growing_overshoots(monkeyp
     search = Jumpy(0.0)
     model, allocation = search.fit(1_000_000)
     assert model[1] == 900_000 and search.fitted == ("pieces", allocation) and len(search.targets) == 2
+
+
+def test_allocation_leaves_no_upgrade_that_would_still_fit():
+    """The Lagrangian solution jumps by whole-layer steps; the fill spends what it leaves."""
+    big = _layer("big", 100_000, 1.0)  # steps of 12.5 kB per bit
+    small = [_layer(f"small{i}", 800, 50.0) for i in range(6)]  # steps of 100 B per bit
+    layers = [big, *small]
+    for budget in (40_000.0, 47_000.0, 61_000.0, 75_500.0):
+        alloc = mixed.allocate(layers, budget)
+        assert alloc.predicted_bytes <= budget
+        spare = budget - alloc.predicted_bytes
+        for layer in layers:
+            now = alloc.chosen[layer.name]
+            for c in layer.candidates:
+                if c.proxy < now.proxy:  # every better candidate costs more than what is left
+                    assert c.bytes - now.bytes > spare, (budget, layer.name, c, now, spare)
+    kls = [mixed.allocate(layers, b).predicted_kl for b in (40_000.0, 47_000.0, 61_000.0, 75_500.0)]
+    assert kls == sorted(kls, reverse=True)
