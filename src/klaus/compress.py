@@ -227,10 +227,14 @@ PROBE_INPUTS = 128  # calibration inputs used to measure each layer's sensitivit
 PROBE_EVERY = 4  # ... every fourth one, held out of the statistics the probe tensors are fitted to
 
 
+def _views(count: int, views: int) -> int:
+    """Rows per photo; rows that do not split evenly into photos count one by one."""
+    return views if views > 0 and count % views == 0 else 1
+
+
 def held_out_photos(count: int, every: int, views: int = 1) -> np.ndarray:
     """Rows of every ``every``-th photo; ``views`` consecutive rows (crops) make one photo."""
-    views = views if views > 0 and count % views == 0 else 1
-    return (np.arange(count) // views) % every == every - 1
+    return (np.arange(count) // _views(count, views)) % every == every - 1
 
 
 def probe_rows(count: int, views: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -244,8 +248,9 @@ def probe_rows(count: int, views: int = 1) -> tuple[np.ndarray, np.ndarray]:
     if count < 2 * PROBE_EVERY * max(1, views):
         every = np.ones(count, dtype=bool)
         return every, every
+    views = _views(count, views)
     held = held_out_photos(count, PROBE_EVERY, views)
-    first = held & (np.arange(count) % views == 0) if views > 1 and count % views == 0 else held
+    first = held & (np.arange(count) % views == 0)
     probe = np.zeros(count, dtype=bool)
     probe[np.flatnonzero(first)[:PROBE_INPUTS]] = True
     return ~held, probe
@@ -281,7 +286,9 @@ class _Search:
             weights, roles, stats, eligible,
             lambda name, bits, step: quantize_tensor(weights[name], roles[name], bits, recipe, stats, step),
             steps=mixed.DEFAULT_STEPS if uniform else (),
-            probe_quantize=lambda name, bits, step: quantize_tensor(weights[name], roles[name], bits, recipe, fit_stats, step),
+            probe_quantize=None if rest is None else (
+                lambda name, bits, step: quantize_tensor(weights[name], roles[name], bits, recipe, fit_stats, step)
+            ),
         )
         if progress:
             progress("sensitivities")

@@ -272,20 +272,10 @@ def content_digest(meta: Sequence[tuple], labels: Sequence[tuple], synsets: Sequ
 class _LabelTables:
     """The label and synset rows as stored, in v1's shape whatever the version: ``labels``
     (idx, wnid, name, words) by idx with ``words`` as JSON text, ``synsets`` (wnid, name,
-    parent) by wnid, so that one digest and one set of checks serve both versions.
-    ``parsed_words`` (v2 only) holds each label's ``words`` as decoded from the JSON
-    payload, in ``labels`` order; v1 parses the stored text instead."""
+    parent) by wnid, so that one digest and one set of checks serve both versions."""
 
     labels: list[tuple]
     synsets: list[tuple]
-    parsed_words: list[object] | None = None
-
-    def words_list(self, position: int, where: str, what: str) -> tuple[str, ...]:
-        if self.parsed_words is None:
-            value = _loads(self.labels[position][3], where, what)
-        else:
-            value = self.parsed_words[position]
-        return _str_list(value, where, what + " words")
 
 
 def _check_content(tables: _LabelTables, meta: dict[str, str], where: str) -> None:
@@ -496,7 +486,6 @@ def _labelset_rows(value: object, where: str) -> _LabelTables:
     return _LabelTables(
         [(idx, wnid, name, text) for (idx, wnid, name, _), text in zip(labels, words_text)],
         [tuple(r) for r in sorted(synsets, key=lambda r: r[0])],
-        [r[3] for r in labels],
     )
 
 
@@ -504,7 +493,7 @@ def _read_labels(tables: _LabelTables, where: str) -> tuple[LabelRow, ...]:
     """Label rows with their hierarchy paths; the same checks for every format version."""
     tree = _read_synsets(tables.synsets, where)
     rows = []
-    for expected, (idx, wnid, name, _) in enumerate(tables.labels):
+    for expected, (idx, wnid, name, words) in enumerate(tables.labels):
         what = f"labels row {idx}"
         if idx != expected:
             raise KlausFormatError(f"{where}: labels must be numbered 0..n-1 without gaps (found {idx} at {expected})")
@@ -512,7 +501,7 @@ def _read_labels(tables: _LabelTables, where: str) -> tuple[LabelRow, ...]:
             raise KlausFormatError(f"{where}: {what} has a bad wnid or name")
         path = _path_to_root(tree, wnid, where) if wnid else ()
         hierarchy = tuple(tree[w][0] for w in path)
-        rows.append(LabelRow(idx, wnid, name, tables.words_list(expected, where, what), path, hierarchy))
+        rows.append(LabelRow(idx, wnid, name, _str_list(_loads(words, where, what), where, what + " words"), path, hierarchy))
     names = [r.name for r in rows]
     if len(set(names)) != len(names):
         duplicate = next(n for n in names if names.count(n) > 1)

@@ -143,9 +143,8 @@ def candidate_options(
             decoded = q.decode()
             if (bits, step) == probe_key:
                 layer.probe = len(cands)
-                probes[name] = decoded
+                probes[name] = decoded if probe_quantize is None else probe_quantize(name, bits, step).decode()
                 if probe_quantize is not None:
-                    probes[name] = probe_quantize(name, bits, step).decode()
                     layer.probe_proxy = output_error(w, probes[name], role, st)
             extra = 2 * len(q.palette) + (0 if q.scales is None else 2 * len(q.scales))
             error = output_error(w, decoded, role, st)
@@ -172,13 +171,7 @@ def allocate(layers: list[LayerOptions], budget_bytes: float) -> Allocation:
     """Smallest total predicted KL whose bytes fit ``budget_bytes`` (bisection on lambda)."""
 
     def at(lam: float) -> Allocation:
-        chosen = {l.name: l.best(lam) for l in layers}
-        return Allocation(
-            chosen,
-            sum(c.bytes for c in chosen.values()),
-            sum(l.scale * chosen[l.name].proxy for l in layers),
-            layers,
-        )
+        return _allocation(layers, {l.name: l.best(lam) for l in layers})
 
     lo, hi = 0.0, 1e-12
     while at(hi).predicted_bytes > budget_bytes and hi < 1e6:
@@ -217,11 +210,14 @@ def _filled(layers: list[LayerOptions], chosen: dict[str, Candidate], budget_byt
         name, c, extra = best_move
         chosen[name] = c
         spare -= extra
-    by_name = {l.name: l for l in layers}
+    return _allocation(layers, chosen)
+
+
+def _allocation(layers: list[LayerOptions], chosen: dict[str, Candidate]) -> Allocation:
     return Allocation(
         chosen,
         sum(c.bytes for c in chosen.values()),
-        sum(by_name[n].scale * c.proxy for n, c in chosen.items()),
+        sum(l.scale * chosen[l.name].proxy for l in layers),
         layers,
     )
 
