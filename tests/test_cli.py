@@ -213,7 +213,8 @@ def test_eval_json(eval_folder):
     objs = json_lines(result.stdout)
     assert len(objs) == 1
     acc = objs[0]
-    assert set(acc) == {"n", "top1", "top5", "agreement", "failed"}
+    assert set(acc) == {"n", "top1", "top5", "agreement", "failed", "reference_top1", "top1_diff_se", "kl"}
+    assert acc["reference_top1"] is None and acc["kl"] is None  # no reference given
     assert acc["n"] == 3 and acc["failed"] == 1 and acc["agreement"] is None
     assert acc["top5"] == 1.0  # cat, espresso and the launch are all in the top 5
     assert 1 / 3 <= acc["top1"] <= acc["top5"]
@@ -238,8 +239,15 @@ def test_eval_reference(eval_folder):
     assert len(result.stderr.splitlines()) == 1  # reported once, not again for the reference
     acc = json_lines(result.stdout)[0]
     assert acc["agreement"] == 1.0  # the same model agrees with itself
+    assert acc["reference_top1"] == acc["top1"] and acc["top1_diff_se"] == 0.0 and acc["kl"] == pytest.approx(0, abs=1e-9)
     human = run("eval", "-r", str(default_model_path()), str(eval_folder))
-    assert "agreement 100.00%" in human.stdout
+    assert "agreement 100.00%" in human.stdout and "difference +0.00 points" in human.stdout
+
+
+def test_eval_reference_with_other_labels(eval_folder, tiny_klaus_path):
+    result = run("eval", "-m", str(default_model_path()), "--reference", str(tiny_klaus_path), str(eval_folder))
+    assert result.exit_code == 1 and not result.stdout
+    assert result.stderr.startswith("klaus: error: ") and "labels differ" in result.stderr
 
 
 def test_eval_list_file_and_errors(tmp_path, eval_folder):

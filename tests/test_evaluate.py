@@ -157,7 +157,10 @@ def test_score_top1_top5():
     )
     acc = ev.score(samples, top5, np.ones(4, bool))
     assert acc == Accuracy(n=4, top1=0.5, top5=0.75, agreement=None, failed=0)
-    assert acc.to_dict() == {"n": 4, "top1": 0.5, "top5": 0.75, "agreement": None, "failed": 0}
+    assert acc.to_dict() == {
+        "n": 4, "top1": 0.5, "top5": 0.75, "agreement": None, "failed": 0,
+        "reference_top1": None, "top1_diff_se": None, "kl": None,
+    }
 
 
 def test_score_failed_and_agreement():
@@ -234,6 +237,42 @@ def test_predict_all_continues_past_unreadable_images():
     assert ["0.jpg"] in calls and ["2.jpg"] in calls
     acc = ev.score(samples, top5, ok)
     assert acc.n == 5 and acc.failed == 2 and acc.top1 == 1.0
+
+
+def test_kl_divergence():
+    p = np.array([0.5, 0.25, 0.25])
+    assert ev.kl_divergence(p, p) == pytest.approx(0.0, abs=1e-12)
+    q = np.array([0.25, 0.5, 0.25])
+    assert ev.kl_divergence(p, q) == pytest.approx(0.5 * np.log(2) + 0.25 * np.log(0.5))
+    assert np.isfinite(ev.kl_divergence(p, np.array([1.0, 0.0, 0.0])))  # a zero is floored, not infinite
+
+
+def test_predict_paired_and_score_paired():
+    """Both models on the same photos: a photo either cannot read is dropped for both;
+    the paired difference, its standard error and the KL come from the remaining photos."""
+    samples = [Sample(f"{i}.jpg", i % 10) for i in range(6)]
+    model = _fake_model({"2.jpg"}, [])
+
+    def reference(paths):  # right on 0..3; on 4 and 5 it ranks the model's second choice first
+        probs = _fake_model({"5.jpg"}, [])(paths)
+        for row, p in zip(probs, paths):
+            if int(p.split(".")[0]) == 4:
+                row[[4, 5]] = row[[5, 4]]
+        return probs
+
+    batches: list[int] = []
+    errors: list[str] = []
+    paired = ev.predict_paired(model, reference, samples, batch=4, on_batch=batches.append,
+                               on_error=lambda path, msg: errors.append(path))
+    assert paired.ok.tolist() == [True, True, False, True, True, False]
+    assert errors == ["2.jpg", "5.jpg"] and batches == [4, 2]
+    assert paired.kl[[0, 1, 3]].tolist() == pytest.approx([0, 0, 0], abs=1e-12) and paired.kl[4] > 0
+    acc = ev.score_paired(samples, paired)
+    assert acc.n == 4 and acc.failed == 2
+    assert acc.top1 == 1.0 and acc.reference_top1 == 0.75 and acc.agreement == 0.75
+    diff = np.array([0, 0, 0, 1.0])
+    assert acc.top1_diff_se == pytest.approx(diff.std(ddof=1) / 2)
+    assert acc.kl == pytest.approx(paired.kl[4] / 4)
 
 
 def test_predict_all_without_callbacks_and_non_klaus_errors():

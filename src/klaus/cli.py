@@ -222,34 +222,42 @@ def evaluate(model, reference, crops, limit, split, threads, low_memory, as_json
     if split != "all":
         samples = ev.split_classes(samples, split)
     samples = samples[:limit] if limit else samples
-    top5, ok = _predict(clf, samples, int(crops), "eval", as_json)
-    ref_top1 = None
     if reference:
-        ref_top5, ref_ok = _predict(_classifier(reference, threads), samples, int(crops), "reference", as_json, report=False)
-        ref_top1 = ref_top5[:, 0].copy()
-        ref_top1[~ref_ok] = -1
-    acc = ev.score(samples, top5, ok, ref_top1)
+        ref = _classifier(reference, threads)
+        if [r.name for r in ref.labels] != [r.name for r in clf.labels]:
+            fail(f"{reference}: its labels differ from {model or clf.name}'s, so top-1 agreement means nothing")
+        acc = ev.score_paired(samples, _predict(clf, samples, int(crops), "eval", as_json, reference=ref))
+    else:
+        acc = ev.score(samples, *_predict(clf, samples, int(crops), "eval", as_json))
     if as_json:
         emit(acc.to_dict())
     else:
-        agree = "" if acc.agreement is None else f"  agreement {acc.agreement * 100:.2f}%"
-        click.echo(f"{clf.name}: n={acc.n}  top-1 {acc.top1 * 100:.2f}%  top-5 {acc.top5 * 100:.2f}%{agree}"
+        click.echo(f"{clf.name}: n={acc.n}  top-1 {acc.top1 * 100:.2f}%  top-5 {acc.top5 * 100:.2f}%"
                    + (f"  ({acc.failed} unreadable)" if acc.failed else ""))
+        if acc.reference_top1 is not None:
+            se = "" if acc.top1_diff_se is None else f" ± {acc.top1_diff_se * 100:.2f} (paired SE)"
+            click.echo(f"vs reference: top-1 {acc.reference_top1 * 100:.2f}%, difference "
+                       f"{(acc.top1 - acc.reference_top1) * 100:+.2f} points{se}, "
+                       f"agreement {acc.agreement * 100:.2f}%, KL {acc.kl:.5f}")
     return 1 if acc.failed else 0
 
 
-def _predict(clf, samples, crops: int, what: str, quiet: bool, report: bool = True):
+def _predict(clf, samples, crops: int, what: str, quiet: bool, reference=None):
+    """Top-5 of every photo (and, with a ``reference`` classifier, both models' paired predictions)."""
     from tqdm import tqdm
 
-    from .evaluate import predict_all
+    from .evaluate import predict_all, predict_paired
 
     def on_error(path: str, message: str) -> None:
         click.echo(f"klaus: error: {message}", err=True)
 
     with tqdm(total=len(samples), desc=what, unit="img", file=sys.stderr, disable=quiet or None) as bar:
-        return predict_all(
-            lambda paths: clf.probabilities(paths, crops), samples, on_batch=bar.update, on_error=on_error if report else None
-        )
+        if reference is not None:
+            return predict_paired(
+                lambda paths: clf.probabilities(paths, crops), lambda paths: reference.probabilities(paths, crops),
+                samples, on_batch=bar.update, on_error=on_error,
+            )
+        return predict_all(lambda paths: clf.probabilities(paths, crops), samples, on_batch=bar.update, on_error=on_error)
 
 
 # ---------------------------------------------------------------- compress
