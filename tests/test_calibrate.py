@@ -384,3 +384,44 @@ def test_split_files_reads_wnid_prefixes_like_eval(tmp_path):
     for parity in ("even", "odd"):
         expected = sorted(Path(s.path).name for s in split_classes(samples, parity))
         assert sorted(f.name for f in calibrate.split_files(files, parity, WNIDS)) == expected
+
+
+# ---------------------------------------------------------------- depthwise windows
+
+
+@pytest.mark.parametrize("stride,pads,dilation", [(1, (1, 1, 1, 1), 1), (2, (0, 1, 2, 0), 1), (1, (2, 2, 2, 2), 2)])
+def test_window_patches_are_the_convolution_inputs(stride, pads, dilation):
+    """Each output of a depthwise convolution is its filter dotted with one window."""
+    rng = np.random.default_rng(stride)
+    x = rng.standard_normal((2, 5, 9, 8)).astype(np.float32)
+    w = rng.standard_normal((5, 1, 3, 3)).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "w"], ["y"], group=5, strides=[stride] * 2, pads=list(pads), dilations=[dilation] * 2)
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [numpy_helper.from_array(w, "w")],
+    )
+    y = _session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])).run(None, {"x": x})[0]
+    window = calibrate.Window((3, 3), (stride, stride), pads, (dilation, dilation))
+    patches = window.patches(x)  # (C, 9, N*Ho*Wo)
+    expected = np.moveaxis(y, 1, 0).reshape(5, -1)
+    np.testing.assert_allclose(np.einsum("ck,ckp->cp", w.reshape(5, 9), patches), expected, rtol=1e-5, atol=1e-5)
+    thinned = window.patches(x, positions=4)
+    assert thinned.shape[2] < patches.shape[2] and set(map(tuple, thinned[0].T)) <= set(map(tuple, patches[0].T))
+
+
+def test_patch_hessian_gives_the_depthwise_output_error(photos):
+    """sum_c d_c^T H_c d_c is the mean squared output change of a depthwise layer whose weights moved by d."""
+    model = make_tiny_onnx()
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    window = calibrate.Window((3, 3), (1, 1), (1, 1, 1, 1))
+    stats = calibrate.input_statistics(model, photos, ["s_act"], windows={"s_act": window}, chunk=7)["s_act"]
+    d_act = _tiny_forward(weights, photos)["s_act"]
+    assert stats.patch_count == d_act.shape[0] * d_act.shape[2] * d_act.shape[3]
+    delta = np.random.default_rng(0).standard_normal(weights["dw.weight"].shape) * 0.01
+    change = _conv(d_act, delta, None, pad=1, group=16)  # the output moves linearly with the weights
+    measured = float(np.sum(change**2)) / stats.patch_count
+    predicted = float(np.einsum("ci,cij,cj->", delta.reshape(16, 9), stats.patch_hessian, delta.reshape(16, 9)))
+    assert predicted == pytest.approx(measured, rel=1e-4)
+    both = stats.merged(stats)
+    np.testing.assert_allclose(both.patch_hessian, stats.patch_hessian)
+    assert both.patch_count == 2 * stats.patch_count

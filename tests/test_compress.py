@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -218,6 +219,33 @@ def test_gptq_beats_calibrated_kmeans(smooth_sets, photo_crops):
     kmeans = np.mean([_held_out_error(photo_crops, i, _bits_recipe(3), True) for i in range(4)])
     gptq = np.mean([_held_out_error(photo_crops, i, _bits_recipe(3, "gptq"), True) for i in range(4)])
     assert gptq < kmeans, (gptq, kmeans)
+
+
+def test_depthwise_windows():
+    model = make_tiny_onnx()
+    roles = onnxgraph.tensor_roles(model)
+    _, floats = onnxgraph.split_weights(model)
+    shapes = {n: w.shape for n, w in floats.items()}
+    assert compress.depthwise_windows(model, roles, shapes) == {
+        "s_act": calibrate.Window((3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
+    }
+    dw = next(n for n in model.graph.node if n.output[0] == "d")
+    dw.attribute.append(onnx.helper.make_attribute("auto_pad", "SAME_UPPER"))
+    assert compress.depthwise_windows(model, roles, shapes) == {}  # no explicit window: weighted rounding instead
+
+
+def test_gptq_on_the_depthwise_layer(smooth_sets):
+    """Only the depthwise layer palettized (3 bits), same calibration: per-channel GPTQ on its input
+    windows changes its rounding and beats weighted k-means on held-out inputs."""
+    calibration, held_out = smooth_sets
+    ref = _logits(make_tiny_onnx(), held_out)
+    recipe = Recipe(name="t", fc_bits=None, conv_bits=None, depthwise_bits=3, min_elements=64)
+    kmeans = _compress(recipe, calibration)
+    gptq = _compress(replace(recipe, method="gptq"), calibration)
+    names = lambda m: [t.name for t in m.tensors if t.codec == "palette-png"]  # noqa: E731
+    assert names(kmeans) == names(gptq) == ["dw.weight"]
+    err_kmeans, err_gptq = _rms_error(kmeans, held_out, ref), _rms_error(gptq, held_out, ref)
+    assert err_gptq < 0.8 * err_kmeans, (err_gptq, err_kmeans)
 
 
 def test_bias_correction_uses_float_input_means(photos):

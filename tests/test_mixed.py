@@ -261,3 +261,18 @@ def test_allocation_leaves_no_upgrade_that_would_still_fit():
                     assert c.bytes - now.bytes > spare, (budget, layer.name, c, now, spare)
     kls = [mixed.allocate(layers, b).predicted_kl for b in (40_000.0, 47_000.0, 61_000.0, 75_500.0)]
     assert kls == sorted(kls, reverse=True)
+
+
+def test_output_error_of_a_depthwise_layer_uses_its_window_hessians():
+    rng = np.random.default_rng(0)
+    windows = rng.standard_normal((4, 9, 300))
+    stats = calibrate.InputStats.empty(4, with_gram=False)
+    stats.patch_gram, stats.patch_count = np.matmul(windows, windows.transpose(0, 2, 1)), 300
+    stats.sumsq, stats.count = np.einsum("ckp,ckp->c", windows, windows) / 9, 300 * 9
+    weight = rng.standard_normal((4, 1, 3, 3))
+    approx = weight + 0.01 * rng.standard_normal(weight.shape)
+    role = onnxgraph.TensorRole("depthwise", 0, "dw", op="Conv", activation="x", group=4)
+    change = np.einsum("ck,ckp->cp", (approx - weight).reshape(4, 9), windows)  # every output's change
+    assert mixed.output_error(weight, approx, role, stats) == pytest.approx(np.sum(change**2) / 300)
+    stats.patch_gram = None  # without window statistics: the diagonal approximation
+    assert mixed.output_error(weight, approx, role, stats) != pytest.approx(np.sum(change**2) / 300)

@@ -442,3 +442,51 @@ def test_uniform_grid_caps_at_256_levels():
     w = np.concatenate([np.zeros(1000), [1e3, -1e3]]).astype(np.float32).reshape(1, -1)
     u = q.palettize(w, 8, step=1e-3 / np.sqrt(np.mean(w.astype(np.float64) ** 2)))
     assert len(u.palette) <= 256 and u.indices.dtype == np.uint8
+
+
+# ---------------------------------------------------------------- GPTQ per channel (depthwise)
+
+
+def _window_hessians(channels: int, taps: int, seed: int) -> np.ndarray:
+    """Per-channel second moments of strongly correlated windows (like neighbouring pixels)."""
+    return np.stack([(lambda x: x.T @ x / x.shape[0])(_correlated_inputs(800, taps, seed=seed + c)) for c in range(channels)])
+
+
+def test_gptq_rows_equals_gptq_on_each_row():
+    rng = np.random.default_rng(3)
+    h = _window_hessians(4, 9, seed=10)
+    w = rng.standard_normal((4, 9))
+    book = q.kmeans_1d(w, 8)
+    rows = q.gptq_rows(w, q.hessian_factors(h), book)
+    for c in range(4):
+        np.testing.assert_array_equal(rows[c], q.gptq_indices(w[c : c + 1], h[c], book, block=9)[0])
+
+
+def test_gptq_rows_dead_taps_round_to_zero():
+    h = _window_hessians(3, 9, seed=20)
+    h[1, 4, :] = h[1, :, 4] = 0.0  # channel 1 never sees its centre tap
+    h[2] = 0.0  # channel 2 never sees anything
+    w = np.random.default_rng(0).standard_normal((3, 9))
+    book = q.kmeans_1d(w, 4)
+    idx = q.gptq_rows(w, q.hessian_factors(h), book)
+    zero_level = int(q.assign(np.zeros(1), book.levels, book.edges())[0])
+    assert idx[1, 4] == zero_level and np.all(idx[2] == zero_level)
+    assert np.all(np.isfinite(book.levels[idx]))
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+def test_palettize_gptq_depthwise_cuts_output_error(granularity):
+    rng = np.random.default_rng(5)
+    h = _window_hessians(12, 9, seed=30)
+    weight = rng.standard_normal((12, 1, 3, 3)).astype(np.float32)
+    t = q.palettize_gptq_depthwise(weight, 8, h, granularity=granularity, step=0.5)
+    assert t.indices.shape == weight.shape and (t.scales is not None) == (granularity == "channel")
+
+    def error(approx):
+        d = (approx - weight).reshape(12, 9).astype(np.float64)
+        return float(np.einsum("ci,cij,cj->", d, h, d))
+
+    rounded = q.palettize(weight, 8, granularity=granularity, step=0.5)
+    assert error(t.decode()) < 0.5 * error(rounded.decode())
+    with pytest.raises(ValueError, match="window Hessians"):
+        q.palettize_gptq_depthwise(weight, 8, h[:, :4, :4])

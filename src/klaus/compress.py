@@ -16,8 +16,8 @@ from . import __version__, codecs, onnxgraph
 from .errors import KlausModelError
 from .format import PAGE_SIZE, KlausModel, LabelRow, TensorRecord, looks_like_klaus, read_model, write_model
 from .preprocess import Preprocess
-from .calibrate import InputStats, weight_importance
-from .quantize import LayerRule, PalettizedTensor, Recipe, palettize, palettize_gptq
+from .calibrate import InputStats, Window, weight_importance
+from .quantize import LayerRule, PalettizedTensor, Recipe, palettize, palettize_gptq, palettize_gptq_depthwise
 
 if TYPE_CHECKING:
     from .mixed import Allocation
@@ -91,6 +91,9 @@ def quantize_tensor(
     st = stats.get(role.activation) if stats else None
     if recipe.method == "gptq" and st is not None and st.gram is not None and st.count > 0:
         return palettize_gptq(array, bits, st.hessian, out_axis=role.out_axis, factor=st.factor(), **common)
+    if recipe.method == "gptq" and st is not None and st.patch_gram is not None and st.patch_count > 0:
+        if role.kind == "depthwise" and st.patch_gram.shape[:2] == (array.shape[0], int(np.prod(array.shape[1:]))):
+            return palettize_gptq_depthwise(array, bits, st.patch_hessian, factor=st.patch_factor(), **common)
     importance = None if st is None or not recipe.weighted else weight_importance(role, array.shape, st.energy)
     return palettize(array, bits, axis=role.out_axis, importance=importance, **common)
 
@@ -117,7 +120,43 @@ def calibration_stats(
     plan = planned_bits(weights, roles, recipe)
     activations = [roles[n].activation for n in plan]
     grams = [roles[n].activation for n in plan if recipe.method == "gptq" and _linear(roles[n], weights[n])]
-    return input_statistics(model, calibration, activations, grams)
+    windows = depthwise_windows(model, roles, {n: weights[n].shape for n in plan}) if recipe.method == "gptq" else {}
+    return input_statistics(model, calibration, activations, grams, windows=windows)
+
+
+def depthwise_windows(
+    model: onnx.ModelProto, roles: dict[str, onnxgraph.TensorRole], shapes: dict[str, tuple[int, ...]]
+) -> dict[str, Window]:
+    """The input window of every listed 2-D depthwise convolution, by its input activation.
+
+    An activation read by two convolutions with different windows gets none (it
+    falls back to weighted rounding) rather than a Hessian that fits only one of them.
+    """
+    nodes = {node.output[0]: node for node in model.graph.node if node.output}
+    found: dict[str, Window | None] = {}
+    for name, shape in shapes.items():
+        role = roles[name]
+        node = nodes.get(role.output)
+        if role.kind != "depthwise" or node is None or node.op_type != "Conv":
+            continue
+        window = _window(node, tuple(int(d) for d in shape[2:]))
+        if role.activation in found and found[role.activation] != window:
+            window = None
+        found[role.activation] = window
+    return {a: w for a, w in found.items() if w is not None}
+
+
+def _window(node: onnx.NodeProto, kernel: tuple[int, ...]) -> Window | None:
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    auto_pad = attrs.get("auto_pad", b"NOTSET")
+    if len(kernel) != 2 or auto_pad not in (b"NOTSET", "NOTSET"):
+        return None
+    return Window(
+        kernel=(kernel[0], kernel[1]),
+        strides=tuple(int(v) for v in attrs.get("strides", (1, 1))),
+        pads=tuple(int(v) for v in attrs.get("pads", (0, 0, 0, 0))),
+        dilations=tuple(int(v) for v in attrs.get("dilations", (1, 1))),
+    )
 
 
 def encode_tensor(name: str, array: np.ndarray, q: PalettizedTensor | None, recipe: Recipe, png: codecs.PngOptions) -> TensorRecord:

@@ -103,10 +103,15 @@ Quantizer = Callable[[str, int, "float | None"], PalettizedTensor]
 def output_error(weight: np.ndarray, approx: np.ndarray, role: onnxgraph.TensorRole, stats: InputStats | None) -> float:
     """Expected squared output error of a layer whose weight became ``approx``.
 
-    Exact (trace of dW H dW^T) where the input Gram matrix is known; otherwise the
-    diagonal approximation (squared error times the input channel's energy).
+    Exact (trace of dW H dW^T) where the input Gram matrix is known (for a depthwise
+    layer: per channel, over its input windows); otherwise the diagonal approximation
+    (squared error times the input channel's energy).
     """
     delta = approx.astype(np.float64) - weight
+    if stats is not None and stats.patch_gram is not None and stats.patch_gram.shape[0] == delta.shape[0]:
+        rows = delta.reshape(delta.shape[0], -1)
+        if stats.patch_gram.shape[1:] == (rows.shape[1], rows.shape[1]):
+            return float(np.einsum("ci,cij,cj->", rows, stats.patch_hessian, rows))
     if stats is not None and stats.gram is not None:
         matrix = np.moveaxis(delta, role.out_axis, 0).reshape(delta.shape[role.out_axis], -1)
         if matrix.shape[1] == stats.gram.shape[0]:

@@ -439,15 +439,86 @@ def gptq_indices(
 
 
 def _inverse_cholesky_upper(h: np.ndarray) -> np.ndarray:
-    """Upper-triangular U with U^T U = H^-1, retrying with more damping if H is not positive definite."""
+    """Upper-triangular U with U^T U = H^-1 (for a stack of H too), retrying with more damping if H is
+    not positive definite."""
     extra = 0.0
+    eye = np.eye(h.shape[-1])
+    mean_diag = np.einsum("...ii->...i", h).mean(axis=-1)[..., None, None]
     for _ in range(8):
         try:
-            damped = h + extra * np.eye(h.shape[0]) * float(np.mean(np.diag(h)))
-            return np.linalg.cholesky(np.linalg.inv(damped)).T
+            damped = h + extra * eye * mean_diag
+            return np.swapaxes(np.linalg.cholesky(np.linalg.inv(damped)), -1, -2)
         except np.linalg.LinAlgError:
             extra = 0.01 if extra == 0 else extra * 10
     raise np.linalg.LinAlgError("calibration Hessian is not positive definite even with damping")
+
+
+def hessian_factors(hessians: np.ndarray, damp: float = DEFAULT_DAMP) -> HessianFactor:
+    """:func:`hessian_factor` for a stack of small Hessians, one per depthwise channel (C, k, k):
+    every field gains a leading channel axis."""
+    h = np.array(hessians, dtype=np.float64)
+    taps = np.arange(h.shape[1])
+    dead = h[:, taps, taps] <= 0
+    h[:, taps, taps] = np.where(dead, 1.0, h[:, taps, taps])
+    order = np.argsort(-h[:, taps, taps], axis=1, kind="stable")
+    h = h[np.arange(h.shape[0])[:, None, None], order[:, :, None], order[:, None, :]]
+    h[:, taps, taps] += damp * h[:, taps, taps].mean(axis=1, keepdims=True)
+    return HessianFactor(order, dead, _inverse_cholesky_upper(h))
+
+
+def gptq_rows(matrix: np.ndarray, factor: HessianFactor, book: Codebook) -> np.ndarray:
+    """:func:`gptq_indices` where every row has its own Hessian (a depthwise layer: one per channel).
+
+    Each row is an independent least-squares problem with only k (kernel taps)
+    columns, so all rows are rounded together, column by column.
+    """
+    w = np.array(matrix, dtype=np.float64)
+    w[factor.dead] = 0.0
+    w = np.take_along_axis(w, factor.order, axis=1)
+    upper, edges = factor.upper, book.edges()
+    indices = np.zeros(w.shape, dtype=np.uint8)
+    for j in range(w.shape[1]):
+        column = w[:, j]
+        idx = assign(column, book.levels, edges)
+        indices[:, j] = idx
+        err = (column - book.levels[idx]) / upper[:, j, j]
+        w[:, j + 1 :] -= err[:, None] * upper[:, j, j + 1 :]
+    restored = np.empty_like(indices)
+    np.put_along_axis(restored, factor.order, indices, axis=1)
+    return restored
+
+
+def palettize_gptq_depthwise(
+    weight: np.ndarray,
+    bits: int,
+    hessians: np.ndarray,
+    *,
+    granularity: Granularity = "tensor",
+    iterations: int = 100,
+    rate_penalty: float = 0.0,
+    damp: float = DEFAULT_DAMP,
+    step: float | None = None,
+    factor: HessianFactor | None = None,
+) -> PalettizedTensor:
+    """Palettize a depthwise convolution (C, 1, kh, kw) with GPTQ per channel.
+
+    ``hessians`` are each channel's input-window second moments (C, kh*kw, kh*kw).
+    Neighbouring pixels are strongly correlated, so compensating a rounding error
+    on the other taps of the same filter cancels most of its effect: on
+    EfficientNet-Lite0, all depthwise layers at the 0.18 grid cost KL 0.065 to the
+    float model with weighted rounding and 0.0054 with this.
+    """
+    weight = np.asarray(weight, dtype=np.float32)
+    matrix = weight.reshape(weight.shape[0], -1)
+    if hessians.shape != (matrix.shape[0], matrix.shape[1], matrix.shape[1]):
+        raise ValueError(f"window Hessians are {hessians.shape} but the layer is {weight.shape}")
+    scales = channel_scales(matrix, 0) if granularity == "channel" else None
+    normalized = matrix if scales is None else matrix / scales.astype(np.float32)[:, None]
+    taps = np.arange(matrix.shape[1])
+    importance = np.maximum(hessians[:, taps, taps], 1e-12)
+    book = _codebook(normalized, bits, step, scales is not None, importance, iterations, rate_penalty)
+    indices = gptq_rows(normalized, factor if factor is not None else hessian_factors(hessians, damp), book)
+    return _packed(bits, book, indices.reshape(weight.shape), scales, 0, compact=step is not None)
 
 
 def palettize_gptq(
