@@ -402,24 +402,27 @@ def test_window_patches_are_the_convolution_inputs(stride, pads, dilation):
     )
     y = _session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])).run(None, {"x": x})[0]
     window = calibrate.Window((3, 3), (stride, stride), pads, (dilation, dilation))
-    patches = window.patches(x)  # (C, 9, N*Ho*Wo)
-    expected = np.moveaxis(y, 1, 0).reshape(5, -1)
-    np.testing.assert_allclose(np.einsum("ck,ckp->cp", w.reshape(5, 9), patches), expected, rtol=1e-5, atol=1e-5)
+    patches = window.patches(x)  # (N, C, 9, Ho*Wo)
+    expected = y.reshape(2, 5, -1)
+    np.testing.assert_allclose(np.einsum("ck,nckp->ncp", w.reshape(5, 9), patches), expected, rtol=1e-5, atol=1e-5)
     thinned = window.patches(x, positions=4)
-    assert thinned.shape[2] < patches.shape[2] and set(map(tuple, thinned[0].T)) <= set(map(tuple, patches[0].T))
+    assert thinned.shape[3] <= 4 < patches.shape[3]
+    assert set(map(tuple, thinned[1, 2].T)) <= set(map(tuple, patches[1, 2].T))
 
 
 def test_patch_hessian_gives_the_depthwise_output_error(photos):
-    """sum_c d_c^T H_c d_c is the mean squared output change of a depthwise layer whose weights moved by d."""
+    """sum_c d_c^T H_c d_c is the mean squared output change of a depthwise layer whose weights moved by d
+    (at the regular subgrid of output positions the statistics sample)."""
     model = make_tiny_onnx()
     weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     window = calibrate.Window((3, 3), (1, 1), (1, 1, 1, 1))
     stats = calibrate.input_statistics(model, photos, ["s_act"], windows={"s_act": window}, chunk=7)["s_act"]
     d_act = _tiny_forward(weights, photos)["s_act"]
-    assert stats.patch_count == d_act.shape[0] * d_act.shape[2] * d_act.shape[3]
+    thin = int(np.ceil(np.sqrt(d_act.shape[2] * d_act.shape[3] / calibrate.WINDOW_POSITIONS)))
+    assert stats.patch_count == d_act.shape[0] * -(-d_act.shape[2] // thin) * -(-d_act.shape[3] // thin)
     delta = np.random.default_rng(0).standard_normal(weights["dw.weight"].shape) * 0.01
     change = _conv(d_act, delta, None, pad=1, group=16)  # the output moves linearly with the weights
-    measured = float(np.sum(change**2)) / stats.patch_count
+    measured = float(np.sum(change[:, :, ::thin, ::thin] ** 2)) / stats.patch_count  # where windows were taken
     predicted = float(np.einsum("ci,cij,cj->", delta.reshape(16, 9), stats.patch_hessian, delta.reshape(16, 9)))
     assert predicted == pytest.approx(measured, rel=1e-4)
     both = stats.merged(stats)
