@@ -166,7 +166,7 @@ def run(only: list[str] | None = None) -> str:
         "int8-dynamic": ("ORT `quantize_dynamic`, QInt8 weights", lambda: int8_dynamic(base_path), top5_onnx),
         "int8-static": (f"ORT `quantize_static` QDQ, per-channel QInt8 weights / QUInt8 activations, MinMax over "
                         f"{STATIC_CALIB_IMAGES} even-class photos", lambda: int8_static(base_path), top5_onnx),
-        "klaus-default": ("Klaus embedded model (`--budget-mib 3.0`: mixed k-means/uniform grids per tensor, GPTQ + bias "
+        "klaus-default": ("Klaus embedded model (`--budget-mib 2.5`: mixed k-means/uniform grids per tensor, GPTQ + bias "
                           "correction, even-half calibration)",
                           embedded_model, top5_klaus),
         "kmeans8": ("Klaus `kmeans8` (all conv/FC 8-bit, per-tensor palette, no calibration)",

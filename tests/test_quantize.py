@@ -479,7 +479,7 @@ def test_palettize_gptq_depthwise_cuts_output_error(granularity):
     rng = np.random.default_rng(5)
     h = _window_hessians(12, 9, seed=30)
     weight = rng.standard_normal((12, 1, 3, 3)).astype(np.float32)
-    t = q.palettize_gptq_depthwise(weight, 8, h, granularity=granularity, step=0.5)
+    t = q.palettize_gptq(weight, 8, h, granularity=granularity, step=0.5)
     assert t.indices.shape == weight.shape and (t.scales is not None) == (granularity == "channel")
 
     def error(approx):
@@ -489,4 +489,4 @@ def test_palettize_gptq_depthwise_cuts_output_error(granularity):
     rounded = q.palettize(weight, 8, granularity=granularity, step=0.5)
     assert error(t.decode()) < 0.5 * error(rounded.decode())
     with pytest.raises(ValueError, match="window Hessians"):
-        q.palettize_gptq_depthwise(weight, 8, h[:, :4, :4])
+        q.palettize_gptq(weight, 8, h[:, :4, :4])

@@ -17,7 +17,7 @@ from .errors import KlausModelError
 from .format import PAGE_SIZE, KlausModel, LabelRow, TensorRecord, looks_like_klaus, read_model, write_model
 from .preprocess import Preprocess
 from .calibrate import InputStats, Window, weight_importance
-from .quantize import LayerRule, PalettizedTensor, Recipe, palettize, palettize_gptq, palettize_gptq_depthwise
+from .quantize import LayerRule, PalettizedTensor, Recipe, palettize, palettize_gptq
 
 if TYPE_CHECKING:
     from .mixed import Allocation
@@ -93,7 +93,7 @@ def quantize_tensor(
         return palettize_gptq(array, bits, st.hessian, out_axis=role.out_axis, factor=st.factor(), **common)
     if recipe.method == "gptq" and st is not None and st.patch_gram is not None and st.patch_count > 0:
         if role.kind == "depthwise" and st.patch_gram.shape[:2] == (array.shape[0], int(np.prod(array.shape[1:]))):
-            return palettize_gptq_depthwise(array, bits, st.patch_hessian, factor=st.patch_factor(), **common)
+            return palettize_gptq(array, bits, st.patch_hessian, factor=st.patch_factor(), **common)
     importance = None if st is None or not recipe.weighted else weight_importance(role, array.shape, st.energy)
     return palettize(array, bits, axis=role.out_axis, importance=importance, **common)
 
