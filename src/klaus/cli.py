@@ -202,7 +202,11 @@ def _print_classification(path: str, result) -> None:
 
 @main.command("eval", context_settings=PRESERVE)
 @model_option
-@click.option("--reference", "-r", metavar="R", help="A model whose top-1 the evaluated model should agree with.")
+@click.option(
+    "--reference", "-r", metavar="R",
+    help="A model to compare with on the same photos: its top-1, top-1 agreement, the standard error of the "
+    "paired top-1 difference and the mean KL(R || model).",
+)
 @crops_option
 @click.option("--limit", type=click.IntRange(1), default=None, help="Evaluate the first N images only.")
 @click.option(
