@@ -120,6 +120,12 @@ class InputStats:
         self.patch_gram = gram if self.patch_gram is None else self.patch_gram + gram
         self.patch_count += p.shape[0] * p.shape[3]
 
+    def fits_windows(self, shape: tuple[int, ...]) -> bool:
+        """Whether window statistics were collected and match a depthwise weight of ``shape``
+        (one channel per output, no channel multiplier)."""
+        taps = int(np.prod(shape[1:]))
+        return self.patch_gram is not None and self.patch_gram.shape == (shape[0], taps, taps)
+
     @property
     def patch_hessian(self) -> np.ndarray:
         """E[w w^T] over a depthwise layer's input windows, per channel (C, k, k): its output error is

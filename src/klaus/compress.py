@@ -91,9 +91,8 @@ def quantize_tensor(
     st = stats.get(role.activation) if stats else None
     if recipe.method == "gptq" and st is not None and st.gram is not None and st.count > 0:
         return palettize_gptq(array, bits, st.hessian, out_axis=role.out_axis, factor=st.factor(), **common)
-    if recipe.method == "gptq" and st is not None and st.patch_gram is not None and st.patch_count > 0:
-        if role.kind == "depthwise" and st.patch_gram.shape[:2] == (array.shape[0], int(np.prod(array.shape[1:]))):
-            return palettize_gptq(array, bits, st.patch_hessian, factor=st.patch_factor(), **common)
+    if recipe.method == "gptq" and st is not None and role.kind == "depthwise" and st.fits_windows(array.shape):
+        return palettize_gptq(array, bits, st.patch_hessian, factor=st.patch_factor(), **common)
     importance = None if st is None or not recipe.weighted else weight_importance(role, array.shape, st.energy)
     return palettize(array, bits, axis=role.out_axis, importance=importance, **common)
 

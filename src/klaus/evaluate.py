@@ -51,7 +51,7 @@ class Accuracy:
 
 @dataclass(frozen=True)
 class PairedPredictions:
-    """A model and a reference run on the same photos; rows either could not read are not ``ok``."""
+    """A model and a reference run on the same photos; rows either could not read are not ``ok`` (top-5 rows -1)."""
 
     top5: np.ndarray
     reference_top5: np.ndarray
@@ -172,11 +172,10 @@ def predict_paired(
     return PairedPredictions(top5, reference_top5, ok, kl)
 
 
-def kl_divergence(reference: np.ndarray, model: np.ndarray, floor: float = 1e-12) -> float:
-    """KL(reference || model) in nats; probabilities are floored so a zero never gives infinity."""
-    r = np.maximum(np.asarray(reference, np.float64), floor)
-    m = np.maximum(np.asarray(model, np.float64), floor)
-    return float(np.sum(r * (np.log(r) - np.log(m))))
+def kl_divergence(reference: np.ndarray, model: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """KL(reference || model) in nats over the last axis (one value per row of probabilities);
+    ``eps`` keeps a zero probability from giving infinity."""
+    return np.sum(reference * (np.log(reference + eps) - np.log(model + eps)), axis=-1)
 
 
 def _top5(p: np.ndarray) -> np.ndarray:
@@ -226,7 +225,7 @@ def score(samples: Sequence[Sample], top5: np.ndarray, ok: np.ndarray, reference
 
 def score_paired(samples: Sequence[Sample], paired: PairedPredictions) -> Accuracy:
     """:func:`score` on the photos both models read, plus the paired comparison with the reference."""
-    acc = score(samples, paired.top5, paired.ok, np.where(paired.ok, paired.reference_top5[:, 0], -1))
+    acc = score(samples, paired.top5, paired.ok, paired.reference_top5[:, 0])
     if acc.n == 0:
         return acc
     labels = np.array([s.label for s in samples])[paired.ok]

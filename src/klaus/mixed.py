@@ -19,6 +19,7 @@ import numpy as np
 
 from . import codecs, onnxgraph
 from .calibrate import InputStats, weight_importance
+from .evaluate import kl_divergence
 from .quantize import LayerRule, PalettizedTensor, Recipe
 
 FLOAT = 0  # "bits" value of the keep-at-fp16 candidate
@@ -94,7 +95,7 @@ class Allocation:
 
 
 def _kl(p: np.ndarray, q: np.ndarray) -> float:
-    return float(np.mean(np.sum(p * (np.log(p + 1e-12) - np.log(q + 1e-12)), axis=1)))
+    return float(np.mean(kl_divergence(p, q)))
 
 
 Quantizer = Callable[[str, int, "float | None"], PalettizedTensor]
@@ -108,10 +109,9 @@ def output_error(weight: np.ndarray, approx: np.ndarray, role: onnxgraph.TensorR
     (squared error times the input channel's energy).
     """
     delta = approx.astype(np.float64) - weight
-    if stats is not None and stats.patch_gram is not None and stats.patch_gram.shape[0] == delta.shape[0]:
+    if stats is not None and stats.fits_windows(delta.shape):
         rows = delta.reshape(delta.shape[0], -1)
-        if stats.patch_gram.shape[1:] == (rows.shape[1], rows.shape[1]):
-            return float(np.einsum("ci,cij,cj->", rows, stats.patch_hessian, rows))
+        return float(np.einsum("ci,cij,cj->", rows, stats.patch_hessian, rows))
     if stats is not None and stats.gram is not None:
         matrix = np.moveaxis(delta, role.out_axis, 0).reshape(delta.shape[role.out_axis], -1)
         if matrix.shape[1] == stats.gram.shape[0]:

@@ -392,13 +392,8 @@ class HessianFactor:
 
 
 def hessian_factor(hessian: np.ndarray, damp: float = DEFAULT_DAMP) -> HessianFactor:
-    h = np.array(hessian, dtype=np.float64)
-    dead = np.diag(h) <= 0
-    h[dead, dead] = 1.0
-    order = np.argsort(-np.diag(h), kind="stable")
-    h = h[np.ix_(order, order)]
-    h[np.diag_indices_from(h)] += damp * float(np.mean(np.diag(h)))
-    return HessianFactor(order, dead, _inverse_cholesky_upper(h))
+    stacked = hessian_factors(np.asarray(hessian)[None], damp)
+    return HessianFactor(stacked.order[0], stacked.dead[0], stacked.upper[0])
 
 
 def gptq_indices(
