@@ -1,0 +1,61 @@
+"""Shared set-up of the session-5 experiments: the dev split, the budgeted build to start from, dev KL."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from klaus import calibrate, compress, evaluate, format as kformat, zoo
+from klaus.quantize import DEFAULT
+from klaus.runtime import make_session, softmax
+
+DATA = "../shared/data/imagenet-sample"  # run from the repository root
+
+
+@dataclass
+class Setup:
+    model: object  # the float ONNX graph
+    search: compress._Search
+    allocation: object
+    calibration: np.ndarray
+    dev: np.ndarray
+    reference: np.ndarray  # float probabilities on the dev inputs
+
+
+def setup(budget_mib: float, data: str = DATA) -> Setup:
+    """Calibrate on the even half minus every fifth photo; those 100 photos x 10 crops are the dev set.
+
+    The evaluation (odd) half is not touched.
+    """
+    entry = zoo.entry("efficientnet-lite0")
+    labels = compress.imagenet_label_rows()
+    files = calibrate.select_files([data], "even", None, {r.wnid: r.index for r in labels})
+    calibration = calibrate.calibration_batch([f for i, f in enumerate(files) if i % 5 != 4], entry.preprocess, 1)
+    dev = calibrate.calibration_batch([f for i, f in enumerate(files) if i % 5 == 4], entry.preprocess, 10)
+    model = zoo.export_onnx("efficientnet-lite0")
+    start = time.time()
+    search = compress._Search(
+        model, DEFAULT, calibration, preprocess=entry.preprocess, labels=labels, card=entry.card, output="logits",
+        png=compress.codecs.PngOptions(), min_elements=compress.MIN_BUDGET_ELEMENTS, uniform=True, views=1,
+        progress=None,
+    )
+    built, allocation = search.fit(int(budget_mib * 2**20))
+    result = Setup(model, search, allocation, calibration, dev, probabilities(model, dev))
+    report(result, "budgeted build (GPTQ)", built, start)
+    return result
+
+
+def probabilities(model, inputs: np.ndarray) -> np.ndarray:
+    session = make_session(model)
+    name = session.get_inputs()[0].name
+    return softmax(np.concatenate([session.run(None, {name: inputs[i : i + 100]})[0] for i in range(0, len(inputs), 100)]))
+
+
+def report(s: Setup, tag: str, built, start: float) -> None:
+    q = probabilities(compress.to_onnx(built), s.dev)
+    kl = float(np.mean(evaluate.kl_divergence(s.reference, q)))
+    agree = float(np.mean(q.argmax(1) == s.reference.argmax(1)) * 100)
+    size = len(kformat.serialize(built)) / 2**20
+    print(f"{tag}: {size:.3f} MiB, dev KL {kl:.4f}, dev agreement {agree:.1f} %, {time.time() - start:.0f} s", flush=True)

@@ -1,0 +1,48 @@
+"""Sequential GPTQ on the palettized network's own activations, with and without the asymmetric target.
+
+    python experiments/issue5-session5/run_sequential.py 1.5
+"""
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from common import report, setup  # noqa: E402
+from sequential import sequential_palettize  # noqa: E402
+
+from klaus import compress, mixed  # noqa: E402
+
+MODES = {
+    "none": lambda role: False,
+    "all": lambda role: True,
+    "pointwise": lambda role: role.op == "Conv" and role.kind != "depthwise",
+    "depthwise": lambda role: role.kind == "depthwise",
+}
+
+
+def main(budget_mib: float) -> None:
+    s = setup(budget_mib)
+    search, roles, weights = s.search, s.search.roles, s.search.weights
+    plan = mixed.budget_recipe(search.recipe, s.allocation)
+    bits = compress.planned_bits(weights, roles, plan)
+    stored = {n: compress.stored_float(w, plan.float_codec) for n, w in weights.items()}
+    windows = compress.depthwise_windows(s.model, roles, {n: weights[n].shape for n in bits})
+
+    def quantizer(name, target, stats):
+        return compress.quantize_tensor(target, roles[name], bits[name], plan, stats, plan.step_for(name))
+
+    for mode, which in MODES.items():
+        start = time.time()
+        quantized, biases = sequential_palettize(
+            search.skeleton, weights, stored, roles, bits, quantizer, windows,
+            lambda n: compress._linear(roles[n], weights[n]), s.calibration,
+            asymmetric=lambda n: which(roles[n]),
+        )
+        built = compress._assemble(search.skeleton, {**weights, **biases}, quantized, plan, s.calibration, **search.meta)
+        report(s, f"sequential, asymmetric target on {mode}", built, start)
+
+
+if __name__ == "__main__":
+    main(float(sys.argv[1]) if len(sys.argv) > 1 else 1.5)
