@@ -9,7 +9,7 @@ import numpy as np
 
 from klaus import calibrate, compress, evaluate, format as kformat, zoo
 from klaus.quantize import DEFAULT
-from klaus.runtime import make_session, softmax
+from klaus.runtime import run_batches, softmax
 
 DATA = "../shared/data/imagenet-sample"  # run from the repository root
 
@@ -48,9 +48,7 @@ def setup(budget_mib: float, data: str = DATA) -> Setup:
 
 
 def probabilities(model, inputs: np.ndarray) -> np.ndarray:
-    session = make_session(model)
-    name = session.get_inputs()[0].name
-    return softmax(np.concatenate([session.run(None, {name: inputs[i : i + 100]})[0] for i in range(0, len(inputs), 100)]))
+    return softmax(run_batches(model, inputs, chunk=100))
 
 
 def report(s: Setup, tag: str, built, start: float) -> None:

@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import report, setup  # noqa: E402
 
 from klaus import compress  # noqa: E402
-from klaus.finetune import _attrs, _run_node, graph_cuts  # noqa: E402
+from klaus.finetune import _run_node, graph_cuts  # noqa: E402
+from klaus.onnxgraph import attributes  # noqa: E402
 
 ZETA, GAMMA = 1.1, -0.1  # AdaRound's rectified sigmoid stretch
 
@@ -60,7 +61,7 @@ def main(a) -> None:
     consts = {t.name: torch.from_numpy(np.array(numpy_helper.to_array(t))) for t in model.graph.initializer if t.name not in floats}
     for node in nodes:
         if node.op_type == "Constant":
-            consts[node.output[0]] = torch.from_numpy(np.array(numpy_helper.to_array(_attrs(node)["value"])))
+            consts[node.output[0]] = torch.from_numpy(np.array(numpy_helper.to_array(attributes(node)["value"])))
     teacher = {n: tensor(w) for n, w in floats.items()}
     student = {n: tensor(quantized[n].decode() if n in quantized else compress.stored_float(w, "raw-f16")) for n, w in weights.items()}
 
@@ -70,7 +71,7 @@ def main(a) -> None:
             node = nodes[k]
             if node.op_type != "Constant":
                 args = [None if not i else env[i] if i in env else value(i) for i in node.input]
-                env[node.output[0]] = _run_node(torch, torch.nn.functional, node.op_type, args, _attrs(node))
+                env[node.output[0]] = _run_node(torch, torch.nn.functional, node.op_type, args, attributes(node))
         return env[block[2]]
 
     def table(t):

@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 
 from klaus import onnxgraph
-from klaus.calibrate import WINDOW_POSITIONS, InputStats, Window
+from klaus.calibrate import WINDOW_POSITIONS, InputStats, Window, channel_rows, shrunk
 from klaus.quantize import DEFAULT_DAMP, PalettizedTensor
 
 Progress = Callable[[str], None]
@@ -47,10 +47,6 @@ class CrossStats:
     patch_count: int = 0
 
 
-def _rows(x: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(np.moveaxis(x, 1, -1).reshape(-1, x.shape[1]), dtype=np.float32)
-
-
 def paired_statistics(
     x_f: np.ndarray, x_q: np.ndarray, with_gram: bool, window: Window | None
 ) -> tuple[InputStats, CrossStats]:
@@ -60,30 +56,19 @@ def paired_statistics(
     cross = CrossStats()
     for start in range(0, x_q.shape[0], CHUNK):
         q, f = x_q[start : start + CHUNK], x_f[start : start + CHUNK]
-        rq = _rows(q)
-        stats.total += rq.sum(axis=0, dtype=np.float64)
-        stats.sumsq += np.einsum("ij,ij->j", rq, rq, dtype=np.float64)
-        stats.count += rq.shape[0]
+        stats.add(q, window)
         if with_gram:
-            rf = _rows(f)
-            stats.gram += rq.T @ rq
-            g = rf.T @ rq
+            rq = channel_rows(q)
+            g = channel_rows(f).T @ rq
             cross.gram = g.astype(np.float64) if cross.gram is None else cross.gram + g
             cross.count += rq.shape[0]
         if window is not None:
-            stats.add_patches(q, window)
             pq = window.patches(np.asarray(q, dtype=np.float32), WINDOW_POSITIONS)
             pf = window.patches(np.asarray(f, dtype=np.float32), WINDOW_POSITIONS)
             g = sum(np.matmul(a, b.transpose(0, 2, 1)).astype(np.float64) for a, b in zip(pf, pq))
             cross.patch_gram = g if cross.patch_gram is None else cross.patch_gram + g
             cross.patch_count += pq.shape[0] * pq.shape[3]
     return stats, cross
-
-
-def _shrunk(matrix: np.ndarray, count: int) -> np.ndarray:
-    """Shrink towards the diagonal like :attr:`InputStats.hessian` (same rho), so C == H gives C_s == H_s."""
-    rho = matrix.shape[0] / (matrix.shape[0] + max(1, count))
-    return (1.0 - rho) * matrix + rho * np.diag(np.diag(matrix))
 
 
 def _damped_solve(h: np.ndarray, rhs: np.ndarray, damp: float) -> np.ndarray:
@@ -102,8 +87,9 @@ def corrected_target(
     w = np.asarray(weight, dtype=np.float64)
     matrix = np.moveaxis(w, out_axis, 0).reshape(w.shape[out_axis], -1)
     if cross.gram is not None and stats.gram is not None:
-        h = _shrunk(stats.gram / max(1, stats.count), stats.count)
-        c = _shrunk(cross.gram / max(1, cross.count), cross.count)
+        # both shrunk like InputStats.hessian (same rho), so C == H gives C_s == H_s
+        h = stats.hessian
+        c = shrunk(cross.gram / max(1, cross.count), cross.count)
         # rows w_o: w~_o = w_o + (H + lam)^-1 (C^T - H) w_o
         fixed = matrix + _damped_solve(h, (c.T - h) @ matrix.T, damp).T
     elif cross.patch_gram is not None and stats.patch_gram is not None:

@@ -87,6 +87,17 @@ class Window:
         return stacked.reshape(*stacked.shape[:3], -1)
 
 
+def channel_rows(value: np.ndarray) -> np.ndarray:
+    """An activation (channel axis 1) as contiguous float32 rows, one per batch item and position."""
+    return np.ascontiguousarray(np.moveaxis(value, 1, -1).reshape(-1, value.shape[1]), dtype=np.float32)
+
+
+def shrunk(matrix: np.ndarray, count: int) -> np.ndarray:
+    """A (C, C) second-moment matrix from ``count`` rows, shrunk towards its diagonal by C / (C + count)."""
+    rho = matrix.shape[0] / (matrix.shape[0] + max(1, count))
+    return (1.0 - rho) * matrix + rho * np.diag(np.diag(matrix))
+
+
 @dataclass
 class InputStats:
     """First and second moments of a layer input over batch and space, per channel."""
@@ -112,6 +123,18 @@ class InputStats:
             self.total + other.total, self.sumsq + other.sumsq, gram, self.count + other.count,
             patches, self.patch_count + other.patch_count,
         )
+
+    def add(self, value: np.ndarray, window: Window | None = None) -> None:
+        """Add a batch of the activation (channel axis 1); with ``window``, its window statistics too."""
+        # float32 products per batch (BLAS sgemm), float64 accumulation across batches
+        rows = channel_rows(value)
+        self.total += rows.sum(axis=0, dtype=np.float64)
+        self.sumsq += np.einsum("ij,ij->j", rows, rows, dtype=np.float64)
+        if self.gram is not None:
+            self.gram += rows.T @ rows
+        self.count += rows.shape[0]
+        if window is not None:
+            self.add_patches(value, window)
 
     def add_patches(self, x: np.ndarray, window: Window) -> None:
         p = window.patches(np.asarray(x, dtype=np.float32), WINDOW_POSITIONS)
@@ -159,9 +182,7 @@ class InputStats:
         diagonal alone, 0.0033 with the sample Hessian (rho 0.1), 0.0025 at rho 0.72.
         Conv layers see thousands of rows per input, so their rho stays near 0.
         """
-        h = self.sample_hessian
-        rho = h.shape[0] / (h.shape[0] + max(1, self.count))
-        return (1.0 - rho) * h + rho * np.diag(np.diag(h))
+        return shrunk(self.sample_hessian, self.count)
 
     def factor(self) -> HessianFactor:
         """GPTQ's factorization of :attr:`hessian`, computed once (valid while the sums don't change)."""
@@ -204,16 +225,8 @@ def input_statistics(
         outs = dict(zip(fetch, session.run(fetch, {input_name: part}))) if fetch else {}
         outs.update({n: part for n in wanted if n in graph_inputs})
         for name, value in outs.items():
-            # float32 products per chunk (BLAS sgemm), float64 accumulation across chunks
-            rows = np.ascontiguousarray(np.moveaxis(value, 1, -1).reshape(-1, value.shape[1]), dtype=np.float32)
-            s = stats.setdefault(name, InputStats.empty(rows.shape[1], name in grams))
-            s.total += rows.sum(axis=0, dtype=np.float64)
-            s.sumsq += np.einsum("ij,ij->j", rows, rows, dtype=np.float64)
-            if s.gram is not None:
-                s.gram += rows.T @ rows
-            s.count += rows.shape[0]
-            if windows and name in windows:
-                s.add_patches(value, windows[name])
+            s = stats.setdefault(name, InputStats.empty(value.shape[1], name in grams))
+            s.add(value, windows.get(name) if windows else None)
     return stats
 
 

@@ -146,7 +146,7 @@ def depthwise_windows(
 
 
 def _window(node: onnx.NodeProto, kernel: tuple[int, ...]) -> Window | None:
-    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    attrs = onnxgraph.attributes(node)
     auto_pad = attrs.get("auto_pad", b"NOTSET")
     if len(kernel) != 2 or auto_pad not in (b"NOTSET", "NOTSET"):
         return None

@@ -68,10 +68,6 @@ def _torch():
 # ------------------------------------------------------------------ interpreter
 
 
-def _attrs(node: onnx.NodeProto) -> dict[str, object]:
-    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-
-
 def _conv(F, x, w, b, a):
     if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
         raise KlausModelError("fine-tuning: Conv with auto_pad is not supported")
@@ -162,7 +158,7 @@ class _Student:
         self.torch = torch
         self.graph = model.graph
         self.entry = entry
-        self.nodes = [(n.op_type, list(n.input), list(n.output), _attrs(n)) for n in model.graph.node]
+        self.nodes = [(n.op_type, list(n.input), list(n.output), onnxgraph.attributes(n)) for n in model.graph.node]
         self.nodes = [n for i, n in enumerate(self.nodes) if i >= start or n[0] == "Constant"]
         check_supported(model)
         self.constants = {

@@ -54,6 +54,11 @@ def float_initializers(model: onnx.ModelProto) -> list[onnx.TensorProto]:
     return [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT]
 
 
+def attributes(node: onnx.NodeProto) -> dict[str, object]:
+    """A node's attributes by name, as Python values."""
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
 def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     """A copy of ``model`` that also returns the named intermediate values (ONNX Runtime fetches any output)."""
     probe = onnx.ModelProto()
