@@ -95,6 +95,18 @@ def test_list_file_with_plain_labels(tmp_path):
         ev.load_dataset(listing, labels)
 
 
+def test_list_file_tab_separated_paths_and_bom(tmp_path):
+    labels = plain_label_rows([f"c{i}" for i in range(10)])
+    listing = tmp_path / "list.txt"
+    # A tab separates path and label, so a path may hold spaces and commas; a UTF-8 BOM
+    # (as Notepad writes it) is not part of the first path.
+    listing.write_bytes("\ufeffsp ace/a, b.jpg\t3\nplain.jpg 4\n".encode())
+    samples = ev.load_dataset(listing, labels)
+    assert [(Path(s.path).relative_to(tmp_path).as_posix(), s.label) for s in samples] == [
+        ("sp ace/a, b.jpg", 3), ("plain.jpg", 4)
+    ]
+
+
 @pytest.mark.parametrize(
     "content,line,fragment",
     [

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import struct
+import warnings
 import zlib
 from pathlib import Path
 
@@ -359,11 +361,21 @@ def test_exif_orientation_is_applied(tmp_path: Path) -> None:
     assert r > 200 and b < 60
 
 
-@pytest.mark.filterwarnings("ignore:Corrupt EXIF")
 def test_corrupt_exif_does_not_prevent_loading(tmp_path: Path) -> None:
     p = _save(Image.new("RGB", (40, 20), RED), tmp_path / "bad_exif.jpg",
               exif=b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\xff\xff")
-    assert load_image(p).size == (40, 20)
+    with _no_warnings():  # Pillow's "Corrupt EXIF data" would print stray lines on stderr
+        assert load_image(p).size == (40, 20)
+    with pytest.warns(UserWarning, match="Corrupt EXIF"):  # the file does trigger it in Pillow itself
+        Image.open(p).getexif()
+
+
+@contextlib.contextmanager
+def _no_warnings():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    assert [str(w.message) for w in caught] == []
 
 
 def _px(img: Image.Image, xy: tuple[int, int] = (0, 0)) -> tuple[int, ...]:
@@ -541,6 +553,20 @@ def test_bomb_check_does_not_rely_on_pillow_limit(tmp_path: Path, monkeypatch: p
     p = _png_header_only(tmp_path / "bomb.png", 20000, 20000)
     assert _error(p) == f"{p}: image too large (20000x20000 = 400.0 Mpx > 178.9 Mpx limit)"
     assert _error(p.read_bytes(), max_pixels=10**8).startswith("<bytes>: image too large (20000x20000")
+
+
+def test_large_photo_within_our_limit_prints_no_pillow_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A photo above Pillow's warning threshold but within max_pixels: Pillow warns on
+    # open and again when a large region is cropped. Scaled down: warning above 6000 px.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 6000)
+    p = _save(_noise(120, 90), tmp_path / "large.png")
+    with _no_warnings():
+        batch = prepare(p, Preprocess(input_size=64))
+    assert batch.shape == (1, 3, 64, 64)
+    with pytest.warns(Image.DecompressionBombWarning):  # Pillow on its own does warn
+        Image.open(p).crop((0, 0, 120, 90))
 
 
 def test_low_max_pixels(tmp_path: Path) -> None:

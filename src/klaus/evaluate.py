@@ -101,19 +101,28 @@ def _from_folder(root: Path, by_wnid: dict[str, int]) -> list[Sample]:
 def _from_list(path: Path, by_wnid: dict[str, int], classes: int) -> list[Sample]:
     samples = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: as Windows editors write it
     except (OSError, UnicodeDecodeError) as exc:
         raise KlausDataError(f"{path}: cannot read list file ({exc})") from None
     for number, line in enumerate(lines, 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        parts = [p for p in re.split(r"[,\s]+", line) if p]
+        parts = _fields(line)
         if len(parts) != 2:
             raise KlausDataError(f"{path}:{number}: expected 'path label', got {line!r}")
         image, label = parts
         samples.append(Sample(str((path.parent / image)), _parse_label(label, by_wnid, classes, f"{path}:{number}")))
     return samples
+
+
+def _fields(line: str) -> list[str]:
+    """``path label``: split at a tab if there is one (so a path may hold spaces and
+    commas), else at spaces or commas."""
+    if "\t" in line:
+        image, _, label = line.rpartition("\t")
+        return [p for p in (image.strip(), label.strip()) if p]
+    return [p for p in re.split(r"[,\s]+", line) if p]
 
 
 def _parse_label(text: str, by_wnid: dict[str, int], classes: int, where: str) -> int:

@@ -22,8 +22,8 @@ import os
 import re
 import struct
 import warnings
-from collections.abc import Callable, Mapping
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, fields
 from numbers import Integral, Real
 from typing import IO, Any
@@ -232,14 +232,25 @@ def load_image(
     with ExitStack() as stack:
         fp, label = _open_source(source, stack)
         try:
-            with warnings.catch_warnings():
-                # Our own limit is authoritative; Pillow's warning would be noise.
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with _pillow_quiet():
                 return _decode(fp, label, target, max_pixels)
         except Image.DecompressionBombError as exc:
             raise KlausImageError(_bomb_message(label, exc, max_pixels)) from exc
         except _DECODE_ERRORS as exc:
             raise KlausImageError(f"{label}: {_describe(exc)}") from exc
+
+
+@contextmanager
+def _pillow_quiet() -> Iterator[None]:
+    """Silence Pillow's warnings while it works on one photo: they would print stray lines.
+
+    Our own pixel limit (``max_pixels``) is authoritative over Pillow's bomb warning, and
+    a corrupt EXIF block ("Corrupt EXIF data") is already tolerated (:func:`_exif_upright`).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+        yield
 
 
 def _open_source(source: Source, stack: ExitStack) -> tuple[IO[bytes], str]:
@@ -414,7 +425,8 @@ def to_pixels(image: Image.Image, spec: Preprocess, crops: int = 1) -> np.ndarra
     rgb = image if image.mode == "RGB" else _to_rgb(image)
     boxes = crop_boxes(rgb.width, rgb.height, spec, crops)
     windows = boxes[:5] if crops == 10 else boxes
-    patches = _windows(rgb, windows, spec, crops)
+    with _pillow_quiet():  # cropping a large photo (within max_pixels) would warn again
+        patches = _windows(rgb, windows, spec, crops)
     if crops == 10:
         patches = np.concatenate([patches, patches[:, :, ::-1]])
     return patches
