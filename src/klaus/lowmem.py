@@ -235,13 +235,6 @@ def _only_consumer(consumers: dict[str, list[tuple[int, int]]], name: str, posit
     return [p for p, _ in consumers.get(name, [])] == [position]
 
 
-def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
-    for a in node.attribute:
-        if a.name == name:
-            return int(a.i)
-    return default
-
-
 def _chunk_plan(
     t: TensorRecord,
     uses: list[tuple[int, int]],
@@ -257,11 +250,12 @@ def _chunk_plan(
     if node.domain not in ("", "ai.onnx") or len(node.output) != 1:
         return None
     bias = node.input[2] if len(node.input) > 2 else ""
-    if node.op_type == "Gemm" and len(t.dims) == 2 and not _attr(node, "transA", 0):
-        plan = (position, 0 if _attr(node, "transB", 0) else 1, bias, 1)
+    attrs = onnxgraph.attributes(node)
+    if node.op_type == "Gemm" and len(t.dims) == 2 and not attrs.get("transA", 0):
+        plan = (position, 0 if attrs.get("transB", 0) else 1, bias, 1)
     elif node.op_type == "MatMul" and len(t.dims) == 2:
         plan = (position, 1, "", -1)
-    elif node.op_type == "Conv" and len(t.dims) >= 3 and _attr(node, "group", 1) == 1:
+    elif node.op_type == "Conv" and len(t.dims) >= 3 and attrs.get("group", 1) == 1:
         plan = (position, 0, bias, 1)
     else:
         return None
