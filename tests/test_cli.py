@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import resource
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
 
+import click
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -541,3 +545,423 @@ def test_subprocess_module_entry_point():
     )
     assert proc.returncode == 0, proc.stderr
     assert len(json_lines(proc.stdout)) == 5
+
+
+# ---------------------------------------------------------------- refusals, atomic writes, one-line errors (QA pass)
+
+
+def _leftovers(folder: Path) -> list[str]:
+    """Temporary files a writer could have left behind."""
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".klaus-") or p.name.endswith(".tmp"))
+
+
+@pytest.fixture
+def lossless_klaus(tiny_files) -> Path:
+    out = tiny_files["dir"] / "lossless.klaus"
+    assert compress_tiny(tiny_files, out, "--lossless").exit_code == 0
+    return out
+
+
+def test_output_that_is_the_source_is_refused(tiny_files, lossless_klaus, monkeypatch):
+    d = tiny_files["dir"]
+    monkeypatch.chdir(d)
+    same = d / "same.onnx"
+    shutil.copy(tiny_files["onnx"], same)
+    (d / "link.onnx").symlink_to(same)
+    before = {p: p.read_bytes() for p in (same, lossless_klaus)}
+    cases = [
+        (["compress", "same.onnx", "-o", "same.onnx", "--labels", str(tiny_files["names"])], "same.onnx", "same.onnx"),
+        (["compress", "same.onnx", "-o", "./link.onnx", "--labels", str(tiny_files["names"])], "./link.onnx", "same.onnx"),
+        (["compress", str(same), "-o", "../" + d.name + "/same.onnx", "--labels", str(tiny_files["names"])],
+         "../" + d.name + "/same.onnx", str(same)),
+        (["compress", "lossless.klaus", "-o", "lossless.klaus", "--bits", "4"], "lossless.klaus", "lossless.klaus"),
+        (["export", "lossless.klaus", "-o", str(lossless_klaus)], str(lossless_klaus), "lossless.klaus"),
+        # the labels file is an input too
+        (["compress", "same.onnx", "-o", str(tiny_files["names"]), "--labels", str(tiny_files["names"])],
+         str(tiny_files["names"]), str(tiny_files["names"])),
+    ]
+    for args, out, src in cases:
+        result = run(*args)
+        assert_one_line_error(result, f"klaus: error: {out}: is the same file as {src}")
+        assert result.stdout == ""
+    assert all(p.read_bytes() == data for p, data in before.items())  # nothing overwritten
+    assert _leftovers(d) == []
+
+
+def test_output_must_be_a_file_name(tiny_files, lossless_klaus):
+    d = tiny_files["dir"]
+    folder = d / "existing"
+    folder.mkdir()
+    for args in (
+        ["compress", str(tiny_files["onnx"]), "-o", str(folder), "--labels", str(tiny_files["names"])],
+        ["export", str(lossless_klaus), "-o", str(folder)],
+        ["export", str(lossless_klaus), "-o", str(folder) + "/"],
+    ):
+        result = run(*args)
+        assert_one_line_error(result, f"{args[3]}: is a directory")
+        assert ".klaus-" not in result.stderr and ".tmp" not in result.stderr  # never the internal temp file
+    assert list(folder.iterdir()) == []
+    for command in (["compress", str(tiny_files["onnx"]), "--labels", str(tiny_files["names"])], ["export", str(lossless_klaus)]):
+        result = run(*command, "-o", "")
+        assert_one_line_error(result, "''", "empty")
+    assert _leftovers(d) == []
+
+
+def test_export_creates_folders_like_compress_and_is_deterministic(tiny_files, lossless_klaus):
+    d = tiny_files["dir"]
+    klaus_out = d / "new" / "deeper" / "x.klaus"
+    assert compress_tiny(tiny_files, klaus_out).exit_code == 0 and klaus_out.is_file()
+    onnx_out = d / "other" / "deeper" / "x.onnx"
+    result = run("export", str(klaus_out), "-o", str(onnx_out))
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == f"{onnx_out}: {onnx_out.stat().st_size} bytes"
+    again = d / "again.onnx"
+    assert run("export", str(klaus_out), "-o", str(again)).exit_code == 0
+    assert again.read_bytes() == onnx_out.read_bytes()  # deterministic
+    onnx.checker.check_model(onnx.load(str(onnx_out)))
+    x = _inputs()
+    # The exported graph computes what the .klaus model does: compare with its own decode.
+    from klaus.compress import to_onnx
+    from klaus.format import read_model
+
+    expected = to_onnx(read_model(klaus_out)).SerializeToString()
+    assert onnx_out.read_bytes() == expected
+    assert np.all(np.isfinite(_logits(onnx_out, x)))
+    assert _leftovers(onnx_out.parent) == [] and _leftovers(klaus_out.parent) == []
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o002])
+def test_written_files_get_the_umask_mode(tiny_files, lossless_klaus, umask):
+    d = tiny_files["dir"]
+    old = os.umask(umask)
+    try:
+        assert compress_tiny(tiny_files, d / "u.klaus").exit_code == 0
+        assert run("export", str(lossless_klaus), "-o", str(d / "u.onnx")).exit_code == 0
+    finally:
+        os.umask(old)
+    for name in ("u.klaus", "u.onnx"):
+        assert stat.S_IMODE((d / name).stat().st_mode) == 0o666 & ~umask, name
+
+
+def _limited_run(limit_bytes: int, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """The installed command under a file size limit (`ulimit -f`): writes past it fail with EFBIG."""
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, resource.RLIM_INFINITY))
+
+    return subprocess.run([*klaus_command(), *args], capture_output=True, text=True, timeout=120, cwd=cwd,
+                          preexec_fn=limit)
+
+
+def test_write_failures_are_one_line_errors_naming_out(tiny_files, lossless_klaus):
+    d = tiny_files["dir"]
+    for args, out in (
+        (["compress", str(lossless_klaus), "--layer", "*=4", "-o", "part.klaus"], "part.klaus"),
+        (["export", str(lossless_klaus), "-o", "part.onnx"], "part.onnx"),
+    ):
+        proc = _limited_run(4096, *args, cwd=d)
+        assert proc.returncode == 1, proc.stderr
+        lines = proc.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"klaus: error: {out}: cannot write"), proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert not (d / out).exists()
+    assert _leftovers(d) == []
+
+
+def test_sqlite_failure_while_building_the_file_is_one_line(tmp_path):
+    """SQLite's VACUUM spills a database larger than its cache to a temporary file; when that write
+    fails (disk full, file size limit) the user gets one line naming OUT, and no file."""
+    rng = np.random.default_rng(0)
+    helper, TP = onnx.helper, onnx.TensorProto
+    conv = onnx.numpy_helper.from_array(rng.standard_normal((768, 3, 1, 1)).astype(np.float32), "c.weight")
+    fc = onnx.numpy_helper.from_array(rng.standard_normal((768, 1000)).astype(np.float32), "fc.weight")  # 3 MB
+    nodes = [helper.make_node("Conv", ["x", "c.weight"], ["c"]), helper.make_node("GlobalAveragePool", ["c"], ["g"]),
+             helper.make_node("Flatten", ["g"], ["f"]), helper.make_node("MatMul", ["f", "fc.weight"], ["logits"])]
+    graph = helper.make_graph(nodes, "wide", [helper.make_tensor_value_info("x", TP.FLOAT, ["N", 3, 16, 16])],
+                              [helper.make_tensor_value_info("logits", TP.FLOAT, ["N", 1000])], [conv, fc])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "wide.onnx")
+    proc = _limited_run(1 << 20, "compress", "wide.onnx", "--lossless", "--no-simplify", "-o", "wide.klaus", cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("klaus: error: wide.klaus: cannot build the model file (SQLite: "), proc.stderr
+    assert not (tmp_path / "wide.klaus").exists() and _leftovers(tmp_path) == []
+
+
+def _tiny_variant(tmp_path: Path, name: str, change) -> Path:
+    model = make_tiny_onnx()
+    change(model)
+    path = tmp_path / name
+    onnx.save(model, path)
+    return path
+
+
+def _missing_input(m):
+    m.graph.node[1].input[0] = "nowhere"
+
+
+def _nan_weight(m):
+    arr = onnx.numpy_helper.to_array(m.graph.initializer[6]).copy()
+    arr[0, 0] = np.nan
+    m.graph.initializer[6].CopyFrom(onnx.numpy_helper.from_array(arr, m.graph.initializer[6].name))
+
+
+def _inf_bias(m):
+    arr = onnx.numpy_helper.to_array(m.graph.initializer[1]).copy()
+    arr[3] = np.inf
+    m.graph.initializer[1].CopyFrom(onnx.numpy_helper.from_array(arr, m.graph.initializer[1].name))
+
+
+def _conv_output(m):
+    """The feature map (N, 64, 16, 16) as the only output: not a classifier."""
+    del m.graph.node[6:]
+    del m.graph.output[:]
+    m.graph.output.append(onnx.helper.make_tensor_value_info("p_act", onnx.TensorProto.FLOAT, ["batch", 64, 16, 16]))
+    del m.graph.initializer[6:]
+
+
+def _string_input(m):
+    m.graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.STRING
+
+
+def _two_inputs(m):
+    m.graph.input.append(onnx.helper.make_tensor_value_info("extra", onnx.TensorProto.FLOAT, ["batch", 3]))
+
+
+def _two_channel_input(m):
+    m.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 2
+
+
+@pytest.mark.parametrize(
+    "change,fragment",
+    [
+        (_missing_input, "'nowhere'"),
+        (_nan_weight, "'fc.weight' holds NaN or infinite values"),
+        (_inf_bias, "'stem.bias' holds NaN or infinite values"),
+        (_conv_output, "not (N, classes)"),
+        (_string_input, "string tensor"),
+        (_two_inputs, "2 inputs"),
+        (_two_channel_input, "(N, 3, H, W)"),
+    ],
+)
+@pytest.mark.parametrize("simplify", ["--simplify", "--no-simplify"])
+def test_compress_refuses_what_klaus_could_not_use(tiny_files, change, fragment, simplify):
+    """Validated before anything is written: a one-line error naming SRC, exit 1, no file."""
+    src = _tiny_variant(tiny_files["dir"], "bad.onnx", change)
+    out = tiny_files["dir"] / "bad.klaus"
+    result = run("compress", str(src), "-o", str(out), "--labels", str(tiny_files["names"]), simplify)
+    assert_one_line_error(result, f"klaus: error: {src}: ", fragment)
+    assert not out.exists() and _leftovers(tiny_files["dir"]) == []
+
+
+def test_empty_and_unloadable_onnx_models_are_one_line_errors(tmp_path):
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    out = tmp_path / "e.klaus"
+    assert_one_line_error(run("compress", str(empty), "-o", str(out)), f"{empty}: not an ONNX model")
+    assert_one_line_error(run("classify", "--model", str(empty), CAT), f"{empty}: not an ONNX model")
+    # A graph ONNX Runtime refuses (an operator it does not know): the message names the file.
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, 224, 224])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 1000])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("NoSuchOp", ["x"], ["y"])], "bad", [x], [y])
+    unknown = tmp_path / "unknown-op.onnx"
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, unknown)
+    assert_one_line_error(run("classify", "--model", str(unknown), CAT), f"{unknown}: ONNX Runtime cannot load")
+    assert_one_line_error(run("compress", str(unknown), "-o", str(out)), f"{unknown}: ")
+    assert not out.exists()
+    # A 10-way ONNX classifier without --labels: the message names the file.
+    ten = tmp_path / "ten.onnx"
+    onnx.save(make_tiny_onnx(), ten)
+    assert_one_line_error(run("classify", "--model", str(ten), CAT), f"{ten}: the model has 10 outputs")
+
+
+def test_runtime_failure_names_the_model_file(tmp_path):
+    """A model whose name differs from its file: errors name the file a user passed."""
+    import dataclasses
+
+    from klaus import compress
+    from klaus.preprocess import Preprocess
+    from klaus.quantize import FP16
+
+    model = compress.compress_onnx(
+        make_tiny_onnx(), FP16, preprocess=Preprocess(input_size=32),
+        labels=compress.plain_label_rows([str(i) for i in range(TINY_CLASSES)]), card=compress.ModelCard("inner-name"),
+    )
+    path = tmp_path / "outer-file.klaus"
+    compress.write(dataclasses.replace(model, preprocess=Preprocess(input_size=64)), path)
+    result = run("classify", "--model", str(path), CAT)
+    assert_one_line_error(result, f"{path}: ONNX Runtime failed")
+
+
+def test_corrupt_model_is_a_one_line_error(lossless_klaus, tmp_path):
+    """A damaged page makes SQLite's quick_check list many problems; the error keeps the first one."""
+    import sqlite3
+
+    data = lossless_klaus.read_bytes()
+    found = None
+    for offset in range(1024, len(data), 1024):  # the first byte of each page after the header page
+        damaged = bytearray(data)
+        damaged[offset] ^= 0xFF
+        conn = sqlite3.connect(":memory:")
+        try:
+            conn.deserialize(bytes(damaged))
+            rows = conn.execute("PRAGMA quick_check").fetchall()
+        except sqlite3.Error:
+            continue
+        finally:
+            conn.close()
+        if sum(len(str(r[0]).splitlines()) for r in rows) > 3:
+            found = bytes(damaged)
+            break
+    assert found is not None, "no single-byte damage gave a multi-problem report"
+    bad = tmp_path / "damaged.klaus"
+    bad.write_bytes(found)
+    for args in (["inspect", str(bad)], ["classify", "--model", str(bad), CAT], ["export", str(bad), "-o", str(tmp_path / "x.onnx")]):
+        result = run(*args)
+        assert_one_line_error(result, f"{bad}: corrupt database (", " more)")
+        assert "***" not in result.stderr
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_compress_from_a_lossy_klaus(tiny_files, lossless_klaus):
+    d = tiny_files["dir"]
+    lossy = d / "lossy.klaus"
+    assert run("compress", str(lossless_klaus), "-o", str(lossy), "--layer", "*.weight=4").exit_code == 0
+    # --lossless from it would write decoded approximations labelled "lossless": refused.
+    result = run("compress", str(lossy), "-o", str(d / "fake-lossless.klaus"), "--lossless")
+    assert_one_line_error(result, f"{lossy}: is not a lossless .klaus", "4 palettized and 4 fp16 of its 8 tensors")
+    assert not (d / "fake-lossless.klaus").exists()
+    # Compressing it again works, with a one-line warning that accuracy compounds.
+    again = d / "again.klaus"
+    result = run("compress", str(lossy), "-o", str(again), "--bits", "4", "--json")
+    assert result.exit_code == 0 and again.is_file()
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("klaus: warning:")]
+    assert len(warnings) == 1 and str(lossy) in warnings[0] and "not a lossless .klaus" in warnings[0]
+    assert json_lines(result.stdout)[0]["path"] == str(again)
+    # A lossless source gets no such warning.
+    result = run("compress", str(lossless_klaus), "-o", str(d / "fine.klaus"), "--bits", "4")
+    assert result.exit_code == 0 and "warning" not in result.stderr
+
+
+def test_bits_sets_fc_and_conv_and_the_help_says_so(lossless_klaus, tiny_files):
+    """--bits N does not touch depthwise layers (the recipe protects them); the help must say exactly that."""
+    bits_help = next(p.help for p in main.commands["compress"].params if p.name == "bits")
+    assert "Depthwise convolutions keep the recipe's width" in bits_help and "--depthwise-bits" in bits_help
+    shown = "".join(run("compress", "--help").stdout.split())  # as printed (wrapped) by --help
+    assert "".join(bits_help.split()) in shown
+    assert "everypalettizedlayerkind" not in shown
+    out = tiny_files["dir"] / "b4.klaus"
+    assert run("compress", str(lossless_klaus), "-o", str(out), "--bits", "4", "--min-elements", "64").exit_code == 0
+    bits = {t["name"]: t["bits"] for t in json_lines(run("inspect", "--json", str(out)).stdout)[0]["tensors"]}
+    assert bits["stem.weight"] == bits["pw.weight"] == bits["fc.weight"] == 4
+    assert bits["dw.weight"] == 8  # the default recipe's depthwise width, as the help says
+    out2 = tiny_files["dir"] / "b4dw.klaus"
+    assert run("compress", str(lossless_klaus), "-o", str(out2), "--bits", "4", "--depthwise-bits", "4",
+               "--min-elements", "64").exit_code == 0
+    tensors = json_lines(run("inspect", "--json", str(out2)).stdout)[0]["tensors"]
+    assert {t["name"]: t["bits"] for t in tensors}["dw.weight"] == 4
+
+
+def test_layer_pattern_matching_nothing_is_warned(tiny_files, lossless_klaus):
+    out = tiny_files["dir"] / "rules.klaus"
+    result = run("compress", str(lossless_klaus), "-o", str(out), "--layer", "nomatch*=4", "--layer", "fc.*=5")
+    assert result.exit_code == 0 and out.is_file()
+    warnings = [line for line in result.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 1
+    assert warnings[0].startswith("klaus: warning: --layer nomatch*=4:") and str(lossless_klaus) in warnings[0]
+    # ONNX source: names after simplify/rename are what the rules see.
+    result = compress_tiny(tiny_files, out, "--layer", "stem.*=6", "--layer", "/stem/Conv*=4")
+    assert result.exit_code == 0
+    warnings = [line for line in result.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "'/stem/Conv*'" in warnings[0]
+
+
+def test_unreadable_calibration_images_are_warned_once_each(tiny_files, lossless_klaus):
+    d = tiny_files["dir"]
+    calib = d / "calib"
+    calib.mkdir()
+    shutil.copy(CAT, calib / "cat.jpg")
+    (calib / "notes.jpg").write_text("not an image")
+    (calib / "truncated.jpg").write_bytes(Path(COFFEE).read_bytes()[:300])
+    out = d / "calibrated.klaus"
+    result = run("compress", str(lossless_klaus), "-o", str(out), "--layer", "*.weight=4", "--calib", str(calib), "--json")
+    assert result.exit_code == 0, result.output
+    warnings = result.stderr.splitlines()
+    assert len(warnings) == 2, result.stderr
+    assert warnings[0].startswith(f"klaus: warning: {calib / 'notes.jpg'}: ")
+    assert warnings[1].startswith(f"klaus: warning: {calib / 'truncated.jpg'}: ")
+    meta = json_lines(run("inspect", "--json", str(out)).stdout)[0]["meta"]
+    assert meta["calibration_inputs"] == "1"  # only the cat
+    (calib / "cat.jpg").unlink()
+    result = run("compress", str(lossless_klaus), "-o", str(d / "none.klaus"), "--layer", "*.weight=4", "--calib", str(calib))
+    assert result.exit_code == 1 and not (d / "none.klaus").exists()
+    errors = [line for line in result.stderr.splitlines() if line.startswith("klaus: error:")]
+    assert errors == [f"klaus: error: {calib}: no readable calibration images (2 tried)"]
+
+
+def test_non_utf8_file_names_stay_valid_utf8(tmp_path):
+    """A file name that is not UTF-8 is printed with \\xNN escapes, in JSON and in text, never as raw bytes."""
+    name = os.fsencode(tmp_path) + b"/caf\xe9.jpg"
+    try:
+        Path(os.fsdecode(name)).write_bytes(Path(CAT).read_bytes())
+    except (OSError, UnicodeError):
+        pytest.skip("this file system does not take non-UTF-8 names")
+    missing = os.fsencode(tmp_path) + b"/gone\xff.jpg"
+    proc = subprocess.run([*map(os.fsencode, klaus_command()), b"classify", b"--json", name, missing], capture_output=True,
+                          timeout=120)
+    assert proc.returncode == 1
+    lines = proc.stdout.decode("utf-8").splitlines()  # strict: raises on a raw 0xE9
+    objs = [json.loads(line) for line in lines]
+    assert objs[0]["path"] == f"{tmp_path}/caf\\xe9.jpg" and set(objs[0]) == RESULT_KEYS
+    assert objs[1]["path"] == f"{tmp_path}/gone\\xff.jpg" and "gone\\xff.jpg" in objs[1]["error"]
+    proc = subprocess.run([*map(os.fsencode, klaus_command()), b"classify", name, missing], capture_output=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stdout.decode("utf-8").splitlines()[0].startswith(f"{tmp_path}/caf\\xe9.jpg  (")
+    assert proc.stderr.decode("utf-8").splitlines() == [f"klaus: error: {tmp_path}/gone\\xff.jpg: no such file"]
+
+
+def _nan_classifier(path: Path) -> None:
+    """A 1000-way 'classifier' whose scores are sqrt(-|x W|): NaN for every photo."""
+    w = onnx.numpy_helper.from_array(np.ones((3, 1000), np.float32), "w")
+    nodes = [onnx.helper.make_node("GlobalAveragePool", ["x"], ["g"]), onnx.helper.make_node("Flatten", ["g"], ["f"]),
+             onnx.helper.make_node("MatMul", ["f", "w"], ["m"]), onnx.helper.make_node("Abs", ["m"], ["a"]),
+             onnx.helper.make_node("Neg", ["a"], ["n"]), onnx.helper.make_node("Sqrt", ["n"], ["y"])]
+    graph = onnx.helper.make_graph(
+        nodes, "nan", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, 224, 224])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 1000])], [w],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+
+
+def test_nan_scores_are_an_error_for_that_image_and_json_stays_valid(tmp_path):
+    path = tmp_path / "nan.onnx"
+    _nan_classifier(path)
+    result = run("classify", "--json", "--model", str(path), CAT)
+    assert result.exit_code == 1
+
+    def no_constants(name):
+        raise AssertionError(f"{name} is not JSON")
+
+    objs = [json.loads(line, parse_constant=no_constants) for line in result.stdout.splitlines()]
+    assert len(objs) == 1 and set(objs[0]) == {"path", "error"} and objs[0]["path"] == CAT
+    assert "NaN" in objs[0]["error"] and str(path) in objs[0]["error"]
+    human = run("classify", "--model", str(path), CAT)
+    assert_one_line_error(human, f"{CAT}: ", str(path))
+
+
+def test_emit_never_writes_nan():
+    from klaus.cli import emit
+
+    runner = CliRunner()
+
+    @click.command()
+    def show():
+        emit({"a": float("nan"), "b": [float("inf"), 1.5], "c": "caf\udce9"})
+
+    result = runner.invoke(show)
+    assert json.loads(result.stdout) == {"a": None, "b": [None, 1.5], "c": "caf\\xe9"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -362,3 +363,108 @@ def test_duplicate_label_names_never_make_an_unreadable_file(tmp_path):
         assert not path.exists()
         return
     assert len(format.read_model(path).labels) == TINY_CLASSES
+
+
+# ---------------------------------------------------------------- what a source must be (check_classifier)
+
+
+def _variant(change) -> onnx.ModelProto:
+    model = make_tiny_onnx()
+    change(model)
+    return model
+
+
+def _set_weight(name: str, index: tuple, value: float):
+    def change(model: onnx.ModelProto) -> None:
+        init = next(t for t in model.graph.initializer if t.name == name)
+        array = onnx.numpy_helper.to_array(init).copy()
+        array[index] = value
+        init.CopyFrom(onnx.numpy_helper.from_array(array, name))
+    return change
+
+
+def _feature_map_output(model: onnx.ModelProto) -> None:
+    del model.graph.node[6:]
+    del model.graph.initializer[6:]
+    del model.graph.output[:]
+    model.graph.output.append(helper.make_tensor_value_info("p_act", onnx.TensorProto.FLOAT, ["batch", 64, 16, 16]))
+
+
+def _nan_constant(model: onnx.ModelProto) -> None:
+    """A NaN hidden in a Constant node (what --no-simplify keeps in the graph)."""
+    shift = helper.make_node("Constant", [], ["shift"], value=onnx.numpy_helper.from_array(np.array([np.nan], np.float32)))
+    add = helper.make_node("Add", ["logits_raw", "shift"], ["logits"])
+    model.graph.node[-1].output[0] = "logits_raw"
+    model.graph.node.extend([shift, add])
+
+
+@pytest.mark.parametrize(
+    "change,error,fragment",
+    [
+        (lambda m: m.graph.node[3].input.__setitem__(0, "nowhere"), KlausFormatError, "ONNX graph is invalid"),
+        (_set_weight("fc.weight", (0, 0), np.nan), KlausModelError, "'fc.weight' holds NaN"),
+        (_set_weight("dw.weight", (0, 0, 1, 1), -np.inf), KlausModelError, "'dw.weight' holds NaN or infinite"),
+        (_nan_constant, KlausModelError, "Constant node 'shift' holds NaN"),
+        (_feature_map_output, KlausModelError, "(?, 64, 16, 16), not (N, classes)"),
+        (lambda m: setattr(m.graph.input[0].type.tensor_type, "elem_type", onnx.TensorProto.STRING), KlausModelError,
+         "string tensor"),
+        (lambda m: setattr(m.graph.input[0].type.tensor_type, "elem_type", onnx.TensorProto.FLOAT16), KlausModelError,
+         "float16 tensor, not a float32 image"),
+        (lambda m: m.graph.input.append(helper.make_tensor_value_info("mask", onnx.TensorProto.FLOAT, [1])),
+         KlausModelError, "2 inputs ('input', 'mask')"),
+        (lambda m: m.graph.input[0].type.tensor_type.shape.dim[1].__setattr__("dim_value", 1), KlausModelError,
+         "(?, 1, 32, 32), not an image tensor (N, 3, H, W)"),
+        (lambda m: m.graph.output.append(helper.make_tensor_value_info("s_act", onnx.TensorProto.FLOAT, ["b", 16, 16, 16])),
+         KlausModelError, "2 outputs"),
+    ],
+)
+def test_check_classifier_refuses(change, error, fragment):
+    model = _variant(change)
+    with pytest.raises(error) as info:
+        compress.check_classifier(model, classes=TINY_CLASSES, where="src.onnx")
+    assert str(info.value).startswith("src.onnx: ") and fragment in str(info.value)
+    assert "\n" not in str(info.value)
+    # compress_onnx refuses it the same way (named after the model card there), before any work.
+    with pytest.raises(error, match=re.escape(fragment)):
+        _compress(TINY_RECIPE, model=model)
+
+
+def test_check_classifier_accepts_what_it_cannot_know():
+    compress.check_classifier(make_tiny_onnx(), classes=TINY_CLASSES, where="x")
+    # symbolic dimensions everywhere
+    model = make_tiny_onnx()
+    for d in [*model.graph.input[0].type.tensor_type.shape.dim, *model.graph.output[0].type.tensor_type.shape.dim]:
+        d.dim_param = "n"
+    compress.check_classifier(model, classes=TINY_CLASSES, where="x")
+    # a known class count must match the labels
+    with pytest.raises(KlausModelError, match="10 classes but there are 3 labels"):
+        compress.check_classifier(make_tiny_onnx(), classes=3, where="x")
+
+
+def test_check_classifier_layout_hint():
+    model = make_tiny_onnx()  # NCHW (N, 3, 32, 32)
+    with pytest.raises(KlausModelError, match=r"not an image tensor \(N, H, W, 3\) \(for NCHW input use --layout NCHW\)"):
+        compress.check_classifier(model, layout="NHWC", where="x")
+
+
+def test_default_labels_name_the_file():
+    with pytest.raises(KlausModelError, match=r"^m\.onnx: the model has 10 outputs"):
+        compress.default_labels(make_tiny_onnx(), where="m.onnx")
+    with pytest.raises(KlausModelError, match=r"^m\.onnx: the labels file has 3 names"):
+        compress.default_labels(make_tiny_onnx(), ["a", "b", "c"], where="m.onnx")
+
+
+def test_graph_input_size_without_inputs_and_with_listed_initializers():
+    model = make_tiny_onnx()
+    assert compress.graph_input_size(model) == TINY_SIZE
+    # IR < 4 style: initializers listed as graph inputs, before the image
+    listed = make_tiny_onnx()
+    weights = [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in listed.graph.initializer]
+    image = listed.graph.input[0]
+    del listed.graph.input[:]
+    listed.graph.input.extend([*weights, image])
+    assert compress.graph_input_size(listed) == TINY_SIZE
+    assert [i.name for i in compress.data_inputs(listed)] == ["input"]
+    compress.check_classifier(listed, classes=TINY_CLASSES, where="x")
+    del model.graph.input[:]
+    assert compress.graph_input_size(model) is None

@@ -1650,3 +1650,94 @@ def test_record_helpers(rich_model):
     record = TensorRecord("x", (2,), "raw-f32", 0, np.array([1, 2], "<f4").tobytes())
     assert record.sha256 == sha(record.payload)
     assert np.array_equal(record.decode(), [1.0, 2.0])
+
+
+# ---------------------------------------------------------------- write errors, file modes, integrity messages
+
+
+def test_integrity_problem_is_one_line():
+    report = [("*** in database main ***\nPage 5: btreeInitPage() returns error code 11\nPage 38 is never used\n"
+               "Page 39 is never used",)]
+    assert fmt.integrity_problem(report) == "Page 5: btreeInitPage() returns error code 11 (2 more)"
+    assert fmt.integrity_problem([("row 3 missing from index x",), ("row 4 missing from index x",)]) == (
+        "row 3 missing from index x (1 more)"
+    )
+    assert fmt.integrity_problem([("wrong # of entries in index x",)]) == "wrong # of entries in index x"
+    assert fmt.integrity_problem([]) == "integrity check failed"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_written_model_mode_follows_the_umask(tmp_path, palette_model, umask):
+    """mkstemp makes 0600 files; the model gets what a plain open() would give it."""
+    old = os.umask(umask)
+    try:
+        fmt.write_model(palette_model, tmp_path / "m.klaus")
+        fmt.write_atomic(b"data", tmp_path / "blob.bin")
+    finally:
+        os.umask(old)
+    for name in ("m.klaus", "blob.bin"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask
+    assert fmt.current_umask() == old
+
+
+def test_write_atomic_errors_name_the_target(tmp_path):
+    from klaus.errors import KlausWriteError
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    with pytest.raises(KlausWriteError, match=f"^{re.escape(str(folder))}: is a directory"):
+        fmt.write_atomic(b"x", folder)
+    with pytest.raises(KlausWriteError, match="empty"):
+        fmt.write_atomic(b"x", "")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(KlausWriteError, match=f"^{re.escape(str(blocker / 'sub' / 'm.klaus'))}: cannot write"):
+        fmt.write_atomic(b"x", blocker / "sub" / "m.klaus")
+    # Creates missing folders, like the model writer always did.
+    fmt.write_atomic(b"abc", tmp_path / "a" / "b" / "c.bin")
+    assert (tmp_path / "a" / "b" / "c.bin").read_bytes() == b"abc"
+    assert sorted(p.name for p in tmp_path.rglob(".klaus-*")) == []
+
+
+class _FailingVacuum:
+    """An SQLite connection whose VACUUM fails as it does when its temporary file cannot grow."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def execute(self, statement, *args):
+        if statement == "VACUUM":
+            raise sqlite3.OperationalError("disk I/O error")
+        return self._conn.execute(statement, *args)
+
+    def __getattr__(self, name):
+        return getattr(self._conn, name)
+
+
+def test_sqlite_failure_while_serializing_is_a_write_error(tmp_path, palette_model, monkeypatch):
+    from klaus.errors import KlausWriteError
+
+    real = sqlite3.connect
+    monkeypatch.setattr(fmt.sqlite3, "connect", lambda *a, **k: _FailingVacuum(real(*a, **k)))
+    target = tmp_path / "m.klaus"
+    with pytest.raises(KlausWriteError) as info:
+        fmt.write_model(palette_model, target)
+    message = str(info.value)
+    assert message.startswith(f"{target}: cannot build the model file (SQLite: disk I/O error")
+    assert "\n" not in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_corrupt_page_message_is_one_line(tmp_path):
+    """Damage that SQLite's quick_check reports as many lines gives a one-line KlausFormatError."""
+    data = fmt.serialize(tiny_klaus(dataclasses.replace(TINY_RECIPE, fc_bits=None, conv_bits=None, depthwise_bits=None)))
+    messages = []
+    for offset in range(1024, len(data), 1024):
+        damaged = bytearray(data)
+        damaged[offset] ^= 0xFF
+        try:
+            fmt.parse_model(bytes(damaged), "damaged.klaus")
+        except KlausFormatError as exc:
+            messages.append(str(exc))
+    assert messages and all("\n" not in m and m.startswith("damaged.klaus: ") for m in messages)
+    assert any(m.endswith(" more))") for m in messages), messages

@@ -352,16 +352,14 @@ def test_bad_files_are_recorded_and_the_run_goes_on(tmp_path, engine, monkeypatc
     locked = lib / "bad" / "locked.jpg"
     shutil.copy(EXAMPLES / "cat.jpg", locked)
     if os.geteuid() == 0:  # root reads anything: make the open fail as it would for a user
-        import builtins
-
-        real_open = builtins.open
+        real_open = os.open
 
         def fake_open(file, *args, **kwargs):
             if os.fspath(file) == str(locked):
                 raise PermissionError(13, "Permission denied", str(file))
             return real_open(file, *args, **kwargs)
 
-        monkeypatch.setattr(builtins, "open", fake_open)
+        monkeypatch.setattr(os, "open", fake_open)
     else:
         locked.chmod(0)
     db = tmp_path / "lib.db"

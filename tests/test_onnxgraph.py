@@ -507,3 +507,35 @@ def test_load_onnx_refuses_external_data(tmp_path, tiny_onnx):
     assert (tmp_path / "ext.bin").exists()
     with pytest.raises(KlausModelError, match="external-data ONNX models are not supported"):
         onnxgraph.load_onnx(str(path))
+
+
+def test_load_onnx_refuses_an_empty_file(tmp_path):
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    with pytest.raises(KlausModelError, match=f"^{empty}: not an ONNX model \\(empty file\\)$"):
+        onnxgraph.load_onnx(str(empty))
+    nodeless = onnx.helper.make_model(onnx.helper.make_graph([], "g", [], []))
+    path = tmp_path / "nodeless.onnx"
+    onnx.save(nodeless, path)
+    with pytest.raises(KlausModelError, match="holds no graph nodes"):
+        onnxgraph.load_onnx(str(path))
+
+
+def test_simplify_names_the_model_when_onnxruntime_refuses_it():
+    model = make_tiny_onnx()
+    model.graph.node[1].input[0] = "nowhere"  # reads a value nothing produces
+    with pytest.raises(KlausModelError) as info:
+        onnxgraph.simplify(model, "broken.onnx")
+    message = str(info.value)
+    assert message.startswith("broken.onnx: ONNX Runtime cannot load the model (") and "nowhere" in message
+    assert "\n" not in message
+
+
+def test_check_model_message_is_one_line():
+    model = make_tiny_onnx()
+    model.graph.node[1].input[0] = "nowhere"
+    with pytest.raises(KlausFormatError) as info:
+        onnxgraph.check_model(model, "m.onnx")
+    message = str(info.value)
+    assert message.startswith("m.onnx: ONNX graph is invalid (") and "'nowhere'" in message and "/stem/Relu" in message
+    assert "\n" not in message

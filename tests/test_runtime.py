@@ -200,3 +200,59 @@ def test_classifier_recognizes_onnx_by_content(tmp_path, tiny_onnx_path):
     labels = compress.plain_label_rows([str(i) for i in range(TINY_CLASSES)])
     clf = Classifier(upper, preprocess=TINY_PREPROCESS, labels=labels)
     assert len(clf.classify(CAT).predictions) == 5
+
+
+# ---------------------------------------------------------------- errors name the model file
+
+
+def test_empty_onnx_model_is_a_model_error(tmp_path):
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    with pytest.raises(KlausModelError, match=f"^{empty}: not an ONNX model"):
+        Classifier(str(empty))
+
+
+def test_onnx_model_errors_name_the_file(tmp_path):
+    ten = tmp_path / "ten.onnx"
+    onnx.save(make_tiny_onnx(), ten)
+    with pytest.raises(KlausModelError, match=f"^{ten}: the model has 10 outputs"):
+        Classifier(str(ten))
+    model = make_tiny_onnx(classes=1000)
+    model.graph.node[0].op_type = "NoSuchOp"
+    unknown = tmp_path / "unknown.onnx"
+    onnx.save(model, unknown)
+    with pytest.raises(KlausModelError, match=f"^{unknown}: ONNX Runtime cannot load the model \\(.*NoSuchOp"):
+        Classifier(str(unknown))
+
+
+def test_run_errors_name_the_model_file_not_its_name(tmp_path):
+    model = compress.compress_onnx(
+        make_tiny_onnx(), FP16, preprocess=TINY_PREPROCESS,
+        labels=compress.plain_label_rows([f"c{i}" for i in range(TINY_CLASSES)]), card=compress.ModelCard("inner"),
+    )
+    path = tmp_path / "outer.klaus"
+    compress.write(dataclasses.replace(model, preprocess=Preprocess(input_size=48)), path)
+    clf = Classifier(str(path))
+    assert clf.name == "inner" and clf.where == str(path)
+    with pytest.raises(KlausModelError, match=f"^{path}: ONNX Runtime failed"):
+        clf.classify(CAT)
+
+
+def test_nan_scores_are_an_error_for_the_image(tmp_path):
+    """A model whose output is NaN for an image: a KlausModelError naming the image and the model."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((3, 1000), np.float32), "w")
+    nodes = [helper.make_node("GlobalAveragePool", ["x"], ["g"]), helper.make_node("Flatten", ["g"], ["f"]),
+             helper.make_node("MatMul", ["f", "w"], ["m"]), helper.make_node("Abs", ["m"], ["a"]),
+             helper.make_node("Neg", ["a"], ["n"]), helper.make_node("Sqrt", ["n"], ["y"])]
+    graph = helper.make_graph(nodes, "nan", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 224, 224])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1000])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "nan.onnx"
+    onnx.save(model, path)
+    clf = Classifier(str(path))
+    assert np.isnan(clf.probabilities([CAT])).all()  # what the model really gives
+    with pytest.raises(KlausModelError, match=f"^{CAT}: the model {path} gives NaN"):
+        clf.classify(CAT)

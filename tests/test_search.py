@@ -138,6 +138,19 @@ def test_cli_search_json_and_text(examples_db):
     assert_one_line_error(run_cli("search", "dog", "--db", str(examples_db), "--min-prob", "2"))
 
 
+@pytest.mark.parametrize("bad", ["nan", "NaN", "-nan", "2", "-1", "inf"])
+def test_cli_search_refuses_a_min_prob_outside_0_to_1(examples_db, bad):
+    assert_one_line_error(run_cli("search", "dog", "--db", str(examples_db), "--min-prob", bad), "--min-prob")
+
+
+def test_cli_search_min_prob_bounds_are_accepted(examples_db):
+    for good in ("0", "1", "0.5"):
+        result = run_cli("search", "cat", "--db", str(examples_db), "--min-prob", good, "--json")
+        assert result.exit_code == 0, result.output
+        hits = [json.loads(line) for line in result.stdout.splitlines()]
+        assert all(h["score"] >= float(good) for h in hits)
+
+
 def test_acceptance_dogs_rank_first_and_no_cats(imagenet_sample, tmp_path, engine):  # noqa: F811
     """The issue's acceptance: index the 1000 development photos, then `klaus search dog --json`
     returns the dog-breed photos (classes 151-268) ranked first, and no cat."""

@@ -214,3 +214,79 @@ def test_cli_serve_errors_are_one_line(library, tmp_path):
         busy.listen()
         port = busy.getsockname()[1]
         assert_one_line_error(run_cli("serve", "--db", str(library[0]), "--port", str(port)), "cannot listen on 127.0.0.1")
+
+
+# ------------------------------------------------------------------ ids, stale thumbnails, a vanished index
+
+
+@pytest.mark.parametrize("photo", [2**63 - 1, 2**63, 10**30])
+def test_huge_ids_are_unknown_not_server_errors(client, photo):
+    for url in (f"/photo/{photo}", f"/thumb/{photo}", f"/file/{photo}"):
+        response = client.get(url)
+        assert response.status_code == 404, url
+        assert "no such photo in the index" in response.text
+    api = client.get(f"/api/photo/{photo}")
+    assert api.status_code == 404 and api.json() == {"error": "no such photo in the index"}
+
+
+@pytest.fixture
+def own_library(tmp_path):
+    """A library of its own (these tests change and delete things): (db, folder, client)."""
+    from klaus.index.engine import Engine
+
+    lib = tmp_path / "photos"
+    lib.mkdir()
+    for name in ("cat.jpg", "coffee.jpg"):
+        shutil.copy(EXAMPLES / name, lib / name)
+    db = tmp_path / "lib.db"
+    index_paths([str(lib)], db, engine=Engine.load(), progress=False)
+    app = create_app(db, max_upload=MAX_UPLOAD, allowed_hosts=["testserver"])
+    with TestClient(app) as c:
+        yield db, lib, c
+
+
+def test_cached_thumbnails_follow_the_file_on_disk(own_library):
+    db, lib, client = own_library
+    pid = photo_id(db, "coffee.jpg")
+    assert client.get(f"/thumb/{pid}").status_code == 200
+    assert list(thumbs_dir(db).glob(f"{pid}-320-*.jpg"))  # cached now
+    photo = lib / "coffee.jpg"
+    original, indexed = photo.read_bytes(), photo.stat()
+    photo.write_bytes((EXAMPLES / "cat.jpg").read_bytes())  # changed on disk
+    changed = client.get(f"/thumb/{pid}")
+    assert changed.status_code == 409 and "changed since it was indexed" in changed.text
+    photo.unlink()
+    gone = client.get(f"/thumb/{pid}")
+    assert gone.status_code == 404 and "file is gone" in gone.text
+    photo.write_bytes(original)
+    os.utime(photo, ns=(indexed.st_atime_ns, indexed.st_mtime_ns))
+    assert client.get(f"/thumb/{pid}").status_code == 200  # the same file again: served from the cache
+
+
+@pytest.mark.parametrize("damage", ["deleted", "overwritten", "malformed"])
+def test_an_index_that_vanishes_while_serving_is_a_503(own_library, damage):
+    db, _lib, client = own_library
+    pid = photo_id(db, "cat.jpg")
+    assert client.get("/").status_code == 200
+    if damage == "deleted":
+        db.unlink()
+        expected = "no photo index here"
+    elif damage == "overwritten":
+        db.write_bytes(b"not a database " * 1000)
+        expected = "not an SQLite database"
+    else:  # the header survives, the tables do not
+        data = bytearray(db.read_bytes())
+        data[4096:] = b"\x5a" * (len(data) - 4096)
+        db.write_bytes(bytes(data))
+        expected = "damaged"
+    for url in ("/", f"/photo/{pid}", "/search?q=cat", f"/file/{pid}", f"/thumb/{pid}"):
+        page = client.get(url)
+        assert page.status_code == 503, (url, page.text)
+        assert page.headers["content-type"].startswith("text/html")
+        assert f"{db}: " in page.text and expected in page.text, url
+        assert "Traceback" not in page.text
+    for url in (f"/api/photo/{pid}", "/api/search?q=cat"):
+        api = client.get(url)
+        assert api.status_code == 503, url
+        message = api.json()["error"]
+        assert message.startswith(f"{db}: ") and expected in message and "\n" not in message

@@ -9,7 +9,7 @@ cancels (bias correction, Nagel et al. 2019; Banner et al. 2019).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,16 +38,23 @@ def image_files(sources: Iterable[str | os.PathLike[str]]) -> list[Path]:
     return files
 
 
-def calibration_batch(files: Sequence[Path], preprocess: Preprocess, crops: int = 10) -> np.ndarray:
-    """Preprocessed inputs; unreadable files are skipped (they must not stop a build)."""
+def calibration_batch(
+    files: Sequence[Path],
+    preprocess: Preprocess,
+    crops: int = 10,
+    on_error: Callable[[KlausError], None] | None = None,
+) -> np.ndarray:
+    """Preprocessed inputs; unreadable files are skipped (they must not stop a build) and
+    passed to ``on_error`` (so a user can be told)."""
     tensors = []
     for f in files:
         try:
             tensors.append(prepare(f, preprocess, crops=crops))
-        except KlausError:
-            continue
+        except KlausError as exc:
+            if on_error is not None:
+                on_error(exc)
     if not tensors:
-        raise KlausDataError("no readable calibration images")
+        raise KlausDataError(f"no readable calibration images ({len(files)} tried)")
     return np.concatenate(tensors, axis=0)
 
 
@@ -309,11 +316,16 @@ def load_calibration(
     limit: int | None = None,
     crops: int = 1,
     wnid_index: Mapping[str, int] | None = None,
+    on_error: Callable[[KlausError], None] | None = None,
 ) -> np.ndarray | None:
     """The calibration batch the CLI options describe, or None when no sources are given."""
     if not sources:
         return None
-    return calibration_batch(select_files(sources, split, limit, wnid_index or {}), preprocess, crops)
+    files = select_files(sources, split, limit, wnid_index or {})
+    try:
+        return calibration_batch(files, preprocess, crops, on_error)
+    except KlausDataError as exc:
+        raise KlausDataError(f"{', '.join(map(str, sources))}: {exc}") from None
 
 
 def select_files(

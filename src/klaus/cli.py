@@ -6,6 +6,8 @@ Every command takes ``--json``; every error is one line on stderr and exit statu
 from __future__ import annotations
 
 import json
+import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -15,13 +17,37 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .errors import KlausError
+from .errors import KlausError, KlausWriteError, naming
+from .names import printable
 
 PRESERVE = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
+def _json_safe(value: object) -> object:
+    """Strings printable, non-finite floats null (JSON has no NaN), containers recursively."""
+    if isinstance(value, str):
+        return printable(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {printable(str(k)): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def emit(obj: object) -> None:
-    click.echo(json.dumps(obj, ensure_ascii=False, sort_keys=False))
+    """One JSON object on one line of stdout: always valid UTF-8 JSON."""
+    click.echo(json.dumps(_json_safe(obj), ensure_ascii=False, sort_keys=False, allow_nan=False))
+
+
+def say(message: object = "", err: bool = False, **kwargs) -> None:
+    """click.echo, with undecodable file-name bytes escaped (see :func:`printable`)."""
+    click.echo(printable(str(message)), err=err, **kwargs)
+
+
+def warn(message: str) -> None:
+    say(f"klaus: warning: {message}", err=True)
 
 
 def fail(message: str) -> None:
@@ -35,25 +61,33 @@ class KlausGroup(click.Group):
         try:
             rv = super().main(args=args, prog_name=prog_name or "klaus", standalone_mode=False, **extra)
         except click.exceptions.Abort:
-            click.echo("klaus: aborted", err=True)
+            say("klaus: aborted", err=True)
             sys.exit(1)
         except click.exceptions.NoArgsIsHelpError as exc:
-            click.echo(exc.ctx.get_help() if exc.ctx else "")
+            say(exc.ctx.get_help() if exc.ctx else "")
             sys.exit(0)
         except click.UsageError as exc:
             hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
-            click.echo(f"klaus: error: {exc.format_message()}{hint}", err=True)
+            say(f"klaus: error: {_one_line(exc.format_message())}{hint}", err=True)
             sys.exit(1)
         except click.ClickException as exc:
-            click.echo(f"klaus: error: {exc.format_message()}", err=True)
+            say(f"klaus: error: {_one_line(exc.format_message())}", err=True)
             sys.exit(1)
         except KlausError as exc:
-            click.echo(f"klaus: error: {exc}", err=True)
+            say(f"klaus: error: {_one_line(str(exc))}", err=True)
             sys.exit(1)
         except OSError as exc:
-            click.echo(f"klaus: error: {exc.filename or ''}{': ' if exc.filename else ''}{exc.strerror or exc}", err=True)
+            say(f"klaus: error: {exc.filename or ''}{': ' if exc.filename else ''}{_one_line(str(exc.strerror or exc))}", err=True)
             sys.exit(1)
         sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _one_line(message: str) -> str:
+    """An error message as one line: its first line, plus how many more there were."""
+    lines = [line for line in message.strip().splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return message.strip()
+    return f"{lines[0].strip()} ({len(lines) - 1} more lines)"
 
 
 @click.group(cls=KlausGroup, context_settings=PRESERVE)
@@ -88,7 +122,11 @@ def _calibration(calib, split, limit, crops, preprocess):
     if not calib:
         return None
     wnids = {row.wnid: row.index for row in imagenet_label_rows()}
-    return load_calibration(calib, preprocess, split=split, limit=limit, crops=int(crops), wnid_index=wnids)
+
+    def skipped(exc: KlausError) -> None:  # one bad photo must not stop a build, but the user should know
+        warn(f"{_one_line(str(exc))} (calibration image skipped)")
+
+    return load_calibration(calib, preprocess, split=split, limit=limit, crops=int(crops), wnid_index=wnids, on_error=skipped)
 
 
 def budget_option(f):
@@ -119,7 +157,7 @@ def _compress_graph(graph, recipe, budget_mib, max_drop, calibration, views: int
     model, allocation, agreement = cp.compress_to_agreement(
         graph, recipe, max_drop, calibration=calibration, views=views, **kwargs
     )
-    click.echo(f"klaus: top-1 agreement with the float model on held-out calibration photos: {agreement:.1f} %", err=True)
+    say(f"klaus: top-1 agreement with the float model on held-out calibration photos: {agreement:.1f} %", err=True)
     return model, allocation
 
 
@@ -135,12 +173,12 @@ def _report_build(out: str, size: int, recipe, seconds: float, allocation, calib
         emit(report)
         return
     if not calibrated and recipe.name.startswith("default"):
-        click.echo("klaus: note: no --calib images, so GPTQ and bias correction were skipped (plain k-means)", err=True)
+        say("klaus: note: no --calib images, so GPTQ and bias correction were skipped (plain k-means)", err=True)
     if allocation is not None:
         for row in allocation.table():
-            click.echo(f"  {row['tensor']:<44} {row['parameters']:>9} weights  {row['quantizer']:>14}  "
-                       f"{row['bytes']:>9} bytes  predicted KL {row['predicted_kl']:.5f}")
-    click.echo(f"{out}: {size} bytes ({size / 2**20:.2f} MiB), recipe {recipe.name}, {report['seconds']} s")
+            say(f"  {row['tensor']:<44} {row['parameters']:>9} weights  {row['quantizer']:>14}  "
+                f"{row['bytes']:>9} bytes  predicted KL {row['predicted_kl']:.5f}")
+    say(f"{out}: {size} bytes ({size / 2**20:.2f} MiB), recipe {recipe.name}, {report['seconds']} s")
 
 
 threads_option = click.option("--threads", type=click.IntRange(1, 256), default=None, help="ONNX Runtime intra-op threads.")
@@ -181,7 +219,7 @@ def classify(model: str | None, top: int, crops: str, threads: int | None, low_m
             if as_json:
                 emit({"path": path, "error": str(exc)})
             else:
-                click.echo(f"klaus: error: {exc}", err=True)
+                say(f"klaus: error: {_one_line(str(exc))}", err=True)
             continue
         if as_json:
             emit(replace(result, path=path).to_dict())
@@ -191,10 +229,10 @@ def classify(model: str | None, top: int, crops: str, threads: int | None, low_m
 
 
 def _print_classification(path: str, result) -> None:
-    click.echo(f"{path}  ({result.elapsed_ms:.0f} ms)")
+    say(f"{path}  ({result.elapsed_ms:.0f} ms)")
     width = max(len(p.label) for p in result.predictions)
     for p in result.predictions:
-        click.echo(f"  {p.rank}. {p.probability * 100:5.1f}%  {p.label:<{width}}  {'/'.join(p.hierarchy)}".rstrip())
+        say(f"  {p.rank}. {p.probability * 100:5.1f}%  {p.label:<{width}}  {'/'.join(p.hierarchy)}".rstrip())
 
 
 # ---------------------------------------------------------------- eval
@@ -236,13 +274,13 @@ def evaluate(model, reference, crops, limit, split, threads, low_memory, as_json
     if as_json:
         emit(acc.to_dict())
     else:
-        click.echo(f"{clf.name}: n={acc.n}  top-1 {acc.top1 * 100:.2f}%  top-5 {acc.top5 * 100:.2f}%"
-                   + (f"  ({acc.failed} unreadable)" if acc.failed else ""))
+        say(f"{clf.name}: n={acc.n}  top-1 {acc.top1 * 100:.2f}%  top-5 {acc.top5 * 100:.2f}%"
+            + (f"  ({acc.failed} unreadable)" if acc.failed else ""))
         if acc.reference_top1 is not None:
             se = "" if acc.top1_diff_se is None else f" ± {acc.top1_diff_se * 100:.2f} (paired SE)"
-            click.echo(f"vs reference: top-1 {acc.reference_top1 * 100:.2f}%, difference "
-                       f"{(acc.top1 - acc.reference_top1) * 100:+.2f} points{se}, "
-                       f"agreement {acc.agreement * 100:.2f}%, KL {acc.kl:.5f}")
+            say(f"vs reference: top-1 {acc.reference_top1 * 100:.2f}%, difference "
+                f"{(acc.top1 - acc.reference_top1) * 100:+.2f} points{se}, "
+                f"agreement {acc.agreement * 100:.2f}%, KL {acc.kl:.5f}")
     return 1 if acc.failed else 0
 
 
@@ -253,7 +291,7 @@ def _predict(clf, samples, crops: int, what: str, quiet: bool, reference=None):
     from .evaluate import predict_all, predict_paired
 
     def on_error(path: str, message: str) -> None:
-        click.echo(f"klaus: error: {message}", err=True)
+        say(f"klaus: error: {message}", err=True)
 
     with tqdm(total=len(samples), desc=what, unit="img", file=sys.stderr, disable=quiet or None) as bar:
         if reference is not None:
@@ -306,10 +344,13 @@ bits_type = click.IntRange(1, 8)
 @click.argument("src", metavar="SRC")
 @click.option("-o", "--output", "out", required=True, metavar="OUT", help="The .klaus file to write.")
 @click.option("--recipe", "recipe_name", default="default", show_default=True, help="Starting recipe (see 'klaus recipes').")
-@click.option("--bits", type=bits_type, help="Bits for every palettized layer kind.")
+@click.option("--bits", type=bits_type, help="Bits for fully connected and (non-depthwise) convolution weights, "
+              "i.e. --fc-bits and --conv-bits at once. Depthwise convolutions keep the recipe's width (they are the most "
+              "sensitive layers); set them with --depthwise-bits.")
 @click.option("--fc-bits", type=bits_type, help="Bits for fully connected (Gemm/MatMul) weights.")
 @click.option("--conv-bits", type=bits_type, help="Bits for (non-depthwise) convolution weights.")
-@click.option("--depthwise-bits", type=bits_type, help="Bits for depthwise convolution weights (default: keep fp16).")
+@click.option("--depthwise-bits", type=bits_type, help="Bits for depthwise convolution weights (default: the recipe's, "
+              "8 in 'default' and 'kmeans8'; fp16 in recipes that set none).")
 @click.option("--layer", "layers", multiple=True, metavar="PATTERN=BITS", help="Per-tensor rule (fnmatch on name); BITS may be 'float', or uSTEP for a uniform grid STEP channel-RMS apart (entropy-coded). Repeatable.")
 @click.option("--granularity", type=click.Choice(["tensor", "channel"]), help="One palette per tensor, or a shared palette with per-output-channel fp16 scales.")
 @click.option("--min-elements", type=click.IntRange(0), default=None, help="Tensors with fewer weights stay fp16 (recipe default: 4096 or 16384).")
@@ -317,7 +358,8 @@ bits_type = click.IntRange(1, 8)
 @click.option("--finetune-steps", type=click.IntRange(0, 100000), default=None, metavar="N",
               help="Distil palettes, scales and biases from the float model for N steps (needs --calib and torch; "
                    "see docs/recipes.md for when it pays).")
-@click.option("--lossless", is_flag=True, help="Store every weight as fp32 (the reference build).")
+@click.option("--lossless", is_flag=True, help="Store every weight as fp32 (the reference build; SRC must be an .onnx or a "
+              "lossless .klaus).")
 @click.option("--png-level", type=click.IntRange(0, 6), default=2, show_default=True, help="oxipng optimization level for index maps.")
 @click.option("--zopfli", is_flag=True, help="Zopfli deflate for index maps (slow, a little smaller).")
 @click.option("--simplify/--no-simplify", default=True, show_default=True, help="Constant-fold the ONNX graph first.")
@@ -345,6 +387,7 @@ def compress(src, out, recipe_name, bits, fc_bits, conv_bits, depthwise_bits, la
     from .format import KlausModel
     from .preprocess import Preprocess
 
+    _check_output(out, src, labels_file, *calib)
     recipe = _recipe_from_options(recipe_name, bits, fc_bits, conv_bits, depthwise_bits, layers, granularity, lossless)
     if min_elements is not None or weighted or finetune_steps:
         recipe = replace(recipe, name=f"{recipe.name}+custom" if "custom" not in recipe.name else recipe.name,
@@ -359,12 +402,11 @@ def compress(src, out, recipe_name, bits, fc_bits, conv_bits, depthwise_bits, la
     if isinstance(source, KlausModel):
         if labels_file:
             fail("--labels applies to ONNX input; a .klaus source keeps its own labels and preprocessing")
-        calibration = _calibration(calib, calib_split, calib_limit, calib_crops, source.preprocess)
-        model, allocation = _compress_graph(
-            cp.to_onnx(source), recipe, budget_mib, max_drop, calibration, int(calib_crops), preprocess=source.preprocess, labels=source.labels,
-            card=cp.card_of(source), output=source.meta["output"], png=png,
-        )
+        _check_lossless_source(source, src, lossless)
+        graph, preprocess, labels = cp.to_onnx(source), source.preprocess, source.labels
+        card, output = cp.card_of(source), source.meta["output"]
     else:
+        cp.check_classifier(source, layout=layout, where=src)  # before ONNX Runtime sees it (simplify)
         try:
             preprocess = Preprocess(
                 input_size=input_size or cp.graph_input_size(source, layout) or 224, resize=resize_rule, crop_ratio=crop_ratio, interpolation=interpolation,
@@ -373,17 +415,72 @@ def compress(src, out, recipe_name, bits, fc_bits, conv_bits, depthwise_bits, la
         except ValueError as exc:
             fail(f"bad preprocessing option: {exc}")
         names = _read_names(labels_file) if labels_file else None
-        graph = onnxgraph.rename_weights(onnxgraph.simplify(source)) if simplify else source
+        graph = onnxgraph.rename_weights(onnxgraph.simplify(source, src)) if simplify else source
+        labels = cp.default_labels(graph, names, where=src)
         card = cp.ModelCard(name or Path(src).stem, source_ or str(Path(src).name), license_, "klaus compress")
-        calibration = _calibration(calib, calib_split, calib_limit, calib_crops, preprocess)
+        output = "logits"
+    cp.check_inputs(graph, preprocess, labels, card, where=src)  # everything the file must satisfy, before any work
+    _warn_unmatched_rules(layers, graph, src)
+    calibration = _calibration(calib, calib_split, calib_limit, calib_crops, preprocess)
+    try:
         model, allocation = _compress_graph(
-            graph, recipe, budget_mib, max_drop, calibration, int(calib_crops), preprocess=preprocess,
-            labels=cp.default_labels(graph, names),
-            card=card, png=png,
+            graph, recipe, budget_mib, max_drop, calibration, int(calib_crops), preprocess=preprocess, labels=labels,
+            card=card, output=output, png=png,
         )
+    except KlausWriteError as exc:  # a budget search builds file images (SQLite VACUUM) along the way
+        fail(f"{out}: {exc}")
+    except KlausError as exc:
+        fail(naming(_one_line(str(exc)), src))
     size = cp.write(model, out)
     _report_build(out, size, recipe, time.perf_counter() - start, allocation, calibration is not None, as_json)
     return 0
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):  # either is missing (or not a path at all)
+        return False
+
+
+def _check_output(out: str, *sources: str | None) -> None:
+    """Refuse an OUT that cannot be written as a file, or that is one of the command's inputs
+    (writing it would destroy the input; symlinks and other spellings of a path count)."""
+    if not out:
+        fail("'': the output file name (-o) is empty")
+    if os.path.isdir(out):
+        fail(f"{out}: is a directory, not a file")
+    for src in sources:
+        if src and _same_file(src, out):
+            fail(f"{out}: is the same file as {src}")
+
+
+def _check_lossless_source(source, src: str, lossless: bool) -> None:
+    """A .klaus source should be lossless: its weights are the float model every recipe starts from."""
+    lossy = [t for t in source.tensors if t.codec != "raw-f32"]
+    if not lossy:
+        return
+    palettized = sum(t.codec == "palette-png" for t in lossy)
+    kinds = [f"{n} {kind}" for n, kind in ((palettized, "palettized"), (len(lossy) - palettized, "fp16")) if n]
+    what = f"{' and '.join(kinds)} of its {len(source.tensors)} tensors"
+    if lossless:
+        fail(f"{src}: is not a lossless .klaus ({what}), so --lossless would label decoded approximations a "
+             "float reference; use the original ONNX or a lossless .klaus")
+    warn(f"{src} is not a lossless .klaus ({what}); compressing it again compounds the accuracy loss "
+         "(start from the original ONNX or a lossless .klaus)")
+
+
+def _warn_unmatched_rules(layers: Sequence[str], graph, src: str) -> None:
+    """A --layer pattern that matches no tensor is a silent no-op otherwise (a typo, or the wrong names)."""
+    import fnmatch
+
+    from .quantize import LayerRule
+
+    names = [t.name for t in graph.graph.initializer if t.data_type == 1]  # float32 weights: what rules apply to
+    for text in layers:
+        pattern = LayerRule.parse(text).pattern
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            warn(f"--layer {text}: {pattern!r} matches no tensor of {src} (see 'klaus inspect' for the names)")
 
 
 def _triple(text: str, option: str) -> tuple[float, float, float]:
@@ -418,15 +515,15 @@ def inspect(model_path: str, as_json: bool) -> int:
         emit(summary)
         return 0
     meta = summary["meta"]
-    click.echo(f"{model_path}: {meta['model_name']}  ({summary['file_bytes']} bytes, {summary['file_bytes'] / 2**20:.2f} MiB)")
-    click.echo(f"  recipe {json.dumps(meta['recipe'], sort_keys=True)}")
-    click.echo(f"  {'tensor':<44} {'shape':<18} {'codec':<12} {'bits':>4} {'bytes':>10} {'entropy':>10}")
+    say(f"{model_path}: {meta['model_name']}  ({summary['file_bytes']} bytes, {summary['file_bytes'] / 2**20:.2f} MiB)")
+    say(f"  recipe {json.dumps(meta['recipe'], sort_keys=True)}")
+    say(f"  {'tensor':<44} {'shape':<18} {'codec':<12} {'bits':>4} {'bytes':>10} {'entropy':>10}")
     for t in summary["tensors"]:
         entropy = "" if t["entropy_bytes"] is None else f"{t['entropy_bytes']:.0f}"
         shape = "x".join(map(str, t["shape"])) or "scalar"
-        click.echo(f"  {t['name']:<44} {shape:<18} {t['codec']:<12} {t['bits'] or '':>4} {t['stored_bytes']:>10} {entropy:>10}")
+        say(f"  {t['name']:<44} {shape:<18} {t['codec']:<12} {t['bits'] or '':>4} {t['stored_bytes']:>10} {entropy:>10}")
     tot = summary["totals"]
-    click.echo(
+    say(
         f"  totals: {tot['tensors']} tensors, {tot['parameters']} parameters, {tot['stored_bytes']} tensor bytes; "
         f"palettized {tot['palettized_parameters']} params in {tot['palettized_bytes']} bytes "
         f"(entropy bound {tot['entropy_bytes']:.0f})"
@@ -440,18 +537,22 @@ def inspect(model_path: str, as_json: bool) -> int:
 @json_option
 def export(model_path: str, out: str, as_json: bool) -> int:
     """Decode MODEL into a plain ONNX file for any other runtime."""
-    import onnx
+    from onnx import serialization
 
     from .compress import to_onnx
-    from .format import read_model
+    from .format import read_model, write_atomic
 
+    _check_output(out, model_path)
     model = to_onnx(read_model(model_path))
-    onnx.save(model, out)
-    size = Path(out).stat().st_size
+    # As onnx.save would (protobuf, or the text format a .txt/.json name asks for), but through
+    # a temporary file and a rename, with missing folders created, as compress writes.
+    fmt = serialization.registry.get_format_from_file_extension(os.path.splitext(out)[1]) or "protobuf"
+    data = serialization.registry.get(fmt).serialize_proto(model)
+    size = write_atomic(data.encode("utf-8") if isinstance(data, str) else data, out)
     if as_json:
         emit({"path": out, "bytes": size})
     else:
-        click.echo(f"{out}: {size} bytes")
+        say(f"{out}: {size} bytes")
     return 0
 
 
@@ -471,7 +572,7 @@ def zoo_list(as_json: bool) -> int:
 
     for e in ZOO.values():
         row = {"name": e.name, "input_size": e.image_size, "weights_package": e.weights_package.replace("_", "-")}
-        emit(row) if as_json else click.echo(f"{e.name:<20} {e.image_size}px  from {row['weights_package']}")
+        emit(row) if as_json else say(f"{e.name:<20} {e.image_size}px  from {row['weights_package']}")
     return 0
 
 
@@ -514,7 +615,7 @@ def recipes(as_json: bool) -> int:
     from .quantize import NAMED_RECIPES
 
     for r in NAMED_RECIPES.values():
-        emit(r.describe()) if as_json else click.echo(f"{r.name:<12} {json.dumps(r.describe())}")
+        emit(r.describe()) if as_json else say(f"{r.name:<12} {json.dumps(r.describe())}")
     return 0
 
 
@@ -582,32 +683,32 @@ def sweep(src, bits_text, scope, methods_text, budgets_text, recipe_names, data,
     start = time.perf_counter()
     source = sw.load_source(src, _read_names(labels_file) if labels_file else None)
     if source.palettized_tensors:
-        click.echo(f"klaus: warning: {src} has {source.palettized_tensors} palettized tensors, so the 'fp32' row is "
-                   "its decoded weights, not the original float model", err=True)
+        say(f"klaus: warning: {src} has {source.palettized_tensors} palettized tensors, so the 'fp32' row is "
+            "its decoded weights, not the original float model", err=True)
     no_grid = [str(b) for b in bits if b not in sw.UNIFORM_STEPS] if "uniform" in methods else []
     if no_grid:
-        click.echo(f"klaus: note: no uniform row at {', '.join(no_grid)} bits: a grid that fine needs more than 256 levels "
-                   f"(uniform widths: {min(sw.UNIFORM_STEPS)}..{max(sw.UNIFORM_STEPS)})", err=True)
+        say(f"klaus: note: no uniform row at {', '.join(no_grid)} bits: a grid that fine needs more than 256 levels "
+            f"(uniform widths: {min(sw.UNIFORM_STEPS)}..{max(sw.UNIFORM_STEPS)})", err=True)
     if not calib:
         settings, skipped = sw.without_calibration(settings)
         if skipped:
-            click.echo(f"klaus: warning: no --calib images, so {len(skipped)} row{'s' if len(skipped) > 1 else ''} "
-                       f"({', '.join(s.label for s in skipped)}) skipped: calibrated and mixed rows need calibration", err=True)
+            say(f"klaus: warning: no --calib images, so {len(skipped)} row{'s' if len(skipped) > 1 else ''} "
+                f"({', '.join(s.label for s in skipped)}) skipped: calibrated and mixed rows need calibration", err=True)
     if calib and not any(s.calibrated for s in settings):
-        click.echo("klaus: note: --calib is used by calibrated, mixed and --recipe rows only, so it is ignored", err=True)
+        say("klaus: note: --calib is used by calibrated, mixed and --recipe rows only, so it is ignored", err=True)
         calib = ()
     calibration = sw.load_calibration_set(calib, source, split=calib_split, limit=calib_limit, crops=int(calib_crops))
     with tqdm(desc="preprocess", unit="img", file=sys.stderr, disable=quiet, leave=False) as bar:
         evalset = sw.load_eval_set(
             data, source, split=split, limit=limit, crops=int(crops), on_image=bar.update,
-            on_error=lambda path, message: click.echo(f"klaus: error: {message}", err=True),
+            on_error=lambda path, message: say(f"klaus: error: {message}", err=True),
         )
     shared = sw.overlap(calibration, evalset)
     if shared:
-        click.echo(f"klaus: warning: {shared} of the {len(evalset.samples)} evaluation images are also calibration images; "
-                   "calibrated rows will look better than they are (use --split/--calib-split)", err=True)
+        say(f"klaus: warning: {shared} of the {len(evalset.samples)} evaluation images are also calibration images; "
+            "calibrated rows will look better than they are (use --split/--calib-split)", err=True)
     if calibration is None and any(s.recipe is not None and s.recipe.method == "gptq" for s in settings):
-        click.echo("klaus: note: no --calib images, so GPTQ recipes run as plain k-means without bias correction", err=True)
+        say("klaus: note: no --calib images, so GPTQ recipes run as plain k-means without bias correction", err=True)
 
     with tqdm(total=len(settings), desc="settings", unit="row", file=sys.stderr, disable=quiet, position=0) as outer:
         images = tqdm(total=evalset.n, unit="img", file=sys.stderr, disable=quiet, position=1, leave=False)
@@ -628,10 +729,10 @@ def sweep(src, bits_text, scope, methods_text, budgets_text, recipe_names, data,
         images.close()
     written, note = sw.write_outputs(result, out_dir or f"sweep-{result.model}")
     if note:
-        click.echo(f"klaus: note: {note}", err=True)
+        say(f"klaus: note: {note}", err=True)
     if not as_json:
-        click.echo(sw.markdown(result), nl=False)
-        click.echo(f"wrote {', '.join(str(p) for p in written)} in {time.perf_counter() - start:.0f} s")
+        say(sw.markdown(result), nl=False)
+        say(f"wrote {', '.join(str(p) for p in written)} in {time.perf_counter() - start:.0f} s")
     return 0
 
 

@@ -200,13 +200,107 @@ def compress_onnx(
     )
 
 
-def check_inputs(model: onnx.ModelProto, preprocess: Preprocess, labels: Sequence[LabelRow], card: ModelCard) -> None:
-    """What every build checks before any work: a safe graph, input size, unique label names."""
-    onnxgraph.validate_skeleton(model, card.name)
-    check_preprocess_fits(model, preprocess, card.name)
+def check_inputs(
+    model: onnx.ModelProto, preprocess: Preprocess, labels: Sequence[LabelRow], card: ModelCard, where: str | None = None
+) -> None:
+    """What every build checks before any work: a safe, valid classifier graph (check_classifier),
+    input size, unique label names. Errors name ``where`` (default: the card's model name)."""
+    where = where or card.name
+    onnxgraph.validate_skeleton(model, where)
+    check_classifier(model, layout=preprocess.layout, classes=len(labels), where=where)
+    check_preprocess_fits(model, preprocess, where)
     names = [row.name for row in labels]
     if len(set(names)) != len(names):
-        raise KlausModelError(f"{card.name}: label names must be unique")
+        raise KlausModelError(f"{where}: label names must be unique")
+
+
+FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
+
+
+def data_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """The graph inputs a caller feeds (ONNX before IR 4 also lists the initializers as inputs)."""
+    weights = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in weights]
+
+
+def _dims(value: onnx.ValueInfoProto) -> list[int | None] | None:
+    """A value's shape (None for an unknown dimension), or None if not even its rank is known."""
+    tensor = value.type.tensor_type
+    if not tensor.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+
+
+def _shape_text(dims: Sequence[int | None]) -> str:
+    return "(" + ", ".join("?" if d is None else str(d) for d in dims) + ")"
+
+
+def check_classifier(model: onnx.ModelProto, *, layout: str = "NCHW", classes: int | None = None, where: str) -> None:
+    """Refuse a graph that could only make a `.klaus` file Klaus rejects later or that is not a classifier.
+
+    The graph passes ``onnx.checker``; every float weight (initializer or Constant) is
+    finite; there is one input, a float image tensor (N, 3, H, W), or (N, H, W, 3) for
+    ``layout`` NHWC; and one float output (N, classes). Unknown (symbolic) dimensions
+    are accepted. Errors are one line naming ``where``.
+    """
+    onnxgraph.check_model(model, where)
+    _check_finite(model, where)
+    inputs = data_inputs(model)
+    if len(inputs) != 1:
+        names = ", ".join(repr(i.name) for i in inputs) or "none"
+        raise KlausModelError(f"{where}: the graph has {len(inputs)} inputs ({names}); a classifier takes one image tensor")
+    image = inputs[0]
+    wanted = "(N, 3, H, W)" if layout == "NCHW" else "(N, H, W, 3)"
+    if not image.type.HasField("tensor_type") or image.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+        raise KlausModelError(f"{where}: input {image.name!r} is {_type_name(image)}, not a float32 image tensor {wanted}")
+    dims = _dims(image)
+    channel = 1 if layout == "NCHW" else 3
+    if dims is not None and (len(dims) != 4 or dims[channel] not in (None, 3)):
+        other = "NHWC" if layout == "NCHW" else "NCHW"
+        hint = f" (for {other} input use --layout {other})" if len(dims) == 4 and dims[4 - channel] == 3 else ""
+        raise KlausModelError(f"{where}: input {image.name!r} has shape {_shape_text(dims)}, not an image tensor {wanted}{hint}")
+    outputs = model.graph.output
+    if len(outputs) != 1:
+        raise KlausModelError(f"{where}: the graph has {len(outputs)} outputs; a classifier has one, (N, classes)")
+    output = outputs[0]
+    if not output.type.HasField("tensor_type") or output.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+        raise KlausModelError(f"{where}: output {output.name!r} is {_type_name(output)}, not float32 class scores")
+    dims = _dims(output)
+    if dims is None:  # rank unknown (onnx.checker requires a shape on graph outputs, so rarely)
+        return
+    if len(dims) != 2:
+        raise KlausModelError(f"{where}: output {output.name!r} has shape {_shape_text(dims)}, not (N, classes): not a classifier")
+    if classes is not None and dims[1] is not None and dims[1] != classes:
+        raise KlausModelError(f"{where}: output {output.name!r} has {dims[1]} classes but there are {classes} labels")
+
+
+def _type_name(value: onnx.ValueInfoProto) -> str:
+    if not value.type.HasField("tensor_type"):
+        return f"a {value.type.WhichOneof('value') or 'untyped'} value"
+    return f"a {onnx.TensorProto.DataType.Name(value.type.tensor_type.elem_type).lower()} tensor"
+
+
+def _check_finite(model: onnx.ModelProto, where: str) -> None:
+    """Every float weight finite: a NaN or infinity cannot be palettized, and raw codecs refuse it on reading."""
+    from onnx import numpy_helper
+
+    def tensors(graph: onnx.GraphProto):
+        """(what to call it, tensor) for every initializer and node-attribute tensor, subgraphs included."""
+        for init in graph.initializer:
+            yield f"weight {init.name!r}", init
+        for node in graph.node:
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.TENSOR:
+                    yield f"{node.op_type} node {node.name or (node.output[0] if node.output else '')!r}", a.t
+                elif a.type == onnx.AttributeProto.GRAPH:
+                    yield from tensors(a.g)
+                for g in a.graphs:
+                    yield from tensors(g)
+
+    for what, tensor in tensors(model.graph):
+        if tensor.data_type in FLOAT_TYPES and tensor.data_location != onnx.TensorProto.EXTERNAL:
+            if not np.all(np.isfinite(numpy_helper.to_array(tensor))):
+                raise KlausModelError(f"{where}: {what} holds NaN or infinite values")
 
 
 def _palettized(
@@ -592,32 +686,43 @@ def load_source(path: str | os.PathLike[str]) -> KlausModel | onnx.ModelProto:
 
 def output_classes(model: onnx.ModelProto) -> int | None:
     """Width of the first output if it is (batch, classes); None if unknown."""
+    if not model.graph.output:
+        return None
     dims = model.graph.output[0].type.tensor_type.shape.dim
     return int(dims[-1].dim_value) if len(dims) == 2 and dims[-1].dim_value > 0 else None
 
 
-def default_labels(model: onnx.ModelProto, names: Iterable[str] | None = None) -> tuple[LabelRow, ...]:
-    """ImageNet labels for a 1000-way classifier, else the given names (one per output)."""
+def default_labels(
+    model: onnx.ModelProto, names: Iterable[str] | None = None, where: str | None = None
+) -> tuple[LabelRow, ...]:
+    """ImageNet labels for a 1000-way classifier, else the given names (one per output).
+
+    Errors name ``where`` (the model file) when given.
+    """
+    prefix = f"{where}: " if where else ""
     classes = output_classes(model)
     if names is not None:
         names = list(names)
         if classes is not None and len(names) != classes:
-            raise KlausModelError(f"the labels file has {len(names)} names but the model has {classes} outputs")
+            raise KlausModelError(f"{prefix}the labels file has {len(names)} names but the model has {classes} outputs")
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
-            raise KlausModelError(f"label names must be unique; repeated: {', '.join(duplicates[:5])}")
+            raise KlausModelError(f"{prefix}label names must be unique; repeated: {', '.join(duplicates[:5])}")
         return plain_label_rows(names)
     if classes == 1000:
         return imagenet_label_rows()
     raise KlausModelError(
-        f"the model has {classes or 'an unknown number of'} outputs, not the 1000 ImageNet classes; "
+        f"{prefix}the model has {classes or 'an unknown number of'} outputs, not the 1000 ImageNet classes; "
         "compress it with --labels FILE (one class name per line)"
     )
 
 
 def graph_input_size(model: onnx.ModelProto, layout: str = "NCHW") -> int | None:
     """The fixed square spatial size of the graph input, if it declares one."""
-    dims = model.graph.input[0].type.tensor_type.shape.dim
+    inputs = data_inputs(model)
+    if not inputs:
+        return None
+    dims = inputs[0].type.tensor_type.shape.dim
     if len(dims) != 4:
         return None
     h, w = (dims[2], dims[3]) if layout == "NCHW" else (dims[1], dims[2])

@@ -25,3 +25,21 @@ class KlausModelError(KlausError):
 
 class KlausDataError(KlausError):
     """An evaluation or calibration data set cannot be read as asked."""
+
+
+class KlausWriteError(KlausError, OSError):
+    """An output file cannot be written (disk full, file size limit, permissions, a directory in the way).
+
+    Also an :class:`OSError`, which is what writing raised before it had its own type.
+    """
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of a third-party exception's message (ONNX Runtime's run to many), or its type."""
+    lines = str(exc).strip().splitlines()
+    return lines[0].strip() if lines else type(exc).__name__
+
+
+def naming(message: str, where: str) -> str:
+    """``message`` starting with ``where`` (the user's file) if it does not name it yet."""
+    return message if message.startswith(f"{where}:") else f"{where}: {message}"

@@ -24,14 +24,14 @@ import re
 import sqlite3
 import struct
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from . import codecs
-from .errors import KlausFormatError
+from .errors import KlausFormatError, KlausWriteError
 from .preprocess import Preprocess
 
 FORMAT_NAME = "klaus"
@@ -194,19 +194,63 @@ class KlausModel:
 
 
 def write_model(model: KlausModel, path: str | os.PathLike[str]) -> int:
-    """Write atomically (temp file + rename) and deterministically; returns the file size."""
-    data = serialize(model)
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".klaus-", suffix=".tmp", dir=target.parent)
+    """Write atomically (temp file + rename) and deterministically; returns the file size.
+
+    Any failure is one :class:`KlausWriteError` naming ``path``; nothing is left behind.
+    """
+    try:
+        data = serialize(model)
+    except KlausWriteError as exc:
+        raise KlausWriteError(f"{os.fspath(path)}: {exc}") from None
+    return write_atomic(data, path)
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the system tells it (Linux /proc)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: the classic read-by-setting, restored at once
+    os.umask(mask)
+    return mask
+
+
+def write_atomic(data: bytes, path: str | os.PathLike[str]) -> int:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename.
+
+    Missing parent folders are created; the file gets the mode a plain ``open`` would
+    give it (0o666 less the umask), not the temporary file's 0o600. Any failure (a
+    directory in the way, permissions, disk full, a file size limit) is one
+    :class:`KlausWriteError` naming ``path`` (never the temporary file), and neither
+    the temporary file nor a partial ``path`` is left behind.
+    """
+    where = os.fspath(path)
+    target = Path(where)
+    if not where:
+        raise KlausWriteError("'': the output file name is empty")
+    if target.is_dir() or where.endswith(("/", os.sep)):
+        raise KlausWriteError(f"{where}: is a directory, not a file")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".klaus-", suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        raise KlausWriteError(f"{where}: cannot write ({exc.strerror or exc})") from None
     try:
         with os.fdopen(fd, "wb") as f:
+            if hasattr(os, "fchmod"):
+                os.fchmod(f.fileno(), 0o666 & ~current_umask())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise KlausWriteError(f"{where}: cannot write ({exc.strerror or exc})") from None
         raise
     return len(data)
 
@@ -240,6 +284,10 @@ def serialize(model: KlausModel) -> bytes:
         conn.commit()
         conn.execute("VACUUM")
         return conn.serialize()
+    except sqlite3.Error as exc:  # VACUUM's temporary file: disk full, file size limit
+        raise KlausWriteError(
+            f"cannot build the model file (SQLite: {exc}; is the disk or the temporary folder full, or a file size limit set?)"
+        ) from None
     finally:
         conn.close()
 
@@ -332,13 +380,30 @@ def parse_model(data: bytes, where: str = "<bytes>") -> KlausModel:
         except (sqlite3.Error, UnicodeDecodeError) as exc:
             raise KlausFormatError(f"{where}: corrupt database ({exc})") from None
         if check != [("ok",)]:
-            raise KlausFormatError(f"{where}: corrupt database ({check[0][0]})")
+            raise KlausFormatError(f"{where}: corrupt database ({integrity_problem(check)})")
         try:
             return _read_tables(conn, where)
         except (sqlite3.Error, UnicodeDecodeError) as exc:
             raise KlausFormatError(f"{where}: corrupt database ({exc})") from None
     finally:
         conn.close()
+
+
+def integrity_problem(rows: Sequence[tuple]) -> str:
+    """The first problem ``PRAGMA quick_check`` reports, on one line, plus how many more there are.
+
+    SQLite returns one row per problem, or one row holding many lines (a
+    ``*** in database main ***`` header, then a problem per line).
+    """
+    problems = [
+        line.strip()
+        for row in rows
+        for line in str(row[0] if row else "").splitlines()
+        if line.strip() and not line.strip().startswith("*** in database")
+    ]
+    if not problems:
+        return "integrity check failed"
+    return problems[0] + (f" ({len(problems) - 1} more)" if len(problems) > 1 else "")
 
 
 def _check_sqlite_header(data: bytes, where: str) -> None:

@@ -55,7 +55,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from . import codecs, onnxgraph
-from .errors import KlausFormatError, KlausModelError
+from .errors import KlausFormatError, KlausModelError, first_line
 from .format import KlausModel, TensorRecord
 
 MEMORY_MODES = ("default", "low")
@@ -336,7 +336,7 @@ def make_session(
             blob, sess_options=options, providers=["CPUExecutionProvider"], disabled_optimizers=list(DISABLED_OPTIMIZERS)
         )
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-        raise KlausModelError(f"ONNX Runtime cannot load the model ({str(exc).splitlines()[0]})") from None
+        raise KlausModelError(f"ONNX Runtime cannot load the model ({first_line(exc)})") from None
 
 
 def session(model: KlausModel, threads: int | None = None, chunk_elements: int | None = DEFAULT_CHUNK_ELEMENTS):

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .errors import KlausFormatError, KlausModelError
+from .errors import KlausFormatError, KlausModelError, first_line
 from .quantize import LayerKind
 
 # Operator domains a `.klaus` graph may use: the standard ONNX sets only, so a
@@ -44,6 +44,8 @@ def load_onnx(path: str) -> onnx.ModelProto:
         raise KlausModelError(f"{path}: no such file") from None
     except Exception as exc:  # protobuf raises DecodeError and friends
         raise KlausModelError(f"{path}: not a readable ONNX model ({exc})") from None
+    if not model.graph.node:  # protobuf parses an empty (or nearly any short) file as an empty model
+        raise KlausModelError(f"{path}: not an ONNX model (empty file)" if not model.ByteSize() else f"{path}: ONNX model holds no graph nodes")
     for init in model.graph.initializer:
         if init.data_location == onnx.TensorProto.EXTERNAL:
             raise KlausModelError(f"{path}: external-data ONNX models are not supported; merge the weights first")
@@ -205,15 +207,18 @@ def check_model(model: onnx.ModelProto, where: str) -> None:
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid graph"
-        raise KlausFormatError(f"{where}: ONNX graph is invalid ({first})") from None
+        detail = " ".join(str(exc).split()) or "invalid graph"  # the checker's message spans lines
+        if len(detail) > 300:
+            detail = detail[:297] + "..."
+        raise KlausFormatError(f"{where}: ONNX graph is invalid ({detail})") from None
 
 
-def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
+def simplify(model: onnx.ModelProto, where: str | None = None) -> onnx.ModelProto:
     """Constant-fold and fuse with ONNX Runtime's portable (basic) optimizations.
 
     Exporters leave shape arithmetic and Pad nodes around ("same" padding); the
     basic level folds them into Conv attributes and keeps to standard operators.
+    A graph ONNX Runtime cannot load is one :class:`KlausModelError` naming ``where``.
     """
     import tempfile
 
@@ -225,7 +230,10 @@ def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         options.optimized_model_filepath = out
         options.log_severity_level = 3
-        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        try:
+            ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime's InvalidArgument/Fail/InvalidGraph types
+            raise KlausModelError(f"{where + ': ' if where else ''}ONNX Runtime cannot load the model ({first_line(exc)})") from None
         simplified = onnx.load(out)
     used = {node.domain for node in simplified.graph.node} | {""}
     kept = [o for o in simplified.opset_import if o.domain in used]

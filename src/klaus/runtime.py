@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 from .compress import default_labels
-from .errors import KlausModelError
+from .errors import KlausModelError, first_line, naming
 from .format import KlausModel, LabelRow, looks_like_klaus, read_model
 from .preprocess import Preprocess, load_image, to_tensor
 
@@ -83,10 +83,16 @@ def run_batches(model: onnx.ModelProto, inputs: np.ndarray, output: str | None =
     return np.concatenate([session.run(fetch, {name: inputs[i : i + chunk]})[0] for i in range(0, len(inputs), chunk)])
 
 
-def make_session(model: onnx.ModelProto | bytes, threads: int | None = None, arrays: dict[str, np.ndarray] | None = None):
+def make_session(
+    model: onnx.ModelProto | bytes,
+    threads: int | None = None,
+    arrays: dict[str, np.ndarray] | None = None,
+    where: str | None = None,
+):
     """An ONNX Runtime CPU session; deterministic settings, no custom ops.
 
-    ``arrays`` gives the values of placeholder initializers (onnxgraph.join_external).
+    ``arrays`` gives the values of placeholder initializers (onnxgraph.join_external);
+    ``where`` (the model file) is named in the error if ONNX Runtime refuses the graph.
     """
     import onnxruntime as ort
 
@@ -102,7 +108,7 @@ def make_session(model: onnx.ModelProto | bytes, threads: int | None = None, arr
     try:
         return ort.InferenceSession(blob, sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-        raise KlausModelError(f"ONNX Runtime cannot load the model ({str(exc).splitlines()[0]})") from None
+        raise KlausModelError(f"{where + ': ' if where else ''}ONNX Runtime cannot load the model ({first_line(exc)})") from None
 
 
 def _session_graph(model: KlausModel) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
@@ -158,6 +164,7 @@ class Classifier:
             self.labels = tuple(labels or loaded.labels)
             self.output = loaded.meta["output"]
             self.name = loaded.name
+            self.where = loaded.source_path or loaded.name  # the file, for messages
         else:
             from .onnxgraph import load_onnx
 
@@ -165,13 +172,17 @@ class Classifier:
                 raise KlausModelError(f"{model}: low-memory mode needs a .klaus model (an ONNX file's weights are not palettized)")
             graph, arrays = load_onnx(str(model)), None
             self.preprocess = preprocess or Preprocess()
-            self.labels = tuple(labels or default_labels(graph))
+            self.labels = tuple(labels or default_labels(graph, where=str(model)))
             self.output = "logits"
             self.name = Path(str(model)).stem
+            self.where = str(model)
         if graph is None:
-            self.session = lowmem.session(loaded, threads)
+            try:
+                self.session = lowmem.session(loaded, threads)
+            except KlausModelError as exc:
+                raise KlausModelError(naming(str(exc), self.where)) from None
         else:
-            self.session = make_session(graph, threads, arrays)
+            self.session = make_session(graph, threads, arrays, where=self.where)
             del graph, arrays, loaded  # ONNX Runtime holds its own copy of the weights now
             release_free_heap()
         self.input_name = self.session.get_inputs()[0].name
@@ -190,7 +201,7 @@ class Classifier:
             else:
                 raw = self.session.run(None, {self.input_name: batch})[0]
         except Exception as exc:  # onnxruntime's Fail/InvalidArgument/RuntimeException types
-            raise KlausModelError(f"{self.name}: ONNX Runtime failed ({str(exc).splitlines()[0]})") from None
+            raise KlausModelError(f"{self.where}: ONNX Runtime failed ({first_line(exc)})") from None
         raw = raw.reshape(raw.shape[0], -1)
         return raw.astype(np.float32) if self.output == "probabilities" else softmax(raw)
 
@@ -215,8 +226,11 @@ class Classifier:
         return Prediction(rank, index, "", f"class {index}", probability, ())
 
     def classify(self, image: ImageSource, top: int = 5, crops: int = 1) -> Classification:
+        """Top-``top`` predictions for one image; a model output that is not a number is an error for it."""
         start = time.perf_counter()
         probs = self.probabilities([image], crops)[0]
         elapsed = (time.perf_counter() - start) * 1000.0
         path = str(image) if isinstance(image, (str, os.PathLike)) else "<image>"
+        if not np.all(np.isfinite(probs)):
+            raise KlausModelError(f"{path}: the model {self.where} gives NaN or infinite scores for this image")
         return Classification(path, self.top(probs, top), elapsed)

@@ -12,7 +12,10 @@ import sys
 
 import click
 
+from ..names import shown
+
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+WARNINGS_SHOWN = 20  # warnings of each kind printed; --json has them all (up to 1000)
 
 
 def _emit(obj: object) -> None:
@@ -51,22 +54,30 @@ def index_command(paths, db, model, workers, batch, threads, dask_address, as_js
 
     JPEG, PNG, WebP, GIF (first frame), TIFF and BMP (HEIC with pillow-heif). Photos
     that are gone are marked so; a different model re-indexes everything. Bad files
-    are recorded with their error and the run goes on (exit status 0). JSON: one
-    summary object {"photos","indexed","skipped","failed","gone","seconds",
-    "images_per_second","model","db","errors":[{"path","error"}]}.
+    are recorded with their error and the run goes on (exit status 0); so do anything
+    that is not a regular file (pipes, devices). Folders that cannot be read, and files
+    and folders whose names are not valid UTF-8 (the index cannot store them), are
+    named in warnings and left out. JSON: one summary object {"photos","indexed",
+    "skipped","failed","gone","unreadable_folders","unstorable","seconds",
+    "images_per_second","model","db","errors","unreadable_folder_errors",
+    "unstorable_errors"}, each list of {"path","error"}.
     """
     from .indexer import index_paths
 
     db_path = _db_path(db)
 
     def on_plan(summary, plan) -> None:
-        if not as_json:
-            click.echo(
-                f"{summary.photos} photos: {len(plan.tasks)} to classify, {plan.skipped} unchanged"
-                + (f", {summary.gone} gone" if summary.gone else "")
-                + (f"; {summary.unreadable_folders} folder(s) could not be read" if summary.unreadable_folders else ""),
-                err=True,
-            )
+        if as_json:
+            return
+        click.echo(
+            f"{summary.photos} photos: {len(plan.tasks)} to classify, {plan.skipped} unchanged"
+            + (f", {summary.gone} gone" if summary.gone else "")
+            + (f"; {summary.unreadable_folders} folder(s) could not be read" if summary.unreadable_folders else "")
+            + (f"; {summary.unstorable} left out (name not valid UTF-8)" if summary.unstorable else ""),
+            err=True,
+        )
+        _warn_each(summary.unreadable_folder_errors, summary.unreadable_folders, "unreadable folders")
+        _warn_each(summary.unstorable_errors, summary.unstorable, "files or folders left out")
 
     summary = index_paths(
         paths, db_path, model=model, workers=workers, batch=batch, threads=threads, dask=dask_address,
@@ -75,21 +86,34 @@ def index_command(paths, db, model, workers, batch, threads, dask_address, as_js
     if as_json:
         _emit(summary.to_dict())
         return 0
-    for err in summary.errors[:20]:
-        click.echo(f"klaus: warning: {err['path']}: {err['error']}", err=True)
-    if summary.failed > 20:
-        click.echo(f"klaus: warning: ... and {summary.failed - 20} more unreadable photos (see --json)", err=True)
+    _warn_each(summary.errors, summary.failed, "unreadable photos")
     click.echo(
-        f"{db_path}: indexed {summary.indexed}, skipped {summary.skipped}, failed {summary.failed}, "
-        f"gone {summary.gone} in {summary.seconds:.1f} s ({summary.images_per_second:.1f} images/s, {summary.model})"
+        f"{shown(db_path)}: indexed {summary.indexed}, skipped {summary.skipped}, failed {summary.failed}, "
+        f"gone {summary.gone}" + (f", left out {summary.unstorable}" if summary.unstorable else "")
+        + f" in {summary.seconds:.1f} s ({summary.images_per_second:.1f} images/s, {summary.model})"
     )
     return 0
+
+
+def _warn_each(problems: list[dict], total: int, what: str, shown_max: int = WARNINGS_SHOWN) -> None:
+    """One warning line per problem ({"path","error"}), the first ``shown_max``; then how many more."""
+    for problem in problems[:shown_max]:
+        click.echo(f"klaus: warning: {shown(problem['path'])}: {shown(problem['error'])}", err=True)
+    if total > shown_max:
+        click.echo(f"klaus: warning: ... and {total - shown_max} more {what} (see --json)", err=True)
+
+
+def _probability(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    """FloatRange lets NaN through (every comparison with it is false)."""
+    if value != value:
+        raise click.BadParameter(f"{value} is not a number between 0 and 1.", ctx=ctx, param=param)
+    return value
 
 
 @click.command("search", context_settings=CONTEXT)
 @click.argument("query", nargs=-1, required=True, metavar="QUERY")
 @db_option
-@click.option("--min-prob", type=click.FloatRange(0.0, 1.0), default=0.2, show_default=True,
+@click.option("--min-prob", type=click.FloatRange(0.0, 1.0), default=0.2, show_default=True, callback=_probability,
               help="Only photos with at least this much top-5 probability under the concept.")
 @click.option("--limit", type=click.IntRange(1), default=50, show_default=True, help="Show at most N photos.")
 @json_option
@@ -99,24 +123,25 @@ def search_command(query, db, min_prob, limit, as_json) -> int:
     Ranked by the probability mass of each photo's top-5 under the concept. JSON: one
     object per photo {"rank","id","path","score","label","probability","matches"}.
     """
-    from .db import Database
+    from .db import Database, sqlite_errors
     from .search import search
 
     text = " ".join(query)
-    with Database(_db_path(db), readonly=True) as database:
+    db_path = _db_path(db)
+    with Database(db_path, readonly=True) as database, sqlite_errors(db_path):
         result = search(database.conn, text, min_prob=min_prob, limit=limit)
     if as_json:
         for rank, hit in enumerate(result.hits, 1):
             _emit(hit.to_dict(rank))
         return 0
     concepts = "; ".join(
-        f"{c.name} ({c.wnid}, {c.classes} class{'es' if c.classes != 1 else ''})" for c in result.concepts
-    ) or text
-    shown = f", showing {len(result.hits)}" if len(result.hits) < result.total else ""
-    click.echo(f"{concepts}: {result.total} photo{'s' if result.total != 1 else ''}{shown}")
+        f"{shown(c.name)} ({c.wnid}, {c.classes} class{'es' if c.classes != 1 else ''})" for c in result.concepts
+    ) or shown(text)
+    partial = f", showing {len(result.hits)}" if len(result.hits) < result.total else ""
+    click.echo(f"{concepts}: {result.total} photo{'s' if result.total != 1 else ''}{partial}")
     for rank, hit in enumerate(result.hits, 1):
         best = hit.matches[0]["label"] if hit.matches else hit.label
-        click.echo(f"  {rank:>3}. {hit.score * 100:5.1f}%  {hit.path}  ({best})")
+        click.echo(f"  {rank:>3}. {hit.score * 100:5.1f}%  {shown(hit.path)}  ({shown(best)})")
     return 0
 
 
@@ -147,7 +172,7 @@ def serve_command(db, model, host, port, max_upload_mb, as_json) -> int:
     if as_json:
         _emit({"url": url, "db": db_path})
     else:
-        click.echo(f"klaus: serving {db_path} at {url} (Ctrl-C to stop)", err=True)
+        click.echo(f"klaus: serving {shown(db_path)} at {url} (Ctrl-C to stop)", err=True)
     sys.stdout.flush()
     config = uvicorn.Config(app, log_level="warning", access_log=False, server_header=False)
     server = uvicorn.Server(config)

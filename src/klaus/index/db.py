@@ -29,6 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..errors import KlausError
+from ..names import shown
 
 SCHEMA_VERSION = 1
 APPLICATION_ID = 0x4B4C4958  # "KLIX"
@@ -125,33 +126,38 @@ class Database:
     def __init__(self, path: str | os.PathLike[str], *, readonly: bool = False, create: bool = True) -> None:
         self.path = Path(path)
         self.readonly = readonly
-        where = str(self.path)
+        where = shown(self.path)
+        if self.path.exists() and not self.path.is_file():
+            kind = "a directory" if self.path.is_dir() else "not a regular file"
+            raise KlausIndexError(f"{where}: is {kind}, not a photo index file")
         if readonly or not create:
             if not self.path.is_file():
                 raise KlausIndexError(f"{where}: no photo index here (run 'klaus index PATH --db {where}' first)")
         else:
-            if self.path.is_dir():
-                raise KlausIndexError(f"{where}: is a directory, not a photo index file")
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise KlausIndexError(f"{where}: cannot create its folder ({exc.strerror or exc})") from None
-        try:
+        if not readonly:
+            check_writable(self.path)
+        with sqlite_errors(self.path):
             if readonly:
                 uri = f"{self.path.resolve().as_uri()}?mode=ro"
                 self.conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
             else:
                 self.conn = sqlite3.connect(self.path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
-            self.conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            self.conn.execute("PRAGMA foreign_keys = ON")
-            self._check_or_create()
-        except sqlite3.DatabaseError as exc:
-            raise KlausIndexError(f"{where}: {_describe(exc)}") from None
+            try:
+                self.conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+                self.conn.execute("PRAGMA foreign_keys = ON")
+                self._check_or_create()
+            except BaseException:
+                self.conn.close()
+                raise
 
     # -------------------------------------------------------------- schema
 
     def _check_or_create(self) -> None:
-        where = str(self.path)
+        where = shown(self.path)
         app_id = self.conn.execute("PRAGMA application_id").fetchone()[0]
         version = self.conn.execute("PRAGMA user_version").fetchone()[0]
         if app_id not in (0, APPLICATION_ID):
@@ -183,7 +189,7 @@ class Database:
                 self.conn.execute("INSERT OR REPLACE INTO meta VALUES ('created', ?)", (now_iso(),))
 
     def _check_foreign(self, version: int, app_id: int) -> None:
-        where = str(self.path)
+        where = shown(self.path)
         if version == 0:
             tables = self.conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
             if tables:
@@ -201,7 +207,7 @@ class Database:
                     raise
                 time.sleep(0.1)
         if mode.lower() != "wal":
-            raise KlausIndexError(f"{self.path}: cannot switch the database to WAL mode (got {mode})")
+            raise KlausIndexError(f"{shown(self.path)}: cannot switch the database to WAL mode (got {mode})")
         # In WAL mode NORMAL is safe against process crashes (SIGKILL); only an OS crash
         # or power loss may drop the last commits, never corrupt the file.
         self.conn.execute("PRAGMA synchronous = NORMAL")
@@ -219,7 +225,8 @@ class Database:
         try:
             yield self.conn
         except BaseException:
-            self.conn.execute("ROLLBACK")
+            if self.conn.in_transaction:  # SQLite may have rolled back already (a full disk, an I/O error)
+                self.conn.execute("ROLLBACK")
             raise
         else:
             self.conn.execute("COMMIT")
@@ -334,10 +341,61 @@ class Database:
         return out
 
 
-def _describe(exc: sqlite3.DatabaseError) -> str:
+def check_writable(path: Path) -> None:
+    """Fail up front, in one line, if this user cannot write the index (or create its WAL files)."""
+    where = shown(path)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise KlausIndexError(
+            f"{where}: the index file is not writable (its permissions, or a read-only file system); "
+            "make it writable (chmod u+w) or use another --db"
+        )
+    folder = path.resolve().parent
+    if os.access(folder, os.W_OK):
+        return
+    if not path.exists():
+        raise KlausIndexError(f"{where}: cannot create the index: its folder is not writable; use another --db")
+    if not all(Path(f"{path}{suffix}").is_file() for suffix in ("-wal", "-shm")):
+        raise KlausIndexError(
+            f"{where}: its folder is not writable, and SQLite must create {path.name}-wal and {path.name}-shm there "
+            "to write a WAL database; make the folder writable or move the index"
+        )
+
+
+@contextmanager
+def sqlite_errors(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Turn any SQLite error inside the block into a one-line KlausIndexError naming the index file."""
+    try:
+        yield
+    except sqlite3.DatabaseError as exc:
+        raise KlausIndexError(error_message(exc, path)) from None
+
+
+def error_message(exc: sqlite3.DatabaseError, path: str | os.PathLike[str]) -> str:
+    """``DBFILE: problem`` in one line, with what to do about it where there is something to do."""
+    return f"{shown(path)}: {_describe(exc, Path(path))}"
+
+
+def _describe(exc: sqlite3.DatabaseError, path: Path | None = None) -> str:
     text = str(exc)
+    code = getattr(exc, "sqlite_errorname", "") or ""
+    if code in ("SQLITE_READONLY_DIRECTORY", "SQLITE_READONLY_CANTINIT") and path is not None:
+        return (
+            f"cannot read this WAL-mode index: its folder is not writable and SQLite must create {path.name}-shm "
+            "there to read it; make the folder writable or copy the index to a writable folder"
+        )
     if "file is not a database" in text:
         return "not an SQLite database (so not a klaus photo index)"
     if "unable to open" in text:
         return "cannot open the database file"
-    return f"database error ({text})"
+    if code.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "database is locked" in text:
+        return (
+            f"the index is locked by another process (waited {BUSY_TIMEOUT_MS // 1000} s); "
+            "try again when it has finished"
+        )
+    if code.startswith("SQLITE_READONLY") or "readonly database" in text:
+        return "the index cannot be written (read-only file, folder or file system); make it writable or use another --db"
+    if code.startswith("SQLITE_FULL") or "database or disk is full" in text:
+        return "the disk is full; free some space and run again (the committed photos are kept)"
+    if code.startswith("SQLITE_CORRUPT") or "malformed" in text:
+        return "the index file is damaged (database disk image is malformed); delete it and run 'klaus index' again"
+    return f"database error ({' '.join(text.split())})"

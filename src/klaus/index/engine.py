@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import KlausModelError
+from ..errors import KlausError, KlausModelError, first_line
 from ..format import LabelRow
 from ..preprocess import Preprocess
 
@@ -88,7 +88,11 @@ def parse_blob(blob: ModelBlob) -> BlobSpec:
             graph = onnx.load_from_string(blob.data)
         except Exception as exc:  # protobuf DecodeError and friends
             raise KlausModelError(f"{blob.where}: not a readable ONNX model ({exc})") from None
-        return BlobSpec(Preprocess(), tuple(default_labels(graph)), "logits", Path(blob.where).stem, lambda: graph)
+        try:
+            labels = tuple(default_labels(graph))
+        except KlausError as exc:  # e.g. not 1000 outputs and no label table: name the file
+            raise KlausModelError(f"{blob.where}: {exc}") from None
+        return BlobSpec(Preprocess(), labels, "logits", Path(blob.where).stem, lambda: graph)
     model = parse_model(blob.data, blob.where)
     return BlobSpec(model.preprocess, tuple(model.labels), model.meta["output"], model.name, lambda: to_onnx(model))
 
@@ -123,7 +127,7 @@ class Engine:
                 graph.SerializeToString(), sess_options=session_options(threads), providers=["CPUExecutionProvider"]
             )
         except Exception as exc:  # onnxruntime's own exception types
-            raise KlausModelError(f"ONNX Runtime cannot load {blob.where} ({str(exc).splitlines()[0]})") from None
+            raise KlausModelError(f"ONNX Runtime cannot load {blob.where} ({first_line(exc)})") from None
         self.input_name = self.session.get_inputs()[0].name
         dim = self.session.get_inputs()[0].shape[0]
         self._fixed_batch = dim if isinstance(dim, int) else None

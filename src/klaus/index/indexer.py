@@ -10,10 +10,11 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 from ..preprocess import DEFAULT_MAX_PIXELS
-from .db import Database, KlausIndexError, now_iso, thumbs_dir
+from .db import Database, KlausIndexError, now_iso, sqlite_errors, thumbs_dir
 from .engine import Engine, ModelBlob
 from .pipeline import Result, Task, classify_local, default_lanes
-from .walker import Walk, walk
+from ..names import printable
+from .walker import Skipped, Walk, walk
 
 MAX_REPORTED = 1000
 
@@ -25,12 +26,15 @@ class Summary:
     skipped: int = 0  # unchanged (path, size, mtime; or same content hash)
     failed: int = 0  # recorded with an error this run
     gone: int = 0  # marked gone this run
-    unreadable_folders: int = 0
+    unreadable_folders: int = 0  # folders that could not be listed (nothing under them is marked gone)
+    unstorable: int = 0  # files and folders left out: their names are not valid UTF-8
     seconds: float = 0.0
     images_per_second: float = 0.0
     model: str = ""
     db: str = ""
     errors: list[dict] = field(default_factory=list)  # this run's failures (the first MAX_REPORTED)
+    unreadable_folder_errors: list[dict] = field(default_factory=list)  # {"path","error"} per unreadable folder
+    unstorable_errors: list[dict] = field(default_factory=list)  # {"path","error"}, undecodable bytes as \xNN
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -86,7 +90,7 @@ def plan(db: Database, found: Walk, model_id: int) -> Plan:
             tasks.append(Task(e.path, e.size, e.mtime_ns, expect_sha256=sha256))
         else:
             skipped += 1
-    unreadable = [u.rstrip(os.sep) + os.sep for u in found.unreadable]
+    unreadable = [u.path.rstrip(os.sep) + os.sep for u in found.unreadable]
     gone = [
         row[0]
         for path, row in existing.items()
@@ -119,6 +123,9 @@ def index_paths(
         raise KlausIndexError("--workers and --batch must be at least 1")
     start = time.perf_counter()
     blob = engine.blob if engine is not None else ModelBlob.read(model)
+    if engine is None and dask is None:  # a bad model fails here, before the database is created
+        engine = Engine(blob, threads or 1)
+    labels, name = _labels_and_name(engine, blob)
     found = walk(list(paths), exclude=[str(thumbs_dir(db_path))])
     with ExitStack() as stack:
         client = None
@@ -128,9 +135,7 @@ def index_paths(
             client = connect(dask)
             stack.callback(client.close)
         db = stack.enter_context(Database(db_path))
-        if engine is None and dask is None:
-            engine = Engine(blob, threads or 1)
-        labels, name = _labels_and_name(engine, blob)
+        stack.enter_context(sqlite_errors(db_path))  # a lock held too long, a full disk: one line, not a traceback
         from .engine import labels_sha256
 
         labels_id = labels_sha256(labels)
@@ -141,7 +146,9 @@ def index_paths(
             db.mark_gone(work.gone_ids)
         summary = Summary(
             photos=len(found.entries), skipped=work.skipped, gone=len(work.gone_ids),
-            unreadable_folders=len(found.unreadable), model=f"{name}@{blob.sha256[:12]}", db=str(db_path),
+            unreadable_folders=len(found.unreadable), unstorable=len(found.unstorable),
+            model=f"{name}@{blob.sha256[:12]}", db=str(db_path),
+            unreadable_folder_errors=_reported(found.unreadable), unstorable_errors=_reported(found.unstorable),
         )
         if on_plan:
             on_plan(summary, work)
@@ -181,6 +188,11 @@ def index_paths(
     done = summary.indexed + summary.failed
     summary.images_per_second = round(done / work_seconds, 2) if done and work_seconds > 0 else 0.0
     return summary
+
+
+def _reported(skipped: Sequence[Skipped]) -> list[dict]:
+    """{"path","error"} for the first MAX_REPORTED, paths as valid UTF-8 text."""
+    return [{"path": printable(s.path), "error": s.error} for s in skipped[:MAX_REPORTED]]
 
 
 def _labels_and_name(engine: Engine | None, blob: ModelBlob) -> tuple[tuple, str]:

@@ -20,6 +20,7 @@ import hashlib
 import io
 import os
 import re
+import stat
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import KlausImageError, KlausModelError
+from ..errors import KlausImageError, KlausModelError, first_line
 from ..preprocess import DEFAULT_MAX_PIXELS, Preprocess, load_image, normalize, to_pixels
 
 #: Larger files are recorded as errors without being read.
@@ -89,10 +90,18 @@ def decode_target(spec: Preprocess) -> int:
 
 
 def read_photo(path: str) -> tuple[bytes, os.stat_result]:
-    """The file's bytes and the stat of the very file read; KlausImageError on failure."""
+    """The file's bytes and the stat of the very file read; KlausImageError on failure.
+
+    Anything but a regular file (a named pipe, a device, a socket) is refused before it
+    is opened, and again on the opened descriptor (it may have been swapped in between):
+    a pipe would block forever and ``/dev/zero`` never ends.
+    """
     try:
-        with open(path, "rb") as f:
+        check_regular(os.stat(path))
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+        with open(fd, "rb") as f:
             st = os.fstat(f.fileno())
+            check_regular(st)
             if st.st_size > MAX_FILE_BYTES:
                 raise KlausImageError(f"file too large ({st.st_size} bytes > {MAX_FILE_BYTES} limit)")
             return f.read(MAX_FILE_BYTES + 1), st
@@ -104,6 +113,20 @@ def read_photo(path: str) -> tuple[bytes, os.stat_result]:
         raise KlausImageError("permission denied") from None
     except OSError as exc:
         raise KlausImageError(f"cannot read ({exc.strerror or exc})") from None
+
+
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"),
+)
+
+
+def check_regular(st: os.stat_result) -> None:
+    """KlausImageError unless ``st`` is a regular file's."""
+    if stat.S_ISREG(st.st_mode):
+        return
+    kind = next((name for test, name in _FILE_KINDS if test(st.st_mode)), "of an unknown kind")
+    raise KlausImageError(f"not a regular file ({kind})")
 
 
 def decode(task: Task, spec: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS) -> Result:
@@ -192,7 +215,7 @@ def classify_batch(engine, results: list[Result], model_batch: int | None = None
     except MemoryError:
         raise KlausModelError(f"out of memory running the model on {len(todo)} photos; try a smaller --batch") from None
     except Exception as exc:  # ONNX Runtime's own error types
-        raise KlausModelError(f"the model failed on a batch ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        raise KlausModelError(f"the model failed on a batch ({first_line(exc)})") from None
     per_photo = (time.perf_counter() - start) * 1000.0 / len(todo)
     from .engine import top5
 

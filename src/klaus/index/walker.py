@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .db import KlausIndexError
+from ..names import shown, storable
 
 PHOTO_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".tif", ".tiff", ".bmp"})
 HEIF_SUFFIXES = frozenset({".heic", ".heif"})
@@ -33,13 +34,27 @@ class Entry:
     mtime_ns: int
 
 
+@dataclass(frozen=True)
+class Skipped:
+    """A path the walk could not take in, and why (one line)."""
+
+    path: str  # as the file system gave it (may hold undecodable bytes as surrogates)
+    error: str
+
+
+#: Why a file or folder whose name is not valid UTF-8 is left out.
+UNSTORABLE = "its name is not valid UTF-8, so the index cannot store it; rename it to index it"
+
+
 @dataclass
 class Walk:
-    """What a walk found: photos, plus folders it could not list (nothing under them is 'gone')."""
+    """What a walk found: photos, folders it could not list (nothing under them is 'gone'),
+    and files and folders left out because their names cannot be stored."""
 
     roots: list[str]
     entries: list[Entry] = field(default_factory=list)
-    unreadable: list[str] = field(default_factory=list)
+    unreadable: list[Skipped] = field(default_factory=list)
+    unstorable: list[Skipped] = field(default_factory=list)
 
 
 def absolute(path: str | os.PathLike[str]) -> str:
@@ -47,38 +62,65 @@ def absolute(path: str | os.PathLike[str]) -> str:
     return os.path.normpath(os.path.abspath(os.fspath(path)))
 
 
+def check_roots(paths: list[str]) -> list[str]:
+    """The named paths made absolute; a one-line KlausIndexError for one that cannot be indexed."""
+    roots = []
+    for p in paths:
+        if not os.fspath(p):
+            raise KlausIndexError("PATH is empty (''); name a folder or a file ('.' for the current folder)")
+        root = absolute(p)
+        if not os.path.exists(root):
+            raise KlausIndexError(f"{shown(p)}: no such file or folder")
+        if not storable(root):
+            raise KlausIndexError(f"{shown(root)}: {UNSTORABLE}")
+        roots.append(root)
+    return roots
+
+
 def walk(paths: list[str], *, exclude: list[str] | None = None, suffixes: frozenset[str] | None = None) -> Walk:
     """Every photo file (by suffix) under ``paths``, sorted by path, hidden files and folders skipped.
 
     Folder symlinks are not followed (no loops); file symlinks are. A named path that does
-    not exist is an error before anything is changed.
+    not exist (or is empty, or whose name is not valid UTF-8) is an error before anything
+    is changed. Files and folders below it whose names are not valid UTF-8 are left out
+    and listed in ``unstorable``; folders that cannot be listed are in ``unreadable``.
     """
     suffixes = suffixes or photo_suffixes()
     excluded = {absolute(e) for e in exclude or ()}
-    roots = []
-    for p in paths:
-        root = absolute(p)
-        if not os.path.exists(root):
-            raise KlausIndexError(f"{p}: no such file or folder")
-        roots.append(root)
-    result = Walk(roots=_outermost(roots))
+    result = Walk(roots=_outermost(check_roots(paths)))
     seen: set[str] = set()
     for root in result.roots:
-        if os.path.isfile(root):
+        if not os.path.isdir(root):  # a file, or anything else named on purpose: its read says what it is
             _add(result, seen, root)
             continue
-
-        def on_error(exc: OSError) -> None:
-            result.unreadable.append(absolute(exc.filename or root))
-
-        for folder, dirs, files in os.walk(root, onerror=on_error):
-            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and os.path.join(folder, d) not in excluded)
-            for name in files:
-                if name.startswith(".") or Path(name).suffix.lower() not in suffixes:
-                    continue
-                _add(result, seen, os.path.join(folder, name))
+        _walk_folder(result, seen, root, excluded, suffixes)
     result.entries.sort(key=lambda e: e.path)
     return result
+
+
+def _walk_folder(result: Walk, seen: set[str], root: str, excluded: set[str], suffixes: frozenset[str]) -> None:
+    def on_error(exc: OSError) -> None:
+        folder = absolute(exc.filename or root)
+        result.unreadable.append(Skipped(folder, f"folder cannot be read ({exc.strerror or exc})"))
+
+    for folder, dirs, files in os.walk(root, onerror=on_error):
+        kept = []
+        for d in sorted(dirs):
+            path = os.path.join(folder, d)
+            if d.startswith(".") or path in excluded:
+                continue
+            if storable(d):
+                kept.append(d)
+            else:
+                result.unstorable.append(Skipped(path, UNSTORABLE))
+        dirs[:] = kept
+        for name in sorted(files):
+            if name.startswith(".") or Path(name).suffix.lower() not in suffixes:
+                continue
+            if storable(name):
+                _add(result, seen, os.path.join(folder, name))
+            else:
+                result.unstorable.append(Skipped(os.path.join(folder, name), UNSTORABLE))
 
 
 def _add(result: Walk, seen: set[str], path: str) -> None:

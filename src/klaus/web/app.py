@@ -5,8 +5,10 @@ Safe by default:
 * the server binds 127.0.0.1 unless told otherwise, and only answers requests whose
   Host header names the address it serves (no DNS rebinding);
 * photos and thumbnails are addressed by their id in the index, never by a path from
-  the request, and a file is only served while its size and mtime still match the
-  index; thumbnails are cached beside the database under the photo id;
+  the request, and a file or its thumbnail is only served while the file's size and
+  mtime still match the index; thumbnails are cached beside the database under the
+  photo id;
+* an index deleted or damaged while the server runs gives 503 with its one-line reason;
 * uploads ("classify a new photo") are limited in size while they stream in, decoded
   by :func:`klaus.preprocess.load_image` (bomb limit) and never stored;
 * every SQL statement is parameterized; nothing runs a shell;
@@ -19,8 +21,11 @@ from __future__ import annotations
 import io
 import mimetypes
 import os
+import sqlite3
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -38,13 +43,14 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from ..errors import KlausError, KlausImageError
-from ..index.db import Database, KlausIndexError, thumbs_dir
+from ..index.db import Database, KlausIndexError, error_message, thumbs_dir
 from ..index import search as q
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_MAX_UPLOAD = 20 * 1024 * 1024
 THUMB_SIZES = {"small": 320, "large": 1024}
 PAGE_SIZE = 60
+MAX_PHOTO_ID = 2**63 - 1  # SQLite's largest INTEGER: a larger id is in no index
 HOME_DEPTH = 4  # levels of the concept tree on the home page
 HOME_CHILDREN = 8  # children shown per node there
 TREE_TTL_SECONDS = 10.0
@@ -118,8 +124,19 @@ class Gallery:
         self._tree: tuple[float, dict] | None = None
         self._tree_lock = threading.Lock()
 
-    def db(self) -> Database:
-        return Database(self.db_path, readonly=True)
+    @contextmanager
+    def db(self) -> Iterator[Database]:
+        """The index, read-only; IndexUnavailable (a 503) if it is gone or damaged since the server started."""
+        try:
+            database = Database(self.db_path, readonly=True)
+        except KlausIndexError as exc:
+            raise IndexUnavailable(str(exc)) from None
+        try:
+            yield database
+        except sqlite3.DatabaseError as exc:
+            raise IndexUnavailable(error_message(exc, self.db_path)) from None
+        finally:
+            database.close()
 
     def engine(self):
         with self._engine_lock:
@@ -139,6 +156,7 @@ class Gallery:
     # ------------------------------------------------------------ photos on disk
 
     def photo_row(self, photo_id: int) -> dict:
+        photo_id = known_id(photo_id)
         with self.db() as db:
             row = db.conn.execute(
                 "SELECT path, size, mtime_ns, sha256, format, status FROM photos WHERE id = ?", (photo_id,)
@@ -161,13 +179,15 @@ class Gallery:
         """The cached thumbnail file (made on first request), or its bytes if the cache is not writable.
 
         Cache entries are named by photo id, size and content hash only: never by a path.
+        Like the photo itself, a thumbnail is only served while the photo's file is
+        unchanged on disk (404 if it is gone, 409 if it changed), cached or not.
         """
         side = THUMB_SIZES[size_name]
         row = self.photo_row(photo_id)
+        path = self.checked_path(row)
         target = self.thumbs / f"{photo_id}-{side}-{(row['sha256'] or 'x')[:16]}.jpg"
         if target.is_file():
             return target
-        path = self.checked_path(row)
         from ..preprocess import load_image
 
         try:
@@ -215,6 +235,17 @@ class Gallery:
             })
         return {"predictions": predictions, "elapsed_ms": round(elapsed, 2), "width": width, "height": height,
                 "format": fmt, "taken": taken, "model": engine.identity}
+
+
+def known_id(photo_id: int) -> int:
+    """The id if an index could hold it; 404 otherwise (SQLite cannot even compare a larger one)."""
+    if not 0 <= photo_id <= MAX_PHOTO_ID:
+        raise HTTPException(404, "no such photo in the index")
+    return photo_id
+
+
+class IndexUnavailable(Exception):
+    """The index was deleted, replaced or damaged while the server runs: a 503 with the one-line reason."""
 
 
 class UploadError(Exception):
@@ -284,7 +315,7 @@ def create_app(
         return render(request, "search.html", status=404 if context["error"] else 200, **context)
 
     def sync_photo(request: Request) -> Response:
-        photo_id = request.path_params["photo_id"]
+        photo_id = known_id(request.path_params["photo_id"])
         with gallery.db() as db:
             info = q.photo(db.conn, photo_id)
         if info is None:
@@ -326,8 +357,9 @@ def create_app(
         })
 
     def sync_api_photo(request: Request) -> Response:
+        photo_id = known_id(request.path_params["photo_id"])
         with gallery.db() as db:
-            info = q.photo(db.conn, request.path_params["photo_id"])
+            info = q.photo(db.conn, photo_id)
         if info is None:
             return JSONResponse({"error": "no such photo in the index"}, status_code=404)
         return JSONResponse(info)
@@ -405,9 +437,15 @@ def create_app(
             return render(request, "error.html", status=exc.status_code, status_code=exc.status_code, message=exc.detail)
         return Response(str(exc.detail), status_code=exc.status_code, media_type="text/plain")
 
+    async def unavailable(request: Request, exc: IndexUnavailable) -> Response:
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"error": str(exc)}, status_code=503)
+        return render(request, "error.html", status=503, status_code=503, message=str(exc))
+
     hosts = allowed_hosts if allowed_hosts is not None else _allowed_hosts(host)
     middleware = [Middleware(SecurityHeaders), Middleware(TrustedHostMiddleware, allowed_hosts=hosts)]
-    app = Starlette(routes=routes, middleware=middleware, exception_handlers={HTTPException: http_error})
+    handlers = {HTTPException: http_error, IndexUnavailable: unavailable}
+    app = Starlette(routes=routes, middleware=middleware, exception_handlers=handlers)
     app.state.gallery = gallery
     return app
 

@@ -1,0 +1,50 @@
+"""File names as the index can store them and as one line of text can show them.
+
+A POSIX file name is bytes; Python gives undecodable bytes back as lone surrogates
+(``surrogateescape``), which SQLite's TEXT columns (UTF-8) cannot hold. Storing a
+lossy version could make a path point at another file, so such names are not stored
+(:func:`storable`); messages show their bytes as ``\\xNN`` (:func:`printable`).
+A name may also hold a newline or other control characters: text output escapes them
+(:func:`shown`) so every warning and result stays one line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+#: C0 and C1 controls, line and paragraph separators, and the bidirectional-text controls
+#: (which can make one name display as another).
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def storable(path: str) -> bool:
+    """Whether ``path`` is valid Unicode text (no undecodable bytes), so a TEXT column can hold it."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable(path: str | os.PathLike[str]) -> str:
+    """The path (or any text) with undecodable bytes shown as ``\\xNN``: always valid UTF-8
+    (for JSON and terminals too)."""
+    text = os.fspath(path)
+    if storable(text):
+        return text
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that did not come from a file name's bytes
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def _escape(match: re.Match[str]) -> str:
+    return match.group(0).encode("unicode_escape").decode("ascii")
+
+
+def shown(text: str | os.PathLike[str]) -> str:
+    """One line of display text: undecodable bytes as ``\\xNN``, control characters as ``\\n``, ``\\x1b``, ``\\u2028``."""
+    return _UNSAFE.sub(_escape, printable(text))
+
