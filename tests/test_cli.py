@@ -256,7 +256,7 @@ def test_eval_reference_with_other_labels(eval_folder, tiny_klaus_path):
 
 def test_eval_list_file_and_errors(tmp_path, eval_folder):
     listing = tmp_path / "val.txt"
-    listing.write_text(f"photos/n07920052_coffee.jpg 967\nphotos/n02123045_cat.jpg, n02123045\n")
+    listing.write_text("photos/n07920052_coffee.jpg 967\nphotos/n02123045_cat.jpg, n02123045\n")
     acc = json_lines(run("eval", "--json", str(listing)).stdout)[0]
     assert acc["n"] == 2 and acc["top5"] == 1.0
     listing.write_text("photos/n07920052_coffee.jpg 967\nphotos/x.jpg not-a-label\n")
@@ -592,13 +592,13 @@ def test_output_must_be_a_file_name(tiny_files, lossless_klaus):
     d = tiny_files["dir"]
     folder = d / "existing"
     folder.mkdir()
-    for args in (
-        ["compress", str(tiny_files["onnx"]), "-o", str(folder), "--labels", str(tiny_files["names"])],
-        ["export", str(lossless_klaus), "-o", str(folder)],
-        ["export", str(lossless_klaus), "-o", str(folder) + "/"],
+    for args, problem in (
+        (["compress", str(tiny_files["onnx"]), "-o", str(folder), "--labels", str(tiny_files["names"])], "is a directory"),
+        (["export", str(lossless_klaus), "-o", str(folder)], "is a directory"),
+        (["export", str(lossless_klaus), "-o", str(folder) + "/"], "names a folder; give a file name"),
     ):
         result = run(*args)
-        assert_one_line_error(result, f"{args[3]}: is a directory")
+        assert_one_line_error(result, f"{args[3]}: {problem}")
         assert ".klaus-" not in result.stderr and ".tmp" not in result.stderr  # never the internal temp file
     assert list(folder.iterdir()) == []
     for command in (["compress", str(tiny_files["onnx"]), "--labels", str(tiny_files["names"])], ["export", str(lossless_klaus)]):
@@ -793,7 +793,7 @@ def test_runtime_failure_names_the_model_file(tmp_path):
     path = tmp_path / "outer-file.klaus"
     compress.write(dataclasses.replace(model, preprocess=Preprocess(input_size=64)), path)
     result = run("classify", "--model", str(path), CAT)
-    assert_one_line_error(result, f"{path}: ONNX Runtime failed")
+    assert_one_line_error(result, f"{path}: input 'input' has shape (?, 3, 32, 32), but the preprocessing makes (N, 3, 64, 64)")
 
 
 def test_corrupt_model_is_a_one_line_error(lossless_klaus, tmp_path):
@@ -965,3 +965,258 @@ def test_emit_never_writes_nan():
 
     result = runner.invoke(show)
     assert json.loads(result.stdout) == {"a": None, "b": [None, 1.5], "c": "caf\\xe9"}
+
+
+# ---------------------------------------------------------------- QA pass: compress edge cases
+
+
+def _fixed_batch_tiny(path: Path, batch: int = 1) -> Path:
+    """The tiny classifier as `torch.onnx.export` without dynamic_axes leaves it: batch fixed."""
+    model = make_tiny_onnx()
+    for value in (*model.graph.input, *model.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_value = batch
+    onnx.save(model, path)
+    return path
+
+
+@pytest.fixture
+def calib_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    for photo in (CAT, COFFEE, ROCKET):
+        shutil.copy(photo, folder)
+    return folder
+
+
+@pytest.mark.parametrize("extra", [["--min-elements", "64"], ["--budget-mib", "0.012"]], ids=["gptq", "budget"])
+def test_compress_fixed_batch_graph_with_calibration(tiny_files, calib_dir, extra):
+    """Calibration runs 3 photos (more with crops) through a graph that takes exactly 1: in batches of 1.
+    The weights come out as they do for the same graph with a free batch dimension."""
+    d = tiny_files["dir"]
+    fixed = _fixed_batch_tiny(d / "fixed.onnx")
+    common = ["--labels", str(tiny_files["names"]), "--calib", str(calib_dir), "--calib-crops", "10", *extra]
+    result = run("compress", str(fixed), "-o", str(d / "fixed.klaus"), *common)
+    assert result.exit_code == 0, result.output
+    assert run("compress", str(tiny_files["onnx"]), "-o", str(d / "free.klaus"), *common).exit_code == 0
+    from klaus.format import read_model
+
+    a, b = read_model(d / "fixed.klaus"), read_model(d / "free.klaus")
+    assert a.meta["calibration_inputs"] == b.meta["calibration_inputs"] == "30"
+    assert [(t.name, t.codec, t.bits) for t in a.tensors] == [(t.name, t.codec, t.bits) for t in b.tensors]
+    assert any(t.codec == "palette-png" for t in a.tensors)
+    for name, weight in a.decoded_weights().items():
+        np.testing.assert_allclose(weight, b.decoded_weights()[name], atol=1e-3, err_msg=name)
+    # The written graph is the user's, batch still fixed at 1; the .klaus file classifies.
+    graph = onnx.ModelProto.FromString(a.graph)
+    assert graph.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+    assert run("classify", "--model", str(d / "fixed.klaus"), CAT, COFFEE).exit_code == 0
+
+
+def test_non_utf8_source_name_is_escaped_in_the_model(tiny_files):
+    """A file name with a Latin-1 byte gives the default model name with \\xNN, not a crash at write time."""
+    d = tiny_files["dir"]
+    name = os.fsencode(d) + b"/s\xe9.onnx"
+    try:
+        Path(os.fsdecode(name)).write_bytes(tiny_files["onnx"].read_bytes())
+    except (OSError, UnicodeError):
+        pytest.skip("this file system does not take non-UTF-8 names")
+    proc = subprocess.run([*map(os.fsencode, klaus_command()), b"compress", name, b"-o", os.fsencode(d / "se.klaus"),
+                           b"--labels", os.fsencode(tiny_files["names"]), b"--json"], capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert b"Traceback" not in proc.stderr
+    from klaus.format import read_model
+
+    meta = read_model(d / "se.klaus").meta
+    assert (meta["model_name"], meta["source"]) == ("s\\xe9", "s\\xe9.onnx")
+
+
+@pytest.mark.parametrize("option", ["--name", "--license", "--source", "--layer"])
+def test_non_utf8_text_options_are_refused_up_front(tiny_files, option, monkeypatch):
+    """Option bytes that are not UTF-8 (surrogate-escaped by Python) cannot go into the file's metadata."""
+    from klaus import onnxgraph
+
+    monkeypatch.setattr(onnxgraph, "simplify", lambda *a: pytest.fail("work started before the options were checked"))
+    out = tiny_files["dir"] / "o.klaus"
+    value = "x\udce9=4" if option == "--layer" else "n\udce9"
+    result = compress_tiny(tiny_files, out, option, value)
+    assert_one_line_error(result, f"klaus: error: {option} '{value.replace(chr(0xDCE9), chr(92) + 'xe9')}': not valid UTF-8")
+    assert not out.exists() and _leftovers(tiny_files["dir"]) == []
+
+
+def test_labels_file_must_be_utf8_and_may_start_with_a_bom(tiny_files):
+    d = tiny_files["dir"]
+    latin1 = d / "latin1.txt"
+    latin1.write_bytes("".join(f"caf\xe9 {i}\n" for i in range(TINY_CLASSES)).encode("latin-1"))
+    result = run("compress", str(tiny_files["onnx"]), "-o", str(d / "l.klaus"), "--labels", str(latin1))
+    assert_one_line_error(result, f"klaus: error: {latin1}: not UTF-8 text (byte 0xe9 at offset 3)")
+    assert not (d / "l.klaus").exists()
+    bom = d / "bom.txt"
+    bom.write_bytes(b"\xef\xbb\xbf" + "".join(f"n{i}\n" for i in range(TINY_CLASSES)).encode())
+    assert run("compress", str(tiny_files["onnx"]), "-o", str(d / "b.klaus"), "--labels", str(bom)).exit_code == 0
+    from klaus.format import read_model
+
+    assert [row.name for row in read_model(d / "b.klaus").labels] == [f"n{i}" for i in range(TINY_CLASSES)]
+
+
+def test_output_ending_in_a_slash_names_a_folder(tiny_files, lossless_klaus, monkeypatch):
+    d = tiny_files["dir"]
+    monkeypatch.chdir(d)
+    for args in (["compress", str(tiny_files["onnx"]), "--labels", str(tiny_files["names"]), "-o", "out2/"],
+                 ["export", str(lossless_klaus), "-o", "newdir/"]):
+        result = run(*args)
+        assert_one_line_error(result, f"klaus: error: {args[-1]}: names a folder; give a file name")
+    assert not (d / "out2").exists() and not (d / "newdir").exists()
+
+
+def test_temporary_file_write_failure_does_not_blame_the_source(tiny_files):
+    """Simplify has ONNX Runtime write the optimized graph to a temporary file; a file size limit
+    makes that fail, which ONNX Runtime reports as INVALID_PROTOBUF, as if the model were bad."""
+    d = tiny_files["dir"]
+    proc = _limited_run(2048, "compress", "tiny.onnx", "-o", "o.klaus", "--labels", "names.txt", cwd=d)
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("klaus: error: cannot write a temporary file in "), proc.stderr
+    assert lines[0].endswith("(File too large)") and "tiny.onnx" not in lines[0], proc.stderr
+    assert not (d / "o.klaus").exists() and _leftovers(d) == []
+
+
+@pytest.mark.parametrize("extra", [
+    ["--bits", "4"], ["--fc-bits", "4"], ["--conv-bits", "4"], ["--depthwise-bits", "4"], ["--layer", "*=4"],
+    ["--granularity", "channel"], ["--budget-mib", "1"], ["--max-drop", "1"], ["--recipe", "kmeans8"],
+    ["--min-elements", "10"], ["--finetune-steps", "5"], ["--weighted"],
+])
+def test_lossless_refuses_options_that_contradict_it(tiny_files, extra):
+    out = tiny_files["dir"] / "l.klaus"
+    result = compress_tiny(tiny_files, out, "--lossless", *extra)
+    assert_one_line_error(result, "klaus: error: --lossless stores every weight as fp32, so "
+                          f"{extra[0]} cannot be combined with it")
+    assert not out.exists()
+
+
+def test_lossless_names_every_contradicting_option(tiny_files):
+    result = compress_tiny(tiny_files, tiny_files["dir"] / "l.klaus", "--lossless", "--bits", "4", "--budget-mib", "1")
+    assert_one_line_error(result, "so --bits, --budget-mib cannot be combined")
+    assert compress_tiny(tiny_files, tiny_files["dir"] / "l.klaus", "--lossless", "--recipe", "default").exit_code == 1
+    assert compress_tiny(tiny_files, tiny_files["dir"] / "l.klaus", "--lossless").exit_code == 0
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o640])
+def test_replacing_an_output_keeps_its_mode(tiny_files, lossless_klaus, mode):
+    d = tiny_files["dir"]
+    old = os.umask(0o022)
+    try:
+        for args, out in ((["compress", str(lossless_klaus), "--layer", "*=4"], d / "private.klaus"),
+                          (["export", str(lossless_klaus)], d / "private.onnx")):
+            out.write_bytes(b"previous")
+            out.chmod(mode)
+            assert run(*args, "-o", str(out)).exit_code == 0
+            assert out.read_bytes() != b"previous"
+            assert stat.S_IMODE(out.stat().st_mode) == mode, out.name
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.parametrize("rule,fragment", [
+    ("fc.weight=", "--layer 'fc.weight=': BITS must be 1..8, 'float' or uSTEP, got ''"),
+    ("head=x.weight", "--layer 'head=x.weight': BITS must be 1..8, 'float' or uSTEP, got 'x.weight'"),
+    ("nobits", "--layer 'nobits' is not PATTERN=BITS|float|uSTEP"),
+    ("fc.*=u", "--layer 'fc.*=u': uniform step must be a number"),
+])
+def test_bad_layer_rules_name_the_option_and_the_form(tiny_files, rule, fragment):
+    result = compress_tiny(tiny_files, tiny_files["dir"] / "o.klaus", "--layer", rule)
+    assert_one_line_error(result, f"klaus: error: {fragment}", "PATTERN=BITS|float|uSTEP")
+    assert "invalid literal" not in result.stderr
+
+
+# ---------------------------------------------------------------- pipes, declared input sizes, NaN in eval, empty splits
+
+
+def test_classify_reads_pipes_and_goes_on_after_a_bad_image(tmp_path):
+    """`cat x.jpg | klaus classify /dev/stdin other.jpg`: the pipe is read into memory, a bad image is its own error."""
+    missing = str(tmp_path / "missing.jpg")
+    proc = subprocess.run([*klaus_command(), "classify", "--json", "/dev/stdin", COFFEE, missing],
+                          input=Path(CAT).read_bytes(), capture_output=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr  # the missing file
+    piped, coffee, bad = json_lines(proc.stdout.decode())
+    direct = json_lines(run("classify", "--json", CAT).stdout)[0]
+    assert piped["path"] == "/dev/stdin"
+    assert [p["index"] for p in piped["predictions"]] == [p["index"] for p in direct["predictions"]]
+    assert [p["probability"] for p in piped["predictions"]] == [p["probability"] for p in direct["predictions"]]
+    assert coffee["path"] == COFFEE and set(coffee) == RESULT_KEYS
+    assert bad == {"path": missing, "error": f"{missing}: no such file"}
+    assert proc.stderr.decode() == ""
+    # An empty pipe is that image's error; the others are still classified.
+    proc = subprocess.run([*klaus_command(), "classify", "/dev/stdin", COFFEE], input=b"", capture_output=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.decode().splitlines() == ["klaus: error: /dev/stdin: empty file"]
+    assert proc.stdout.decode().startswith(f"{COFFEE}  (")
+
+
+def test_classify_and_eval_feed_an_onnx_model_its_declared_size(tmp_path):
+    from klaus.preprocess import Preprocess
+    from klaus.runtime import Classifier
+
+    path = tmp_path / "model32.onnx"
+    onnx.save(make_tiny_onnx(classes=1000), path)  # input (batch, 3, 32, 32)
+    result = run("classify", "--json", "-m", str(path), CAT)
+    assert result.exit_code == 0, result.output
+    expected = Classifier(str(path), preprocess=Preprocess(input_size=TINY_SIZE)).classify(CAT)
+    got = json_lines(result.stdout)[0]["predictions"]
+    assert [(p["index"], p["probability"]) for p in got] == [(p.index, p.probability) for p in expected.predictions]
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{CAT} 281\n{COFFEE} 967\n")
+    result = run("eval", "--json", "-m", str(path), str(listing))
+    assert result.exit_code == 0, result.output
+    assert json_lines(result.stdout)[0]["n"] == 2
+    # A graph fixing its batch above 1 is one line naming the model file.
+    model = make_tiny_onnx(classes=1000)
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 4
+    model.graph.output[0].type.tensor_type.shape.dim[0].dim_value = 4
+    batch4 = tmp_path / "batch4.onnx"
+    onnx.save(model, batch4)
+    for args in (["classify", "-m", str(batch4), CAT, COFFEE], ["eval", "-m", str(batch4), str(listing)]):
+        assert_one_line_error(run(*args), f"klaus: error: {batch4}: input 'input' has shape (4, 3, 32, 32), a fixed batch of 4")
+
+
+def test_eval_counts_nan_scores_as_failed_images(tmp_path, eval_folder):
+    nan = tmp_path / "nan.onnx"
+    _nan_classifier(nan)
+    result = run("eval", "--json", "-m", str(nan), str(eval_folder))
+    assert result.exit_code == 1
+    acc = json_lines(result.stdout)[0]
+    assert (acc["n"], acc["failed"], acc["top1"]) == (0, 4, 0.0)
+    errors = result.stderr.splitlines()
+    assert len(errors) == 4 and all(e.startswith("klaus: error: ") for e in errors)
+    assert sum(f"the model {nan} gives NaN or infinite scores" in e for e in errors) == 3  # + the unreadable photo
+    # As the reference: no "KL nan", the photos are failed.
+    result = run("eval", "--reference", str(nan), str(eval_folder))
+    assert result.exit_code == 1
+    assert "nan" not in result.stdout.lower().replace(str(nan).lower(), "")
+    assert "(4 unreadable)" in result.stdout and "KL" not in result.stdout
+
+
+def test_eval_of_an_empty_split_is_an_error(tmp_path):
+    listing = tmp_path / "odd-only.txt"
+    listing.write_text(f"{CAT} 281\n{COFFEE} 967\n")  # both odd class indices
+    result = run("eval", str(listing), "--split", "even")
+    assert_one_line_error(result, f"klaus: error: {listing}: no images in split even")
+    assert result.stdout == ""
+
+
+def test_ctrl_c_while_onnxruntime_initializes_is_aborted_not_a_traceback(monkeypatch):
+    """An extension interrupted during import raises ImportError from the KeyboardInterrupt: 'klaus: aborted'."""
+    import klaus.cli as cli
+
+    def interrupted(*args, **kwargs):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as exc:
+            raise ImportError("initialization failed") from exc
+
+    monkeypatch.setattr(cli, "_classifier", interrupted)
+    result = run("classify", CAT)
+    assert result.exit_code == 1 and result.stderr == "klaus: aborted\n" and result.stdout == ""
+    # Any other ImportError is a bug, not hidden as an abort.
+    monkeypatch.setattr(cli, "_classifier", lambda *a, **k: (_ for _ in ()).throw(ImportError("no module named x")))
+    result = CliRunner().invoke(main, ["classify", CAT], prog_name="klaus")
+    assert isinstance(result.exception, ImportError)

@@ -468,3 +468,44 @@ def test_graph_input_size_without_inputs_and_with_listed_initializers():
     compress.check_classifier(listed, classes=TINY_CLASSES, where="x")
     del model.graph.input[:]
     assert compress.graph_input_size(model) is None
+
+
+# ---------------------------------------------------------------- graphs with a fixed batch size
+
+
+def _fixed_batch_tiny(batch: int) -> onnx.ModelProto:
+    model = make_tiny_onnx()
+    for value in (*model.graph.input, *model.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_value = batch
+    return model
+
+
+def _same_weights(a: format.KlausModel, b: format.KlausModel) -> None:
+    assert [(t.name, t.codec, t.bits) for t in a.tensors] == [(t.name, t.codec, t.bits) for t in b.tensors]
+    wa, wb = a.decoded_weights(), b.decoded_weights()
+    for name in wa:
+        np.testing.assert_allclose(wa[name], wb[name], atol=1e-3, err_msg=name)
+
+
+def test_agreement_search_on_a_fixed_batch_graph():
+    """--max-drop runs the calibration inputs through the graph (statistics, sensitivity probes,
+    agreement on held-out inputs): a graph that takes exactly 3 rows gets them 3 at a time."""
+    calibration = _smooth_images(101, 5)  # not a multiple of 3: the last batch is padded
+    kwargs = dict(preprocess=TINY_PREPROCESS, labels=compress.plain_label_rows(NAMES), card=CARD, calibration=calibration,
+                  min_elements=64)
+    fixed, fixed_allocation, fixed_agree = compress.compress_to_agreement(_fixed_batch_tiny(3), DEFAULT, 5.0, **kwargs)
+    free, free_allocation, free_agree = compress.compress_to_agreement(make_tiny_onnx(), DEFAULT, 5.0, **kwargs)
+    assert fixed_agree == free_agree
+    rows = [(r.pop("predicted_kl"), r) for r in fixed_allocation.table()], [(r.pop("predicted_kl"), r) for r in free_allocation.table()]
+    assert [r for _, r in rows[0]] == [r for _, r in rows[1]]
+    np.testing.assert_allclose([kl for kl, _ in rows[0]], [kl for kl, _ in rows[1]], rtol=1e-5)
+    _same_weights(fixed, free)
+    graph = onnx.ModelProto.FromString(fixed.graph)  # the user's graph, batch still fixed
+    assert graph.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 3
+
+
+def test_finetuning_a_fixed_batch_graph(photos):
+    pytest.importorskip("torch", reason="fine-tuning needs the convert extra (torch)")
+    recipe = replace(DEFAULT, min_elements=64, finetune_steps=3)
+    fixed = _compress(recipe, photos[:13], _fixed_batch_tiny(1))
+    _same_weights(fixed, _compress(recipe, photos[:13]))

@@ -10,6 +10,7 @@ import lzma
 import re
 import os
 import sqlite3
+import stat
 import struct
 import traceback
 from collections.abc import Callable
@@ -1697,6 +1698,33 @@ def test_write_atomic_errors_name_the_target(tmp_path):
     fmt.write_atomic(b"abc", tmp_path / "a" / "b" / "c.bin")
     assert (tmp_path / "a" / "b" / "c.bin").read_bytes() == b"abc"
     assert sorted(p.name for p in tmp_path.rglob(".klaus-*")) == []
+
+
+def test_write_atomic_refuses_a_name_ending_in_a_slash(tmp_path):
+    """'out/' names a folder: Path() would drop the slash and write a file called 'out'."""
+    from klaus.errors import KlausWriteError
+
+    for name in (str(tmp_path / "new") + "/", str(tmp_path) + "/"):
+        with pytest.raises(KlausWriteError, match=f"^{re.escape(name)}: names a folder; give a file name$"):
+            fmt.write_atomic(b"x", name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o640, 0o755, 0o444])
+def test_write_atomic_keeps_the_mode_of_the_file_it_replaces(tmp_path, palette_model, mode):
+    old = os.umask(0o022)
+    try:
+        for name, write in (("m.klaus", lambda t: fmt.write_model(palette_model, t)),
+                            ("blob.bin", lambda t: fmt.write_atomic(b"new data", t))):
+            target = tmp_path / name
+            target.write_bytes(b"old")
+            target.chmod(mode)
+            write(target)
+            assert target.read_bytes() != b"old"
+            assert stat.S_IMODE(target.stat().st_mode) == mode, name
+    finally:
+        os.umask(old)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blob.bin", "m.klaus"]
 
 
 class _FailingVacuum:

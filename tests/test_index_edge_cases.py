@@ -330,3 +330,81 @@ def test_a_database_path_that_is_not_a_regular_file(tmp_path):
     for readonly in (False, True):
         with pytest.raises(KlausIndexError, match="pipe.db: is not a regular file"):
             Database(fifo, readonly=readonly)
+
+
+# ------------------------------------------------------------------ values SQLite cannot hold
+
+
+def same_size_bmps(folder: Path) -> tuple[bytes, bytes]:
+    """Two different photos whose files have the same size (uncompressed BMPs of one size)."""
+    from PIL import Image
+
+    blobs = []
+    for colour in ((200, 40, 40), (40, 40, 200)):
+        path = folder / "scratch.bmp"
+        Image.new("RGB", (48, 40), colour).save(path)
+        blobs.append(path.read_bytes())
+        path.unlink()
+    assert len(blobs[0]) == len(blobs[1]) and blobs[0] != blobs[1]
+    return blobs[0], blobs[1]
+
+
+def test_cli_index_stores_a_photo_dated_after_2262(tmp_path):
+    """An mtime past 2^63 ns (year 2262) is stored clamped; re-runs skip it unless its content changes."""
+    lib = tmp_path / "photos"
+    lib.mkdir()
+    red, blue = same_size_bmps(lib)
+    future = lib / "future.bmp"
+    future.write_bytes(red)
+    shutil.copy(EXAMPLES / "cat.jpg", lib / "cat.jpg")
+    year_2263 = 9246182400  # 2263-01-01, as `touch -d 2263-01-01` sets it
+    os.utime(future, (year_2263, year_2263))
+    assert future.stat().st_mtime_ns > 2**63 - 1  # beyond SQLite's INTEGER
+    db = tmp_path / "lib.db"
+
+    first = run_cli("index", str(lib), "--db", str(db), "--json")
+    assert first.exit_code == 0, first.output
+    summary = json.loads(first.stdout)
+    assert (summary["indexed"], summary["failed"], summary["errors"]) == (2, 0, [])
+    rows = dict(query(db, "SELECT path, mtime_ns FROM photos WHERE status = 'ok'"))
+    assert rows[str(future)] == 2**63 - 1  # clamped
+    stored = query(db, "SELECT sha256 FROM photos WHERE path = ?", (str(future),))
+
+    again = json.loads(run_cli("index", str(lib), "--db", str(db), "--json").stdout)
+    assert (again["indexed"], again["skipped"], again["failed"]) == (0, 2, 0)  # hashed, found unchanged
+    assert query(db, "SELECT sha256 FROM photos WHERE path = ?", (str(future),)) == stored
+
+    future.write_bytes(blue)  # same size, same (out of range) mtime, new content
+    os.utime(future, (year_2263, year_2263))
+    changed = json.loads(run_cli("index", str(lib), "--db", str(db), "--json").stdout)
+    assert (changed["indexed"], changed["skipped"]) == (1, 1)
+    assert query(db, "SELECT sha256 FROM photos WHERE path = ?", (str(future),)) != stored
+    assert integrity(db) == "ok"
+
+
+def test_int64_clamps_to_sqlite_integers():
+    assert dbm.int64(2**70) == 2**63 - 1 and dbm.int64(-(2**70)) == -(2**63) and dbm.int64(12) == 12
+
+
+@pytest.mark.parametrize("version", [-1, -(2**31)])
+def test_cli_refuses_an_index_with_a_negative_schema_version(indexed, version):
+    db, lib = indexed
+    conn = sqlite3.connect(db)
+    conn.execute(f"PRAGMA user_version = {version}")
+    conn.close()
+    before = snapshot(db)
+    expected = f"{db}: not a klaus photo index (schema version {version})"
+    assert_one_line_error(run_cli("index", str(lib), "--db", str(db)), expected)
+    assert_one_line_error(run_cli("search", "cat", "--db", str(db)), expected)
+    assert snapshot(db) == before
+
+
+def test_cli_index_json_is_valid_utf8_for_a_db_path_that_is_not(tmp_path):
+    shutil.copy(EXAMPLES / "cat.jpg", tmp_path / "cat.jpg")
+    db = raw_name(tmp_path, b"dbx\xff") + "/lib.db"
+    result = subprocess.run([*klaus_cmd(), "index", str(tmp_path / "cat.jpg"), "--db", db, "--json"],
+                            capture_output=True, timeout=180)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.decode("utf-8"))  # strict: a raw 0xff byte would fail here
+    assert summary["db"] == f"{tmp_path}/dbx\\xff/lib.db" == printable(db)
+    assert summary["indexed"] == 1

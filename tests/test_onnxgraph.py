@@ -539,3 +539,70 @@ def test_check_model_message_is_one_line():
     message = str(info.value)
     assert message.startswith("m.onnx: ONNX graph is invalid (") and "'nowhere'" in message and "/stem/Relu" in message
     assert "\n" not in message
+
+
+# ---------------------------------------------------------------- fixed batch size
+
+
+def _with_batch(model: onnx.ModelProto, batch: int | str) -> onnx.ModelProto:
+    for value in (*model.graph.input, *model.graph.output):
+        dim = value.type.tensor_type.shape.dim[0]
+        if isinstance(batch, int):
+            dim.dim_value = batch
+        else:
+            dim.dim_param = batch
+    return model
+
+
+def test_fixed_batch(tiny_onnx):
+    assert onnxgraph.fixed_batch(tiny_onnx) is None  # symbolic "batch"
+    assert onnxgraph.fixed_batch(_with_batch(make_tiny_onnx(), 1)) == 1
+    assert onnxgraph.fixed_batch(_with_batch(make_tiny_onnx(), 4)) == 4
+    old_ir = _with_batch(make_tiny_onnx(), 2)  # before IR 4, initializers are listed as inputs too
+    old_ir.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in old_ir.graph.initializer)
+    old_ir.graph.input.insert(0, old_ir.graph.input.pop())  # even listed first
+    assert onnxgraph.fixed_batch(old_ir) == 2
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("output", [None, "d_act"])
+def test_run_batches_of_a_fixed_batch_graph(batch, output):
+    """ONNX Runtime refuses any other batch size; the rows come back as the free graph gives them."""
+    x = np.random.default_rng(0).standard_normal((7, 3, TINY_SIZE, TINY_SIZE)).astype(np.float32)
+    fixed = _with_batch(make_tiny_onnx(), batch)
+    with pytest.raises(Exception, match="[Ii]nvalid dimensions"):
+        ort.InferenceSession(fixed.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})
+    expected = onnxgraph.run_batches(make_tiny_onnx(), x, output)
+    got = onnxgraph.run_batches(fixed, x, output, chunk=64)
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_batches_pads_the_last_batch_of_a_fixed_size():
+    x = np.arange(7)[:, None] * np.ones((1, 2))
+    parts = list(onnxgraph.batches(x, 64, 3))
+    assert [(len(p), real) for p, real in parts] == [(3, 3), (3, 3), (3, 1)]
+    np.testing.assert_array_equal(parts[-1][0], x[[6, 6, 6]])
+    assert [(len(p), real) for p, real in onnxgraph.batches(x, 4, None)] == [(4, 4), (3, 3)]
+
+
+def test_simplify_write_failure_is_a_write_error_not_a_bad_model(tiny_onnx, monkeypatch):
+    """ONNX Runtime reports a failed write of the optimized graph as INVALID_PROTOBUF."""
+    import onnxruntime
+
+    from klaus.errors import KlausWriteError
+
+    real = onnxruntime.InferenceSession
+
+    def failing(blob, options=None, *args, **kwargs):
+        if options is not None and options.optimized_model_filepath:
+            raise RuntimeError("[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : Protobuf serialization failed.")
+        return real(blob, options, *args, **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", failing)
+    with pytest.raises(KlausWriteError, match=r"^cannot write a temporary file in .*\(ONNX Runtime: .*INVALID_PROTOBUF"):
+        onnxgraph.simplify(tiny_onnx, "tiny.onnx")
+    broken = make_tiny_onnx()
+    broken.graph.node[1].input[0] = "nowhere"  # a model ONNX Runtime cannot load is still the model's fault
+    with pytest.raises(KlausModelError, match="^broken.onnx: ONNX Runtime cannot load the model"):
+        onnxgraph.simplify(broken, "broken.onnx")

@@ -584,3 +584,69 @@ def test_pillow_global_state_untouched(tmp_path: Path) -> None:
     assert Image.MAX_IMAGE_PIXELS == before
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
     assert DEFAULT_MAX_PIXELS == 178_956_970
+
+
+# --------------------------------------------------------------------------
+# Sources that cannot seek (pipes, /dev/stdin, process substitution)
+
+
+def _piped(data: bytes) -> tuple[str, object]:
+    """A path naming the read end of a pipe that ``data`` is being written into (like ``<(cat x)``)."""
+    import os
+    import threading
+
+    read, write = os.pipe()
+
+    def feed() -> None:
+        with open(write, "wb") as f:
+            f.write(data)
+
+    thread = threading.Thread(target=feed, daemon=True)
+    thread.start()
+    return f"/dev/fd/{read}", thread
+
+
+@pytest.mark.skipif(not Path("/dev/fd").is_dir(), reason="needs /dev/fd")
+def test_a_pipe_is_read_into_memory_and_decodes_like_the_file(tmp_path: Path) -> None:
+    noise = np.random.default_rng(0).integers(0, 256, (200, 300, 3), dtype=np.uint8)
+    photo = _save(Image.fromarray(noise), tmp_path / "photo.png")
+    data = photo.read_bytes()
+    assert len(data) > 65536  # more than a pipe's buffer: the whole stream is read
+    path, thread = _piped(data)
+    try:
+        image = load_image(path)
+    finally:
+        thread.join(5)
+    assert np.array_equal(np.asarray(image), np.asarray(load_image(photo)))
+    # A non-seekable file object is read whole as well.
+    class Unseekable(io.RawIOBase):
+        def __init__(self) -> None:
+            self.inner = io.BytesIO(data)
+
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, b) -> int:  # type: ignore[override]
+            return self.inner.readinto(b)
+
+    assert np.array_equal(np.asarray(load_image(io.BufferedReader(Unseekable()))), np.asarray(image))
+
+
+@pytest.mark.skipif(not Path("/dev/fd").is_dir(), reason="needs /dev/fd")
+def test_pipe_errors_are_one_line_image_errors(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    path, thread = _piped(b"")
+    assert _error(path) == f"{path}: empty file"
+    thread.join(5)
+    path, thread = _piped(b"not an image at all")
+    assert _error(path) == f"{path}: not an image (cannot identify image file)"
+    thread.join(5)
+    monkeypatch.setattr(kp, "MAX_STREAM_BYTES", 10)  # the in-memory cap
+    path, thread = _piped(b"x" * 11)
+    assert _error(path) == f"{path}: too large (more than 10 bytes)"
+    thread.join(5)
+
+
+def test_stream_cap_is_the_indexers_file_limit() -> None:
+    from klaus.index.pipeline import MAX_FILE_BYTES
+
+    assert kp.MAX_STREAM_BYTES == MAX_FILE_BYTES

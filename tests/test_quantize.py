@@ -490,3 +490,15 @@ def test_palettize_gptq_depthwise_cuts_output_error(granularity):
     assert error(t.decode()) < 0.5 * error(rounded.decode())
     with pytest.raises(ValueError, match="window Hessians"):
         q.palettize_gptq(weight, 8, h[:, :4, :4])
+
+
+@pytest.mark.parametrize("text,detail", [
+    ("fc.weight=", "got ''"), ("head=x.weight", "got 'x.weight'"), ("a=4.5", "got '4.5'"), ("a=9", "got 9"),
+    ("a=ux", "uniform step must be a number"), ("a*", "is not"),
+])
+def test_layer_rule_parse_errors_say_the_form(text, detail):
+    with pytest.raises(ValueError) as info:
+        LayerRule.parse(text)
+    message = str(info.value)
+    assert message.startswith(repr(text)) and detail in message and "PATTERN=BITS|float|uSTEP" in message
+    assert "invalid literal" not in message

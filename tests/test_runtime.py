@@ -13,7 +13,7 @@ import pytest
 
 from conftest import EXAMPLES, TINY_CLASSES, TINY_PREPROCESS, make_tiny_onnx, tiny_klaus
 from klaus import compress, format
-from klaus.errors import KlausError, KlausFormatError, KlausImageError, KlausModelError
+from klaus.errors import KlausFormatError, KlausImageError, KlausModelError
 from klaus.preprocess import Preprocess, prepare
 from klaus.quantize import FP16
 from klaus.runtime import Classifier, default_model_path, softmax
@@ -87,7 +87,16 @@ def test_top_k(classifier):
     assert len(classifier.classify(CAT, top=1).predictions) == 1
     assert len(classifier.classify(CAT, top=1000).predictions) == 1000
     assert len(classifier.classify(CAT, top=5000).predictions) == 1000  # clamped
-    assert len(classifier.classify(CAT, top=0).predictions) == 1  # clamped
+
+
+@pytest.mark.parametrize("top", [0, -1])
+def test_top_below_one_is_refused(top):
+    """Asking for no predictions is a caller's mistake, not a request for one (it used to return 1)."""
+    clf = Classifier(tiny_klaus())
+    with pytest.raises(ValueError, match="^top must be >= 1$"):
+        clf.classify(CAT, top=top)
+    with pytest.raises(ValueError, match="^top must be >= 1$"):
+        clf.top(clf.probabilities([CAT])[0], top=top)
 
 
 def test_imagenet_hierarchy(classifier):
@@ -186,10 +195,21 @@ def _mismatched_model():
     return dataclasses.replace(model, preprocess=Preprocess(input_size=224))
 
 
-def test_runtime_failures_are_klaus_errors():
-    """ONNX Runtime rejecting an input must surface as a KlausError (a one-line CLI error), not an ORT exception."""
-    clf = Classifier(_mismatched_model())
-    with pytest.raises(KlausError):
+def test_preprocessing_that_cannot_feed_the_graph_is_refused_up_front():
+    """A model whose preprocessing contradicts its graph's input: one KlausModelError when it is loaded."""
+    with pytest.raises(KlausModelError, match=r"input 'input' has shape \(\?, 3, 32, 32\), but the preprocessing makes \(N, 3, 224, 224\)"):
+        Classifier(_mismatched_model())
+
+
+def test_runtime_failures_are_klaus_errors(monkeypatch):
+    """ONNX Runtime failing on an input must surface as a KlausError naming the model, not an ORT exception."""
+    clf = Classifier(tiny_klaus())
+
+    def broken(*args, **kwargs):
+        raise ort.capi.onnxruntime_pybind11_state.Fail("[ONNXRuntimeError] : 1 : FAIL : something\nmore detail")
+
+    monkeypatch.setattr(clf, "session", type("S", (), {"run": staticmethod(broken)})())
+    with pytest.raises(KlausModelError, match=r"^tiny: ONNX Runtime failed \(\[ONNXRuntimeError\] : 1 : FAIL : something\)$"):
         clf.classify(CAT)
 
 
@@ -231,11 +251,15 @@ def test_run_errors_name_the_model_file_not_its_name(tmp_path):
         labels=compress.plain_label_rows([f"c{i}" for i in range(TINY_CLASSES)]), card=compress.ModelCard("inner"),
     )
     path = tmp_path / "outer.klaus"
-    compress.write(dataclasses.replace(model, preprocess=Preprocess(input_size=48)), path)
+    compress.write(model, path)
     clf = Classifier(str(path))
     assert clf.name == "inner" and clf.where == str(path)
+    clf.session = type("S", (), {"run": staticmethod(lambda *a, **k: 1 / 0)})()
     with pytest.raises(KlausModelError, match=f"^{path}: ONNX Runtime failed"):
         clf.classify(CAT)
+    compress.write(dataclasses.replace(model, preprocess=Preprocess(input_size=48)), path)
+    with pytest.raises(KlausModelError, match=f"^{path}: input 'input' has shape"):
+        Classifier(str(path))
 
 
 def test_nan_scores_are_an_error_for_the_image(tmp_path):
@@ -256,3 +280,75 @@ def test_nan_scores_are_an_error_for_the_image(tmp_path):
     assert np.isnan(clf.probabilities([CAT])).all()  # what the model really gives
     with pytest.raises(KlausModelError, match=f"^{CAT}: the model {path} gives NaN"):
         clf.classify(CAT)
+
+
+# ---------------------------------------------------------------- the graph's declared input
+
+
+def _ten_labels():
+    return compress.plain_label_rows([str(i) for i in range(TINY_CLASSES)])
+
+
+def _nhwc(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same network taking (N, 32, 32, 3): a Transpose in front."""
+    from onnx import helper
+
+    model.graph.node.insert(0, helper.make_node("Transpose", ["image"], ["input"], perm=[0, 3, 1, 2]))
+    del model.graph.input[:]
+    model.graph.input.append(helper.make_tensor_value_info("image", onnx.TensorProto.FLOAT, ["batch", 32, 32, 3]))
+    return model
+
+
+def test_onnx_model_is_fed_at_its_declared_input_size(tmp_path, tiny_onnx_path):
+    """A plain ONNX file with a fixed 32x32 input is preprocessed at 32, not the default 224."""
+    clf = Classifier(tiny_onnx_path, labels=_ten_labels())
+    assert clf.preprocess == Preprocess(input_size=32)
+    explicit = Classifier(tiny_onnx_path, preprocess=TINY_PREPROCESS, labels=_ten_labels())
+    np.testing.assert_array_equal(clf.probabilities([CAT]), explicit.probabilities([CAT]))
+    assert clf.classify(CAT).predictions == explicit.classify(CAT).predictions
+    # Channels last: (N, S, S, 3) is taken as NHWC at its size, with the same scores.
+    path = tmp_path / "nhwc.onnx"
+    onnx.save(_nhwc(make_tiny_onnx()), path)
+    nhwc = Classifier(path, labels=_ten_labels())
+    assert (nhwc.preprocess.input_size, nhwc.preprocess.layout) == (32, "NHWC")
+    np.testing.assert_allclose(nhwc.probabilities([CAT], crops=10), explicit.probabilities([CAT], crops=10), rtol=1e-5, atol=1e-7)
+    # No fixed size: the default 224, as before.
+    dynamic = make_tiny_onnx()
+    for i in (2, 3):
+        dynamic.graph.input[0].type.tensor_type.shape.dim[i].dim_param = "side"
+    path = tmp_path / "dynamic.onnx"
+    onnx.save(dynamic, path)
+    assert Classifier(path, labels=_ten_labels()).preprocess == Preprocess()
+
+
+def _with_input_dims(tmp_path, name: str, **dims: int):
+    model = make_tiny_onnx()
+    shape = model.graph.input[0].type.tensor_type.shape.dim
+    for index, value in dims.items():
+        shape[int(index[1:])].dim_value = value
+    if "d0" in dims:
+        model.graph.output[0].type.tensor_type.shape.dim[0].dim_value = dims["d0"]
+    path = tmp_path / name
+    onnx.save(model, path)
+    return path
+
+
+def test_inputs_klaus_cannot_feed_are_one_clear_error(tmp_path):
+    batch4 = _with_input_dims(tmp_path, "batch4.onnx", d0=4)
+    with pytest.raises(KlausModelError, match=f"^{batch4}: input 'input' has shape \\(4, 3, 32, 32\\), a fixed batch of 4 images;"):
+        Classifier(batch4, labels=_ten_labels())
+    rect = _with_input_dims(tmp_path, "rect.onnx", d3=48)
+    with pytest.raises(KlausModelError, match=f"^{rect}: input 'input' has shape \\(\\?, 3, 32, 48\\), but the preprocessing "
+                       "makes \\(N, 3, 224, 224\\)$"):
+        Classifier(rect, labels=_ten_labels())
+    huge = _with_input_dims(tmp_path, "huge.onnx", d2=5000, d3=5000)
+    with pytest.raises(KlausModelError, match=f"^{huge}: the graph takes 5000x5000 inputs, more than the 4096-pixel limit$"):
+        Classifier(huge, labels=_ten_labels())
+
+
+def test_finite_probabilities_names_the_image_the_model_fails_on(tmp_path):
+    clf = Classifier(tiny_klaus())
+    np.testing.assert_array_equal(clf.finite_probabilities([CAT]), clf.probabilities([CAT]))
+    clf.run = lambda batch: np.full((batch.shape[0], TINY_CLASSES), np.nan, np.float32)
+    with pytest.raises(KlausModelError, match=f"^{CAT}: the model tiny gives NaN or infinite scores for this image$"):
+        clf.finite_probabilities([CAT, EXAMPLES / "coffee.jpg"])

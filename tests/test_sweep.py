@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -444,3 +445,167 @@ def test_uniform_widths_without_a_grid_are_noted(tiny_dir: Path, tmp_path: Path)
     assert code == 0, stderr
     assert [json.loads(line)["setting"] for line in stdout.splitlines()] == ["fp32", "fp16", "fc 4-bit uniform"]
     assert "no uniform row at 8 bits" in stderr
+
+
+# ---------------------------------------------------------------- --out checked up front, written atomically
+
+
+@pytest.fixture
+def no_rows(monkeypatch):
+    """Fail the test if the sweep gets as far as computing a row."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("rows were computed before --out was checked")
+
+    monkeypatch.setattr(sw, "run_sweep", refuse)
+    monkeypatch.setattr(sw, "load_eval_set", refuse)
+
+
+def _one_line(code: int, stderr: str) -> str:
+    assert code == 1 and len(stderr.strip().splitlines()) == 1, stderr
+    return stderr.strip()
+
+
+def test_out_is_refused_before_any_work(tiny_dir: Path, tmp_path: Path, no_rows):
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    src, data = str(tiny_dir / "tiny-lossless.klaus"), str(tiny_dir / "data.txt")
+    cases = [
+        (str(afile), f"klaus: error: {afile}: exists and is not a folder"),
+        ("", "klaus: error: '': the output folder name is empty"),
+        (str(afile / "sub"), f"klaus: error: {afile / 'sub'}: {afile} is not a folder"),
+        (str(tmp_path / ("x" * 300)), f"klaus: error: {tmp_path / ('x' * 300)}: "),
+    ]
+    for out, message in cases:
+        code, _, stderr = _run("sweep", src, "--data", data, "--bits", "8", "--out", out, "--json")
+        assert _one_line(code, stderr).startswith(message), stderr
+    assert afile.read_text() == "keep me"
+    (tmp_path / "o" / "sweep.csv").mkdir(parents=True)
+    code, _, stderr = _run("sweep", src, "--data", data, "--bits", "8", "--out", str(tmp_path / "o"))
+    assert _one_line(code, stderr) == f"klaus: error: {tmp_path / 'o' / 'sweep.csv'}: is a directory, not a file"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_unwritable_out_is_refused_before_any_work(tiny_dir: Path, tmp_path: Path, no_rows):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        code, _, stderr = _run("sweep", str(tiny_dir / "tiny-lossless.klaus"), "--data", str(tiny_dir / "data.txt"),
+                               "--out", str(locked / "new"))
+    finally:
+        locked.chmod(0o700)
+    assert _one_line(code, stderr) == f"klaus: error: {locked / 'new'}: cannot write ({locked} is not writable)"
+
+
+def test_default_out_folder_of_a_very_long_model_name_is_shortened(tmp_path: Path):
+    assert sw.default_out_dir("tiny") == "sweep-tiny"
+    long_a, long_b = "a" * 300, "a" * 299 + "b"
+    name = sw.default_out_dir(long_a)
+    assert len(name.encode()) <= 255 and name.startswith("sweep-aaaa") and name == sw.default_out_dir(long_a)
+    assert sw.default_out_dir(long_b) != name  # the hash keeps long names apart
+    assert len(sw.default_out_dir("é" * 200).encode()) <= 255
+    assert sw.check_out_dir(tmp_path / name) == tmp_path / name  # a name the file system takes
+
+
+def test_outputs_are_written_atomically_and_errors_name_the_file(tiny_dir: Path, tmp_path: Path, monkeypatch):
+    from klaus.errors import KlausWriteError
+
+    source = sw.load_source(tiny_dir / "tiny-lossless.klaus")
+    evalset = sw.load_eval_set(tiny_dir / "data.txt", source, limit=2)
+    result = sw.run_sweep(source, evalset, sw.plan([4], "fc", int8_baseline=False))
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "sweep.md").write_text("the previous table")
+    real = os.replace
+
+    def full_disk(src, dst):
+        if str(dst).endswith("sweep.csv"):
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(KlausWriteError, match=f"^{out / 'sweep.csv'}: cannot write \\(No space left on device\\)$"):
+        sw.write_outputs(result, out)
+    assert sorted(p.name for p in out.iterdir()) == ["sweep.md"]  # no temporary file, no partial sweep.csv
+    assert (out / "sweep.md").read_text() == sw.markdown(result)  # replaced whole, before the failure
+    monkeypatch.setattr(os, "replace", real)
+    written, _ = sw.write_outputs(result, out)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in written)
+
+
+# ---------------------------------------------------------------- source errors name SRC
+
+
+def _variant(tmp_path: Path, name: str, change) -> Path:
+    import onnx
+
+    model = make_tiny_onnx(classes=1000)
+    change(model)
+    path = tmp_path / name
+    onnx.save(model, path)
+    return path
+
+
+def _string_input(m):
+    import onnx
+
+    m.graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.STRING
+
+
+def _feature_map_output(m):
+    import onnx
+
+    del m.graph.node[6:]
+    del m.graph.output[:]
+    m.graph.output.append(onnx.helper.make_tensor_value_info("p_act", onnx.TensorProto.FLOAT, ["batch", 64, 16, 16]))
+    del m.graph.initializer[6:]
+
+
+def _ten_outputs(m):
+    m.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 10
+    m.graph.initializer[6].dims[0] = 10
+    m.graph.initializer[6].raw_data = m.graph.initializer[6].raw_data[: 10 * 64 * 4]
+    m.graph.initializer[7].dims[0] = 10
+    m.graph.initializer[7].raw_data = m.graph.initializer[7].raw_data[: 10 * 4]
+
+
+def _nan_weight(m):
+    from onnx import numpy_helper
+
+    arr = numpy_helper.to_array(m.graph.initializer[6]).copy()
+    arr[0, 0] = np.nan
+    m.graph.initializer[6].CopyFrom(numpy_helper.from_array(arr, m.graph.initializer[6].name))
+
+
+def _two_inputs(m):
+    import onnx
+
+    m.graph.input.append(onnx.helper.make_tensor_value_info("extra", onnx.TensorProto.FLOAT, ["batch", 3]))
+
+
+def _batch_of_four(m):
+    m.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 4
+    m.graph.output[0].type.tensor_type.shape.dim[0].dim_value = 4
+
+
+@pytest.mark.parametrize("change,fragment", [
+    (_string_input, "input 'input' is a string tensor"),
+    (_feature_map_output, "not (N, classes)"),
+    (_ten_outputs, "the model has 10 outputs"),
+    (_nan_weight, "weight 'fc.weight' holds NaN or infinite values"),
+    (_two_inputs, "the graph has 2 inputs"),
+    (_batch_of_four, "a fixed batch of 4 images"),
+])
+def test_source_errors_name_the_src_path(tiny_dir: Path, tmp_path: Path, change, fragment, no_rows):
+    src = _variant(tmp_path, "bad.onnx", change)
+    code, _, stderr = _run("sweep", str(src), "--data", str(tiny_dir / "data.txt"), "--bits", "8",
+                           "--out", str(tmp_path / "o"))
+    line = _one_line(code, stderr)
+    assert line.startswith(f"klaus: error: {src}: ") and fragment in line, line
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_missing_src_is_named(tiny_dir: Path, tmp_path: Path, no_rows):
+    missing = tmp_path / "missing.onnx"
+    code, _, stderr = _run("sweep", str(missing), "--data", str(tiny_dir / "data.txt"), "--out", str(tmp_path / "o"))
+    assert _one_line(code, stderr).startswith(f"klaus: error: {missing}: no such file")

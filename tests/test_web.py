@@ -6,6 +6,7 @@ import io
 import os
 import shutil
 import sqlite3
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from PIL import Image  # noqa: E402
 from starlette.testclient import TestClient  # noqa: E402
 
 from conftest import EXAMPLES  # noqa: E402
+from klaus.errors import KlausError  # noqa: E402
 from klaus.index.db import KlausIndexError, thumbs_dir  # noqa: E402
 from klaus.index.indexer import index_paths  # noqa: E402
 from klaus.web.app import create_app  # noqa: E402
@@ -290,3 +292,196 @@ def test_an_index_that_vanishes_while_serving_is_a_503(own_library, damage):
         assert api.status_code == 503, url
         message = api.json()["error"]
         assert message.startswith(f"{db}: ") and expected in message and "\n" not in message
+
+
+# ------------------------------------------------------------------ unreadable files, HEAD, bad models, odd paths
+
+
+@contextmanager
+def unreadable(path: Path, monkeypatch):
+    """``path`` cannot be opened by this process: chmod 000, or for root (whom permissions do not
+    stop) every way of opening it raises the PermissionError an ordinary user would get."""
+    if os.geteuid() != 0:
+        path.chmod(0)
+        try:
+            yield
+        finally:
+            path.chmod(0o644)
+        return
+    import builtins
+
+    real_os_open, real_open = os.open, builtins.open
+
+    def denied(target) -> bool:
+        return isinstance(target, (str, os.PathLike)) and os.path.abspath(os.fspath(target)) == str(path)
+
+    def os_open(target, *args, **kwargs):
+        if denied(target):
+            raise PermissionError(13, "Permission denied", os.fspath(target))
+        return real_os_open(target, *args, **kwargs)
+
+    def open_(target, *args, **kwargs):
+        if denied(target):
+            raise PermissionError(13, "Permission denied", os.fspath(target))
+        return real_open(target, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "open", os_open)
+        m.setattr(builtins, "open", open_)
+        yield
+
+
+def test_an_unreadable_file_is_refused_before_the_response_starts(own_library, monkeypatch):
+    db, lib, client = own_library
+    pid = photo_id(db, "cat.jpg")
+    assert client.get(f"/thumb/{pid}").status_code == 200  # cached now
+    with unreadable(lib / "cat.jpg", monkeypatch):  # same size and mtime: only the permission changed
+        for url in (f"/file/{pid}", f"/thumb/{pid}"):
+            response = client.get(url)  # the test client re-raises a server error: none may happen
+            assert response.status_code == 403, (url, response.status_code)
+            assert "file cannot be read (permission denied)" in response.text
+            assert response.headers["content-type"].startswith("text/html")
+            assert int(response.headers["content-length"]) == len(response.content)
+    assert client.get(f"/file/{pid}").content == (lib / "cat.jpg").read_bytes()
+
+
+def test_head_mirrors_get(client, library):
+    pid = photo_id(library[0], "cat.jpg")
+    for url in ("/classify", "/", f"/file/{pid}", f"/photo/{pid}"):
+        get = client.get(url, follow_redirects=False)
+        head = client.head(url, follow_redirects=False)
+        assert head.status_code == get.status_code, url
+        assert head.content == b""
+        assert head.headers.get("location") == get.headers.get("location"), url
+    assert client.head("/classify", follow_redirects=False).headers["location"] == "/#classify"
+
+
+@pytest.fixture(scope="module")
+def mismatched_model(tmp_path_factory) -> Path:
+    """A valid 1000-class ONNX model that loads but cannot run: it takes 32×32 photos, and
+    an .onnx model gets the standard 224×224 preprocessing."""
+    import onnx
+
+    from conftest import make_tiny_onnx
+
+    path = tmp_path_factory.mktemp("models") / "tiny32.onnx"
+    onnx.save(make_tiny_onnx(classes=1000), path)
+    return path
+
+
+def bad_models(folder: Path, mismatched: Path) -> dict[str, Path]:
+    (folder / "junk.klaus").write_bytes(b"hello, not a model\n")
+    (folder / "adir.klaus").mkdir()
+    return {"junk": folder / "junk.klaus", "missing": folder / "missing.klaus", "directory": folder / "adir.klaus",
+            "cannot run": mismatched}
+
+
+@pytest.mark.parametrize("kind", ["junk", "missing", "directory", "cannot run"])
+def test_cli_serve_refuses_a_bad_model_before_serving(library, tmp_path, mismatched_model, monkeypatch, kind):
+    import uvicorn
+
+    from test_index import assert_one_line_error, run_cli
+
+    def started(*args, **kwargs):
+        raise AssertionError("the server started with a bad model")
+
+    monkeypatch.setattr(uvicorn.Server, "run", started)
+    model = bad_models(tmp_path, mismatched_model)[kind]
+    result = run_cli("serve", "--db", str(library[0]), "--port", "0", "--model", str(model))
+    assert_one_line_error(result, f"klaus: error: {model}: ")
+    with pytest.raises(KlausError, match=str(model)):
+        create_app(library[0], model=str(model))
+
+
+def test_classify_failures_of_the_model_are_503_not_500(library, mismatched_model):
+    from klaus.index.engine import Engine
+
+    app = create_app(library[0], engine=Engine.load(mismatched_model), allowed_hosts=["testserver"])
+    data = (EXAMPLES / "cat.jpg").read_bytes()
+    with TestClient(app) as c:  # re-raises any unhandled server error
+        api = c.post("/api/classify", files={"photo": ("cat.jpg", data, "image/jpeg")})
+        assert api.status_code == 503
+        assert api.json()["error"].startswith("the model failed ([ONNXRuntimeError]")
+        page = c.post("/classify", files={"photo": ("cat.jpg", data, "image/jpeg")})
+        assert page.status_code == 503 and "the model failed" in page.text and "Traceback" not in page.text
+        bad_photo = c.post("/api/classify", files={"photo": ("x.jpg", b"hello", "image/jpeg")})
+        assert bad_photo.status_code == 415  # the photo's fault is still the photo's
+
+
+def test_a_model_that_cannot_be_loaded_on_first_use_is_503(library, tmp_path, monkeypatch):
+    """create_app without a model loads the embedded one on first use; a broken install is a 503."""
+    import klaus.runtime
+
+    app = create_app(library[0], allowed_hosts=["testserver"])
+    monkeypatch.setattr(klaus.runtime, "default_model_path", lambda: tmp_path / "vanished.klaus")
+    data = (EXAMPLES / "cat.jpg").read_bytes()
+    with TestClient(app) as c:
+        api = c.post("/api/classify", content=data, headers={"content-type": "image/jpeg"})
+        assert api.status_code == 503
+        assert api.json()["error"] == f"the model cannot be loaded: {tmp_path}/vanished.klaus: no such model file"
+        page = c.post("/classify", files={"photo": ("cat.jpg", data, "image/jpeg")})
+        assert page.status_code == 503 and "no such model file" in page.text and "Traceback" not in page.text
+
+
+def undecodable_db(folder: Path) -> Path:
+    """An index whose folder's name is the raw bytes ``dbx\\xff`` (an old Latin-1 disk)."""
+    from klaus.index.engine import Engine
+
+    lib = folder / "photos"
+    lib.mkdir()
+    shutil.copy(EXAMPLES / "cat.jpg", lib / "cat.jpg")
+    db = Path(os.fsdecode(os.fsencode(folder) + b"/dbx\xff")) / "lib.db"
+    index_paths([str(lib)], db, engine=Engine.load(), progress=False)
+    return db
+
+
+def test_a_db_path_that_is_not_utf8_is_shown_escaped(tmp_path):
+    db = undecodable_db(tmp_path)
+    with TestClient(create_app(db, allowed_hosts=["testserver"])) as c:
+        page = c.get("/")
+        assert page.status_code == 200
+        assert f"{tmp_path}/dbx\\xff/lib.db" in page.text
+        assert c.get("/search", params={"q": "cat"}).status_code == 200
+
+
+def test_cli_serve_json_with_a_db_path_that_is_not_utf8(tmp_path):
+    import json
+    import subprocess
+    import urllib.request
+
+    from test_index import klaus_cmd
+
+    db = undecodable_db(tmp_path)
+    server = subprocess.Popen([*klaus_cmd(), "serve", "--db", str(db), "--port", "0", "--json"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        line = server.stdout.readline()
+        assert line, server.stderr.read()
+        started = json.loads(line.decode("utf-8"))  # strict: no raw 0xff byte
+        assert started["db"] == f"{tmp_path}/dbx\\xff/lib.db"
+        with urllib.request.urlopen(started["url"], timeout=30) as response:
+            assert response.status == 200
+            assert f"{tmp_path}/dbx\\xff/lib.db" in response.read().decode("utf-8")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_a_photo_dated_after_2262_is_served(tmp_path):
+    """Its mtime is stored clamped to SQLite's largest integer; the gallery compares it the same way."""
+    from klaus.index.engine import Engine
+
+    lib = tmp_path / "photos"
+    lib.mkdir()
+    photo = lib / "future.jpg"
+    shutil.copy(EXAMPLES / "cat.jpg", photo)
+    os.utime(photo, (9246182400, 9246182400))  # 2263-01-01
+    db = tmp_path / "lib.db"
+    assert index_paths([str(lib)], db, engine=Engine.load(), progress=False).indexed == 1
+    pid = photo_id(db, "future.jpg")
+    with TestClient(create_app(db, allowed_hosts=["testserver"])) as c:
+        assert c.get(f"/file/{pid}").content == photo.read_bytes()
+        assert c.get(f"/thumb/{pid}").status_code == 200
+        photo.write_bytes((EXAMPLES / "coffee.jpg").read_bytes())
+        os.utime(photo, (9246182400, 9246182400))
+        assert c.get(f"/file/{pid}").status_code == 409  # another size: changed

@@ -18,7 +18,7 @@ import onnx
 
 from .errors import KlausDataError, KlausError
 from .evaluate import IMAGE_SUFFIXES, wnid_of
-from .onnxgraph import TensorRole, with_outputs
+from .onnxgraph import TensorRole, batches, fixed_batch, with_outputs
 from .preprocess import Preprocess, prepare
 from .quantize import DEFAULT_DAMP, HessianFactor, hessian_factor, hessian_factors
 
@@ -217,6 +217,8 @@ def input_statistics(
 
     ``windows`` names activations read by a depthwise convolution: their
     per-channel window Gram matrices are collected too (:attr:`InputStats.patch_hessian`).
+    A graph with a fixed batch size is run in batches of that size (the last one
+    padded, its padding rows left out of the statistics).
     """
     from .runtime import make_session
 
@@ -227,11 +229,11 @@ def input_statistics(
     fetch = [n for n in wanted if n not in graph_inputs]
     grams = set(gram_for)
     stats: dict[str, InputStats] = {}
-    for start in range(0, batch.shape[0], chunk):
-        part = batch[start : start + chunk]
+    for part, real in batches(batch, chunk, fixed_batch(model)):
         outs = dict(zip(fetch, session.run(fetch, {input_name: part}))) if fetch else {}
         outs.update({n: part for n in wanted if n in graph_inputs})
         for name, value in outs.items():
+            value = value[:real] if real < len(part) else value
             s = stats.setdefault(name, InputStats.empty(value.shape[1], name in grams))
             s.add(value, windows.get(name) if windows else None)
     return stats

@@ -63,6 +63,11 @@ class KlausGroup(click.Group):
         except click.exceptions.Abort:
             say("klaus: aborted", err=True)
             sys.exit(1)
+        except ImportError as exc:
+            if not _interrupted(exc):
+                raise
+            say("klaus: aborted", err=True)  # Ctrl-C while an extension (onnxruntime) initialized
+            sys.exit(1)
         except click.exceptions.NoArgsIsHelpError as exc:
             say(exc.ctx.get_help() if exc.ctx else "")
             sys.exit(0)
@@ -80,6 +85,19 @@ class KlausGroup(click.Group):
             say(f"klaus: error: {exc.filename or ''}{': ' if exc.filename else ''}{_one_line(str(exc.strerror or exc))}", err=True)
             sys.exit(1)
         sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """Whether ``exc`` was caused by Ctrl-C: a C extension whose initialization is interrupted
+    (onnxruntime's, for one) raises ``ImportError: initialization failed`` from the KeyboardInterrupt."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def _one_line(message: str) -> str:
@@ -263,6 +281,8 @@ def evaluate(model, reference, crops, limit, split, threads, low_memory, as_json
     samples = ev.load_dataset(data, clf.labels)
     if split != "all":
         samples = ev.split_classes(samples, split)
+        if not samples:
+            fail(f"{data}: no images in split {split}")
     samples = samples[:limit] if limit else samples
     if reference:
         ref = _classifier(reference, threads)
@@ -285,7 +305,10 @@ def evaluate(model, reference, crops, limit, split, threads, low_memory, as_json
 
 
 def _predict(clf, samples, crops: int, what: str, quiet: bool, reference=None):
-    """Top-5 of every photo (and, with a ``reference`` classifier, both models' paired predictions)."""
+    """Top-5 of every photo (and, with a ``reference`` classifier, both models' paired predictions).
+
+    A photo either model gives NaN or infinite scores for is an error for that photo (counted as failed).
+    """
     from tqdm import tqdm
 
     from .evaluate import predict_all, predict_paired
@@ -296,10 +319,10 @@ def _predict(clf, samples, crops: int, what: str, quiet: bool, reference=None):
     with tqdm(total=len(samples), desc=what, unit="img", file=sys.stderr, disable=quiet or None) as bar:
         if reference is not None:
             return predict_paired(
-                lambda paths: clf.probabilities(paths, crops), lambda paths: reference.probabilities(paths, crops),
+                lambda paths: clf.finite_probabilities(paths, crops), lambda paths: reference.finite_probabilities(paths, crops),
                 samples, on_batch=bar.update, on_error=on_error,
             )
-        return predict_all(lambda paths: clf.probabilities(paths, crops), samples, on_batch=bar.update, on_error=on_error)
+        return predict_all(lambda paths: clf.finite_probabilities(paths, crops), samples, on_batch=bar.update, on_error=on_error)
 
 
 # ---------------------------------------------------------------- compress
@@ -327,7 +350,7 @@ def _recipe_from_options(recipe_name, bits, fc_bits, conv_bits, depthwise_bits, 
     try:
         rules = tuple(LayerRule.parse(text) for text in layers)
     except ValueError as exc:
-        fail(str(exc))
+        fail(f"--layer {exc}")
     if rules:
         changes["rules"] = rules + recipe.rules
     if changes:
@@ -388,6 +411,15 @@ def compress(src, out, recipe_name, bits, fc_bits, conv_bits, depthwise_bits, la
     from .preprocess import Preprocess
 
     _check_output(out, src, labels_file, *calib)
+    _check_text_options({"--name": [name], "--license": [license_], "--source": [source_], "--layer": layers})
+    if lossless:
+        _refuse_with_lossless({
+            "--recipe": click.get_current_context().get_parameter_source("recipe_name") != click.core.ParameterSource.DEFAULT,
+            "--bits": bits is not None, "--fc-bits": fc_bits is not None, "--conv-bits": conv_bits is not None,
+            "--depthwise-bits": depthwise_bits is not None, "--layer": bool(layers), "--granularity": granularity is not None,
+            "--min-elements": min_elements is not None, "--weighted": bool(weighted), "--finetune-steps": finetune_steps is not None,
+            "--budget-mib": budget_mib is not None, "--max-drop": max_drop is not None,
+        })
     recipe = _recipe_from_options(recipe_name, bits, fc_bits, conv_bits, depthwise_bits, layers, granularity, lossless)
     if min_elements is not None or weighted or finetune_steps:
         recipe = replace(recipe, name=f"{recipe.name}+custom" if "custom" not in recipe.name else recipe.name,
@@ -417,7 +449,8 @@ def compress(src, out, recipe_name, bits, fc_bits, conv_bits, depthwise_bits, la
         names = _read_names(labels_file) if labels_file else None
         graph = onnxgraph.rename_weights(onnxgraph.simplify(source, src)) if simplify else source
         labels = cp.default_labels(graph, names, where=src)
-        card = cp.ModelCard(name or Path(src).stem, source_ or str(Path(src).name), license_, "klaus compress")
+        # A file name need not be UTF-8 text, which the file's metadata must be: undecodable bytes as \xNN.
+        card = cp.ModelCard(name or printable(Path(src).stem), source_ or printable(Path(src).name), license_, "klaus compress")
         output = "logits"
     cp.check_inputs(graph, preprocess, labels, card, where=src)  # everything the file must satisfy, before any work
     _warn_unmatched_rules(layers, graph, src)
@@ -436,6 +469,24 @@ def compress(src, out, recipe_name, bits, fc_bits, conv_bits, depthwise_bits, la
     return 0
 
 
+def _check_text_options(options: dict[str, Sequence[str | None]]) -> None:
+    """Refuse option values that are not valid UTF-8 (bytes from a Latin-1 shell, say): the file's
+    metadata and recipe are UTF-8 text, and this is the moment to say so, before any work."""
+    from .names import storable
+
+    for option, values in options.items():
+        for value in values:
+            if value is not None and not storable(value):
+                fail(f"{option} '{printable(value)}': not valid UTF-8 text (the model file stores it as UTF-8)")
+
+
+def _refuse_with_lossless(given: dict[str, bool]) -> None:
+    """--lossless stores every weight as fp32: options that choose bits or a size contradict it."""
+    clash = [option for option, present in given.items() if present]
+    if clash:
+        fail(f"--lossless stores every weight as fp32, so {', '.join(clash)} cannot be combined with it")
+
+
 def _same_file(a: str, b: str) -> bool:
     try:
         return os.path.samefile(a, b)
@@ -448,6 +499,8 @@ def _check_output(out: str, *sources: str | None) -> None:
     (writing it would destroy the input; symlinks and other spellings of a path count)."""
     if not out:
         fail("'': the output file name (-o) is empty")
+    if out.endswith(("/", os.sep)):  # Path() would drop the slash and write a file named like the folder
+        fail(f"{out}: names a folder; give a file name")
     if os.path.isdir(out):
         fail(f"{out}: is a directory, not a file")
     for src in sources:
@@ -494,7 +547,12 @@ def _triple(text: str, option: str) -> tuple[float, float, float]:
 
 
 def _read_names(path: str) -> list[str]:
-    names = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    """One class name per non-blank line of a UTF-8 text file (a byte-order mark is not part of the first)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        fail(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); save it as UTF-8")
+    names = [line.strip() for line in text.splitlines() if line.strip()]
     if not names:
         fail(f"{path}: no class names in labels file")
     return names
@@ -666,6 +724,8 @@ def sweep(src, bits_text, scope, methods_text, budgets_text, recipe_names, data,
                            int8_baseline=int8)
     except KlausModelError as exc:
         fail(str(exc))
+    if out_dir is not None:  # refused before any work, not after every row is computed
+        sw.check_out_dir(out_dir)
     command = ["klaus", "sweep", src, "--scope", scope, "--bits", ",".join(map(str, bits))]
     command += ["--methods", ",".join(methods)] if methods != ["tensor"] else []
     command += ["--budget-mib", ",".join(f"{b:g}" for b in budgets)] if budgets else []
@@ -677,11 +737,12 @@ def sweep(src, bits_text, scope, methods_text, budgets_text, recipe_names, data,
         command += ["--calib-crops", calib_crops] if calib_crops != "1" else []
     command += (["--crops", crops] if crops != "1" else []) + (["--min-elements", str(min_elements)] if min_elements is not None else [])
     command += (["--labels", labels_file] if labels_file else []) + ([] if int8 else ["--no-int8"])
-    command += ["--out", out_dir] if out_dir else []
+    command += ["--out", out_dir] if out_dir is not None else []
 
     quiet = as_json or None  # tqdm: None = only on a terminal
     start = time.perf_counter()
     source = sw.load_source(src, _read_names(labels_file) if labels_file else None)
+    out_dir = str(sw.check_out_dir(out_dir if out_dir is not None else sw.default_out_dir(source.name)))
     if source.palettized_tensors:
         say(f"klaus: warning: {src} has {source.palettized_tensors} palettized tensors, so the 'fp32' row is "
             "its decoded weights, not the original float model", err=True)
@@ -727,7 +788,7 @@ def sweep(src, bits_text, scope, methods_text, budgets_text, recipe_names, data,
         result = sw.run_sweep(source, evalset, settings, calibration=calibration, threads=threads,
                               command=shlex.join(command), on_row=on_row, progress=progress)
         images.close()
-    written, note = sw.write_outputs(result, out_dir or f"sweep-{result.model}")
+    written, note = sw.write_outputs(result, out_dir)
     if note:
         say(f"klaus: note: {note}", err=True)
     if not as_json:

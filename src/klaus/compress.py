@@ -6,7 +6,6 @@ import json
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -431,9 +430,9 @@ class _Search:
         self.fitted: tuple[Recipe, dict[str, np.ndarray], dict[str, PalettizedTensor]] | None = None
 
     def probabilities(self, weights: dict[str, np.ndarray], inputs: np.ndarray) -> np.ndarray:
-        from .runtime import run_batches, softmax
+        from .runtime import softmax
 
-        return softmax(run_batches(onnxgraph.join_weights(self.skeleton, weights), inputs))
+        return softmax(onnxgraph.run_batches(onnxgraph.join_weights(self.skeleton, weights), inputs))
 
     def build(self, allocation: "Allocation", method: str | None = None) -> KlausModel:
         """The allocation built without fine-tuning; its pieces are kept for :meth:`finished`."""
@@ -739,4 +738,4 @@ def check_preprocess_fits(model: onnx.ModelProto, preprocess: Preprocess, where:
 
 
 def write(model: KlausModel, path: str | os.PathLike[str]) -> int:
-    return write_model(model, Path(path))
+    return write_model(model, path)  # as given: Path() would drop a trailing slash, which write_model refuses

@@ -22,6 +22,7 @@ import math
 import os
 import re
 import sqlite3
+import stat
 import struct
 import tempfile
 from collections.abc import Sequence
@@ -222,18 +223,26 @@ def current_umask() -> int:
 def write_atomic(data: bytes, path: str | os.PathLike[str]) -> int:
     """Write ``data`` to ``path`` through a temporary file in the same folder and a rename.
 
-    Missing parent folders are created; the file gets the mode a plain ``open`` would
-    give it (0o666 less the umask), not the temporary file's 0o600. Any failure (a
-    directory in the way, permissions, disk full, a file size limit) is one
-    :class:`KlausWriteError` naming ``path`` (never the temporary file), and neither
-    the temporary file nor a partial ``path`` is left behind.
+    Missing parent folders are created. A file that replaces an existing one keeps that
+    file's permission bits (as editors do, so a ``chmod 600`` output stays private);
+    a new file gets the mode a plain ``open`` would give it (0o666 less the umask),
+    not the temporary file's 0o600. A name ending in a slash names a folder and is
+    refused. Any failure (a directory in the way, permissions, disk full, a file size
+    limit) is one :class:`KlausWriteError` naming ``path`` (never the temporary file),
+    and neither the temporary file nor a partial ``path`` is left behind.
     """
     where = os.fspath(path)
     target = Path(where)
     if not where:
         raise KlausWriteError("'': the output file name is empty")
-    if target.is_dir() or where.endswith(("/", os.sep)):
+    if where.endswith(("/", os.sep)):
+        raise KlausWriteError(f"{where}: names a folder; give a file name")
+    if target.is_dir():
         raise KlausWriteError(f"{where}: is a directory, not a file")
+    try:
+        mode = stat.S_IMODE(os.stat(target).st_mode) & 0o777
+    except OSError:  # no such file yet (or not one we can see): what open() would make
+        mode = 0o666 & ~current_umask()
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".klaus-", suffix=".tmp", dir=target.parent)
@@ -242,7 +251,7 @@ def write_atomic(data: bytes, path: str | os.PathLike[str]) -> int:
     try:
         with os.fdopen(fd, "wb") as f:
             if hasattr(os, "fchmod"):
-                os.fchmod(f.fileno(), 0o666 & ~current_umask())
+                os.fchmod(f.fileno(), mode)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

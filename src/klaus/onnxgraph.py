@@ -6,13 +6,16 @@ initializers removed (the "skeleton"); the tensor table holds them, encoded.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NoReturn
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .errors import KlausFormatError, KlausModelError, first_line
+from .errors import KlausFormatError, KlausModelError, KlausWriteError, first_line
 from .quantize import LayerKind
 
 # Operator domains a `.klaus` graph may use: the standard ONNX sets only, so a
@@ -70,6 +73,46 @@ def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
         if name not in present:
             probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
     return probe
+
+
+def fixed_batch(model: onnx.ModelProto) -> int | None:
+    """The batch size the graph's (first) data input fixes, or None when its batch dimension is free.
+
+    ``torch.onnx.export`` without ``dynamic_axes`` fixes it (usually at 1). Such a
+    graph may also bake that size into Reshape shapes, so it is run as it is, in
+    batches of exactly that size (:func:`batches`), never with the dimension freed.
+    """
+    weights = {t.name for t in model.graph.initializer}
+    for value in model.graph.input:
+        if value.name in weights:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        return int(dims[0].dim_value) if len(dims) and dims[0].HasField("dim_value") and dims[0].dim_value > 0 else None
+    return None
+
+
+def batches(inputs: np.ndarray, size: int, fixed: int | None) -> Iterator[tuple[np.ndarray, int]]:
+    """(batch, rows that are real) over ``inputs``: ``size`` rows at a time, or, for a graph whose
+    batch is ``fixed``, exactly that many, the last batch padded by repeating its last row."""
+    step = fixed or size
+    for start in range(0, len(inputs), step):
+        part = inputs[start : start + step]
+        real = len(part)
+        if fixed and real < fixed:
+            part = np.concatenate([part, np.repeat(part[-1:], fixed - real, axis=0)])
+        yield part, real
+
+
+def run_batches(model: onnx.ModelProto, inputs: np.ndarray, output: str | None = None, chunk: int = 64) -> np.ndarray:
+    """:func:`klaus.runtime.run_batches` for any graph, fixed batch size included: ``model``'s
+    first output (or the named intermediate value, batch-major) over ``inputs``."""
+    from .runtime import run_batches as run
+
+    fixed = fixed_batch(model)
+    if fixed is None:
+        return run(model, inputs, output, chunk)
+    padded = np.concatenate([part for part, _ in batches(inputs, chunk, fixed)])
+    return run(model, padded, output, fixed)[: len(inputs)]
 
 
 def split_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
@@ -218,28 +261,78 @@ def simplify(model: onnx.ModelProto, where: str | None = None) -> onnx.ModelProt
 
     Exporters leave shape arithmetic and Pad nodes around ("same" padding); the
     basic level folds them into Conv attributes and keeps to standard operators.
-    A graph ONNX Runtime cannot load is one :class:`KlausModelError` naming ``where``.
+    A graph ONNX Runtime cannot load is one :class:`KlausModelError` naming ``where``;
+    failing to write the optimized graph to a temporary file (disk full, a file size
+    limit) is a :class:`KlausWriteError` naming the temporary folder, not the model.
     """
-    import tempfile
-
     import onnxruntime as ort
 
-    with tempfile.TemporaryDirectory() as tmp:
+    blob = model.SerializeToString()
+    with _temporary_folder() as tmp:
         out = f"{tmp}/simplified.onnx"
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         options.optimized_model_filepath = out
         options.log_severity_level = 3
         try:
-            ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            ort.InferenceSession(blob, options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime's InvalidArgument/Fail/InvalidGraph types
+            if _loads(blob):  # so it was writing `out` that failed (ONNX Runtime says INVALID_PROTOBUF)
+                _temporary_write_failed(tmp, len(blob), exc)
             raise KlausModelError(f"{where + ': ' if where else ''}ONNX Runtime cannot load the model ({first_line(exc)})") from None
-        simplified = onnx.load(out)
+        try:
+            simplified = onnx.load(out)
+        except Exception as exc:  # a truncated file: the write failed without ONNX Runtime saying so
+            _temporary_write_failed(tmp, len(blob), exc)
     used = {node.domain for node in simplified.graph.node} | {""}
     kept = [o for o in simplified.opset_import if o.domain in used]
     del simplified.opset_import[:]
     simplified.opset_import.extend(kept)
     return simplified
+
+
+@contextlib.contextmanager
+def _temporary_folder() -> Iterator[str]:
+    """A private temporary folder; failing to create it is a :class:`KlausWriteError` naming TMPDIR."""
+    import tempfile
+
+    try:
+        folder = tempfile.TemporaryDirectory(prefix="klaus-")
+    except OSError as exc:
+        raise KlausWriteError(f"cannot write a temporary file in {tempfile.gettempdir()} ({exc.strerror or exc})") from None
+    with folder as tmp:
+        yield tmp
+
+
+def _loads(blob: bytes) -> bool:
+    """Whether ONNX Runtime loads the serialized model (basic optimizations, nothing written)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.log_severity_level = 3
+    try:
+        ort.InferenceSession(blob, options, providers=["CPUExecutionProvider"])
+    except Exception:
+        return False
+    return True
+
+
+def _temporary_write_failed(folder: str, size: int, exc: BaseException) -> NoReturn:
+    """A :class:`KlausWriteError` for a temporary file of about ``size`` bytes that could not be written
+    in ``folder``, with the system's reason (found by writing as much again: disk full, a file size limit)."""
+    import tempfile
+
+    reason = f"ONNX Runtime: {first_line(exc)}"
+    try:
+        with tempfile.TemporaryFile(dir=folder) as f:
+            chunk = b"\0" * (1 << 16)
+            for _ in range(0, 2 * size + len(chunk), len(chunk)):
+                f.write(chunk)
+            f.flush()
+    except OSError as error:
+        reason = error.strerror or str(error)
+    raise KlausWriteError(f"cannot write a temporary file in {tempfile.gettempdir()} ({reason})") from None
 
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")

@@ -55,6 +55,10 @@ DEFAULT_MAX_PIXELS = 178_956_970
 #: asking for absurd allocations.
 MAX_INPUT_SIZE = 4096
 
+#: Most bytes read into memory from a source that cannot seek (a pipe, ``/dev/stdin``,
+#: a socket): the same limit as the photo indexer's ``MAX_FILE_BYTES``.
+MAX_STREAM_BYTES = 1 << 30
+
 INTERPOLATIONS: dict[str, Image.Resampling] = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
@@ -263,14 +267,34 @@ def _open_source(source: Source, stack: ExitStack) -> tuple[IO[bytes], str]:
     elif hasattr(source, "read"):
         name = getattr(source, "name", None)
         label = name if isinstance(name, str) else "<bytes>"
-        fp = source if _seekable(source) else io.BytesIO(source.read())
+        fp = source
     else:
         raise TypeError(f"cannot load an image from {type(source).__name__}")
-    start = fp.tell()
-    if fp.seek(0, io.SEEK_END) == 0:
+    try:
+        start = fp.tell() if _seekable(fp) else None
+        end = None if start is None else fp.seek(0, io.SEEK_END)
+    except OSError:  # claims to seek but cannot (some character devices)
+        start = end = None
+    if start is None or end is None:
+        fp = _in_memory(fp, label)  # a pipe or /dev/stdin: read it whole, up to the limit
+        start, end = 0, len(fp.getbuffer())
+    if end == 0:
         raise KlausImageError(f"{label}: empty file")
     fp.seek(start)
     return fp, label
+
+
+def _in_memory(fp: IO[bytes], label: str) -> io.BytesIO:
+    """A non-seekable stream's bytes (at most :data:`MAX_STREAM_BYTES`) as a seekable buffer."""
+    try:
+        data = fp.read(MAX_STREAM_BYTES + 1)
+    except OSError as exc:
+        raise KlausImageError(f"{label}: cannot read ({exc.strerror or exc})") from None
+    if data is None:  # a non-blocking stream with nothing ready
+        raise KlausImageError(f"{label}: cannot read (no data available)")
+    if len(data) > MAX_STREAM_BYTES:
+        raise KlausImageError(f"{label}: too large (more than {MAX_STREAM_BYTES} bytes)")
+    return io.BytesIO(data)
 
 
 def _open_path(path: str) -> IO[bytes]:

@@ -136,6 +136,9 @@ def assign(values: np.ndarray, levels: np.ndarray, edges: np.ndarray) -> np.ndar
 # ---------------------------------------------------------------- recipes
 
 
+RULE_FORM = "PATTERN=BITS|float|uSTEP"  # how a --layer rule is written
+
+
 @dataclass(frozen=True)
 class LayerRule:
     """``pattern`` (fnmatch on the tensor name) gets ``bits`` (None keeps it float).
@@ -157,12 +160,16 @@ class LayerRule:
 
     @classmethod
     def parse(cls, text: str) -> LayerRule:
+        """``PATTERN=BITS``, ``PATTERN=float`` or ``PATTERN=uSTEP``; a ValueError names the rule and the form."""
         pattern, sep, value = text.rpartition("=")
         if not sep or not pattern:
-            raise ValueError(f"layer rule {text!r} is not PATTERN=BITS or PATTERN=uSTEP")
-        if value.strip().lower().startswith("u"):
-            return cls(pattern, 8, _parse_step(value.strip()[1:]))
-        return cls(pattern, _parse_bits(value))
+            raise ValueError(f"{text!r} is not {RULE_FORM}")
+        try:
+            if value.strip().lower().startswith("u"):
+                return cls(pattern, 8, _parse_step(value.strip()[1:]))
+            return cls(pattern, _parse_bits(value))
+        except ValueError as exc:
+            raise ValueError(f"{text!r}: {exc} (the form is {RULE_FORM})") from None
 
     @property
     def spec(self) -> str:
@@ -184,7 +191,10 @@ def _parse_step(text: str) -> float:
 def _parse_bits(text: str) -> int | None:
     if text.strip().lower() in ("float", "fp16", "none", "0"):
         return None
-    bits = int(text)
+    try:
+        bits = int(text)
+    except ValueError:
+        raise ValueError(f"BITS must be 1..8, 'float' or uSTEP, got {text.strip()!r}") from None
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be 1..8 (or 'float'), got {bits}")
     return bits

@@ -13,10 +13,10 @@ from typing import IO, Union
 import numpy as np
 import onnx
 
-from .compress import default_labels
+from .compress import data_inputs, default_labels, graph_input_size
 from .errors import KlausModelError, first_line, naming
 from .format import KlausModel, LabelRow, looks_like_klaus, read_model
-from .preprocess import Preprocess, load_image, to_tensor
+from .preprocess import MAX_INPUT_SIZE, Preprocess, load_image, to_tensor
 
 DEFAULT_MODEL_NAME = "efficientnet-lite0.klaus"
 ImageSource = Union[str, os.PathLike, bytes, IO[bytes]]
@@ -65,6 +65,45 @@ class Classification:
             "predictions": [p.to_dict() for p in self.predictions],
             "elapsed_ms": round(self.elapsed_ms, 3),
         }
+
+
+def onnx_preprocess(graph: onnx.ModelProto, where: str) -> Preprocess:
+    """EfficientNet-Lite preprocessing at the square size the graph's input declares (224 if none).
+
+    An input (N, S, S, 3) is taken as NHWC; anything else as NCHW. Errors name ``where``.
+    """
+    size, layout = graph_input_size(graph, "NCHW"), "NCHW"
+    if size is None:
+        inputs = data_inputs(graph)
+        dims = inputs[0].type.tensor_type.shape.dim if inputs else []
+        if len(dims) == 4 and dims[3].dim_value == 3 and graph_input_size(graph, "NHWC") is not None:
+            size, layout = graph_input_size(graph, "NHWC"), "NHWC"
+    if size is not None and size > MAX_INPUT_SIZE:
+        raise KlausModelError(f"{where}: the graph takes {size}x{size} inputs, more than the {MAX_INPUT_SIZE}-pixel limit")
+    return Preprocess(input_size=size or Preprocess().input_size, layout=layout)
+
+
+def check_input_shape(shape: Sequence[object], preprocess: Preprocess, where: str, name: str = "input") -> None:
+    """Refuse a graph input ``shape`` (ints fixed; anything else unknown) the preprocessing cannot feed.
+
+    Klaus feeds (N, 3, S, S) (NHWC: (N, S, S, 3)) with N images or crops, or one at a time
+    when the graph fixes N at 1; so a fixed batch above 1, another rank, channel count or size
+    is one line naming ``where``.
+    """
+    if not shape:  # rank unknown: ONNX Runtime will tell
+        return
+    fixed = [d if isinstance(d, int) and not isinstance(d, bool) and d > 0 else None for d in shape]
+    text = "(" + ", ".join("?" if d is None else str(d) for d in fixed) + ")"
+    s = preprocess.input_size
+    wanted = [None, 3, s, s] if preprocess.layout == "NCHW" else [None, s, s, 3]
+    made = f"(N, 3, {s}, {s})" if preprocess.layout == "NCHW" else f"(N, {s}, {s}, 3)"
+    if len(fixed) == 4 and fixed[0] is not None and fixed[0] > 1:
+        raise KlausModelError(
+            f"{where}: input {name!r} has shape {text}, a fixed batch of {fixed[0]} images; Klaus needs a batch "
+            "dimension of 1 or a dynamic one (re-export the model so)"
+        )
+    if len(fixed) != 4 or any(f is not None and f != w for f, w in zip(fixed[1:], wanted[1:])):
+        raise KlausModelError(f"{where}: input {name!r} has shape {text}, but the preprocessing makes {made}")
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -171,7 +210,7 @@ class Classifier:
             if memory != "default":
                 raise KlausModelError(f"{model}: low-memory mode needs a .klaus model (an ONNX file's weights are not palettized)")
             graph, arrays = load_onnx(str(model)), None
-            self.preprocess = preprocess or Preprocess()
+            self.preprocess = preprocess or onnx_preprocess(graph, str(model))
             self.labels = tuple(labels or default_labels(graph, where=str(model)))
             self.output = "logits"
             self.name = Path(str(model)).stem
@@ -185,7 +224,9 @@ class Classifier:
             self.session = make_session(graph, threads, arrays, where=self.where)
             del graph, arrays, loaded  # ONNX Runtime holds its own copy of the weights now
             release_free_heap()
-        self.input_name = self.session.get_inputs()[0].name
+        first = self.session.get_inputs()[0]
+        self.input_name = first.name
+        check_input_shape(first.shape, self.preprocess, self.where, first.name)
         self._fixed_batch = self._static_batch()
 
     def _static_batch(self) -> int | None:
@@ -211,11 +252,24 @@ class Classifier:
         probs = self.run(np.concatenate(tensors, axis=0))
         return probs.reshape(len(images), crops, -1).mean(axis=1)
 
+    def finite_probabilities(self, images: Sequence[ImageSource], crops: int = 1) -> np.ndarray:
+        """:meth:`probabilities`, but NaN or infinite scores are a :class:`KlausModelError` naming the (first such) image."""
+        probs = self.probabilities(images, crops)
+        bad = ~np.isfinite(probs).all(axis=-1)
+        if bad.any():
+            raise self._not_finite(images[int(np.argmax(bad))])
+        return probs
+
+    def _not_finite(self, image: ImageSource) -> KlausModelError:
+        path = str(image) if isinstance(image, (str, os.PathLike)) else "<image>"
+        return KlausModelError(f"{path}: the model {self.where} gives NaN or infinite scores for this image")
+
     def load(self, image: ImageSource):
         return load_image(image, target=self.preprocess.resize_side)
 
     def top(self, probs: np.ndarray, top: int = 5) -> tuple[Prediction, ...]:
-        top = max(1, min(top, probs.shape[-1]))
+        _check_top(top)
+        top = min(top, probs.shape[-1])
         order = np.argsort(-probs, kind="stable")[:top]
         return tuple(self._prediction(rank, int(i), float(probs[i])) for rank, i in enumerate(order, 1))
 
@@ -227,10 +281,16 @@ class Classifier:
 
     def classify(self, image: ImageSource, top: int = 5, crops: int = 1) -> Classification:
         """Top-``top`` predictions for one image; a model output that is not a number is an error for it."""
+        _check_top(top)
         start = time.perf_counter()
         probs = self.probabilities([image], crops)[0]
         elapsed = (time.perf_counter() - start) * 1000.0
         path = str(image) if isinstance(image, (str, os.PathLike)) else "<image>"
         if not np.all(np.isfinite(probs)):
-            raise KlausModelError(f"{path}: the model {self.where} gives NaN or infinite scores for this image")
+            raise self._not_finite(image)
         return Classification(path, self.top(probs, top), elapsed)
+
+
+def _check_top(top: int) -> None:
+    if top < 1:
+        raise ValueError("top must be >= 1")

@@ -18,6 +18,7 @@ modules' jobs. Nothing here prints; the CLI reports warnings and progress.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -32,11 +33,14 @@ import numpy as np
 import onnx
 
 from . import __version__, codecs, evaluate, quantize
-from .compress import ModelCard, compress_onnx, default_labels, imagenet_label_rows, plain_label_rows, to_onnx
-from .errors import KlausDataError, KlausError, KlausModelError
-from .format import KlausModel, LabelRow, parse_model, serialize
+from .compress import (
+    ModelCard, check_classifier, compress_onnx, data_inputs, default_labels, imagenet_label_rows, plain_label_rows, to_onnx,
+)
+from .errors import KlausDataError, KlausError, KlausModelError, KlausWriteError, naming
+from .format import KlausModel, LabelRow, parse_model, serialize, write_atomic
 from .preprocess import Preprocess, prepare
 from .quantize import FP16, LOSSLESS, NAMED_RECIPES, LayerRule, Recipe
+from .runtime import check_input_shape, onnx_preprocess
 
 if TYPE_CHECKING:
     from .runtime import Classifier
@@ -93,21 +97,23 @@ def load_source(src: str | os.PathLike[str], label_names: Sequence[str] | None =
     from .compress import load_source as load_file
 
     path = Path(src)
+    where = str(src)  # every error names SRC, checked before any row is computed
     if path.is_file():
         loaded = load_file(path)
         if isinstance(loaded, KlausModel):
             meta = loaded.meta
             card = ModelCard(meta["model_name"], meta["source"], meta["license"], meta["creator"], meta.get("description", ""))
-            labels = plain_label_rows(label_names) if label_names is not None else loaded.labels
+            labels = tuple(plain_label_rows(label_names) if label_names is not None else loaded.labels)
+            graph = to_onnx(loaded)
+            _check_graph(graph, loaded.preprocess, len(labels), where)
             palettized = sum(1 for t in loaded.tensors if t.codec in codecs.PALETTE_CODECS)
-            return SweepSource(
-                loaded.name, "klaus", str(src), to_onnx(loaded), loaded.preprocess, tuple(labels), card, meta["output"], palettized
-            )
-        graph = onnxgraph.rename_weights(onnxgraph.simplify(loaded))
+            return SweepSource(loaded.name, "klaus", where, graph, loaded.preprocess, labels, card, meta["output"], palettized)
+        preprocess = onnx_preprocess(loaded, where)
+        _check_graph(loaded, preprocess, None, where)
+        labels = default_labels(loaded, label_names, where=where)
+        graph = onnxgraph.rename_weights(onnxgraph.simplify(loaded, where))
         card = ModelCard(path.stem, path.name, "unknown", "klaus sweep")
-        size, layout = _static_input(graph)
-        preprocess = Preprocess(input_size=size or Preprocess().input_size, layout=layout)
-        return SweepSource(path.stem, "onnx", str(src), graph, preprocess, default_labels(graph, label_names), card)
+        return SweepSource(path.stem, "onnx", where, graph, preprocess, labels, card)
     from . import zoo
 
     if str(src) not in zoo.ZOO:
@@ -117,16 +123,12 @@ def load_source(src: str | os.PathLike[str], label_names: Sequence[str] | None =
     return SweepSource(entry.name, "zoo", str(src), graph, entry.preprocess, imagenet_label_rows(), entry.card)
 
 
-def _static_input(graph: onnx.ModelProto) -> tuple[int | None, str]:
-    """(side, layout) of a square image input fixed in the graph; (None, "NCHW") if it is not."""
-    initializers = {t.name for t in graph.graph.initializer}
-    inputs = [i for i in graph.graph.input if i.name not in initializers]
-    dims = [d.dim_value if d.HasField("dim_value") else 0 for d in inputs[0].type.tensor_type.shape.dim] if inputs else []
-    if len(dims) == 4 and dims[2] and dims[2] == dims[3]:
-        return dims[2], "NCHW"
-    if len(dims) == 4 and dims[1] and dims[1] == dims[2] and dims[3] == 3:
-        return dims[1], "NHWC"
-    return None, "NCHW"
+def _check_graph(graph: onnx.ModelProto, preprocess: Preprocess, classes: int | None, where: str) -> None:
+    """A valid, finite classifier graph whose image input the preprocessing can feed; errors name ``where``."""
+    check_classifier(graph, layout=preprocess.layout, classes=classes, where=where)
+    image = data_inputs(graph)[0]
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in image.type.tensor_type.shape.dim]
+    check_input_shape(dims, preprocess, where, image.name)
 
 
 # ---------------------------------------------------------------- settings
@@ -585,6 +587,8 @@ def _top5(classifier: Classifier, evalset: EvalSet, on_batch: Callable[[int], No
     for batch in evalset.batches():
         try:
             probs = classifier.run(batch)
+        except KlausError:  # already one line naming the model
+            raise
         except Exception as exc:  # onnxruntime's own error types
             raise KlausModelError(f"ONNX Runtime cannot run the model on the inputs ({_first_line(exc)})") from None
         probs = probs.reshape(batch.shape[0] // evalset.crops, evalset.crops, -1).mean(axis=1)
@@ -632,8 +636,8 @@ def run_sweep(
                 try:
                     row, top5 = _compressed_row(setting, source, evalset, calibration, threads, reference_top1, tick)
                 except KlausError as exc:
-                    if setting.kind == "reference":
-                        raise
+                    if setting.kind == "reference":  # no table without it: the error names SRC
+                        raise KlausModelError(naming(str(exc).removeprefix(f"<{setting.label}>: "), source.origin)) from None
                     row = _error_row(setting, evalset, _first_line(exc))
                 else:
                     if setting.kind == "reference":
@@ -1037,16 +1041,72 @@ def plot(result: SweepResult, path: str | os.PathLike[str]) -> None:
         ax.legend([handles[i] for i in order], [names[i] for i in order], fontsize=8, loc="best")
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    fig.savefig(os.fspath(path), metadata={"Software": None})
+    image = io.BytesIO()
+    fig.savefig(image, format="png", metadata={"Software": None})
+    write_atomic(image.getvalue(), path)
+
+
+OUTPUT_NAMES = ("sweep.md", "sweep.csv", "sweep.json", "sweep.png")
+_NAME_MAX = 255  # bytes per file name on common file systems, when pathconf cannot say
+
+
+def default_out_dir(model: str) -> str:
+    """``sweep-<model>``, shortened (with a hash of the full name) if it would be too long a file name."""
+    name = f"sweep-{model}"
+    if len(os.fsencode(name)) <= _NAME_MAX:
+        return name
+    tag = hashlib.sha256(os.fsencode(model)).hexdigest()[:8]
+    short = model
+    while len(os.fsencode(f"sweep-{short}-{tag}")) > _NAME_MAX:
+        short = short[:-1]
+    return f"sweep-{short}-{tag}"
+
+
+def check_out_dir(out_dir: str | os.PathLike[str]) -> Path:
+    """The output folder, refused up front (before any row is computed) if it could not be written.
+
+    Refused: an empty name, a path that exists and is not a folder (or has a file where a
+    folder should be), a file name too long, a folder that cannot be created or written,
+    an output name that is a folder. Errors are one :class:`KlausWriteError` naming ``out_dir``.
+    """
+    where = os.fspath(out_dir)
+    if not where:
+        raise KlausWriteError("'': the output folder name is empty")
+    path = Path(where)
+    try:
+        if path.exists() and not path.is_dir():
+            raise KlausWriteError(f"{where}: exists and is not a folder")
+        existing = path
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise KlausWriteError(f"{where}: {existing} is not a folder")
+        try:
+            name_max = os.pathconf(existing, "PC_NAME_MAX")
+        except (OSError, ValueError):
+            name_max = _NAME_MAX
+        if any(len(os.fsencode(part)) > name_max for part in path.parts):
+            raise KlausWriteError(f"{where}: file name too long")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise KlausWriteError(f"{where}: cannot write ({existing} is not writable)")
+        for name in OUTPUT_NAMES:
+            if (path / name).is_dir():
+                raise KlausWriteError(f"{path / name}: is a directory, not a file")
+    except KlausWriteError:
+        raise
+    except OSError as exc:  # e.g. a name too long for the file system to even look up
+        raise KlausWriteError(f"{where}: cannot write ({(exc.strerror or str(exc)).lower()})") from None
+    return path
 
 
 def write_outputs(result: SweepResult, out_dir: str | os.PathLike[str]) -> tuple[list[Path], str | None]:
-    """sweep.md, sweep.csv, sweep.json and sweep.png; returns (written files, note if the plot was skipped)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    """sweep.md, sweep.csv, sweep.json and sweep.png, each written atomically (a temporary file and a rename);
+    returns (written files, note if the plot was skipped). A file that cannot be written is a
+    :class:`KlausWriteError` naming it."""
+    out = check_out_dir(out_dir)
     written = []
     for name, text in (("sweep.md", markdown(result)), ("sweep.csv", csv_text(result)), ("sweep.json", json_text(result))):
-        (out / name).write_text(text, encoding="utf-8")
+        write_atomic(text.encode("utf-8"), out / name)
         written.append(out / name)
     try:
         import matplotlib  # noqa: F401
@@ -1059,7 +1119,7 @@ def write_outputs(result: SweepResult, out_dir: str | os.PathLike[str]) -> tuple
 
 __all__ = [
     "METHODS", "SCHEMES", "SCOPES", "UNIFORM_STEPS", "CalibrationSet", "EvalSet", "Setting", "SweepResult", "SweepRow",
-    "SweepSource", "csv_text", "frontier", "json_text", "load_calibration_set", "load_eval_set", "load_source", "markdown",
+    "SweepSource", "check_out_dir", "csv_text", "default_out_dir", "frontier", "json_text", "load_calibration_set", "load_eval_set", "load_source", "markdown",
     "method_setting", "mixed_setting", "overlap", "parse_bits", "parse_budgets", "parse_methods", "plan", "plot",
     "run_sweep", "scope_recipe", "uniform_recipe", "without_calibration", "write_outputs",
 ]

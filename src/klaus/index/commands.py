@@ -12,14 +12,26 @@ import sys
 
 import click
 
-from ..names import shown
+from ..names import printable, shown
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 WARNINGS_SHOWN = 20  # warnings of each kind printed; --json has them all (up to 1000)
 
 
 def _emit(obj: object) -> None:
-    click.echo(json.dumps(obj, ensure_ascii=False))
+    """One JSON object on one line, always valid UTF-8: undecodable bytes in names (a --db
+    path from an old Latin-1 disk) are shown as ``\\xNN`` (:func:`klaus.names.printable`)."""
+    click.echo(json.dumps(_printable(obj), ensure_ascii=False))
+
+
+def _printable(obj: object) -> object:
+    if isinstance(obj, str):
+        return printable(obj)
+    if isinstance(obj, dict):
+        return {_printable(k): _printable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_printable(v) for v in obj]
+    return obj
 
 
 def _db_path(db: str | None) -> str:
@@ -153,7 +165,10 @@ def search_command(query, db, min_prob, limit, as_json) -> int:
 @click.option("--max-upload-mb", type=click.IntRange(1, 200), default=20, show_default=True, help="Largest photo 'classify' accepts.")
 @json_option
 def serve_command(db, model, host, port, max_upload_mb, as_json) -> int:
-    """A local web gallery: browse by the WordNet tree, search, photo pages, classify a new photo."""
+    """A local web gallery: browse by the WordNet tree, search, photo pages, classify a new photo.
+
+    The index and the model are checked before the server starts (one-line errors).
+    """
     try:
         import uvicorn
 
@@ -164,6 +179,7 @@ def serve_command(db, model, host, port, max_upload_mb, as_json) -> int:
         ) from None
     db_path = _db_path(db)
     app = create_app(db_path, model=model, max_upload=max_upload_mb * 1024 * 1024, host=host)
+    app.state.gallery.load_model()  # now: a bad model is a one-line error here, not a 503 later
     sock = _listen(host, port)
     port = sock.getsockname()[1]
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
@@ -181,7 +197,8 @@ def serve_command(db, model, host, port, max_upload_mb, as_json) -> int:
 
 
 def _listen(host: str, port: int):
-    """Bind first, so a busy port is a one-line error and --port 0 picks a free one."""
+    """Bind (and listen) first, so a busy port is a one-line error, --port 0 picks a free one, and
+    the URL printed is connectable at once."""
     import socket
 
     try:
@@ -189,6 +206,7 @@ def _listen(host: str, port: int):
         sock = socket.socket(family, kind, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
+        sock.listen(2048)  # connections to the announced URL wait in the backlog until uvicorn accepts them
     except OSError as exc:
         raise click.ClickException(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from None
     sock.set_inheritable(True)

@@ -35,6 +35,18 @@ SCHEMA_VERSION = 1
 APPLICATION_ID = 0x4B4C4958  # "KLIX"
 BUSY_TIMEOUT_MS = 60_000
 STATUSES = ("ok", "error", "gone")
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # what an SQLite INTEGER holds
+
+
+def int64(value: int) -> int:
+    """``value`` clamped to what an SQLite INTEGER column holds.
+
+    A file's mtime can lie beyond it (``touch -d 2263-01-01``: more than 2^63 ns after
+    1970). Such a photo is stored with the clamped mtime, which never equals the
+    file's real one, so each run hashes it again and re-classifies it only if its
+    content changed: incremental runs stay correct, at the price of one read.
+    """
+    return min(max(int(value), INT64_MIN), INT64_MAX)
 
 
 class KlausIndexError(KlausError):
@@ -162,6 +174,8 @@ class Database:
         version = self.conn.execute("PRAGMA user_version").fetchone()[0]
         if app_id not in (0, APPLICATION_ID):
             raise KlausIndexError(f"{where}: not a klaus photo index (SQLite application id {app_id:#x})")
+        if version < 0:  # no klaus ever wrote one; the migrations start at 0
+            raise KlausIndexError(f"{where}: not a klaus photo index (schema version {version})")
         if version > SCHEMA_VERSION:
             raise KlausIndexError(
                 f"{where}: photo index schema version {version} is newer than this klaus understands "
@@ -190,6 +204,8 @@ class Database:
 
     def _check_foreign(self, version: int, app_id: int) -> None:
         where = shown(self.path)
+        if version < 0:
+            raise KlausIndexError(f"{where}: not a klaus photo index (schema version {version})")
         if version == 0:
             tables = self.conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
             if tables:
@@ -304,7 +320,7 @@ class Database:
 
     def touch(self, path: str, size: int, mtime_ns: int) -> None:
         """The content is unchanged (same hash): remember the new mtime so the next run skips it."""
-        self.conn.execute("UPDATE photos SET size = ?, mtime_ns = ? WHERE path = ?", (size, mtime_ns, path))
+        self.conn.execute("UPDATE photos SET size = ?, mtime_ns = ? WHERE path = ?", (int64(size), int64(mtime_ns), path))
 
     def save(self, result, model_id: int, stamp: str) -> int:
         """Insert or replace one photo and its predictions (in the caller's transaction)."""
@@ -320,7 +336,7 @@ class Database:
                    elapsed_ms = excluded.elapsed_ms, indexed_at = excluded.indexed_at
                RETURNING id""",
             (
-                result.path, result.size, result.mtime_ns, result.sha256, result.width, result.height, result.format,
+                result.path, int64(result.size), int64(result.mtime_ns), result.sha256, result.width, result.height, result.format,
                 result.taken, result.status, result.error, model_id, round(result.decode_ms, 3),
                 round(result.infer_ms, 3), round(result.elapsed_ms, 3), stamp,
             ),

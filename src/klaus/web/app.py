@@ -22,6 +22,7 @@ import io
 import mimetypes
 import os
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -42,9 +43,10 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
-from ..errors import KlausError, KlausImageError
-from ..index.db import Database, KlausIndexError, error_message, thumbs_dir
+from ..errors import KlausError, KlausImageError, first_line
+from ..index.db import Database, KlausIndexError, error_message, int64, thumbs_dir
 from ..index import search as q
+from ..names import shown
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_MAX_UPLOAD = 20 * 1024 * 1024
@@ -110,19 +112,27 @@ class LimitedReceive:
 
 
 class Gallery:
-    """State shared by the routes: the database path, the thumbnail cache, the model (lazy)."""
+    """State shared by the routes: the database path, the thumbnail cache, the model.
 
-    def __init__(self, db_path: str | os.PathLike[str], model: str | None, max_upload: int) -> None:
+    A model named by ``model`` is loaded at once, so a bad one is a one-line
+    KlausModelError before the server starts; the embedded default is loaded on first use
+    (``klaus serve`` loads it at startup too).
+    """
+
+    def __init__(self, db_path: str | os.PathLike[str], model: str | None, max_upload: int, engine=None) -> None:
         self.db_path = Path(db_path)
         Database(self.db_path, readonly=True).close()  # fail now, in one line, if it is not an index
         self.thumbs = thumbs_dir(self.db_path)
         self.model = model
         self.max_upload = max_upload
-        self._engine = None
+        self._engine = engine
+        self._model_checked = False
         self._engine_lock = threading.Lock()
         self._classify_slots = threading.BoundedSemaphore(2)
         self._tree: tuple[float, dict] | None = None
         self._tree_lock = threading.Lock()
+        if engine is None and model is not None:
+            self.load_model()
 
     @contextmanager
     def db(self) -> Iterator[Database]:
@@ -139,12 +149,31 @@ class Gallery:
             database.close()
 
     def engine(self):
+        """The model; KlausModelError (one line, naming the file) if it cannot be loaded."""
         with self._engine_lock:
             if self._engine is None:
                 from ..index.engine import Engine
 
                 self._engine = Engine.load(self.model)
             return self._engine
+
+    def load_model(self) -> None:
+        """Load the model now and classify one blank photo with it: KlausModelError (one line,
+        naming the file) if it cannot be loaded or run, so a server never starts with a bad model."""
+        from PIL import Image
+
+        from ..errors import KlausModelError
+        from ..preprocess import to_tensor
+
+        engine = self.engine()
+        if self._model_checked:
+            return
+        side = engine.preprocess.input_size
+        try:
+            engine.run(to_tensor(Image.new("RGB", (side, side)), engine.preprocess))
+        except Exception as exc:  # ONNX Runtime's own error types
+            raise KlausModelError(f"{shown(engine.blob.where)}: the model cannot classify a photo ({first_line(exc)})") from None
+        self._model_checked = True
 
     def tree(self) -> dict[str, q.Node]:
         with self._tree_lock:
@@ -166,14 +195,33 @@ class Gallery:
         return dict(zip(("path", "size", "mtime_ns", "sha256", "format", "status"), row))
 
     def checked_path(self, row: dict) -> str:
-        """The photo's path if the file is still the one indexed (size and mtime), else 404/409."""
+        """The photo's path if the file is still the one indexed (size and mtime) and can be read.
+
+        404 if it is gone, 409 if it changed, 403 if this server may not read it. The file
+        is opened here, before any response starts: a response that had sent its headers
+        could no longer say that the file cannot be read (FileResponse opens it only then).
+        """
+        path = row["path"]
         try:
-            st = os.stat(row["path"])
-        except OSError:
+            self._check_unchanged(os.stat(path), row)
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+        except FileNotFoundError:
             raise HTTPException(404, "the photo's file is gone; run 'klaus index' again") from None
-        if st.st_size != row["size"] or st.st_mtime_ns != row["mtime_ns"]:
+        except PermissionError:
+            raise HTTPException(403, "the photo's file cannot be read (permission denied)") from None
+        except OSError as exc:
+            raise HTTPException(404, f"the photo's file cannot be read ({exc.strerror or exc})") from None
+        try:
+            self._check_unchanged(os.fstat(fd), row)  # the very file opened
+        finally:
+            os.close(fd)
+        return path
+
+    @staticmethod
+    def _check_unchanged(st: os.stat_result, row: dict) -> None:
+        # The index stores an mtime beyond SQLite's integers clamped (klaus.index.db.int64).
+        if not stat.S_ISREG(st.st_mode) or st.st_size != row["size"] or int64(st.st_mtime_ns) != row["mtime_ns"]:
             raise HTTPException(409, "the photo's file changed since it was indexed; run 'klaus index' again")
-        return row["path"]
 
     def thumbnail(self, photo_id: int, size_name: str) -> Path | bytes:
         """The cached thumbnail file (made on first request), or its bytes if the cache is not writable.
@@ -214,7 +262,10 @@ class Gallery:
         from ..preprocess import load_image, to_tensor
 
         with self._classify_slots:
-            engine = self.engine()
+            try:
+                engine = self.engine()
+            except KlausError as exc:  # the model file went bad: the server's problem, not the photo's
+                raise UploadError(503, f"the model cannot be loaded: {shown(first_line(exc))}") from None
             start = time.perf_counter()
             try:
                 image = load_image(data, target=decode_target(engine.preprocess))
@@ -222,7 +273,12 @@ class Gallery:
                 message = str(exc)
                 raise UploadError(415, message[len("<bytes>: "):] if message.startswith("<bytes>: ") else message) from None
             width, height, fmt, taken = header_info(data)
-            probs = engine.run(to_tensor(image, engine.preprocess))[0]
+            try:
+                probs = engine.run(to_tensor(image, engine.preprocess))[0]
+            except MemoryError:
+                raise UploadError(503, "out of memory running the model; try again later") from None
+            except Exception as exc:  # ONNX Runtime's own error types: the model cannot run on this machine
+                raise UploadError(503, f"the model failed ({shown(first_line(exc))})") from None
             elapsed = (time.perf_counter() - start) * 1000.0
         predictions = []
         for rank, (index, prob) in enumerate(top5(probs), 1):
@@ -261,9 +317,11 @@ def create_app(
     max_upload: int = DEFAULT_MAX_UPLOAD,
     host: str = "127.0.0.1",
     allowed_hosts: list[str] | None = None,
+    engine=None,
 ) -> Starlette:
-    """The ASGI app for ``db_path``; raises KlausIndexError at once if it is not a photo index."""
-    gallery = Gallery(db_path, model, max_upload)
+    """The ASGI app for ``db_path``; raises KlausIndexError at once if it is not a photo index,
+    KlausModelError if ``model`` is given and cannot be loaded (``engine``: one already loaded)."""
+    gallery = Gallery(db_path, model, max_upload, engine)
     import jinja2
 
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(HERE / "templates")), autoescape=True)
@@ -281,7 +339,7 @@ def create_app(
         nodes = gallery.tree()
         tops = [_expand(nodes, _chain(nodes, c), HOME_DEPTH) for r in q.roots(nodes)
                 for c in nodes[r].children if nodes[c].count > 0]
-        return render(request, "home.html", counts=counts, roots=tops, db=str(gallery.db_path))
+        return render(request, "home.html", counts=counts, roots=tops, db=shown(gallery.db_path))
 
     def sync_browse(request: Request) -> Response:
         wnid = request.path_params["wnid"]
@@ -396,18 +454,20 @@ def create_app(
         except UploadError as exc:
             return JSONResponse({"error": str(exc)}, status_code=exc.status)
         except KlausError as exc:
-            return JSONResponse({"error": str(exc)}, status_code=500)
+            return JSONResponse({"error": shown(first_line(exc))}, status_code=500)
         return JSONResponse(result)
 
     async def classify_page(request: Request) -> Response:
         """The same without JavaScript: the form posts here and gets a page back."""
-        if request.method == "GET":
+        if request.method in ("GET", "HEAD"):
             return RedirectResponse("/#classify", status_code=303)
         try:
             data = await read_upload(request)
             result = await run_in_threadpool(gallery.classify, data)
         except UploadError as exc:
             return render(request, "classified.html", status=exc.status, error=str(exc), result=None)
+        except KlausError as exc:
+            return render(request, "classified.html", status=500, error=shown(first_line(exc)), result=None)
         return render(request, "classified.html", error=None, result=result)
 
     def threaded(fn):
@@ -433,7 +493,7 @@ def create_app(
     async def http_error(request: Request, exc: HTTPException) -> Response:
         if request.url.path.startswith("/api/"):
             return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
-        if exc.status_code in (404, 405, 409, 400):
+        if exc.status_code in (400, 403, 404, 405, 409):
             return render(request, "error.html", status=exc.status_code, status_code=exc.status_code, message=exc.detail)
         return Response(str(exc.detail), status_code=exc.status_code, media_type="text/plain")
 
