@@ -65,6 +65,19 @@ def make_tiny_onnx(seed: int = 0, classes: int = TINY_CLASSES) -> onnx.ModelProt
     return model
 
 
+def feature_map_output(model: onnx.ModelProto) -> None:
+    """Break a tiny model: the feature map (N, 64, 16, 16) as its only output, so it is not a classifier."""
+    del model.graph.node[6:]
+    del model.graph.initializer[6:]
+    del model.graph.output[:]
+    model.graph.output.append(helper.make_tensor_value_info("p_act", TensorProto.FLOAT, ["batch", 64, 16, 16]))
+
+
+def string_input(model: onnx.ModelProto) -> None:
+    """Break a tiny model: its image input becomes a string tensor."""
+    model.graph.input[0].type.tensor_type.elem_type = TensorProto.STRING
+
+
 TINY_PREPROCESS = Preprocess(input_size=TINY_SIZE, crop_ratio=0.875)
 TINY_RECIPE = Recipe(name="tiny", fc_bits=4, conv_bits=6, depthwise_bits=6, min_elements=64)
 

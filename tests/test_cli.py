@@ -19,7 +19,7 @@ import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 
-from conftest import EXAMPLES, TINY_CLASSES, TINY_SIZE, make_tiny_onnx
+from conftest import EXAMPLES, TINY_CLASSES, TINY_SIZE, feature_map_output, make_tiny_onnx, string_input
 from klaus.cli import main
 from klaus.runtime import default_model_path
 
@@ -713,18 +713,6 @@ def _inf_bias(m):
     m.graph.initializer[1].CopyFrom(onnx.numpy_helper.from_array(arr, m.graph.initializer[1].name))
 
 
-def _conv_output(m):
-    """The feature map (N, 64, 16, 16) as the only output: not a classifier."""
-    del m.graph.node[6:]
-    del m.graph.output[:]
-    m.graph.output.append(onnx.helper.make_tensor_value_info("p_act", onnx.TensorProto.FLOAT, ["batch", 64, 16, 16]))
-    del m.graph.initializer[6:]
-
-
-def _string_input(m):
-    m.graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.STRING
-
-
 def _two_inputs(m):
     m.graph.input.append(onnx.helper.make_tensor_value_info("extra", onnx.TensorProto.FLOAT, ["batch", 3]))
 
@@ -739,8 +727,8 @@ def _two_channel_input(m):
         (_missing_input, "'nowhere'"),
         (_nan_weight, "'fc.weight' holds NaN or infinite values"),
         (_inf_bias, "'stem.bias' holds NaN or infinite values"),
-        (_conv_output, "not (N, classes)"),
-        (_string_input, "string tensor"),
+        (feature_map_output, "not (N, classes)"),
+        (string_input, "string tensor"),
         (_two_inputs, "2 inputs"),
         (_two_channel_input, "(N, 3, H, W)"),
     ],

@@ -13,7 +13,9 @@ import pytest
 from onnx import helper
 from PIL import Image
 
-from conftest import EXAMPLES, TINY_CLASSES, TINY_PREPROCESS, TINY_RECIPE, TINY_SIZE, make_tiny_onnx, tiny_klaus
+from conftest import (
+    EXAMPLES, TINY_CLASSES, TINY_PREPROCESS, TINY_RECIPE, TINY_SIZE, feature_map_output, make_tiny_onnx, tiny_klaus,
+)
 from klaus import calibrate, compress, format, onnxgraph
 from klaus.errors import KlausFormatError, KlausModelError
 from klaus.quantize import DEFAULT, LOSSLESS, Recipe
@@ -383,13 +385,6 @@ def _set_weight(name: str, index: tuple, value: float):
     return change
 
 
-def _feature_map_output(model: onnx.ModelProto) -> None:
-    del model.graph.node[6:]
-    del model.graph.initializer[6:]
-    del model.graph.output[:]
-    model.graph.output.append(helper.make_tensor_value_info("p_act", onnx.TensorProto.FLOAT, ["batch", 64, 16, 16]))
-
-
 def _nan_constant(model: onnx.ModelProto) -> None:
     """A NaN hidden in a Constant node (what --no-simplify keeps in the graph)."""
     shift = helper.make_node("Constant", [], ["shift"], value=onnx.numpy_helper.from_array(np.array([np.nan], np.float32)))
@@ -405,7 +400,7 @@ def _nan_constant(model: onnx.ModelProto) -> None:
         (_set_weight("fc.weight", (0, 0), np.nan), KlausModelError, "'fc.weight' holds NaN"),
         (_set_weight("dw.weight", (0, 0, 1, 1), -np.inf), KlausModelError, "'dw.weight' holds NaN or infinite"),
         (_nan_constant, KlausModelError, "Constant node 'shift' holds NaN"),
-        (_feature_map_output, KlausModelError, "(?, 64, 16, 16), not (N, classes)"),
+        (feature_map_output, KlausModelError, "(?, 64, 16, 16), not (N, classes)"),
         (lambda m: setattr(m.graph.input[0].type.tensor_type, "elem_type", onnx.TensorProto.STRING), KlausModelError,
          "string tensor"),
         (lambda m: setattr(m.graph.input[0].type.tensor_type, "elem_type", onnx.TensorProto.FLOAT16), KlausModelError,

@@ -19,7 +19,7 @@ from klaus.errors import KlausError, KlausModelError
 from klaus.preprocess import Preprocess, prepare
 from klaus.quantize import LOSSLESS
 
-from conftest import EXAMPLES, TINY_CLASSES, make_tiny_onnx, tiny_klaus
+from conftest import EXAMPLES, TINY_CLASSES, feature_map_output, make_tiny_onnx, string_input, tiny_klaus
 
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 TIMING = set(sw.TIMING_COLUMNS)
@@ -546,21 +546,6 @@ def _variant(tmp_path: Path, name: str, change) -> Path:
     return path
 
 
-def _string_input(m):
-    import onnx
-
-    m.graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.STRING
-
-
-def _feature_map_output(m):
-    import onnx
-
-    del m.graph.node[6:]
-    del m.graph.output[:]
-    m.graph.output.append(onnx.helper.make_tensor_value_info("p_act", onnx.TensorProto.FLOAT, ["batch", 64, 16, 16]))
-    del m.graph.initializer[6:]
-
-
 def _ten_outputs(m):
     m.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 10
     m.graph.initializer[6].dims[0] = 10
@@ -589,8 +574,8 @@ def _batch_of_four(m):
 
 
 @pytest.mark.parametrize("change,fragment", [
-    (_string_input, "input 'input' is a string tensor"),
-    (_feature_map_output, "not (N, classes)"),
+    (string_input, "input 'input' is a string tensor"),
+    (feature_map_output, "not (N, classes)"),
     (_ten_outputs, "the model has 10 outputs"),
     (_nan_weight, "weight 'fc.weight' holds NaN or infinite values"),
     (_two_inputs, "the graph has 2 inputs"),
