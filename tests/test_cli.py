@@ -230,7 +230,7 @@ def test_eval_json(eval_folder):
 def test_eval_human_and_options(eval_folder):
     result = run("eval", str(eval_folder))
     assert result.exit_code == 1
-    assert re.search(r"efficientnet-lite0: n=3  top-1 \d+\.\d\d%  top-5 100\.00%  \(1 unreadable\)", result.stdout)
+    assert re.search(r"efficientnet-lite0: n=3  top-1 \d+\.\d\d%  top-5 100\.00%  \(1 failed\)", result.stdout)
     odd = json_lines(run("eval", "--json", "--split", "odd", str(eval_folder)).stdout)[0]
     assert odd["n"] == 2 and odd["failed"] == 0  # cat and coffee
     limited = json_lines(run("eval", "--json", "--limit", "1", "--crops", "10", str(eval_folder)).stdout)[0]
@@ -1180,7 +1180,7 @@ def test_eval_counts_nan_scores_as_failed_images(tmp_path, eval_folder):
     result = run("eval", "--reference", str(nan), str(eval_folder))
     assert result.exit_code == 1
     assert "nan" not in result.stdout.lower().replace(str(nan).lower(), "")
-    assert "(4 unreadable)" in result.stdout and "KL" not in result.stdout
+    assert "(4 failed)" in result.stdout and "KL" not in result.stdout
 
 
 def test_eval_of_an_empty_split_is_an_error(tmp_path):

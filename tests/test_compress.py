@@ -424,6 +424,19 @@ def test_check_classifier_refuses(change, error, fragment):
         _compress(TINY_RECIPE, model=model)
 
 
+def test_weights_beyond_fp16_are_refused_unless_stored_as_fp32():
+    """A weight beyond fp16's range would turn infinite in an fp16 palette or tensor: refused up front, in one line."""
+    model = _variant(_set_weight("fc.weight", (0, 0), 1e6))
+    with pytest.raises(KlausModelError, match=r"^tiny: weight 'fc.weight' holds values up to 1e\+06, beyond the ±65504 "):
+        _compress(TINY_RECIPE, model=model)
+    with pytest.raises(KlausModelError, match="only --lossless"):  # palettized, though leftovers are fp32
+        _compress(replace(LOSSLESS, fc_bits=4, min_elements=64), model=model)
+    kept = _compress(replace(LOSSLESS, conv_bits=6, min_elements=64), model=model)  # fc stays fp32
+    assert {t.name: t.codec for t in kept.tensors}["fc.weight"] == "raw-f32"
+    exact = compress.to_onnx(_compress(LOSSLESS, model=model))
+    assert onnx.numpy_helper.to_array(next(t for t in exact.graph.initializer if t.name == "fc.weight"))[0, 0] == 1e6
+
+
 def test_check_classifier_accepts_what_it_cannot_know():
     compress.check_classifier(make_tiny_onnx(), classes=TINY_CLASSES, where="x")
     # symbolic dimensions everywhere

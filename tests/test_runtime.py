@@ -262,6 +262,17 @@ def test_run_errors_name_the_model_file_not_its_name(tmp_path):
         Classifier(str(path))
 
 
+def test_softmax_of_non_finite_logits_is_nan_without_warnings():
+    import warnings
+
+    from klaus.runtime import softmax
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        probs = softmax(np.array([[np.inf, 1.0, np.inf], [1.0, 2.0, 3.0]], np.float32))
+    assert np.isnan(probs[0]).all() and np.isclose(probs[1].sum(), 1.0)
+
+
 def test_nan_scores_are_an_error_for_the_image(tmp_path):
     """A model whose output is NaN for an image: a KlausModelError naming the image and the model."""
     from onnx import TensorProto, helper, numpy_helper

@@ -590,6 +590,18 @@ def test_source_errors_name_the_src_path(tiny_dir: Path, tmp_path: Path, change,
     assert not (tmp_path / "o").exists()
 
 
+def test_a_source_with_nan_scores_is_an_error_not_a_table(tiny_dir: Path, tmp_path: Path):
+    """fc weights of 3e38 make every logit infinite and every probability NaN: no 'fp32 100 %' row."""
+    def huge_fc(m):
+        m.graph.initializer[6].raw_data = np.full((1000, 64), 3e38, np.float32).tobytes()
+
+    src = _variant(tmp_path, "nan.onnx", huge_fc)
+    code, _, stderr = _run("sweep", str(src), "--data", str(tiny_dir / "data.txt"), "--bits", "8", "--no-int8",
+                           "--out", str(tmp_path / "o"))
+    assert _one_line(code, stderr) == f"klaus: error: {src}: the model gives NaN or infinite scores on the evaluation images"
+    assert not (tmp_path / "o" / "sweep.md").exists()
+
+
 def test_a_missing_src_is_named(tiny_dir: Path, tmp_path: Path, no_rows):
     missing = tmp_path / "missing.onnx"
     code, _, stderr = _run("sweep", str(missing), "--data", str(tiny_dir / "data.txt"), "--out", str(tmp_path / "o"))

@@ -295,7 +295,7 @@ def evaluate(model, reference, crops, limit, split, threads, low_memory, as_json
         emit(acc.to_dict())
     else:
         say(f"{clf.name}: n={acc.n}  top-1 {acc.top1 * 100:.2f}%  top-5 {acc.top5 * 100:.2f}%"
-            + (f"  ({acc.failed} unreadable)" if acc.failed else ""))
+            + (f"  ({acc.failed} failed)" if acc.failed else ""))
         if acc.reference_top1 is not None:
             se = "" if acc.top1_diff_se is None else f" ± {acc.top1_diff_se * 100:.2f} (paired SE)"
             say(f"vs reference: top-1 {acc.reference_top1 * 100:.2f}%, difference "
@@ -452,7 +452,7 @@ def compress(src, out, recipe_name, bits, fc_bits, conv_bits, depthwise_bits, la
         # A file name need not be UTF-8 text, which the file's metadata must be: undecodable bytes as \xNN.
         card = cp.ModelCard(name or printable(Path(src).stem), source_ or printable(Path(src).name), license_, "klaus compress")
         output = "logits"
-    cp.check_inputs(graph, preprocess, labels, card, where=src)  # everything the file must satisfy, before any work
+    cp.check_inputs(graph, preprocess, labels, card, where=src, recipe=recipe)  # everything the file must satisfy, before any work
     _warn_unmatched_rules(layers, graph, src)
     calibration = _calibration(calib, calib_split, calib_limit, calib_crops, preprocess)
     try:

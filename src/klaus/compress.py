@@ -187,7 +187,7 @@ def compress_onnx(
     progress: Progress | None = None,
 ) -> KlausModel:
     """Palettize, bias-correct (when calibration inputs are given) and encode a model."""
-    check_inputs(model, preprocess, labels, card)
+    check_inputs(model, preprocess, labels, card, recipe=recipe)
     skeleton, weights = onnxgraph.split_weights(model)
     roles = onnxgraph.tensor_roles(model)
     recipe = effective_recipe(recipe, calibration is not None)
@@ -200,10 +200,12 @@ def compress_onnx(
 
 
 def check_inputs(
-    model: onnx.ModelProto, preprocess: Preprocess, labels: Sequence[LabelRow], card: ModelCard, where: str | None = None
+    model: onnx.ModelProto, preprocess: Preprocess, labels: Sequence[LabelRow], card: ModelCard, where: str | None = None,
+    recipe: Recipe | None = None,
 ) -> None:
     """What every build checks before any work: a safe, valid classifier graph (check_classifier),
-    input size, unique label names. Errors name ``where`` (default: the card's model name)."""
+    input size, unique label names and, given the ``recipe``, weights that fit where it stores them
+    (:func:`check_fp16_range`). Errors name ``where`` (default: the card's model name)."""
     where = where or card.name
     onnxgraph.validate_skeleton(model, where)
     check_classifier(model, layout=preprocess.layout, classes=len(labels), where=where)
@@ -211,6 +213,26 @@ def check_inputs(
     names = [row.name for row in labels]
     if len(set(names)) != len(names):
         raise KlausModelError(f"{where}: label names must be unique")
+    if recipe is not None:
+        check_fp16_range(model, recipe, where)
+
+
+FP16_MAX = float(np.finfo(np.float16).max)  # 65504
+
+
+def check_fp16_range(model: onnx.ModelProto, recipe: Recipe, where: str) -> None:
+    """Palettes, and float tensors in an fp16 recipe, are stored at half precision: a weight beyond
+    fp16's ±65504 would become infinite there, so such a model is refused before any work."""
+    _, weights = onnxgraph.split_weights(model)
+    roles = onnxgraph.tensor_roles(model)
+    for name, w in weights.items():
+        as_fp16 = recipe.float_codec == "raw-f16" or recipe.bits_for(name, roles[name].kind, w.size) is not None
+        peak = float(np.abs(w).max()) if w.size else 0.0
+        if as_fp16 and peak > FP16_MAX:
+            raise KlausModelError(
+                f"{where}: weight {name!r} holds values up to {peak:.3g}, beyond the ±{FP16_MAX:g} of the fp16 palettes "
+                "and tensors this recipe stores; only --lossless (fp32) can store it"
+            )
 
 
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
@@ -399,7 +421,7 @@ class _Search:
                  progress):
         from . import mixed
 
-        check_inputs(model, preprocess, labels, card)
+        check_inputs(model, preprocess, labels, card, recipe=recipe)
         self.model, self.recipe, self.calibration = model, recipe, calibration
         self.skeleton, self.weights = onnxgraph.split_weights(model)
         self.roles = roles = onnxgraph.tensor_roles(model)

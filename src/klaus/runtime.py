@@ -107,9 +107,12 @@ def check_input_shape(shape: Sequence[object], preprocess: Preprocess, where: st
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    e = np.exp(shifted.astype(np.float64))
-    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+    """Probabilities; a row with NaN or infinite logits comes out NaN, for the caller to report
+    (:meth:`Classifier.finite_probabilities`), without numpy's warnings on stderr."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        shifted = logits - logits.max(axis=-1, keepdims=True)
+        e = np.exp(shifted.astype(np.float64))
+        return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
 def run_batches(model: onnx.ModelProto, inputs: np.ndarray, output: str | None = None, chunk: int = 64) -> np.ndarray:

@@ -591,6 +591,8 @@ def _top5(classifier: Classifier, evalset: EvalSet, on_batch: Callable[[int], No
             raise
         except Exception as exc:  # onnxruntime's own error types
             raise KlausModelError(f"ONNX Runtime cannot run the model on the inputs ({_first_line(exc)})") from None
+        if not np.isfinite(probs).all():  # argsort would rank NaNs as if they were scores
+            raise KlausModelError("the model gives NaN or infinite scores on the evaluation images")
         probs = probs.reshape(batch.shape[0] // evalset.crops, evalset.crops, -1).mean(axis=1)
         found.append(np.argsort(-probs, axis=1, kind="stable")[:, :5])
         if on_batch:
