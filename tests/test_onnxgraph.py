@@ -13,6 +13,7 @@ from conftest import TINY_CLASSES, TINY_SIZE, make_tiny_onnx
 from klaus import onnxgraph
 from klaus.errors import KlausFormatError, KlausModelError
 from klaus.onnxgraph import TensorRole
+from klaus.runtime import run_batches
 
 TINY_WEIGHTS = ["stem.weight", "stem.bias", "dw.weight", "dw.bias", "pw.weight", "pw.bias", "fc.weight", "fc.bias"]
 
@@ -572,8 +573,8 @@ def test_run_batches_of_a_fixed_batch_graph(batch, output):
     fixed = _with_batch(make_tiny_onnx(), batch)
     with pytest.raises(Exception, match="[Ii]nvalid dimensions"):
         ort.InferenceSession(fixed.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})
-    expected = onnxgraph.run_batches(make_tiny_onnx(), x, output)
-    got = onnxgraph.run_batches(fixed, x, output, chunk=64)
+    expected = run_batches(make_tiny_onnx(), x, output)
+    got = run_batches(fixed, x, output, chunk=64)
     assert got.shape == expected.shape
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 

@@ -6,7 +6,6 @@ Every command takes ``--json``; every error is one line on stderr and exit statu
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -18,27 +17,14 @@ import click
 
 from . import __version__
 from .errors import KlausError, KlausWriteError, naming
-from .names import printable
+from .names import json_line, printable
 
 PRESERVE = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
-def _json_safe(value: object) -> object:
-    """Strings printable, non-finite floats null (JSON has no NaN), containers recursively."""
-    if isinstance(value, str):
-        return printable(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {printable(str(k)): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def emit(obj: object) -> None:
     """One JSON object on one line of stdout: always valid UTF-8 JSON."""
-    click.echo(json.dumps(_json_safe(obj), ensure_ascii=False, sort_keys=False, allow_nan=False))
+    click.echo(json_line(obj))
 
 
 def say(message: object = "", err: bool = False, **kwargs) -> None:

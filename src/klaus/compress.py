@@ -187,9 +187,10 @@ def compress_onnx(
     progress: Progress | None = None,
 ) -> KlausModel:
     """Palettize, bias-correct (when calibration inputs are given) and encode a model."""
-    check_inputs(model, preprocess, labels, card, recipe=recipe)
+    check_inputs(model, preprocess, labels, card)
     skeleton, weights = onnxgraph.split_weights(model)
     roles = onnxgraph.tensor_roles(model)
+    check_fp16_range(weights, roles, recipe, card.name)
     recipe = effective_recipe(recipe, calibration is not None)
     stats = None if calibration is None else calibration_stats(model, weights, roles, recipe, calibration)
     weights, quantized = _palettized(model, weights, roles, recipe, stats, calibration, progress, finetune=True)
@@ -214,17 +215,17 @@ def check_inputs(
     if len(set(names)) != len(names):
         raise KlausModelError(f"{where}: label names must be unique")
     if recipe is not None:
-        check_fp16_range(model, recipe, where)
+        check_fp16_range(onnxgraph.split_weights(model)[1], onnxgraph.tensor_roles(model), recipe, where)
 
 
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504
 
 
-def check_fp16_range(model: onnx.ModelProto, recipe: Recipe, where: str) -> None:
+def check_fp16_range(
+    weights: dict[str, np.ndarray], roles: dict[str, onnxgraph.TensorRole], recipe: Recipe, where: str
+) -> None:
     """Palettes, and float tensors in an fp16 recipe, are stored at half precision: a weight beyond
     fp16's ±65504 would become infinite there, so such a model is refused before any work."""
-    _, weights = onnxgraph.split_weights(model)
-    roles = onnxgraph.tensor_roles(model)
     for name, w in weights.items():
         as_fp16 = recipe.float_codec == "raw-f16" or recipe.bits_for(name, roles[name].kind, w.size) is not None
         peak = float(np.abs(w).max()) if w.size else 0.0
@@ -252,7 +253,8 @@ def _dims(value: onnx.ValueInfoProto) -> list[int | None] | None:
     return [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
 
 
-def _shape_text(dims: Sequence[int | None]) -> str:
+def shape_text(dims: Sequence[int | None]) -> str:
+    """A shape as messages show it: ``(?, 3, 224, 224)``."""
     return "(" + ", ".join("?" if d is None else str(d) for d in dims) + ")"
 
 
@@ -279,7 +281,7 @@ def check_classifier(model: onnx.ModelProto, *, layout: str = "NCHW", classes: i
     if dims is not None and (len(dims) != 4 or dims[channel] not in (None, 3)):
         other = "NHWC" if layout == "NCHW" else "NCHW"
         hint = f" (for {other} input use --layout {other})" if len(dims) == 4 and dims[4 - channel] == 3 else ""
-        raise KlausModelError(f"{where}: input {image.name!r} has shape {_shape_text(dims)}, not an image tensor {wanted}{hint}")
+        raise KlausModelError(f"{where}: input {image.name!r} has shape {shape_text(dims)}, not an image tensor {wanted}{hint}")
     outputs = model.graph.output
     if len(outputs) != 1:
         raise KlausModelError(f"{where}: the graph has {len(outputs)} outputs; a classifier has one, (N, classes)")
@@ -290,7 +292,7 @@ def check_classifier(model: onnx.ModelProto, *, layout: str = "NCHW", classes: i
     if dims is None:  # rank unknown (onnx.checker requires a shape on graph outputs, so rarely)
         return
     if len(dims) != 2:
-        raise KlausModelError(f"{where}: output {output.name!r} has shape {_shape_text(dims)}, not (N, classes): not a classifier")
+        raise KlausModelError(f"{where}: output {output.name!r} has shape {shape_text(dims)}, not (N, classes): not a classifier")
     if classes is not None and dims[1] is not None and dims[1] != classes:
         raise KlausModelError(f"{where}: output {output.name!r} has {dims[1]} classes but there are {classes} labels")
 
@@ -421,10 +423,11 @@ class _Search:
                  progress):
         from . import mixed
 
-        check_inputs(model, preprocess, labels, card, recipe=recipe)
+        check_inputs(model, preprocess, labels, card)
         self.model, self.recipe, self.calibration = model, recipe, calibration
         self.skeleton, self.weights = onnxgraph.split_weights(model)
         self.roles = roles = onnxgraph.tensor_roles(model)
+        check_fp16_range(self.weights, roles, recipe, card.name)
         eligible = [n for n, w in self.weights.items() if roles[n].kind != "other" and w.size >= min_elements]
         planned = replace(recipe, rules=tuple(LayerRule.exact(n, 8) for n in eligible))
         fit, probing = probe_rows(len(calibration), views)
@@ -452,9 +455,9 @@ class _Search:
         self.fitted: tuple[Recipe, dict[str, np.ndarray], dict[str, PalettizedTensor]] | None = None
 
     def probabilities(self, weights: dict[str, np.ndarray], inputs: np.ndarray) -> np.ndarray:
-        from .runtime import softmax
+        from .runtime import run_batches, softmax
 
-        return softmax(onnxgraph.run_batches(onnxgraph.join_weights(self.skeleton, weights), inputs))
+        return softmax(run_batches(onnxgraph.join_weights(self.skeleton, weights), inputs))
 
     def build(self, allocation: "Allocation", method: str | None = None) -> KlausModel:
         """The allocation built without fine-tuning; its pieces are kept for :meth:`finished`."""

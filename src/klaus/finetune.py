@@ -26,7 +26,7 @@ from onnx import numpy_helper
 from . import onnxgraph
 from .errors import KlausModelError
 from .quantize import PalettizedTensor
-from .onnxgraph import run_batches  # runtime's, in batches a fixed-batch graph accepts
+from .runtime import run_batches
 
 Progress = Callable[[str], None]
 

@@ -10,6 +10,8 @@ A name may also hold a newline or other control characters: text output escapes 
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
 
@@ -48,3 +50,21 @@ def shown(text: str | os.PathLike[str]) -> str:
     """One line of display text: undecodable bytes as ``\\xNN``, control characters as ``\\n``, ``\\x1b``, ``\\u2028``."""
     return _UNSAFE.sub(_escape, printable(text))
 
+
+
+def json_safe(value: object) -> object:
+    """Strings printable, non-finite floats null (JSON has no NaN), containers recursively."""
+    if isinstance(value, str):
+        return printable(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {printable(str(k)): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def json_line(obj: object) -> str:
+    """``obj`` as one line of valid UTF-8 JSON (see :func:`json_safe`)."""
+    return json.dumps(json_safe(obj), ensure_ascii=False, allow_nan=False)

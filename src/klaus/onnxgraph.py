@@ -103,18 +103,6 @@ def batches(inputs: np.ndarray, size: int, fixed: int | None) -> Iterator[tuple[
         yield part, real
 
 
-def run_batches(model: onnx.ModelProto, inputs: np.ndarray, output: str | None = None, chunk: int = 64) -> np.ndarray:
-    """:func:`klaus.runtime.run_batches` for any graph, fixed batch size included: ``model``'s
-    first output (or the named intermediate value, batch-major) over ``inputs``."""
-    from .runtime import run_batches as run
-
-    fixed = fixed_batch(model)
-    if fixed is None:
-        return run(model, inputs, output, chunk)
-    padded = np.concatenate([part for part, _ in batches(inputs, chunk, fixed)])
-    return run(model, padded, output, fixed)[: len(inputs)]
-
-
 def split_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """Return (skeleton without float initializers, {name: float32 array}) in graph order."""
     skeleton = onnx.ModelProto()

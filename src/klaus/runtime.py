@@ -13,7 +13,7 @@ from typing import IO, Union
 import numpy as np
 import onnx
 
-from .compress import data_inputs, default_labels, graph_input_size
+from .compress import data_inputs, default_labels, graph_input_size, shape_text
 from .errors import KlausModelError, first_line, naming
 from .format import KlausModel, LabelRow, looks_like_klaus, read_model
 from .preprocess import MAX_INPUT_SIZE, Preprocess, load_image, to_tensor
@@ -93,7 +93,7 @@ def check_input_shape(shape: Sequence[object], preprocess: Preprocess, where: st
     if not shape:  # rank unknown: ONNX Runtime will tell
         return
     fixed = [d if isinstance(d, int) and not isinstance(d, bool) and d > 0 else None for d in shape]
-    text = "(" + ", ".join("?" if d is None else str(d) for d in fixed) + ")"
+    text = shape_text(fixed)
     s = preprocess.input_size
     wanted = [None, 3, s, s] if preprocess.layout == "NCHW" else [None, s, s, 3]
     made = f"(N, 3, {s}, {s})" if preprocess.layout == "NCHW" else f"(N, {s}, {s}, 3)"
@@ -116,13 +116,16 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def run_batches(model: onnx.ModelProto, inputs: np.ndarray, output: str | None = None, chunk: int = 64) -> np.ndarray:
-    """``model``'s first output (or the named intermediate value) over ``inputs``, ``chunk`` rows per call."""
-    from .onnxgraph import with_outputs
+    """``model``'s first output (or the named intermediate value, batch-major) over ``inputs``, ``chunk``
+    rows per call; a graph whose batch size is fixed gets exactly that many (:func:`klaus.onnxgraph.batches`)."""
+    from .onnxgraph import batches, fixed_batch, with_outputs
 
     session = make_session(model if output is None else with_outputs(model, [output]))
     name = session.get_inputs()[0].name
     fetch = [output or session.get_outputs()[0].name]
-    return np.concatenate([session.run(fetch, {name: inputs[i : i + chunk]})[0] for i in range(0, len(inputs), chunk)])
+    return np.concatenate(
+        [session.run(fetch, {name: part})[0][:real] for part, real in batches(inputs, chunk, fixed_batch(model))]
+    )
 
 
 def make_session(

@@ -7,12 +7,11 @@ click exceptions, which :class:`klaus.cli.KlausGroup` formats).
 
 from __future__ import annotations
 
-import json
 import sys
 
 import click
 
-from ..names import printable, shown
+from ..names import json_line, shown
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 WARNINGS_SHOWN = 20  # warnings of each kind printed; --json has them all (up to 1000)
@@ -20,18 +19,8 @@ WARNINGS_SHOWN = 20  # warnings of each kind printed; --json has them all (up to
 
 def _emit(obj: object) -> None:
     """One JSON object on one line, always valid UTF-8: undecodable bytes in names (a --db
-    path from an old Latin-1 disk) are shown as ``\\xNN`` (:func:`klaus.names.printable`)."""
-    click.echo(json.dumps(_printable(obj), ensure_ascii=False))
-
-
-def _printable(obj: object) -> object:
-    if isinstance(obj, str):
-        return printable(obj)
-    if isinstance(obj, dict):
-        return {_printable(k): _printable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_printable(v) for v in obj]
-    return obj
+    path from an old Latin-1 disk) are shown as ``\\xNN`` (:func:`klaus.names.json_line`)."""
+    click.echo(json_line(obj))
 
 
 def _db_path(db: str | None) -> str:
