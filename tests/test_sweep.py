@@ -283,7 +283,7 @@ def test_zoo_smoke_on_development_photos(imagenet_sample: Path, tmp_path: Path):
     assert rows["fc 8-bit"]["agreement"] >= 0.9 and rows["fc 4-bit"]["agreement"] >= 0.8
 
 
-# ---------------------------------------------------------------- methods and budgets (issue 5)
+# ---------------------------------------------------------------- methods and budgets
 
 
 def test_plan_methods_per_width_then_budgets():

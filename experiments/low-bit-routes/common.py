@@ -1,4 +1,4 @@
-"""Shared set-up of the session-5 experiments: the dev split, the budgeted build to start from, dev KL."""
+"""Shared set-up of the low-bit-route experiments: the dev split, the budgeted build to start from, dev KL."""
 
 from __future__ import annotations
 

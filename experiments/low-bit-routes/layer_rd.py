@@ -1,6 +1,6 @@
 """Rate-distortion of single layers: per-output-channel grids (as built) vs grids also scaled per input channel.
 
-    python experiments/issue5-session5/layer_rd.py
+    python experiments/low-bit-routes/layer_rd.py
 
 For each large pointwise layer of EfficientNet-Lite0 (200 even-half photos for the
 Hessian H), GPTQ on uniform grids of several steps gives (index entropy in bits per

@@ -1,10 +1,10 @@
-"""Session 6: does the 1.5 MiB build get better with more calibration photos? (learning curve)
+"""Does the 1.5 MiB build get better with more calibration photos? (learning curve)
 
 Builds the budgeted model from 100, 200 and 400 of the 400 calibration photos (every
 4th, every 2nd, all: the classes stay spread over the even half) and reports each
 build's dev KL and agreement on the same 100 held-out even photos x 10 crops.
 
-    python experiments/issue5-session5/learning_curve.py 1.5
+    python experiments/low-bit-routes/learning_curve.py 1.5
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Block-wise learned rounding (BRECQ-style AdaRound per block of ~3 palettized layers) on a budgeted build.
 
-    python experiments/issue5-session5/run_blockwise.py 1.5 --init gptq --lr 0.03 --lam 0.05 --flip --guard
+    python experiments/low-bit-routes/run_blockwise.py 1.5 --init gptq --lr 0.03 --lam 0.05 --flip --guard
 
 Every palettized weight chooses between two adjacent levels of its own grid (the
 grid, scales and FC layer stay as the GPTQ build made them); the choice is a soft

@@ -1,6 +1,6 @@
 """Sequential GPTQ on the palettized network's own activations, with and without the asymmetric target.
 
-    python experiments/issue5-session5/run_sequential.py 1.5
+    python experiments/low-bit-routes/run_sequential.py 1.5
 """
 
 import sys

@@ -1,4 +1,4 @@
-"""Session-5 experiment (not part of klaus; see README.md). Sequential palettization: each layer is fitted to the float model's output given its palettized inputs.
+"""Experiment (not part of klaus; see README.md). Sequential palettization: each layer is fitted to the float model's output given its palettized inputs.
 
 The plain pipeline fits every layer on the float model's activations, so each
 layer's rounding is blind to the errors the layers before it already made.
