@@ -60,8 +60,8 @@ def fp32_onnx() -> Path:
 def cached(name: str, build: Callable[[Path], None]) -> Path:
     """``CACHE/name``, built by ``build(tmp_path)`` if missing or stale (atomic rename).
 
-    A cached ``.klaus`` file that this Klaus can no longer read (the format
-    moved on) counts as stale and is rebuilt.
+    A cached ``.klaus`` file that this Klaus cannot read (another format
+    version) counts as stale and is rebuilt.
     """
     path = CACHE / name
     if path.exists() and path.suffix == ".klaus":

@@ -33,9 +33,9 @@ Low-memory mode (`klaus classify --low-memory`, `Classifier(memory="low")`) keep
 Runtime as uint8 indices (1 byte per weight) plus its palette, and decodes each layer's weights just before that layer
 runs (`Cast → GatherElements → Mul` by the per-channel scales; layers over 2^20 weights in chunks), with ONNX Runtime's
 constant folding and weight pre-packing disabled so nothing is re-expanded to fp32 at load. See `src/klaus/lowmem.py`.
-Two indices per byte for ≤ 4-bit tensors was not implemented: the embedded model and the 8-bit AlexNet-shaped networks
-have no tensor at 4 bits or fewer (it would save 0 bytes there), and for `fc4-rest8` it would save 0.61 MiB (half of
-the 1.28 M FC indices) at the cost of a per-run BitShift/BitwiseAnd unpack into a full-size uint8 buffer.
+Tensors at ≤ 4 bits also keep one index per byte, not two: the embedded model and the 8-bit AlexNet-shaped networks
+have no tensor at 4 bits or fewer (two per byte would save 0 bytes there), and for `fc4-rest8` it would save 0.61 MiB
+(half of the 1.28 M FC indices) at the cost of a per-run BitShift/BitwiseAnd unpack into a full-size uint8 buffer.
 """
 
 
