@@ -13,13 +13,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from golden_cli import CASES, GOLDEN, golden_path, missing, output  # noqa: E402
+from golden_cli import CASES, GOLDEN, golden_path, missing, output
 
 
 def main(names: list[str]) -> int:
     unknown = sorted(set(names) - {c.name for c in CASES})
     if unknown:
-        print(f"record_golden: unknown case {', '.join(unknown)} (known: {', '.join(c.name for c in CASES)})", file=sys.stderr)
+        print(
+            f"record_golden: unknown case {', '.join(unknown)} (known: {', '.join(c.name for c in CASES)})",
+            file=sys.stderr,
+        )
         return 1
     GOLDEN.mkdir(exist_ok=True)
     for case in CASES:

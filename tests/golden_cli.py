@@ -16,6 +16,7 @@ import io
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -44,6 +45,10 @@ class Case:
     needs_torch: bool = False  # fine-tuning
 
 
+def split(command: str) -> list[str]:
+    return shlex.split(command)
+
+
 def dev_photos() -> list[str]:
     """Every 50th development photo in sorted order: 20 photos, relative to the scratch folder."""
     return [f"{DEV}/{p.name}" for p in sorted(IMAGENET_SAMPLE.iterdir())[::50]]
@@ -69,7 +74,7 @@ def klaus(folder: Path, *args: str) -> str:
         [sys.executable, "-c", RUNNER, *args], cwd=folder, capture_output=True, text=True, env=env, timeout=600
     )
     return (
-        f"$ klaus {' '.join(args)}\nexit {done.returncode}\n--- stdout\n{without_timings(done.stdout)}"
+        f"$ klaus {shlex.join(args)}\nexit {done.returncode}\n--- stdout\n{without_timings(done.stdout)}"
         f"--- stderr\n{done.stderr}"
     )
 
@@ -112,8 +117,13 @@ def sweep_files(out: Path) -> str:
     writer.writerows(rows)
     data = _drop(json.loads((out / "sweep.json").read_text(encoding="utf-8")))
     return (
-        "--- sweep.md\n" + "\n".join(md) + "\n--- sweep.csv\n" + table.getvalue()
-        + "--- sweep.json\n" + json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+        "--- sweep.md\n"
+        + "\n".join(md)
+        + "\n--- sweep.csv\n"
+        + table.getvalue()
+        + "--- sweep.json\n"
+        + json.dumps(data, indent=2, ensure_ascii=False)
+        + "\n"
     )
 
 
@@ -126,80 +136,85 @@ def classify_dev(folder: Path) -> str:
 
 def classify_examples(folder: Path) -> str:
     photos = [p.name for p in sorted(EXAMPLES.glob("*.jpg"))]
-    return "\n".join([
+    runs = [
         klaus(folder, "classify", "--json", *photos),
-        klaus(folder, "classify", "--json", "--crops", "10", "--top", "3", "--low-memory", *photos),
-        klaus(folder, "classify", "cat.jpg", "missing.jpg"),
-        klaus(folder, "classify", "--json", "--model", "tiny.onnx", "cat.jpg"),
-    ])
+        klaus(folder, *split("classify --json --crops 10 --top 3 --low-memory"), *photos),
+        klaus(folder, *split("classify cat.jpg missing.jpg")),
+        klaus(folder, *split("classify --json --model tiny.onnx cat.jpg")),
+    ]
+    return "\n".join(runs)
 
 
 def eval_dev(folder: Path) -> str:
-    return klaus(folder, "eval", "--json", "--split", "odd", "--limit", "20", DEV)
+    return klaus(folder, *split(f"eval --json --split odd --limit 20 {DEV}"))
 
 
 def inspect_embedded(folder: Path) -> str:
-    return "\n".join([
-        klaus(folder, "inspect", "--json", "efficientnet-lite0.klaus"),
-        klaus(folder, "inspect", "efficientnet-lite0.klaus"),
-        klaus(folder, "recipes", "--json"),
-        klaus(folder, "zoo", "list", "--json"),
-    ])
+    runs = [
+        "inspect --json efficientnet-lite0.klaus",
+        "inspect efficientnet-lite0.klaus",
+        "recipes --json",
+        "zoo list --json",
+    ]
+    return "\n".join(klaus(folder, *split(run)) for run in runs)
 
 
-TINY = ("tiny.onnx", "--labels", "labels.txt")
+TINY = "tiny.onnx --labels labels.txt"
 
 
 def compress_tiny(folder: Path) -> str:
     runs = [
-        ("kmeans.klaus", ("--min-elements", "64")),
-        ("gptq.klaus", ("--min-elements", "64", "--calib", ".")),
-        ("budget.klaus", ("--calib", ".", "--budget-mib", "0.0122")),
-        ("lossless.klaus", ("--lossless",)),
-        ("options.klaus", ("--bits", "3", "--granularity", "tensor", "--min-elements", "16", "--layer", "fc.weight=u0.5",
-                           "--layer", "stem.*=float", "--zopfli", "--name", "tiny model", "--source", "conftest")),
-        ("weighted.klaus", ("--recipe", "kmeans8", "--fc-bits", "2", "--conv-bits", "5", "--depthwise-bits", "4",
-                            "--min-elements", "64", "--weighted", "--calib", ".", "--calib-crops", "10")),
+        ("kmeans.klaus", "--min-elements 64"),
+        ("gptq.klaus", "--min-elements 64 --calib ."),
+        ("budget.klaus", "--calib . --budget-mib 0.0122"),
+        ("lossless.klaus", "--lossless"),
+        (
+            "options.klaus",
+            "--bits 3 --granularity tensor --min-elements 16 --layer fc.weight=u0.5 --layer 'stem.*=float' --zopfli "
+            "--name 'tiny model' --source conftest",
+        ),
+        (
+            "weighted.klaus",
+            "--recipe kmeans8 --fc-bits 2 --conv-bits 5 --depthwise-bits 4 --min-elements 64 --weighted --calib . "
+            "--calib-crops 10",
+        ),
     ]
-    parts = []
-    for out, options in runs:
-        parts.append(klaus(folder, "compress", *TINY, "-o", out, "--json", *options) + sha256(folder / out))
-    parts.append(klaus(folder, "export", "gptq.klaus", "-o", "gptq.onnx", "--json") + sha256(folder / "gptq.onnx"))
-    parts.append(klaus(folder, "compress", "gptq.klaus", "-o", "again.klaus", "--bits", "4") + sha256(folder / "again.klaus"))
-    parts.append(klaus(folder, "compress", "tiny.onnx", "-o", "x.klaus"))  # 10 outputs, no labels: one-line error
+    parts = [
+        klaus(folder, *split(f"compress {TINY} -o {out} --json {options}")) + sha256(folder / out)
+        for out, options in runs
+    ]
+    parts.append(klaus(folder, *split("export gptq.klaus -o gptq.onnx --json")) + sha256(folder / "gptq.onnx"))
+    parts.append(klaus(folder, *split("compress gptq.klaus -o again.klaus --bits 4")) + sha256(folder / "again.klaus"))
+    parts.append(klaus(folder, *split("compress tiny.onnx -o x.klaus")))  # 10 outputs, no labels: one-line error
     return "\n".join(parts)
 
 
 def compress_finetune(folder: Path) -> str:
-    options = ("--min-elements", "64", "--calib", ".", "--calib-crops", "10", "--finetune-steps", "20")
-    return klaus(folder, "compress", *TINY, "-o", "tuned.klaus", "--json", *options) + sha256(folder / "tuned.klaus")
+    options = "--min-elements 64 --calib . --calib-crops 10 --finetune-steps 20"
+    return klaus(folder, *split(f"compress {TINY} -o tuned.klaus --json {options}")) + sha256(folder / "tuned.klaus")
 
 
 def compress_max_drop(folder: Path) -> str:
-    options = ("--min-elements", "64", "--calib", DEV, "--calib-limit", "120", "--calib-split", "even", "--max-drop", "5")
-    return klaus(folder, "compress", *TINY, "-o", "drop.klaus", "--json", *options) + sha256(folder / "drop.klaus")
+    options = f"--min-elements 64 --calib {DEV} --calib-limit 120 --calib-split even --max-drop 5"
+    return klaus(folder, *split(f"compress {TINY} -o drop.klaus --json {options}")) + sha256(folder / "drop.klaus")
 
 
 def compress_embedded(folder: Path) -> str:
-    run = klaus(folder, "compress", "efficientnet-lite0.klaus", "-o", "four.klaus", "--bits", "4", "--json")
+    run = klaus(folder, *split("compress efficientnet-lite0.klaus -o four.klaus --bits 4 --json"))
     return run + sha256(folder / "four.klaus")
 
 
 def sweep_tiny(folder: Path) -> str:
-    run = klaus(
-        folder, "sweep", *TINY, "--data", "examples.txt", "--bits", "4,2", "--no-int8", "--min-elements", "64",
-        "--methods", "tensor,channel,calibrated,uniform", "--budget-mib", "0.0122", "--recipe", "kmeans8",
-        "--calib", ".", "--out", "sweep-tiny", "--json",
+    options = (
+        "--data examples.txt --bits 4,2 --no-int8 --min-elements 64 --methods tensor,channel,calibrated,uniform "
+        "--budget-mib 0.0122 --recipe kmeans8 --calib . --out sweep-tiny --json"
     )
-    return run + sweep_files(folder / "sweep-tiny")
+    return klaus(folder, *split(f"sweep {TINY} {options}")) + sweep_files(folder / "sweep-tiny")
 
 
 def sweep_embedded(folder: Path) -> str:
-    run = klaus(
-        folder, "sweep", "efficientnet-lite0.klaus", "--data", DEV, "--split", "odd", "--limit", "8", "--bits", "4",
-        "--no-int8", "--out", "sweep-lite0", "--json",
-    )
-    return run + sweep_files(folder / "sweep-lite0")
+    options = f"--data {DEV} --split odd --limit 8 --bits 4 --no-int8 --out sweep-lite0 --json"
+    return klaus(folder, *split(f"sweep efficientnet-lite0.klaus {options}")) + sweep_files(folder / "sweep-lite0")
 
 
 CASES = (

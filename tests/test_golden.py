@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from golden_cli import CASES, Case, golden_path, missing, output
 
 
