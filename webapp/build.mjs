@@ -4,7 +4,10 @@
 
 // ---- The two lists other app files are added to -------------------------------------------------------------------
 // Files copied as they are, paths relative to webapp/src/ (the same relative path in the output folder).
-export const STATIC_FILES = [];
+export const STATIC_FILES = [
+  'index.html', 'app.js', 'concepts.js', 'concepts.json', 'store.js', 'style.css', 'sw.js', 'manifest.webmanifest',
+  'icons/icon-192.png', 'icons/icon-512.png', 'icons/icon-maskable-512.png', 'icons/apple-touch-icon.png',
+];
 // ES modules bundled by esbuild, paths relative to webapp/src/; each becomes one file of the same name in the output.
 export const ENTRIES = ['klaus.js', 'worker.js'];
 // --------------------------------------------------------------------------------------------------------------------
