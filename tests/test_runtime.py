@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 import io
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -344,10 +346,20 @@ def _with_input_dims(tmp_path, name: str, **dims: int):
     return path
 
 
+def test_a_fixed_batch_graph_runs_in_padded_batches_of_its_size(tmp_path):
+    """A graph exported without dynamic axes takes exactly N images a call: 1 photo or 10 crops
+    are fed in groups of N, the last one padded, with the scores of the dynamic graph."""
+    batch4 = Classifier(_with_input_dims(tmp_path, "batch4.onnx", d0=4), labels=_ten_labels())
+    dynamic = Classifier(_with_input_dims(tmp_path, "dynamic.onnx"), labels=_ten_labels())
+    for crops in (1, 10):
+        np.testing.assert_allclose(
+            batch4.probabilities([CAT, EXAMPLES / "coffee.jpg"], crops=crops),
+            dynamic.probabilities([CAT, EXAMPLES / "coffee.jpg"], crops=crops),
+            rtol=1e-5, atol=1e-7,
+        )
+
+
 def test_inputs_klaus_cannot_feed_are_one_clear_error(tmp_path):
-    batch4 = _with_input_dims(tmp_path, "batch4.onnx", d0=4)
-    with pytest.raises(KlausModelError, match=f"^{batch4}: input 'input' has shape \\(4, 3, 32, 32\\), a fixed batch of 4 images;"):
-        Classifier(batch4, labels=_ten_labels())
     rect = _with_input_dims(tmp_path, "rect.onnx", d3=48)
     with pytest.raises(KlausModelError, match=f"^{rect}: input 'input' has shape \\(\\?, 3, 32, 48\\), but the preprocessing "
                        "makes \\(N, 3, 224, 224\\)$"):
@@ -363,3 +375,21 @@ def test_finite_probabilities_names_the_image_the_model_fails_on(tmp_path):
     clf.run = lambda batch: np.full((batch.shape[0], TINY_CLASSES), np.nan, np.float32)
     with pytest.raises(KlausModelError, match=f"^{CAT}: the model tiny gives NaN or infinite scores for this image$"):
         clf.finite_probabilities([CAT, EXAMPLES / "coffee.jpg"])
+
+
+def test_classifying_with_a_klaus_model_imports_neither_onnx_nor_the_compression_code():
+    """The classify path needs numpy, ONNX Runtime and Pillow only: `onnx` (with ml_dtypes),
+    torch, the compression modules and the CLI's click and tqdm stay unimported."""
+    probe = (
+        "import sys\n"
+        "from klaus.runtime import Classifier\n"
+        "result = Classifier().classify(sys.argv[1])\n"
+        "heavy = ('onnx', 'ml_dtypes', 'torch', 'click', 'tqdm', 'klaus.compress', 'klaus.compression', 'klaus.onnxgraph',"
+        " 'klaus.quantize', 'klaus.calibrate', 'klaus.lowmem')\n"
+        "print(result.predictions[0].label)\n"
+        "print(','.join(sorted(m for m in heavy if m in sys.modules)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe, str(CAT)], capture_output=True, text=True, check=True).stdout
+    label, imported = out.splitlines()[0], out.splitlines()[1:]
+    assert label == "tiger cat"
+    assert imported == [""]

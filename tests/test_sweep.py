@@ -568,18 +568,12 @@ def _two_inputs(m):
     m.graph.input.append(onnx.helper.make_tensor_value_info("extra", onnx.TensorProto.FLOAT, ["batch", 3]))
 
 
-def _batch_of_four(m):
-    m.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 4
-    m.graph.output[0].type.tensor_type.shape.dim[0].dim_value = 4
-
-
 @pytest.mark.parametrize("change,fragment", [
     (string_input, "input 'input' is a string tensor"),
     (feature_map_output, "not (N, classes)"),
     (_ten_outputs, "the model has 10 outputs"),
     (_nan_weight, "weight 'fc.weight' holds NaN or infinite values"),
     (_two_inputs, "the graph has 2 inputs"),
-    (_batch_of_four, "a fixed batch of 4 images"),
 ])
 def test_source_errors_name_the_src_path(tiny_dir: Path, tmp_path: Path, change, fragment, no_rows):
     src = _variant(tmp_path, "bad.onnx", change)

@@ -225,3 +225,18 @@ def order0_entropy_bytes(indices: np.ndarray) -> float:
     counts = counts[counts > 0]
     p = counts / counts.sum()
     return float(-(counts * np.log2(p)).sum() / 8.0)
+
+
+def dequantize(palette: np.ndarray, indices: np.ndarray, scales: np.ndarray | None, scale_axis: int) -> np.ndarray:
+    """``palette[indices]`` in float32, times the fp16 ``scales`` along ``scale_axis`` when given.
+
+    The product is taken in float32, in place on the one array the lookup makes, so a decoded
+    tensor costs one float32 copy and any decoder doing the same float32 multiplication (the
+    browser's included) gets the same bits.
+    """
+    values = palette.astype(np.float32)[indices]
+    if scales is not None:
+        shape = [1] * values.ndim
+        shape[scale_axis] = -1
+        values *= scales.astype(np.float32).reshape(shape)
+    return values

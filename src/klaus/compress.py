@@ -12,10 +12,14 @@ import numpy as np
 import onnx
 
 from . import __version__, codecs, onnxgraph
+from .calibrate import InputStats, Window, weight_importance
 from .errors import KlausModelError
 from .format import PAGE_SIZE, KlausModel, LabelRow, TensorRecord, looks_like_klaus, read_model, write_model
-from .preprocess import Preprocess
-from .calibrate import InputStats, Window, weight_importance
+from .labels import imagenet_label_rows as imagenet_label_rows
+from .labels import labels_for
+from .labels import plain_label_rows as plain_label_rows
+from .onnxgraph import data_inputs as data_inputs
+from .preprocess import Preprocess, shape_text
 from .quantize import LayerRule, PalettizedTensor, Recipe, palettize, palettize_gptq
 
 if TYPE_CHECKING:
@@ -33,19 +37,6 @@ class ModelCard:
     license: str = "unknown"
     creator: str = "unknown"
     description: str = ""
-
-
-def imagenet_label_rows() -> tuple[LabelRow, ...]:
-    from .labels import imagenet_labels
-
-    return tuple(
-        LabelRow(l.index, l.wnid, l.name, tuple(l.words), tuple(l.path), tuple(l.hierarchy)) for l in imagenet_labels()
-    )
-
-
-def plain_label_rows(names: Sequence[str]) -> tuple[LabelRow, ...]:
-    """Labels for a non-ImageNet model: names only, no WordNet hierarchy."""
-    return tuple(LabelRow(i, "", n, (n,), (), ()) for i, n in enumerate(names))
 
 
 def _linear(role: onnxgraph.TensorRole, array: np.ndarray) -> bool:
@@ -239,23 +230,12 @@ def check_fp16_range(
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
 
 
-def data_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
-    """The graph inputs a caller feeds (ONNX before IR 4 also lists the initializers as inputs)."""
-    weights = {t.name for t in model.graph.initializer}
-    return [i for i in model.graph.input if i.name not in weights]
-
-
 def _dims(value: onnx.ValueInfoProto) -> list[int | None] | None:
     """A value's shape (None for an unknown dimension), or None if not even its rank is known."""
     tensor = value.type.tensor_type
     if not tensor.HasField("shape"):
         return None
     return [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
-
-
-def shape_text(dims: Sequence[int | None]) -> str:
-    """A shape as messages show it: ``(?, 3, 224, 224)``."""
-    return "(" + ", ".join("?" if d is None else str(d) for d in dims) + ")"
 
 
 def check_classifier(model: onnx.ModelProto, *, layout: str = "NCHW", classes: int | None = None, where: str) -> None:
@@ -459,7 +439,7 @@ class _Search:
 
         return softmax(run_batches(onnxgraph.join_weights(self.skeleton, weights), inputs))
 
-    def build(self, allocation: "Allocation", method: str | None = None) -> KlausModel:
+    def build(self, allocation: Allocation, method: str | None = None) -> KlausModel:
         """The allocation built without fine-tuning; its pieces are kept for :meth:`finished`."""
         from . import mixed
 
@@ -483,7 +463,7 @@ class _Search:
             self.overhead = len(serialize(self.build(first, "kmeans"))) - first.predicted_bytes
         return self.overhead
 
-    def fit(self, budget_bytes: int) -> tuple[KlausModel, "Allocation"]:
+    def fit(self, budget_bytes: int) -> tuple[KlausModel, Allocation]:
         """The allocation with the least predicted loss whose built file fits ``budget_bytes`` (no fine-tuning yet).
 
         Predicted bytes miss the built size by a little (PNG and SQLite overheads), so an
@@ -541,7 +521,7 @@ def compress_to_budget(
     uniform: bool = True,
     views: int = 1,
     progress: Progress | None = None,
-) -> tuple[KlausModel, "Allocation"]:
+) -> tuple[KlausModel, Allocation]:
     """The most accurate model whose file fits ``budget_bytes`` (see klaus.mixed).
 
     ``views`` consecutive calibration rows are crops of one photo (held out together).
@@ -571,7 +551,7 @@ def compress_to_agreement(
     uniform: bool = True,
     views: int = 1,
     progress: Progress | None = None,
-) -> tuple[KlausModel, "Allocation", float]:
+) -> tuple[KlausModel, Allocation, float]:
     """The smallest budgeted build whose top-1 agreement with the float model drops at most ``max_drop`` points.
 
     Agreement is measured on held-out calibration inputs (every fifth; the rest
@@ -719,26 +699,8 @@ def output_classes(model: onnx.ModelProto) -> int | None:
 def default_labels(
     model: onnx.ModelProto, names: Iterable[str] | None = None, where: str | None = None
 ) -> tuple[LabelRow, ...]:
-    """ImageNet labels for a 1000-way classifier, else the given names (one per output).
-
-    Errors name ``where`` (the model file) when given.
-    """
-    prefix = f"{where}: " if where else ""
-    classes = output_classes(model)
-    if names is not None:
-        names = list(names)
-        if classes is not None and len(names) != classes:
-            raise KlausModelError(f"{prefix}the labels file has {len(names)} names but the model has {classes} outputs")
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise KlausModelError(f"{prefix}label names must be unique; repeated: {', '.join(duplicates[:5])}")
-        return plain_label_rows(names)
-    if classes == 1000:
-        return imagenet_label_rows()
-    raise KlausModelError(
-        f"{prefix}the model has {classes or 'an unknown number of'} outputs, not the 1000 ImageNet classes; "
-        "compress it with --labels FILE (one class name per line)"
-    )
+    """ImageNet labels for a 1000-way classifier, else the given names (:func:`klaus.labels.labels_for`)."""
+    return labels_for(output_classes(model), names, where)
 
 
 def graph_input_size(model: onnx.ModelProto, layout: str = "NCHW") -> int | None:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import codecs
+from . import codecs, onnxwire
 from .errors import KlausFormatError, KlausWriteError
 from .preprocess import Preprocess
 
@@ -153,13 +153,11 @@ class TensorRecord:
         """The float32 tensor this record stands for."""
         if self.codec in codecs.RAW_DTYPES:
             return codecs.decode_raw(self.payload, self.dims, self.codec)
-        from .quantize import dequantize
-
         palette = self.palette_values()
         indices = self.indices()
         if int(indices.max(initial=0)) >= len(palette):
             raise KlausFormatError(f"tensor {self.name!r}: index map refers past its {len(palette)}-entry palette")
-        return dequantize(palette, indices, self.scale_values(), self.scale_axis or 0)
+        return codecs.dequantize(palette, indices, self.scale_values(), self.scale_axis or 0)
 
 
 @dataclass(frozen=True)
@@ -630,9 +628,7 @@ def _read_graph_v2(conn: sqlite3.Connection, where: str) -> bytes:
 def _check_graph(blob: bytes, digest: object, where: str) -> bytes:
     if hashlib.sha256(blob).hexdigest() != digest:
         raise KlausFormatError(f"{where}: graph checksum mismatch (file is corrupt)")
-    from . import onnxgraph
-
-    onnxgraph.validate_skeleton(onnxgraph.parse_skeleton(blob, where), where)
+    onnxwire.read_skeleton(blob, where)
     return blob
 
 

@@ -17,7 +17,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, overload
 
-from klaus.errors import KlausFormatError
+from klaus.errors import KlausFormatError, KlausModelError
+from klaus.format import LabelRow
 
 TABLE_VERSION = 1
 ROOT_WNID = "n00001740"  # entity
@@ -307,3 +308,43 @@ def descendant_classes(wnid: str) -> list[int]:
 
 def format_path(label: Label, sep: str = "/") -> str:
     return sep.join(label.hierarchy)
+
+
+# --------------------------------------------------------------------------
+# Label rows for model files
+
+
+def imagenet_label_rows() -> tuple[LabelRow, ...]:
+    """The ImageNet-1k classes as a model file's label rows (WordNet hierarchy included)."""
+    return tuple(
+        LabelRow(lab.index, lab.wnid, lab.name, tuple(lab.words), tuple(lab.path), tuple(lab.hierarchy))
+        for lab in imagenet_labels()
+    )
+
+
+def plain_label_rows(names: Sequence[str]) -> tuple[LabelRow, ...]:
+    """Labels for a non-ImageNet model: names only, no WordNet hierarchy."""
+    return tuple(LabelRow(i, "", n, (n,), (), ()) for i, n in enumerate(names))
+
+
+def labels_for(classes: int | None, names: Iterable[str] | None = None, where: str | None = None) -> tuple[LabelRow, ...]:
+    """ImageNet labels for a 1000-way classifier, else the given names (one per output).
+
+    ``classes`` is the model's output width (None if the graph does not say). Errors name
+    ``where`` (the model file) when given.
+    """
+    prefix = f"{where}: " if where else ""
+    if names is not None:
+        names = list(names)
+        if classes is not None and len(names) != classes:
+            raise KlausModelError(f"{prefix}the labels file has {len(names)} names but the model has {classes} outputs")
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise KlausModelError(f"{prefix}label names must be unique; repeated: {', '.join(duplicates[:5])}")
+        return plain_label_rows(names)
+    if classes == 1000:
+        return imagenet_label_rows()
+    raise KlausModelError(
+        f"{prefix}the model has {classes or 'an unknown number of'} outputs, not the 1000 ImageNet classes; "
+        "compress it with --labels FILE (one class name per line)"
+    )

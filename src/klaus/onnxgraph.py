@@ -16,12 +16,13 @@ import onnx
 from onnx import numpy_helper
 
 from .errors import KlausFormatError, KlausModelError, KlausWriteError, first_line
+from .onnxwire import ALLOWED_DOMAINS as ALLOWED_DOMAINS
+from .onnxwire import EXTERNAL_LOCATION, read_skeleton
+from .onnxwire import MAX_OPSET as MAX_OPSET
+from .onnxwire import MIN_OPSET as MIN_OPSET
+from .onnxwire import batches as batches
+from .preprocess import Preprocess, preprocess_for_input
 from .quantize import LayerKind
-
-# Operator domains a `.klaus` graph may use: the standard ONNX sets only, so a
-# model file can never ask the runtime to load custom (native) operator code.
-ALLOWED_DOMAINS = ("", "ai.onnx")
-MIN_OPSET, MAX_OPSET = 7, 23
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,26 @@ def load_onnx(path: str) -> onnx.ModelProto:
         if init.data_location == onnx.TensorProto.EXTERNAL:
             raise KlausModelError(f"{path}: external-data ONNX models are not supported; merge the weights first")
     return model
+
+
+def data_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """The graph inputs a caller feeds (ONNX before IR 4 also lists the initializers as inputs)."""
+    weights = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in weights]
+
+
+def input_dims(model: onnx.ModelProto) -> list[int | str | None] | None:
+    """The first data input's dims as ONNX Runtime reports them (int, symbol or None); None if no rank."""
+    inputs = data_inputs(model)
+    if not inputs or not inputs[0].type.tensor_type.HasField("shape"):
+        return None
+    dims = inputs[0].type.tensor_type.shape.dim
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in dims]
+
+
+def onnx_preprocess(model: onnx.ModelProto, where: str) -> Preprocess:
+    """The default preprocessing at the input size ``model`` declares (:func:`klaus.preprocess.preprocess_for_input`)."""
+    return preprocess_for_input(input_dims(model), where)
 
 
 def float_initializers(model: onnx.ModelProto) -> list[onnx.TensorProto]:
@@ -91,18 +112,6 @@ def fixed_batch(model: onnx.ModelProto) -> int | None:
     return None
 
 
-def batches(inputs: np.ndarray, size: int, fixed: int | None) -> Iterator[tuple[np.ndarray, int]]:
-    """(batch, rows that are real) over ``inputs``: ``size`` rows at a time, or, for a graph whose
-    batch is ``fixed``, exactly that many, the last batch padded by repeating its last row."""
-    step = fixed or size
-    for start in range(0, len(inputs), step):
-        part = inputs[start : start + step]
-        real = len(part)
-        if fixed and real < fixed:
-            part = np.concatenate([part, np.repeat(part[-1:], fixed - real, axis=0)])
-        yield part, real
-
-
 def split_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """Return (skeleton without float initializers, {name: float32 array}) in graph order."""
     skeleton = onnx.ModelProto()
@@ -130,7 +139,6 @@ def join_weights(skeleton: onnx.ModelProto, weights: dict[str, np.ndarray]) -> o
     return model
 
 
-EXTERNAL_LOCATION = "klaus-session-initializer"  # never a file: values go to ONNX Runtime directly
 
 
 def external_placeholder(name: str, array: np.ndarray) -> onnx.TensorProto:
@@ -209,29 +217,8 @@ def parse_skeleton(blob: bytes, where: str) -> onnx.ModelProto:
 
 
 def validate_skeleton(model: onnx.ModelProto, where: str) -> None:
-    """Refuse graphs that could load native code or reach outside the file."""
-    for opset in model.opset_import:
-        if opset.domain not in ALLOWED_DOMAINS:
-            raise KlausFormatError(f"{where}: graph imports operator domain {opset.domain!r}; only standard ONNX is allowed")
-        if not MIN_OPSET <= opset.version <= MAX_OPSET:
-            raise KlausFormatError(f"{where}: graph uses opset {opset.version}, supported {MIN_OPSET}..{MAX_OPSET}")
-    if len(model.functions):
-        raise KlausFormatError(f"{where}: graph defines local functions, which Klaus does not allow")
-    _validate_graph(model.graph, where)
-
-
-def _validate_graph(graph: onnx.GraphProto, where: str) -> None:
-    for node in graph.node:
-        if node.domain not in ALLOWED_DOMAINS:
-            raise KlausFormatError(f"{where}: node {node.name!r} uses operator domain {node.domain!r}")
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                _validate_graph(a.g, where)
-            for g in a.graphs:
-                _validate_graph(g, where)
-    for init in graph.initializer:
-        if init.data_location == onnx.TensorProto.EXTERNAL:
-            raise KlausFormatError(f"{where}: graph refers to external tensor data")
+    """Refuse graphs that could load native code or reach outside the file (:func:`klaus.onnxwire.read_skeleton`)."""
+    read_skeleton(model.SerializeToString(), where)
 
 
 def check_model(model: onnx.ModelProto, where: str) -> None:

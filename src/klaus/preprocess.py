@@ -22,7 +22,7 @@ import os
 import re
 import struct
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, fields
 from numbers import Integral, Real
@@ -31,7 +31,7 @@ from typing import IO, Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from klaus.errors import KlausFormatError, KlausImageError
+from klaus.errors import KlausFormatError, KlausImageError, KlausModelError
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -621,3 +621,52 @@ def _pillow_vertical_first() -> Callable[[int, int, int, int], bool] | None:
         if [rule(40, 61, 30, 40), rule(40, 60, 30, 40)] == observed:
             return rule
     return None
+
+
+# --------------------------------------------------------------------------
+# Fitting a graph input
+
+
+def shape_text(dims: Sequence[object]) -> str:
+    """A shape as messages show it: ``(?, 3, 224, 224)``."""
+    return "(" + ", ".join(str(d) if _fixed(d) else "?" for d in dims) + ")"
+
+
+def _fixed(dim: object) -> bool:
+    return isinstance(dim, int) and not isinstance(dim, bool) and dim > 0
+
+
+def preprocess_for_input(shape: Sequence[object] | None, where: str) -> Preprocess:
+    """EfficientNet-Lite preprocessing at the square size a graph input declares (224 if none).
+
+    ``shape`` lists the input's dims as ONNX Runtime or the ONNX graph give them (ints fixed,
+    anything else unknown). An input (N, S, S, 3) is taken as NHWC; anything else as NCHW.
+    Errors name ``where``.
+    """
+    dims = list(shape or [])
+    size, layout = None, "NCHW"
+    if len(dims) == 4:
+        if _fixed(dims[2]) and dims[2] == dims[3]:
+            size = int(dims[2])  # type: ignore[call-overload]
+        elif dims[3] == 3 and _fixed(dims[1]) and dims[1] == dims[2]:
+            size, layout = int(dims[1]), "NHWC"  # type: ignore[call-overload]
+    if size is not None and size > MAX_INPUT_SIZE:
+        raise KlausModelError(f"{where}: the graph takes {size}x{size} inputs, more than the {MAX_INPUT_SIZE}-pixel limit")
+    return Preprocess(input_size=size or Preprocess().input_size, layout=layout)
+
+
+def check_input_shape(shape: Sequence[object], preprocess: Preprocess, where: str, name: str = "input") -> None:
+    """Refuse a graph input ``shape`` (ints fixed; anything else unknown) the preprocessing cannot feed.
+
+    Klaus feeds (N, 3, S, S) (NHWC: (N, S, S, 3)) with N images or crops; a graph that fixes N
+    is fed that many at a time (the last group padded), so only another rank, channel count or
+    size is refused, in one line naming ``where``.
+    """
+    if not shape:  # rank unknown: ONNX Runtime will tell
+        return
+    fixed = [d if _fixed(d) else None for d in shape]
+    s = preprocess.input_size
+    wanted = [None, 3, s, s] if preprocess.layout == "NCHW" else [None, s, s, 3]
+    made = f"(N, 3, {s}, {s})" if preprocess.layout == "NCHW" else f"(N, {s}, {s}, 3)"
+    if len(fixed) != 4 or any(f is not None and f != w for f, w in zip(fixed[1:], wanted[1:], strict=True)):
+        raise KlausModelError(f"{where}: input {name!r} has shape {shape_text(shape)}, but the preprocessing makes {made}")

@@ -16,6 +16,8 @@ from typing import Literal
 
 import numpy as np
 
+from .codecs import dequantize as dequantize
+
 LayerKind = Literal["fc", "conv", "depthwise", "other"]
 Granularity = Literal["tensor", "channel"]
 
@@ -288,15 +290,6 @@ class PalettizedTensor:
 
     def decode(self) -> np.ndarray:
         return dequantize(self.palette, self.indices, self.scales, self.scale_axis)
-
-
-def dequantize(
-    palette: np.ndarray, indices: np.ndarray, scales: np.ndarray | None, scale_axis: int
-) -> np.ndarray:
-    values = palette.astype(np.float32)[indices]
-    if scales is None:
-        return values
-    return values * _along(scales, values.ndim, scale_axis)
 
 
 def _along(scales: np.ndarray, ndim: int, axis: int) -> np.ndarray:

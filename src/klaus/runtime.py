@@ -8,17 +8,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import IO, Union
+from typing import IO, TYPE_CHECKING, Union
 
 import numpy as np
-import onnx
 
-from .compress import data_inputs, default_labels, graph_input_size, shape_text
-from .errors import KlausModelError, first_line, naming
+from . import onnxwire
+from .errors import KlausError, KlausFormatError, KlausModelError, first_line, naming
 from .format import KlausModel, LabelRow, looks_like_klaus, read_model
-from .preprocess import MAX_INPUT_SIZE, Preprocess, load_image, to_tensor
+from .labels import labels_for
+from .onnxwire import batches
+from .preprocess import Preprocess, check_input_shape, load_image, preprocess_for_input, to_tensor
+
+if TYPE_CHECKING:
+    import onnx
 
 DEFAULT_MODEL_NAME = "efficientnet-lite0.klaus"
+MEMORY_MODES = ("default", "low")  # "low": weights stay uint8 indices + palette in memory (klaus.lowmem)
 ImageSource = Union[str, os.PathLike, bytes, IO[bytes]]
 
 
@@ -67,45 +72,6 @@ class Classification:
         }
 
 
-def onnx_preprocess(graph: onnx.ModelProto, where: str) -> Preprocess:
-    """EfficientNet-Lite preprocessing at the square size the graph's input declares (224 if none).
-
-    An input (N, S, S, 3) is taken as NHWC; anything else as NCHW. Errors name ``where``.
-    """
-    size, layout = graph_input_size(graph, "NCHW"), "NCHW"
-    if size is None:
-        inputs = data_inputs(graph)
-        dims = inputs[0].type.tensor_type.shape.dim if inputs else []
-        if len(dims) == 4 and dims[3].dim_value == 3 and graph_input_size(graph, "NHWC") is not None:
-            size, layout = graph_input_size(graph, "NHWC"), "NHWC"
-    if size is not None and size > MAX_INPUT_SIZE:
-        raise KlausModelError(f"{where}: the graph takes {size}x{size} inputs, more than the {MAX_INPUT_SIZE}-pixel limit")
-    return Preprocess(input_size=size or Preprocess().input_size, layout=layout)
-
-
-def check_input_shape(shape: Sequence[object], preprocess: Preprocess, where: str, name: str = "input") -> None:
-    """Refuse a graph input ``shape`` (ints fixed; anything else unknown) the preprocessing cannot feed.
-
-    Klaus feeds (N, 3, S, S) (NHWC: (N, S, S, 3)) with N images or crops, or one at a time
-    when the graph fixes N at 1; so a fixed batch above 1, another rank, channel count or size
-    is one line naming ``where``.
-    """
-    if not shape:  # rank unknown: ONNX Runtime will tell
-        return
-    fixed = [d if isinstance(d, int) and not isinstance(d, bool) and d > 0 else None for d in shape]
-    text = shape_text(fixed)
-    s = preprocess.input_size
-    wanted = [None, 3, s, s] if preprocess.layout == "NCHW" else [None, s, s, 3]
-    made = f"(N, 3, {s}, {s})" if preprocess.layout == "NCHW" else f"(N, {s}, {s}, 3)"
-    if len(fixed) == 4 and fixed[0] is not None and fixed[0] > 1:
-        raise KlausModelError(
-            f"{where}: input {name!r} has shape {text}, a fixed batch of {fixed[0]} images; Klaus needs a batch "
-            "dimension of 1 or a dynamic one (re-export the model so)"
-        )
-    if len(fixed) != 4 or any(f is not None and f != w for f, w in zip(fixed[1:], wanted[1:])):
-        raise KlausModelError(f"{where}: input {name!r} has shape {text}, but the preprocessing makes {made}")
-
-
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Probabilities; a row with NaN or infinite logits comes out NaN, for the caller to report
     (:meth:`Classifier.finite_probabilities`), without numpy's warnings on stderr."""
@@ -117,8 +83,8 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 def run_batches(model: onnx.ModelProto, inputs: np.ndarray, output: str | None = None, chunk: int = 64) -> np.ndarray:
     """``model``'s first output (or the named intermediate value, batch-major) over ``inputs``, ``chunk``
-    rows per call; a graph whose batch size is fixed gets exactly that many (:func:`klaus.onnxgraph.batches`)."""
-    from .onnxgraph import batches, fixed_batch, with_outputs
+    rows per call; a graph whose batch size is fixed gets exactly that many (:func:`klaus.onnxwire.batches`)."""
+    from .onnxgraph import fixed_batch, with_outputs  # compression's helper: ONNX graphs in memory
 
     session = make_session(model if output is None else with_outputs(model, [output]))
     name = session.get_inputs()[0].name
@@ -156,14 +122,23 @@ def make_session(
         raise KlausModelError(f"{where + ': ' if where else ''}ONNX Runtime cannot load the model ({first_line(exc)})") from None
 
 
-def _session_graph(model: KlausModel) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-    """The skeleton with placeholder weights, and the decoded weights to hand to ONNX Runtime."""
-    from .onnxgraph import join_external, parse_skeleton, validate_skeleton
+def klaus_session(model: KlausModel, threads: int | None = None):
+    """An ONNX Runtime session for a `.klaus` model, built from the stored graph bytes.
 
+    The skeleton (validated by the reader) gets one placeholder initializer per stored tensor
+    (:func:`klaus.onnxwire.with_initializers`), and the decoded weights go to ONNX Runtime as
+    arrays: no `onnx` import, no protobuf copy of any weight. Each tensor is decoded once, straight
+    into the float32 array handed over.
+    """
     where = model.source_path or model.name
-    skeleton = parse_skeleton(model.graph, where)
-    validate_skeleton(skeleton, where)
-    return join_external(skeleton, model.decoded_weights())
+    arrays: dict[str, np.ndarray] = {}
+    for t in model.tensors:
+        try:
+            arrays[t.name] = np.ascontiguousarray(t.decode(), dtype=np.float32).reshape(t.dims)
+        except KlausError as exc:
+            raise KlausFormatError(f"{where}: tensor {t.name!r}: {exc}") from None
+    blob = onnxwire.with_initializers(model.graph, [onnxwire.placeholder_tensor(t.name, t.dims) for t in model.tensors])
+    return make_session(blob, threads, arrays, where=where)
 
 
 def release_free_heap() -> None:
@@ -192,48 +167,51 @@ class Classifier:
         threads: int | None = None,
         memory: str = "default",
     ) -> None:
-        from . import lowmem
-
-        lowmem.check_mode(memory)  # "low": weights stay uint8 indices + palette in memory (klaus.lowmem)
+        if memory not in MEMORY_MODES:
+            raise ValueError(f"memory must be one of {', '.join(MEMORY_MODES)}, got {memory!r}")
         if model is None:
             model = default_model_path()
         if isinstance(model, KlausModel):
-            loaded = model
+            loaded: KlausModel | None = model
         elif not _is_sqlite(model):
             loaded = None
         else:
             loaded = read_model(model)
         if loaded is not None:
-            graph, arrays = _session_graph(loaded) if memory == "default" else (None, None)
+            self.where = loaded.source_path or loaded.name  # the file, for messages
+            self.name = loaded.name
+            self.output = loaded.meta["output"]
+            self.session = self._klaus_session(loaded, threads, memory)
             self.preprocess = preprocess or loaded.preprocess
             self.labels = tuple(labels or loaded.labels)
-            self.output = loaded.meta["output"]
-            self.name = loaded.name
-            self.where = loaded.source_path or loaded.name  # the file, for messages
+            del loaded  # ONNX Runtime holds its own copy of the weights now
+            release_free_heap()
         else:
-            from .onnxgraph import load_onnx
+            from .onnxgraph import load_onnx  # a plain ONNX file: parsed (and checked) by the onnx package
 
+            self.where = str(model)
             if memory != "default":
                 raise KlausModelError(f"{model}: low-memory mode needs a .klaus model (an ONNX file's weights are not palettized)")
-            graph, arrays = load_onnx(str(model)), None
-            self.preprocess = preprocess or onnx_preprocess(graph, str(model))
-            self.labels = tuple(labels or default_labels(graph, where=str(model)))
-            self.output = "logits"
+            self.session = make_session(load_onnx(str(model)).SerializeToString(), threads, where=self.where)
             self.name = Path(str(model)).stem
-            self.where = str(model)
-        if graph is None:
-            try:
-                self.session = lowmem.session(loaded, threads)
-            except KlausModelError as exc:
-                raise KlausModelError(naming(str(exc), self.where)) from None
-        else:
-            self.session = make_session(graph, threads, arrays, where=self.where)
-            del graph, arrays, loaded  # ONNX Runtime holds its own copy of the weights now
-            release_free_heap()
+            self.output = "logits"
+            shape = self.session.get_inputs()[0].shape
+            self.preprocess = preprocess or preprocess_for_input(shape, self.where)
+            self.labels = tuple(labels or labels_for(_classes(self.session), where=self.where))
         first = self.session.get_inputs()[0]
         self.input_name = first.name
         check_input_shape(first.shape, self.preprocess, self.where, first.name)
         self._fixed_batch = self._static_batch()
+
+    def _klaus_session(self, loaded: KlausModel, threads: int | None, memory: str):
+        if memory == "default":
+            return klaus_session(loaded, threads)
+        from . import lowmem
+
+        try:
+            return lowmem.session(loaded, threads)
+        except KlausModelError as exc:
+            raise KlausModelError(naming(str(exc), self.where)) from None
 
     def _static_batch(self) -> int | None:
         dim = self.session.get_inputs()[0].shape[0]
@@ -243,8 +221,8 @@ class Classifier:
         """Class probabilities for a preprocessed batch (N, ...)."""
         try:
             if self._fixed_batch and batch.shape[0] != self._fixed_batch:
-                outs = [self.session.run(None, {self.input_name: batch[i : i + 1]})[0] for i in range(batch.shape[0])]
-                raw = np.concatenate(outs, axis=0)
+                parts = batches(batch, self._fixed_batch, self._fixed_batch)
+                raw = np.concatenate([self.session.run(None, {self.input_name: p})[0][:real] for p, real in parts])
             else:
                 raw = self.session.run(None, {self.input_name: batch})[0]
         except Exception as exc:  # onnxruntime's Fail/InvalidArgument/RuntimeException types
@@ -295,6 +273,13 @@ class Classifier:
         if not np.all(np.isfinite(probs)):
             raise self._not_finite(image)
         return Classification(path, self.top(probs, top), elapsed)
+
+
+def _classes(session) -> int | None:
+    """The width of a session's first output when it is (batch, classes)."""
+    shape = session.get_outputs()[0].shape
+    last = shape[-1] if len(shape) == 2 else None
+    return last if isinstance(last, int) and last > 0 else None
 
 
 def _check_top(top: int) -> None:

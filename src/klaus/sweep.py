@@ -34,13 +34,20 @@ import onnx
 
 from . import __version__, codecs, evaluate, quantize
 from .compress import (
-    ModelCard, check_classifier, compress_onnx, data_inputs, default_labels, imagenet_label_rows, plain_label_rows, to_onnx,
+    ModelCard,
+    check_classifier,
+    compress_onnx,
+    data_inputs,
+    default_labels,
+    imagenet_label_rows,
+    plain_label_rows,
+    to_onnx,
 )
 from .errors import KlausDataError, KlausError, KlausModelError, KlausWriteError, naming
 from .format import KlausModel, LabelRow, parse_model, serialize, write_atomic
-from .preprocess import Preprocess, prepare
+from .onnxgraph import onnx_preprocess
+from .preprocess import Preprocess, check_input_shape, prepare
 from .quantize import FP16, LOSSLESS, NAMED_RECIPES, LayerRule, Recipe
-from .runtime import check_input_shape, onnx_preprocess
 
 if TYPE_CHECKING:
     from .runtime import Classifier
@@ -799,9 +806,9 @@ def _baseline_row(
     tick: Tick,
 ) -> SweepRow:
     """ONNX Runtime's dynamic int8 (QInt8 weights) of the fp32 graph; failures become the row's error."""
-    from .runtime import Classifier
-
     import logging
+
+    from .runtime import Classifier
 
     fp32, int8 = tmp / "fp32.onnx", tmp / "int8-dynamic.onnx"
     root = logging.getLogger()

@@ -1,0 +1,386 @@
+"""The ONNX protobuf read and written at the wire level, without the `onnx` package.
+
+Running a `.klaus` model needs only three things from its graph: proof that it is safe
+to hand to ONNX Runtime (standard operators only, nothing stored outside the file),
+the names and shapes of its inputs, and a way to add the decoded weights. All three
+work on the serialized bytes directly, so the classify path never imports `onnx`
+(whose import, with `ml_dtypes` and the protobuf runtime, costs more than the whole
+rest of a classification) and never holds a second, parsed copy of the graph.
+
+The protobuf wire format is small: every field is a key varint (field number << 3 |
+wire type) followed by a varint, 8 or 4 fixed bytes, or a length-prefixed run of bytes.
+Unknown fields are skipped, as protobuf itself does; the deprecated group wire types
+are refused. Field numbers are those of onnx/onnx.proto3.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import KlausFormatError
+
+# Operator domains a `.klaus` graph may use: the standard ONNX sets only, so a
+# model file can never ask the runtime to load custom (native) operator code.
+ALLOWED_DOMAINS = ("", "ai.onnx")
+MIN_OPSET, MAX_OPSET = 7, 23
+MAX_SUBGRAPH_DEPTH = 16
+# Placeholder initializers name this location; ONNX Runtime takes their values from
+# SessionOptions.add_external_initializers and never opens it.
+EXTERNAL_LOCATION = "klaus-session-initializer"
+
+VARINT, FIXED64, LENGTH, FIXED32 = 0, 1, 2, 5
+FLOAT, INT64 = 1, 7  # TensorProto.DataType
+
+# ModelProto, GraphProto, NodeProto, AttributeProto, TensorProto, ValueInfoProto field numbers.
+MODEL_OPSET, MODEL_GRAPH, MODEL_FUNCTIONS = 8, 7, 25
+OPSET_DOMAIN, OPSET_VERSION = 1, 2
+GRAPH_NODE, GRAPH_INITIALIZER, GRAPH_INPUT, GRAPH_OUTPUT, GRAPH_SPARSE_INITIALIZER = 1, 5, 11, 12, 15
+NODE_NAME, NODE_OP_TYPE, NODE_ATTRIBUTE, NODE_DOMAIN = 3, 4, 5, 7
+ATTR_T, ATTR_G, ATTR_TENSORS, ATTR_GRAPHS, ATTR_SPARSE_TENSOR, ATTR_SPARSE_TENSORS = 5, 6, 10, 11, 22, 23
+TENSOR_DIMS, TENSOR_DATA_TYPE, TENSOR_NAME, TENSOR_EXTERNAL_DATA, TENSOR_DATA_LOCATION = 1, 2, 8, 13, 14
+SPARSE_VALUES, SPARSE_INDICES = 1, 2
+ENTRY_KEY, ENTRY_VALUE = 1, 2
+VALUE_NAME, VALUE_TYPE = 1, 2
+TYPE_TENSOR, TENSOR_TYPE_ELEM, TENSOR_TYPE_SHAPE, SHAPE_DIM = 1, 1, 2, 1
+DIM_VALUE, DIM_PARAM = 1, 2
+DATA_LOCATION_EXTERNAL = 1
+
+
+class WireError(ValueError):
+    """The bytes are not well-formed protobuf."""
+
+
+def _varint(data: bytes | memoryview, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(data):
+            raise WireError("truncated varint")
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+        if shift >= 70:
+            raise WireError("varint longer than 10 bytes")
+
+
+def fields(data: bytes | memoryview) -> Iterator[tuple[int, int, int | memoryview]]:
+    """(field number, wire type, value) for each field of one message: ints for varint and
+    fixed fields, a view of the bytes for length-delimited ones (nested messages, strings, packed)."""
+    view = memoryview(data)
+    pos = 0
+    while pos < len(view):
+        key, pos = _varint(view, pos)
+        number, wire = key >> 3, key & 7
+        if number == 0:
+            raise WireError("field number 0")
+        if wire == VARINT:
+            value, pos = _varint(view, pos)
+            yield number, wire, value
+        elif wire in (FIXED64, FIXED32):
+            width = 8 if wire == FIXED64 else 4
+            if pos + width > len(view):
+                raise WireError("truncated fixed-width field")
+            yield number, wire, int.from_bytes(view[pos : pos + width], "little")
+            pos += width
+        elif wire == LENGTH:
+            length, pos = _varint(view, pos)
+            if pos + length > len(view):
+                raise WireError("length-delimited field runs past the end")
+            yield number, wire, view[pos : pos + length]
+            pos += length
+        else:
+            raise WireError(f"unsupported wire type {wire}")
+
+
+def _messages(data: bytes | memoryview, number: int) -> Iterator[memoryview]:
+    for n, wire, value in fields(data):
+        if n == number and wire == LENGTH:
+            assert isinstance(value, memoryview)
+            yield value
+
+
+def _text(value: int | memoryview) -> str:
+    if not isinstance(value, memoryview):
+        raise WireError("expected a string")
+    try:
+        return bytes(value).decode("utf-8")
+    except UnicodeDecodeError:
+        raise WireError("a string is not valid UTF-8") from None
+
+
+def _signed(value: int) -> int:
+    """int64 fields are two's complement in a 64-bit varint."""
+    value &= (1 << 64) - 1
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _ints(wire: int, value: int | memoryview) -> list[int]:
+    """A repeated int64 field's entries: one unpacked value, or a packed run of varints."""
+    if wire == VARINT:
+        assert isinstance(value, int)
+        return [_signed(value)]
+    if wire != LENGTH or not isinstance(value, memoryview):
+        raise WireError("bad repeated integer field")
+    out, pos = [], 0
+    while pos < len(value):
+        v, pos = _varint(value, pos)
+        out.append(_signed(v))
+    return out
+
+
+@dataclass(frozen=True)
+class ValueInfo:
+    """A graph input or output: name, element type and dims (int, a symbolic name, or None)."""
+
+    name: str
+    elem_type: int = 0
+    shape: tuple[int | str | None, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Skeleton:
+    """What the runtime needs to know about a graph, read from its bytes."""
+
+    opsets: dict[str, int]
+    inputs: tuple[ValueInfo, ...]
+    outputs: tuple[ValueInfo, ...]
+    initializers: frozenset[str]
+    op_types: frozenset[str] = field(default_factory=frozenset)
+    nodes: int = 0
+
+    @property
+    def data_inputs(self) -> tuple[ValueInfo, ...]:
+        """Graph inputs that are not initializers: what a caller feeds."""
+        return tuple(v for v in self.inputs if v.name not in self.initializers)
+
+
+def _value_info(data: memoryview) -> ValueInfo:
+    name, elem, shape = "", 0, None
+    for n, _, value in fields(data):
+        if n == VALUE_NAME:
+            name = _text(value)
+        elif n == VALUE_TYPE and isinstance(value, memoryview):
+            for tensor in _messages(value, TYPE_TENSOR):
+                for tn, _, tv in fields(tensor):
+                    if tn == TENSOR_TYPE_ELEM and isinstance(tv, int):
+                        elem = tv
+                    elif tn == TENSOR_TYPE_SHAPE and isinstance(tv, memoryview):
+                        shape = tuple(_dim(d) for d in _messages(tv, SHAPE_DIM))
+    return ValueInfo(name, elem, shape)
+
+
+def _dim(data: memoryview) -> int | str | None:
+    for n, _, value in fields(data):
+        if n == DIM_VALUE and isinstance(value, int):
+            return _signed(value)
+        if n == DIM_PARAM:
+            return _text(value)
+    return None
+
+
+class _Walk:
+    """One pass over a GraphProto and its subgraphs, checking what a `.klaus` graph may hold."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.op_types: set[str] = set()
+        self.nodes = 0
+
+    def fail(self, problem: str) -> KlausFormatError:
+        return KlausFormatError(f"{self.where}: {problem}")
+
+    def graph(self, data: memoryview, depth: int) -> tuple[list[ValueInfo], list[ValueInfo], set[str]]:
+        if depth > MAX_SUBGRAPH_DEPTH:
+            raise self.fail(f"graph nests subgraphs more than {MAX_SUBGRAPH_DEPTH} deep")
+        inputs: list[ValueInfo] = []
+        outputs: list[ValueInfo] = []
+        initializers: set[str] = set()
+        for n, wire, value in fields(data):
+            if wire != LENGTH:
+                continue
+            assert isinstance(value, memoryview)
+            if n == GRAPH_NODE:
+                self.node(value, depth)
+            elif n == GRAPH_INITIALIZER:
+                initializers.add(self.tensor(value))
+            elif n == GRAPH_SPARSE_INITIALIZER:
+                self.sparse(value)
+            elif n == GRAPH_INPUT:
+                inputs.append(_value_info(value))
+            elif n == GRAPH_OUTPUT:
+                outputs.append(_value_info(value))
+        return inputs, outputs, initializers
+
+    def node(self, data: memoryview, depth: int) -> None:
+        self.nodes += 1
+        name, op, domain = "", "", ""
+        for n, wire, value in fields(data):
+            if n == NODE_NAME:
+                name = _text(value)
+            elif n == NODE_OP_TYPE:
+                op = _text(value)
+            elif n == NODE_DOMAIN:
+                domain = _text(value)
+            elif n == NODE_ATTRIBUTE and wire == LENGTH:
+                assert isinstance(value, memoryview)
+                self.attribute(value, depth)
+        if domain not in ALLOWED_DOMAINS:
+            raise self.fail(f"node {name!r} uses operator domain {domain!r} (operator {op}); only standard ONNX is allowed")
+        self.op_types.add(op)
+
+    def attribute(self, data: memoryview, depth: int) -> None:
+        for n, wire, value in fields(data):
+            if wire != LENGTH:
+                continue
+            assert isinstance(value, memoryview)
+            if n in (ATTR_G, ATTR_GRAPHS):
+                self.graph(value, depth + 1)
+            elif n in (ATTR_T, ATTR_TENSORS):
+                self.tensor(value)
+            elif n in (ATTR_SPARSE_TENSOR, ATTR_SPARSE_TENSORS):
+                self.sparse(value)
+
+    def tensor(self, data: memoryview) -> str:
+        name = ""
+        for n, _, value in fields(data):
+            if n == TENSOR_NAME:
+                name = _text(value)
+            elif n == TENSOR_EXTERNAL_DATA or (n == TENSOR_DATA_LOCATION and value == DATA_LOCATION_EXTERNAL):
+                raise self.fail("graph refers to external tensor data")
+        return name
+
+    def sparse(self, data: memoryview) -> None:
+        for n, _, value in fields(data):
+            if n in (SPARSE_VALUES, SPARSE_INDICES) and isinstance(value, memoryview):
+                self.tensor(value)
+
+
+def _opset(data: memoryview) -> tuple[str, int]:
+    domain, version = "", 0
+    for n, _, value in fields(data):
+        if n == OPSET_DOMAIN:
+            domain = _text(value)
+        elif n == OPSET_VERSION and isinstance(value, int):
+            version = _signed(value)
+    return domain, version
+
+
+def read_skeleton(blob: bytes | memoryview, where: str) -> Skeleton:
+    """Parse and check a `.klaus` graph: standard operator domains and opsets only, no local
+    functions, no external tensor data anywhere (subgraphs included), at least one node.
+
+    Any problem is one :class:`KlausFormatError` naming ``where``.
+    """
+    walk = _Walk(where)
+    opsets: dict[str, int] = {}
+    graph: tuple[list[ValueInfo], list[ValueInfo], set[str]] | None = None
+    try:
+        top = list(fields(blob))
+        for n, _, value in top:  # the opsets first: they say most plainly what a foreign graph is
+            if n == MODEL_OPSET and isinstance(value, memoryview):
+                domain, version = _opset(value)
+                if domain not in ALLOWED_DOMAINS:
+                    raise walk.fail(f"graph imports operator domain {domain!r}; only standard ONNX is allowed")
+                if not MIN_OPSET <= version <= MAX_OPSET:
+                    raise walk.fail(f"graph uses opset {version}, supported {MIN_OPSET}..{MAX_OPSET}")
+                opsets[domain or "ai.onnx"] = version
+        if any(n == MODEL_FUNCTIONS for n, _, _ in top):
+            raise walk.fail("graph defines local functions, which Klaus does not allow")
+        for n, wire, value in top:
+            if n == MODEL_GRAPH and wire == LENGTH and isinstance(value, memoryview):
+                graph = walk.graph(value, 0)  # a repeated message field merges; Klaus writes one
+    except WireError as exc:
+        raise walk.fail(f"graph is not a valid ONNX protobuf ({exc})") from None
+    if graph is None or walk.nodes == 0:
+        raise walk.fail("graph holds no nodes")
+    inputs, outputs, initializers = graph
+    return Skeleton(
+        opsets=opsets,
+        inputs=tuple(inputs),
+        outputs=tuple(outputs),
+        initializers=frozenset(initializers),
+        op_types=frozenset(walk.op_types),
+        nodes=walk.nodes,
+    )
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _key(number: int, wire: int) -> bytes:
+    return encode_varint(number << 3 | wire)
+
+
+def encode_varint(value: int) -> bytes:
+    value &= (1 << 64) - 1
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _length_field(number: int, payload: bytes) -> bytes:
+    return _key(number, LENGTH) + encode_varint(len(payload)) + payload
+
+
+def placeholder_tensor(name: str, dims: Sequence[int], data_type: int = FLOAT) -> bytes:
+    """A serialized TensorProto whose value ONNX Runtime takes from ``add_external_initializers``.
+
+    The placeholder carries name, type and shape only, so the serialized graph stays the size of
+    the skeleton and no weight exists in protobuf form.
+    """
+    out = bytearray()
+    for d in dims:
+        out += _key(TENSOR_DIMS, VARINT) + encode_varint(int(d))
+    out += _key(TENSOR_DATA_TYPE, VARINT) + encode_varint(data_type)
+    out += _length_field(TENSOR_NAME, name.encode("utf-8"))
+    size = 4 * _product(dims)
+    for key, value in (("location", EXTERNAL_LOCATION), ("offset", "0"), ("length", str(size))):
+        entry = _length_field(ENTRY_KEY, key.encode()) + _length_field(ENTRY_VALUE, value.encode())
+        out += _length_field(TENSOR_EXTERNAL_DATA, entry)
+    out += _key(TENSOR_DATA_LOCATION, VARINT) + encode_varint(DATA_LOCATION_EXTERNAL)
+    return bytes(out)
+
+
+def _product(dims: Sequence[int]) -> int:
+    total = 1
+    for d in dims:
+        total *= int(d)
+    return total
+
+
+def with_initializers(model: bytes, tensors: Sequence[bytes]) -> bytes:
+    """``model`` (a serialized ModelProto) with the serialized TensorProtos ``tensors`` added as
+    graph initializers.
+
+    Protobuf parsers merge a repeated occurrence of a message field into the first, appending
+    its repeated fields, so appending one more ``graph`` field that holds only initializers adds
+    them to the graph without re-serializing (or even parsing) the rest of the model.
+    """
+    graph = b"".join(_length_field(GRAPH_INITIALIZER, t) for t in tensors)
+    return bytes(model) + _length_field(MODEL_GRAPH, graph)
+
+
+# ---------------------------------------------------------------- feeding
+
+
+def batches(inputs: np.ndarray, size: int, fixed: int | None) -> Iterator[tuple[np.ndarray, int]]:
+    """(batch, rows that are real) over ``inputs``: ``size`` rows at a time, or, for a graph whose
+    batch is ``fixed``, exactly that many, the last batch padded by repeating its last row."""
+    step = fixed or size
+    for start in range(0, len(inputs), step):
+        part = inputs[start : start + step]
+        real = len(part)
+        if fixed and real < fixed:
+            part = np.concatenate([part, np.repeat(part[-1:], fixed - real, axis=0)])
+        yield part, real
