@@ -14,8 +14,8 @@ import struct
 from pathlib import Path
 
 import pytest
-from conftest import tiny_klaus
 
+from conftest import tiny_klaus
 from klaus import format as fmt
 from klaus.errors import KlausFormatError
 from klaus.runtime import default_model_path
@@ -192,7 +192,7 @@ def test_a_corrupt_model_is_refused_naming_the_file(tmp_path, tiny_klaus_path):
     data = bytearray(tiny_klaus_path.read_bytes())
     data[-200] ^= 0xFF  # inside the last page: a tensor blob or the tables that index it
     bad.write_bytes(bytes(data))
-    with pytest.raises(KlausFormatError, match="bad.klaus"):
+    with pytest.raises(KlausFormatError, match=r"bad\.klaus"):
         to_web_container(bad)
     with pytest.raises(KlausFormatError, match="no such file"):
         to_web_container(tmp_path / "missing.klaus")
