@@ -32,6 +32,11 @@ KLAUS = str(Path(sys.executable).with_name("klaus"))
 THREADS = 2
 MODEL = "efficientnet-lite0"
 
+# An installed Klaus runs from cached bytecode (pip compiles it; an editable install caches it on first
+# import). A shell that sets PYTHONDONTWRITEBYTECODE would charge every timed process for compiling
+# Klaus's sources, which no installed copy pays, so the measured processes may write and reuse it.
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+
 if str(BENCH) not in sys.path:  # so `python bench/x.py` can import its siblings
     sys.path.insert(0, str(BENCH))
 

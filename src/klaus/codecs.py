@@ -178,8 +178,9 @@ def _walk_png(data: bytes) -> tuple[int, int, int, bytes]:
     return width, height, depth, b"".join(idat)
 
 
-def _check_image_data(idat: bytes, rows: int, cols: int, depth: int) -> None:
-    """The zlib stream must end exactly after the last scanline: no missing rows, no trailing data."""
+def _inflate_image_data(idat: bytes, rows: int, cols: int, depth: int) -> bytes:
+    """The scanlines, inflated once and never past their declared size: the zlib stream must end
+    exactly after the last scanline (no missing rows, no trailing data)."""
     expected = rows * (1 + (cols * depth + 7) // 8)
     inflater = zlib.decompressobj()
     try:
@@ -188,6 +189,14 @@ def _check_image_data(idat: bytes, rows: int, cols: int, depth: int) -> None:
         raise KlausFormatError(f"index map PNG data is corrupt ({exc})") from None
     if len(raw) != expected or not inflater.eof or inflater.unused_data:
         raise KlausFormatError(f"index map PNG holds {len(raw)} bytes of scanlines, expected {expected}")
+    return raw
+
+
+def _stored_png(width: int, height: int, depth: int, scanlines: bytes) -> bytes:
+    """A PNG of already inflated scanlines in stored (level 0) deflate blocks: Pillow then only
+    undoes the row filters, instead of inflating the map a second time."""
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, 0, 0, 0, 0)
+    return PNG_SIGNATURE + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(scanlines, 0)) + _chunk(b"IEND", b"")
 
 
 def decode_png_indices(data: bytes, rows: int, cols: int, bits: int) -> np.ndarray:
@@ -199,9 +208,9 @@ def decode_png_indices(data: bytes, rows: int, cols: int, bits: int) -> np.ndarr
         raise KlausFormatError(f"index map is {width}x{height}, expected {cols}x{rows}")
     if depth < bits:
         raise KlausFormatError(f"index map has bit depth {depth}, too small for {bits}-bit indices")
-    _check_image_data(idat, rows, cols, depth)
+    stored = _stored_png(width, height, depth, _inflate_image_data(idat, rows, cols, depth))
     try:
-        with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
+        with Image.open(io.BytesIO(stored), formats=["PNG"]) as image:
             image.load()
             pixels = np.asarray(image)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:

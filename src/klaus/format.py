@@ -564,6 +564,7 @@ def _labelset_rows(value: object, where: str) -> _LabelTables:
 def _read_labels(tables: _LabelTables, where: str) -> tuple[LabelRow, ...]:
     """Label rows with their hierarchy paths; the same checks for every format version."""
     tree = _read_synsets(tables.synsets, where)
+    paths: dict[str, tuple[str, ...]] = {}
     rows = []
     for expected, (idx, wnid, name, words) in enumerate(tables.labels):
         what = f"labels row {idx}"
@@ -571,7 +572,7 @@ def _read_labels(tables: _LabelTables, where: str) -> tuple[LabelRow, ...]:
             raise KlausFormatError(f"{where}: labels must be numbered 0..n-1 without gaps (found {idx} at {expected})")
         if not isinstance(wnid, str) or not _WNID.match(wnid) or not isinstance(name, str) or not name:
             raise KlausFormatError(f"{where}: {what} has a bad wnid or name")
-        path = _path_to_root(tree, wnid, where) if wnid else ()
+        path = _path_to_root(tree, wnid, where, paths) if wnid else ()
         hierarchy = tuple(tree[w][0] for w in path)
         rows.append(LabelRow(idx, wnid, name, _str_list(_loads(words, where, what), where, what + " words"), path, hierarchy))
     names = [r.name for r in rows]
@@ -595,15 +596,29 @@ def _read_synsets(rows: Sequence[tuple], where: str) -> dict[str, tuple[str, str
     return tree
 
 
-def _path_to_root(tree: dict[str, tuple[str, str]], wnid: str, where: str) -> tuple[str, ...]:
+def _path_to_root(
+    tree: dict[str, tuple[str, str]], wnid: str, where: str, known: dict[str, tuple[str, ...]] | None = None
+) -> tuple[str, ...]:
+    """Root..``wnid`` by the parent links; ``known`` remembers the paths already walked (labels share ancestors)."""
     if wnid not in tree:
         raise KlausFormatError(f"{where}: label {wnid} is missing from the synsets table")
-    path = [wnid]
-    while tree[path[-1]][1]:
-        path.append(tree[path[-1]][1])
+    known = {} if known is None else known
+    climbed = [wnid]
+    while climbed[-1] not in known and tree[climbed[-1]][1]:
+        climbed.append(tree[climbed[-1]][1])
+        if len(climbed) > MAX_DEPTH:
+            raise KlausFormatError(f"{where}: synset hierarchy above {wnid} is cyclic or deeper than {MAX_DEPTH}")
+    top = climbed.pop() if climbed[-1] in known else None
+    path = known[top] if top is not None else ()
+    if top is None:
+        path = (climbed.pop(),)  # the root
+        known[path[-1]] = path
+    for w in reversed(climbed):
+        path = (*path, w)
         if len(path) > MAX_DEPTH:
             raise KlausFormatError(f"{where}: synset hierarchy above {wnid} is cyclic or deeper than {MAX_DEPTH}")
-    return tuple(reversed(path))
+        known[w] = path
+    return path
 
 
 def _read_graph_v1(conn: sqlite3.Connection, where: str) -> bytes:
