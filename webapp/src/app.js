@@ -387,6 +387,10 @@ async function registerServiceWorker() {
   navigator.serviceWorker.addEventListener('controllerchange', () => {
     if (hadController) $('update').hidden = false;
   });
+  if (!navigator.onLine) {
+    if (hadController) status.textContent = 'Offline: the app runs from this device’s cache.';
+    return;
+  }
   let version;
   try {
     const response = await fetch('version.json', { cache: 'no-store' });

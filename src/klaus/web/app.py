@@ -47,6 +47,7 @@ from ..errors import KlausError, KlausImageError, first_line
 from ..index.db import Database, KlausIndexError, error_message, int64, thumbs_dir
 from ..index import search as q
 from ..names import shown
+from .ondevice import routes as ondevice_routes
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_MAX_UPLOAD = 20 * 1024 * 1024
@@ -488,6 +489,7 @@ def create_app(
         Route("/api/photo/{photo_id:int}", threaded(sync_api_photo)),
         Route("/api/classify", api_classify, methods=["POST"]),
         Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
+        *ondevice_routes(model),  # /app/: the on-device app (the browser runs the model)
     ]
 
     async def http_error(request: Request, exc: HTTPException) -> Response:
