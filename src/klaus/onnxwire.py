@@ -230,7 +230,9 @@ class _Walk:
                 assert isinstance(value, memoryview)
                 self.attribute(value, depth)
         if domain not in ALLOWED_DOMAINS:
-            raise self.fail(f"node {name!r} uses operator domain {domain!r} (operator {op}); only standard ONNX is allowed")
+            raise self.fail(
+                f"node {name!r} uses operator domain {domain!r} (operator {op}); only standard ONNX is allowed"
+            )
         self.op_types.add(op)
 
     def attribute(self, data: memoryview, depth: int) -> None:

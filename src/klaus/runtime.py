@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Union
+from typing import IO, TYPE_CHECKING
 
 import numpy as np
 
@@ -16,6 +16,7 @@ from . import onnxwire
 from .errors import KlausError, KlausFormatError, KlausModelError, first_line, naming
 from .format import KlausModel, LabelRow, looks_like_klaus, read_model
 from .labels import labels_for
+from .memory import release_free_heap
 from .onnxwire import batches
 from .preprocess import Preprocess, check_input_shape, load_image, preprocess_for_input, to_tensor
 
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 
 DEFAULT_MODEL_NAME = "efficientnet-lite0.klaus"
 MEMORY_MODES = ("default", "low")  # "low": weights stay uint8 indices + palette in memory (klaus.lowmem)
-ImageSource = Union[str, os.PathLike, bytes, IO[bytes]]
+ImageSource = str | os.PathLike | bytes | IO[bytes]
 
 
 def _is_sqlite(path: str | os.PathLike[str]) -> bool:
@@ -81,6 +82,12 @@ def softmax(logits: np.ndarray) -> np.ndarray:
         return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
+def kl_divergence(reference: np.ndarray, model: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """KL(reference || model) in nats over the last axis (one value per row of probabilities);
+    ``eps`` keeps a zero probability from giving infinity."""
+    return np.sum(reference * (np.log(reference + eps) - np.log(model + eps)), axis=-1)
+
+
 def run_batches(model: onnx.ModelProto, inputs: np.ndarray, output: str | None = None, chunk: int = 64) -> np.ndarray:
     """``model``'s first output (or the named intermediate value, batch-major) over ``inputs``, ``chunk``
     rows per call; a graph whose batch size is fixed gets exactly that many (:func:`klaus.onnxwire.batches`)."""
@@ -99,11 +106,14 @@ def make_session(
     threads: int | None = None,
     arrays: dict[str, np.ndarray] | None = None,
     where: str | None = None,
+    spinning: bool = True,
 ):
     """An ONNX Runtime CPU session; deterministic settings, no custom ops.
 
-    ``arrays`` gives the values of placeholder initializers (onnxgraph.join_external);
-    ``where`` (the model file) is named in the error if ONNX Runtime refuses the graph.
+    ``arrays`` gives the values of placeholder initializers (:func:`klaus.onnxwire.placeholder_tensor`);
+    ``where`` (the model file) is named in the error if ONNX Runtime refuses the graph. Without
+    ``spinning``, idle ONNX Runtime threads sleep between calls instead of busy-waiting, which
+    leaves the cores to the threads that decode photos while a batch is being assembled.
     """
     import onnxruntime as ort
 
@@ -115,14 +125,19 @@ def make_session(
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    if not spinning:
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     blob = model if isinstance(model, bytes) else model.SerializeToString()
     try:
         return ort.InferenceSession(blob, sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-        raise KlausModelError(f"{where + ': ' if where else ''}ONNX Runtime cannot load the model ({first_line(exc)})") from None
+        raise KlausModelError(
+            f"{where + ': ' if where else ''}ONNX Runtime cannot load the model ({first_line(exc)})"
+        ) from None
 
 
-def klaus_session(model: KlausModel, threads: int | None = None):
+def klaus_session(model: KlausModel, threads: int | None = None, spinning: bool = True):
     """An ONNX Runtime session for a `.klaus` model, built from the stored graph bytes.
 
     The skeleton (validated by the reader) gets one placeholder initializer per stored tensor
@@ -138,21 +153,29 @@ def klaus_session(model: KlausModel, threads: int | None = None):
         except KlausError as exc:
             raise KlausFormatError(f"{where}: tensor {t.name!r}: {exc}") from None
     blob = onnxwire.with_initializers(model.graph, [onnxwire.placeholder_tensor(t.name, t.dims) for t in model.tensors])
-    return make_session(blob, threads, arrays, where=where)
+    return make_session(blob, threads, arrays, where=where, spinning=spinning)
 
 
-def release_free_heap() -> None:
-    """Give the heap pages freed while decoding back to the OS (glibc only; a no-op elsewhere).
+def run_session(session, input_name: str, batch: np.ndarray, fixed: int | None) -> np.ndarray:
+    """The first output for ``batch``; a graph whose batch size is ``fixed`` is fed exactly that many
+    rows a call, the last group padded (:func:`klaus.onnxwire.batches`)."""
+    if fixed and batch.shape[0] != fixed:
+        parts = batches(batch, fixed, fixed)
+        return np.concatenate([session.run(None, {input_name: p})[0][:real] for p, real in parts])
+    return session.run(None, {input_name: batch})[0]
 
-    Building a session allocates and frees several copies of the weights;
-    glibc keeps such freed heap memory mapped unless asked to trim it.
-    """
-    try:
-        import ctypes
 
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+def fixed_batch_of(session) -> int | None:
+    """The batch size a session's first input fixes, if any."""
+    dim = session.get_inputs()[0].shape[0] if session.get_inputs()[0].shape else None
+    return dim if isinstance(dim, int) and dim > 0 else None
+
+
+def output_classes(session) -> int | None:
+    """The width of a session's first output when it is (batch, classes)."""
+    shape = session.get_outputs()[0].shape
+    last = shape[-1] if len(shape) == 2 else None
+    return last if isinstance(last, int) and last > 0 else None
 
 
 class Classifier:
@@ -191,17 +214,19 @@ class Classifier:
 
             self.where = str(model)
             if memory != "default":
-                raise KlausModelError(f"{model}: low-memory mode needs a .klaus model (an ONNX file's weights are not palettized)")
+                raise KlausModelError(
+                    f"{model}: low-memory mode needs a .klaus model (an ONNX file's weights are not palettized)"
+                )
             self.session = make_session(load_onnx(str(model)).SerializeToString(), threads, where=self.where)
             self.name = Path(str(model)).stem
             self.output = "logits"
             shape = self.session.get_inputs()[0].shape
             self.preprocess = preprocess or preprocess_for_input(shape, self.where)
-            self.labels = tuple(labels or labels_for(_classes(self.session), where=self.where))
+            self.labels = tuple(labels or labels_for(output_classes(self.session), where=self.where))
         first = self.session.get_inputs()[0]
         self.input_name = first.name
         check_input_shape(first.shape, self.preprocess, self.where, first.name)
-        self._fixed_batch = self._static_batch()
+        self._fixed_batch = fixed_batch_of(self.session)
 
     def _klaus_session(self, loaded: KlausModel, threads: int | None, memory: str):
         if memory == "default":
@@ -213,18 +238,10 @@ class Classifier:
         except KlausModelError as exc:
             raise KlausModelError(naming(str(exc), self.where)) from None
 
-    def _static_batch(self) -> int | None:
-        dim = self.session.get_inputs()[0].shape[0]
-        return dim if isinstance(dim, int) else None
-
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Class probabilities for a preprocessed batch (N, ...)."""
         try:
-            if self._fixed_batch and batch.shape[0] != self._fixed_batch:
-                parts = batches(batch, self._fixed_batch, self._fixed_batch)
-                raw = np.concatenate([self.session.run(None, {self.input_name: p})[0][:real] for p, real in parts])
-            else:
-                raw = self.session.run(None, {self.input_name: batch})[0]
+            raw = run_session(self.session, self.input_name, batch, self._fixed_batch)
         except Exception as exc:  # onnxruntime's Fail/InvalidArgument/RuntimeException types
             raise KlausModelError(f"{self.where}: ONNX Runtime failed ({first_line(exc)})") from None
         raw = raw.reshape(raw.shape[0], -1)
@@ -273,13 +290,6 @@ class Classifier:
         if not np.all(np.isfinite(probs)):
             raise self._not_finite(image)
         return Classification(path, self.top(probs, top), elapsed)
-
-
-def _classes(session) -> int | None:
-    """The width of a session's first output when it is (batch, classes)."""
-    shape = session.get_outputs()[0].shape
-    last = shape[-1] if len(shape) == 2 else None
-    return last if isinstance(last, int) and last > 0 else None
 
 
 def _check_top(top: int) -> None:

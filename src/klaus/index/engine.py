@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import KlausError, KlausModelError, first_line
+from ..errors import KlausError, KlausModelError
 from ..format import LabelRow
+from ..labels import labels_for
 from ..preprocess import Preprocess
 
 MAX_MODEL_BYTES = 2 << 30
@@ -52,49 +53,53 @@ class ModelBlob:
         return cls(data, kind, str(path), hashlib.sha256(data).hexdigest())
 
 
-def session_options(threads: int | None):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    options.inter_op_num_threads = 1
-    if threads:
-        options.intra_op_num_threads = threads
-    # Idle ORT threads otherwise busy-wait between batches, stealing the cores that
-    # decode threads need; the pipeline keeps ORT fed, so spinning buys nothing.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return options
-
-
 @dataclass(frozen=True)
 class BlobSpec:
     preprocess: Preprocess
     labels: tuple[LabelRow, ...]
     output: str
     name: str
-    graph: Callable[[], object]  # the full ONNX model, decoded on demand
+    session: Callable[[int | None], object]  # an ONNX Runtime session (threads), built on demand
 
 
 def parse_blob(blob: ModelBlob) -> BlobSpec:
-    """Metadata of a model file; the weights are decoded only when ``graph()`` is called."""
-    import onnx
+    """Metadata of a model file; the weights are decoded only when ``session()`` is called.
 
-    from ..compress import default_labels, to_onnx
+    A `.klaus` file needs no `onnx` import (:func:`klaus.runtime.klaus_session`); a plain ONNX
+    file is parsed by the onnx package, which refuses external data.
+    """
     from ..format import parse_model
+    from ..runtime import klaus_session, make_session, output_classes
 
     if blob.kind == "onnx":
+        import onnx
+
         try:
             graph = onnx.load_from_string(blob.data)
         except Exception as exc:  # protobuf DecodeError and friends
             raise KlausModelError(f"{blob.where}: not a readable ONNX model ({exc})") from None
+        if any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.graph.initializer):
+            raise KlausModelError(f"{blob.where}: external-data ONNX models are not supported; merge the weights first")
+        session = make_session(blob.data, None, where=blob.where)
         try:
-            labels = tuple(default_labels(graph))
+            labels = labels_for(output_classes(session))
         except KlausError as exc:  # e.g. not 1000 outputs and no label table: name the file
             raise KlausModelError(f"{blob.where}: {exc}") from None
-        return BlobSpec(Preprocess(), labels, "logits", Path(blob.where).stem, lambda: graph)
+        return BlobSpec(
+            Preprocess(),
+            labels,
+            "logits",
+            Path(blob.where).stem,
+            lambda threads: make_session(blob.data, threads, where=blob.where, spinning=False),
+        )
     model = parse_model(blob.data, blob.where)
-    return BlobSpec(model.preprocess, tuple(model.labels), model.meta["output"], model.name, lambda: to_onnx(model))
+    return BlobSpec(
+        model.preprocess,
+        tuple(model.labels),
+        model.meta["output"],
+        model.name,
+        lambda threads: klaus_session(model, threads, spinning=False),
+    )
 
 
 def describe_blob(blob: ModelBlob) -> tuple[tuple[LabelRow, ...], str]:
@@ -114,23 +119,16 @@ class Engine:
     """Batch classification for the indexer; ``sha256`` identifies the model file."""
 
     def __init__(self, blob: ModelBlob, threads: int | None = None) -> None:
-        import onnxruntime as ort
+        from ..runtime import fixed_batch_of
 
         self.blob = blob
         self.sha256 = blob.sha256
         self.threads = threads  # ONNX Runtime intra-op threads per call; None: all cores
         spec = parse_blob(blob)
         self.preprocess, self.labels, self.output, self.name = spec.preprocess, spec.labels, spec.output, spec.name
-        graph = spec.graph()
-        try:
-            self.session = ort.InferenceSession(
-                graph.SerializeToString(), sess_options=session_options(threads), providers=["CPUExecutionProvider"]
-            )
-        except Exception as exc:  # onnxruntime's own exception types
-            raise KlausModelError(f"ONNX Runtime cannot load {blob.where} ({first_line(exc)})") from None
+        self.session = spec.session(threads)
         self.input_name = self.session.get_inputs()[0].name
-        dim = self.session.get_inputs()[0].shape[0]
-        self._fixed_batch = dim if isinstance(dim, int) else None
+        self._fixed_batch = fixed_batch_of(self.session)
 
     @classmethod
     def load(cls, model: str | os.PathLike[str] | None = None, threads: int | None = None) -> Engine:
@@ -146,12 +144,9 @@ class Engine:
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """(N, classes) probabilities for a preprocessed batch."""
-        from ..runtime import softmax
+        from ..runtime import run_session, softmax
 
-        if self._fixed_batch and batch.shape[0] != self._fixed_batch:
-            raw = np.concatenate([self.session.run(None, {self.input_name: batch[i : i + 1]})[0] for i in range(len(batch))])
-        else:
-            raw = self.session.run(None, {self.input_name: batch})[0]
+        raw = run_session(self.session, self.input_name, batch, self._fixed_batch)
         raw = raw.reshape(raw.shape[0], -1)
         return raw.astype(np.float32) if self.output == "probabilities" else softmax(raw)
 
