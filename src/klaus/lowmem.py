@@ -57,8 +57,8 @@ from onnx import TensorProto, helper, numpy_helper
 from . import codecs, onnxgraph
 from .errors import KlausFormatError, KlausModelError, first_line
 from .format import KlausModel, TensorRecord
+from .memory import release_free_heap
 
-MEMORY_MODES = ("default", "low")
 DEFAULT_CHUNK_ELEMENTS = 1 << 20
 # The ONNX Runtime optimizers that would turn the decode nodes back into float32 constants.
 DISABLED_OPTIMIZERS = ("ConstantFolding",)
@@ -72,12 +72,6 @@ class LowMemStats:
     chunked: int  # of those, split into per-chunk decodes
     index_bytes: int  # uint8 index initializers
     float_bytes: int  # float32 initializers (raw tensors, palettes, scales)
-
-
-def check_mode(memory: str) -> str:
-    if memory not in MEMORY_MODES:
-        raise ValueError(f"memory must be one of {', '.join(MEMORY_MODES)}, got {memory!r}")
-    return memory
 
 
 def to_lowmem_onnx(model: KlausModel, chunk_elements: int | None = DEFAULT_CHUNK_ELEMENTS) -> onnx.ModelProto:
@@ -346,7 +340,5 @@ def session(model: KlausModel, threads: int | None = None, chunk_elements: int |
     del graph
     result = make_session(blob, threads, arrays)
     del blob, arrays
-    from .runtime import release_free_heap
-
     release_free_heap()
     return result
