@@ -8,7 +8,7 @@
 // and other pages script the model.
 
 import * as api from './klaus.js';
-import { Concepts, DEFAULT_MIN_PROB, rank, resolve, suggestions } from './concepts.js';
+import { Concepts, DEFAULT_MIN_PROB, labelRecords, rank, resolve, suggestions } from './concepts.js';
 import { Store } from './store.js';
 
 const THUMB_SIDE = 192;
@@ -57,20 +57,6 @@ function describeModel(model) {
   if (Number.isFinite(model.sessionMs)) parts.push(`session ${Math.round(model.sessionMs)} ms`);
   if (Number.isInteger(model.threads)) parts.push(`${model.threads} thread${model.threads === 1 ? '' : 's'}`);
   return parts.join(' · ');
-}
-
-/** The model's labels as {wnid, name, path} (path = wnids root..leaf, when the container has them). */
-function labelsOf(model) {
-  const raw = Array.isArray(model.labels) ? model.labels : [];
-  return raw.map((label) => {
-    if (typeof label === 'string') return { wnid: '', name: label, path: [] };
-    if (Array.isArray(label)) return { wnid: String(label[1] ?? ''), name: String(label[2] ?? ''), path: [] };
-    return {
-      wnid: typeof label.wnid === 'string' ? label.wnid : '',
-      name: String(label.name ?? label.label ?? ''),
-      path: Array.isArray(label.path) ? label.path : [],
-    };
-  });
 }
 
 // ------------------------------------------------------------------ state
@@ -350,7 +336,7 @@ async function applySearch() {
     return;
   }
   if ($('search').value !== query) return; // typed on meanwhile
-  const labels = state.labels ?? labelsOf(await ready);
+  const labels = state.labels ?? labelRecords(await ready);
   const resolved = resolve(table, labels, query, state.closures ?? undefined);
   if (!resolved.classes.size) {
     const close = suggestions(table, query);
@@ -458,7 +444,7 @@ async function start() {
   ready.then(
     async (model) => {
       state.model = model;
-      state.labels = labelsOf(model);
+      state.labels = labelRecords(model);
       marks.ready = performance.now();
       $('model-status').textContent = describeModel(model);
       try {

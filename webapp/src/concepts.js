@@ -147,6 +147,20 @@ export class Concepts {
   }
 }
 
+/** A model's labels (klaus.js `model.labels`) as {wnid, name, path}; path = wnids root..leaf where known. */
+export function labelRecords(model) {
+  const raw = model && Array.isArray(model.labels) ? model.labels : [];
+  return raw.map((label) => {
+    if (typeof label === 'string') return { wnid: '', name: label, path: [] };
+    if (Array.isArray(label)) return { wnid: String(label[1] ?? ''), name: String(label[2] ?? ''), path: [] };
+    return {
+      wnid: typeof label.wnid === 'string' ? label.wnid : '',
+      name: String(label.name ?? label.label ?? ''),
+      path: Array.isArray(label.path) ? label.path : [],
+    };
+  });
+}
+
 /**
  * A query resolved against one model's labels (klaus.index.search.resolve + concept_info).
  * @returns {{text: string, wnids: string[], classes: Set<number>, concepts: {wnid, name, classes}[]}}
