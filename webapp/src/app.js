@@ -459,7 +459,8 @@ async function start() {
       $('model-status').classList.add('error');
     },
   );
-  registerServiceWorker();
+  // After the model has loaded: the worker's install then finds every file in the HTTP cache.
+  ready.finally(registerServiceWorker).catch(() => {});
 }
 
 if (document.readyState === 'loading') document.addEventListener('DOMContentLoaded', start);
