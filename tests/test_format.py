@@ -7,8 +7,8 @@ import dataclasses
 import hashlib
 import json
 import lzma
-import re
 import os
+import re
 import sqlite3
 import stat
 import struct
@@ -24,11 +24,12 @@ import pytest
 from onnx import helper
 
 from conftest import TINY_CLASSES, TINY_PREPROCESS, TINY_RECIPE, TINY_SIZE, make_tiny_onnx, tiny_klaus
-from klaus import compress
+from klaus import compression, onnxgraph
 from klaus import format as fmt
+from klaus.compression.recipe import Recipe
 from klaus.errors import KlausFormatError
 from klaus.format import KlausModel, LabelRow, TensorRecord
-from klaus.quantize import Recipe
+from klaus.labels import imagenet_label_rows
 
 CHANNEL_RECIPE = dataclasses.replace(TINY_RECIPE, name="tiny-channel", granularity="channel")
 
@@ -176,7 +177,7 @@ def with_content(edit: Callable[[sqlite3.Connection], None]) -> Callable[[sqlite
 def load_fully(path: Path) -> tuple[KlausModel, dict[str, np.ndarray], onnx.ModelProto]:
     """Everything a user of the file does: read, decode every tensor, rebuild the ONNX graph."""
     model = fmt.read_model(path)
-    return model, model.decoded_weights(), compress.to_onnx(model)
+    return model, model.decoded_weights(), onnxgraph.to_onnx(model)
 
 
 def assert_rejected(path: Path, match: str, *, at: str = "read") -> KlausFormatError:
@@ -204,12 +205,12 @@ def probe_input(n: int = 3) -> np.ndarray:
 
 
 def imagenet_subset_rows(n: int = TINY_CLASSES) -> tuple[LabelRow, ...]:
-    return compress.imagenet_label_rows()[:n]
+    return imagenet_label_rows()[:n]
 
 
 def build(onnx_model: onnx.ModelProto, recipe: Recipe, labels) -> KlausModel:
-    card = compress.ModelCard("tiny-test", "tests/test_format.py", "CC0-1.0", "klaus tests", "a description with ünïcode")
-    return compress.compress_onnx(onnx_model, recipe, preprocess=TINY_PREPROCESS, labels=labels, card=card)
+    card = compression.ModelCard("tiny-test", "tests/test_format.py", "CC0-1.0", "klaus tests", "a description with ünïcode")
+    return compression.compress_onnx(onnx_model, recipe, preprocess=TINY_PREPROCESS, labels=labels, card=card)
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +221,7 @@ def palette_model() -> KlausModel:
 @pytest.fixture(scope="module")
 def imagenet_model() -> KlausModel:
     """A 1000-class tiny model with the full ImageNet WordNet hierarchy."""
-    return build(make_tiny_onnx(classes=1000), TINY_RECIPE, compress.imagenet_label_rows())
+    return build(make_tiny_onnx(classes=1000), TINY_RECIPE, imagenet_label_rows())
 
 
 @pytest.fixture(scope="module")
@@ -313,7 +314,7 @@ def test_write_read_round_trip(request, tmp_path, which):
 
 
 def test_imagenet_labels_path_and_hierarchy_come_back_from_synsets(imagenet_model, tmp_path):
-    rows = compress.imagenet_label_rows()
+    rows = imagenet_label_rows()
     assert len(rows) == 1000
     path = tmp_path / "inet.klaus"
     fmt.write_model(imagenet_model, path)
@@ -356,7 +357,7 @@ def test_lossless_build_decodes_to_the_original_initializers_exactly(tiny_lossle
 
 def test_lossless_model_gives_the_original_outputs(tiny_lossless_path):
     x = probe_input()
-    rebuilt = compress.to_onnx(fmt.read_model(tiny_lossless_path))
+    rebuilt = onnxgraph.to_onnx(fmt.read_model(tiny_lossless_path))
     assert np.array_equal(run_onnx(rebuilt, x), run_onnx(make_tiny_onnx(), x))
 
 
@@ -453,7 +454,7 @@ def test_failed_write_leaves_no_temp_file_and_keeps_the_target(tmp_path, palette
 
 
 def test_tiny_klaus_runs_in_onnxruntime(palette_model):
-    rebuilt = compress.to_onnx(palette_model)
+    rebuilt = onnxgraph.to_onnx(palette_model)
     onnx.checker.check_model(rebuilt)
     x = probe_input(16)
     got = run_onnx(rebuilt, x)
@@ -695,7 +696,7 @@ def flip_outcomes(rich_bytes):
             decoded = weights
             if model.tensors != original.tensors or model.graph != original.graph:
                 decoded = model.decoded_weights()
-                compress.to_onnx(model)
+                onnxgraph.to_onnx(model)
         except KlausFormatError as exc:
             outcomes["rejected" if where in str(exc) else "nameless"].append((off, mask, str(exc)[:120]))
             continue
@@ -898,7 +899,6 @@ def _crop_ratio_0_9(text: str) -> str:
 VALID_CONTENT_EDITS = {
     "meta-model_name": _set_meta("model_name", lambda v: v + "-renamed"),
     "meta-license": _set_meta("license", lambda v: "MIT"),
-    "meta-output": _set_meta("output", lambda v: "probabilities" if v == "logits" else "logits"),
     "meta-recipe": _set_meta("recipe", lambda v: "{}"),
     "meta-preprocess": _set_meta("preprocess", _crop_ratio_0_9),
     "meta-description-deleted": _changes_something("DELETE FROM meta WHERE key = 'description'"),
@@ -906,13 +906,28 @@ VALID_CONTENT_EDITS = {
     "labels-name": _changes_something("UPDATE labels SET name = 'not a goldfish' WHERE idx = 1"),
     "labels-words": _changes_something("UPDATE labels SET words = '[]' WHERE idx = 2"),
     "labels-wnid-cleared": _changes_something("UPDATE labels SET wnid = '' WHERE idx = 0"),
-    "labels-last-deleted": _changes_something(f"DELETE FROM labels WHERE idx = {TINY_CLASSES - 1}"),
     "synsets-name": _changes_something("UPDATE synsets SET name = 'carp' WHERE wnid = 'n01440764'"),
     "synsets-extra-row": _changes_something("INSERT INTO synsets VALUES ('n99999999', 'unused', '')"),
 }
 
 
-@pytest.mark.parametrize("edit", VALID_CONTENT_EDITS.values(), ids=VALID_CONTENT_EDITS.keys())
+# Edits the graph contradicts: even with a recomputed content_sha256 the reader refuses them.
+GRAPH_CONTRADICTED_EDITS = {
+    "meta-output": (
+        _set_meta("output", lambda v: "probabilities" if v == "logits" else "logits"),
+        "meta says the output is probabilities, but the graph's output comes from Gemm, not a Softmax",
+    ),
+    "labels-last-deleted": (
+        _changes_something(f"DELETE FROM labels WHERE idx = {TINY_CLASSES - 1}"),
+        f"the label table has {TINY_CLASSES - 1} classes but the graph outputs {TINY_CLASSES} scores",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    "edit", [*VALID_CONTENT_EDITS.values(), *(e for e, _ in GRAPH_CONTRADICTED_EDITS.values())],
+    ids=[*VALID_CONTENT_EDITS, *GRAPH_CONTRADICTED_EDITS],
+)
 def test_tampering_with_meta_labels_or_synsets_is_caught_by_the_content_checksum(tmp_path, rich_v1_path, edit):
     path = edited(rich_v1_path, tmp_path / "content.klaus", edit)
     assert_rejected(path, CONTENT_MISMATCH)
@@ -926,6 +941,13 @@ def test_the_same_edits_with_a_recomputed_content_checksum_are_read(tmp_path, ri
     original = fmt.read_model(rich_v1_path)
     assert model.meta[fmt.CONTENT_KEY] != original.meta[fmt.CONTENT_KEY]  # the edit changed digested content
     assert model.tensors == original.tensors and model.graph == original.graph
+
+
+@pytest.mark.parametrize("edit,message", GRAPH_CONTRADICTED_EDITS.values(), ids=GRAPH_CONTRADICTED_EDITS.keys())
+def test_labels_and_output_kind_must_match_the_graph(tmp_path, rich_v1_path, edit, message):
+    """A label list shorter than the outputs would print 'class N'; logits read as probabilities
+    would print 940 %: both are refused at read, however consistent the checksums."""
+    assert_rejected(edited(rich_v1_path, tmp_path / "content.klaus", with_content(edit)), re.escape(message))
 
 
 @pytest.mark.parametrize(
@@ -991,10 +1013,10 @@ def test_label_names_differing_only_in_case_are_distinct(tmp_path, rich_v1_path)
     assert fmt.read_model(path).labels[1].name == name.upper()
 
 
-def test_label_removed_from_the_end_is_still_a_valid_file(tmp_path, rich_v1_path):
-    # 0..n-2 has no gap; with its checksum recomputed the file is valid, with one label fewer
+def test_label_removed_from_the_end_is_refused_when_the_graph_says_its_width(tmp_path, rich_v1_path):
+    # 0..n-2 has no gap and the checksum is recomputed, but the graph declares TINY_CLASSES outputs
     path = edited(rich_v1_path, tmp_path / "labels.klaus", with_content(sql(f"DELETE FROM labels WHERE idx = {TINY_CLASSES - 1}")))
-    assert len(fmt.read_model(path).labels) == TINY_CLASSES - 1
+    assert_rejected(path, f"the label table has {TINY_CLASSES - 1} classes but the graph outputs {TINY_CLASSES} scores")
 
 
 @pytest.mark.parametrize(
@@ -1125,13 +1147,48 @@ def test_graph_with_custom_node_domain_only(tmp_path, rich_v1_path):
     assert_rejected(path, f"node {re.escape(repr(skeleton.graph.node[3].name))} uses operator domain 'com.microsoft'")
 
 
-def test_graph_with_custom_domain_inside_a_subgraph(tmp_path, rich_v1_path):
+def test_graph_with_custom_domain_inside_a_subgraph(tmp_path, rich_v1_path, monkeypatch):
+    monkeypatch.setenv("KLAUS_TRUST_MODEL", "1")  # lets control flow through: the domain check still holds
     skeleton = _stored_skeleton(rich_v1_path)
     inner = helper.make_node("Relu", ["x"], ["y"], name="inner", domain="evil")
     branch = helper.make_graph([inner], "branch", [], [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)])
     skeleton.graph.node.append(helper.make_node("If", ["cond"], ["out"], name="if", then_branch=branch, else_branch=branch))
     path = edited(rich_v1_path, tmp_path / "g.klaus", _replace_graph(skeleton))
     assert_rejected(path, "node 'inner' uses operator domain 'evil'")
+
+
+@pytest.mark.parametrize("op,inputs", [
+    ("Loop", ["trips", "cond"]), ("If", ["cond"]), ("Scan", ["x"]), ("ConstantOfShape", ["shape"]),
+    ("Range", ["a", "b", "c"]), ("Tile", ["x", "reps"]), ("Resize", ["x"]), ("NonZero", ["x"]),
+])
+def test_operators_classifiers_do_not_use_are_refused_unless_trusted(tmp_path, rich_v1_path, monkeypatch, op, inputs):
+    """Control flow and data-sized outputs can make a file ask for unbounded time or memory."""
+    skeleton = _stored_skeleton(rich_v1_path)
+    skeleton.graph.node.append(helper.make_node(op, inputs, ["unused"], name="extra"))
+    path = edited(rich_v1_path, tmp_path / "g.klaus", _replace_graph(skeleton))
+    assert_rejected(path, f"node 'extra' uses {op}, which is not among the operators image classifiers use "
+                          "\\(set KLAUS_TRUST_MODEL=1")
+    monkeypatch.setenv("KLAUS_TRUST_MODEL", "1")
+    assert fmt.read_model(path).graph == skeleton.SerializeToString()
+
+
+@pytest.mark.parametrize("attribute", ["pads", "strides", "dilations"])
+def test_convolution_windows_beyond_any_input_are_refused(tmp_path, rich_v1_path, attribute):
+    skeleton = _stored_skeleton(rich_v1_path)
+    conv = next(n for n in skeleton.graph.node if n.op_type == "Conv")
+    for a in list(conv.attribute):
+        if a.name == attribute:
+            conv.attribute.remove(a)
+    conv.attribute.append(helper.make_attribute(attribute, [100000] * (4 if attribute == "pads" else 2)))
+    path = edited(rich_v1_path, tmp_path / "g.klaus", _replace_graph(skeleton))
+    assert_rejected(path, f"a Conv node's {attribute} are outside 0..4096")
+
+
+def test_weights_beyond_the_limit_are_refused_before_decoding(tmp_path, rich_v1_path, monkeypatch):
+    monkeypatch.setattr("klaus.limits.MAX_WEIGHTS", 100)
+    assert_rejected(rich_v1_path, "weights decode to .* values, more than the 100 Klaus loads from a file")
+    monkeypatch.setenv("KLAUS_TRUST_MODEL", "1")
+    assert fmt.read_model(rich_v1_path).tensors
 
 
 def test_graph_with_local_functions(tmp_path, rich_v1_path):

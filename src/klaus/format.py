@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import codecs, onnxwire
+from . import codecs, limits, onnxwire
 from .errors import KlausFormatError, KlausWriteError
 from .preprocess import Preprocess
 
@@ -452,8 +452,38 @@ def _read_tables(conn: sqlite3.Connection, where: str) -> KlausModel:
         raise KlausFormatError(f"{where}: {exc}") from None
     labels = _read_labels(tables, where)
     graph = _read_graph_v1(conn, where) if version == 1 else _read_graph_v2(conn, where)
+    _check_graph_fits(onnxwire.read_skeleton(graph, where, allowed_ops()), meta, labels, where)
     tensors = _read_tensors(conn, where)
+    _check_weight_count(tensors, where)
     return KlausModel(meta, preprocess, labels, graph, tensors, source_path=where)
+
+
+def allowed_ops() -> frozenset[str] | None:
+    """The operators a model file may use: image-classifier operators, or any when the user trusts
+    the files (:mod:`klaus.limits`)."""
+    return None if limits.trusted() else onnxwire.CLASSIFIER_OPS
+
+
+def _check_graph_fits(skeleton: onnxwire.Skeleton, meta: dict[str, str], labels: Sequence[LabelRow], where: str) -> None:
+    """The label table and the declared output kind must match what the graph computes."""
+    shape = skeleton.outputs[0].shape if skeleton.outputs else None
+    width = shape[-1] if shape and len(shape) == 2 else None
+    if isinstance(width, int) and width > 0 and width != len(labels):
+        raise KlausFormatError(f"{where}: the label table has {len(labels)} classes but the graph outputs {width} scores")
+    if meta["output"] == "probabilities" and skeleton.output_op() != "Softmax":
+        made = skeleton.output_op() or "no operator"
+        raise KlausFormatError(f"{where}: meta says the output is probabilities, but the graph's output comes from {made}, not a Softmax")
+
+
+def _check_weight_count(tensors: Sequence[TensorRecord], where: str) -> None:
+    """Refuse a file whose weights would decode to more than the limit, before decoding any."""
+    limit = limits.max_weights()
+    total = sum(t.size for t in tensors)
+    if limit is not None and total > limit:
+        raise KlausFormatError(
+            f"{where}: the weights decode to {total:,} values, more than the {limit:,} Klaus loads from a file "
+            f"(set {limits.TRUST_ENV}=1 to load it anyway, if you trust the file)"
+        )
 
 
 def _check_schema(conn: sqlite3.Connection, version: int, where: str) -> None:
@@ -643,7 +673,6 @@ def _read_graph_v2(conn: sqlite3.Connection, where: str) -> bytes:
 def _check_graph(blob: bytes, digest: object, where: str) -> bytes:
     if hashlib.sha256(blob).hexdigest() != digest:
         raise KlausFormatError(f"{where}: graph checksum mismatch (file is corrupt)")
-    onnxwire.read_skeleton(blob, where)
     return blob
 
 

@@ -27,6 +27,102 @@ from .errors import KlausFormatError
 ALLOWED_DOMAINS = ("", "ai.onnx")
 MIN_OPSET, MAX_OPSET = 7, 23
 MAX_SUBGRAPH_DEPTH = 16
+# The operators image classifiers are made of (convolutions, matrix products, pooling, normalization,
+# activations and the shape plumbing exporters emit around them). Everything else, and in particular
+# control flow (Loop, If, Scan) and operators whose output size comes from data (ConstantOfShape,
+# Range, Tile, Resize, NonZero, ...), is refused at load unless the user trusts the file
+# (klaus.limits): those can make a file ask for unbounded time or memory.
+CLASSIFIER_OPS = frozenset(
+    [
+        "Conv",
+        "ConvTranspose",
+        "Gemm",
+        "MatMul",
+        "Einsum",
+        "Add",
+        "Sub",
+        "Mul",
+        "Div",
+        "Pow",
+        "Sqrt",
+        "Reciprocal",
+        "Neg",
+        "Abs",
+        "Exp",
+        "Log",
+        "Erf",
+        "Min",
+        "Max",
+        "Sum",
+        "Mean",
+        "Relu",
+        "LeakyRelu",
+        "PRelu",
+        "Elu",
+        "Selu",
+        "Celu",
+        "Sigmoid",
+        "HardSigmoid",
+        "HardSwish",
+        "Tanh",
+        "Softplus",
+        "Softsign",
+        "Mish",
+        "Gelu",
+        "Clip",
+        "Softmax",
+        "LogSoftmax",
+        "MaxPool",
+        "AveragePool",
+        "GlobalAveragePool",
+        "GlobalMaxPool",
+        "LpPool",
+        "LRN",
+        "BatchNormalization",
+        "InstanceNormalization",
+        "LayerNormalization",
+        "GroupNormalization",
+        "Dropout",
+        "Identity",
+        "ReduceMean",
+        "ReduceSum",
+        "ReduceMax",
+        "ReduceMin",
+        "ReduceL2",
+        "ArgMax",
+        "Flatten",
+        "Reshape",
+        "Transpose",
+        "Squeeze",
+        "Unsqueeze",
+        "Concat",
+        "Split",
+        "Slice",
+        "Gather",
+        "Shape",
+        "Size",
+        "Cast",
+        "Constant",
+        "Pad",
+        "Expand",
+        "Equal",
+        "Where",
+        "Not",
+        "And",
+        "Or",
+        "Greater",
+        "Less",
+        "Floor",
+        "Ceil",
+        "Round",
+        "Sign",
+    ]
+)
+# Convolution and pooling attributes larger than any image Klaus feeds (klaus.preprocess.MAX_INPUT_SIZE)
+# only serve to make outputs huge.
+MAX_WINDOW = 4096
+WINDOW_OPS = frozenset({"Conv", "ConvTranspose", "MaxPool", "AveragePool", "LpPool"})
+WINDOW_ATTRS = frozenset({"pads", "strides", "dilations", "kernel_shape", "output_padding", "output_shape"})
 # Placeholder initializers name this location; ONNX Runtime takes their values from
 # SessionOptions.add_external_initializers and never opens it.
 EXTERNAL_LOCATION = "klaus-session-initializer"
@@ -39,6 +135,8 @@ MODEL_OPSET, MODEL_GRAPH, MODEL_FUNCTIONS = 8, 7, 25
 OPSET_DOMAIN, OPSET_VERSION = 1, 2
 GRAPH_NODE, GRAPH_INITIALIZER, GRAPH_INPUT, GRAPH_OUTPUT, GRAPH_SPARSE_INITIALIZER = 1, 5, 11, 12, 15
 NODE_NAME, NODE_OP_TYPE, NODE_ATTRIBUTE, NODE_DOMAIN = 3, 4, 5, 7
+NODE_OUTPUT = 2
+ATTR_NAME, ATTR_I, ATTR_INTS = 1, 3, 8
 ATTR_T, ATTR_G, ATTR_TENSORS, ATTR_GRAPHS, ATTR_SPARSE_TENSOR, ATTR_SPARSE_TENSORS = 5, 6, 10, 11, 22, 23
 TENSOR_DIMS, TENSOR_DATA_TYPE, TENSOR_NAME, TENSOR_EXTERNAL_DATA, TENSOR_DATA_LOCATION = 1, 2, 8, 13, 14
 SPARSE_VALUES, SPARSE_INDICES = 1, 2
@@ -152,6 +250,11 @@ class Skeleton:
     initializers: frozenset[str]
     op_types: frozenset[str] = field(default_factory=frozenset)
     nodes: int = 0
+    producers: dict[str, str] = field(default_factory=dict)  # top-level value name -> the operator making it
+
+    def output_op(self) -> str:
+        """The operator that makes the first graph output ('' if none does, e.g. an input passed through)."""
+        return self.producers.get(self.outputs[0].name, "") if self.outputs else ""
 
     @property
     def data_inputs(self) -> tuple[ValueInfo, ...]:
@@ -186,10 +289,12 @@ def _dim(data: memoryview) -> int | str | None:
 class _Walk:
     """One pass over a GraphProto and its subgraphs, checking what a `.klaus` graph may hold."""
 
-    def __init__(self, where: str) -> None:
+    def __init__(self, where: str, allowed: frozenset[str] | None) -> None:
         self.where = where
+        self.allowed = allowed  # None: any standard operator
         self.op_types: set[str] = set()
         self.nodes = 0
+        self.producers: dict[str, str] = {}
 
     def fail(self, problem: str) -> KlausFormatError:
         return KlausFormatError(f"{self.where}: {problem}")
@@ -219,6 +324,8 @@ class _Walk:
     def node(self, data: memoryview, depth: int) -> None:
         self.nodes += 1
         name, op, domain = "", "", ""
+        outputs: list[str] = []
+        attributes: list[memoryview] = []
         for n, wire, value in fields(data):
             if n == NODE_NAME:
                 name = _text(value)
@@ -226,26 +333,41 @@ class _Walk:
                 op = _text(value)
             elif n == NODE_DOMAIN:
                 domain = _text(value)
+            elif n == NODE_OUTPUT:
+                outputs.append(_text(value))
             elif n == NODE_ATTRIBUTE and wire == LENGTH:
                 assert isinstance(value, memoryview)
-                self.attribute(value, depth)
+                attributes.append(value)
         if domain not in ALLOWED_DOMAINS:
             raise self.fail(
                 f"node {name!r} uses operator domain {domain!r} (operator {op}); only standard ONNX is allowed"
             )
+        if self.allowed is not None and op not in self.allowed:
+            raise self.fail(
+                f"node {name!r} uses {op}, which is not among the operators image classifiers use "
+                "(set KLAUS_TRUST_MODEL=1 to load it anyway, if you trust the file)"
+            )
+        for attribute in attributes:
+            self.attribute(attribute, depth, op if self.allowed is not None else "")
         self.op_types.add(op)
+        if depth == 0:
+            self.producers.update((out, op) for out in outputs)
 
-    def attribute(self, data: memoryview, depth: int) -> None:
+    def attribute(self, data: memoryview, depth: int, op: str) -> None:
+        name, numbers = "", []
         for n, wire, value in fields(data):
-            if wire != LENGTH:
-                continue
-            assert isinstance(value, memoryview)
-            if n in (ATTR_G, ATTR_GRAPHS):
+            if n == ATTR_NAME:
+                name = _text(value)
+            elif n in (ATTR_I, ATTR_INTS):
+                numbers.extend(_ints(wire, value))
+            elif n in (ATTR_G, ATTR_GRAPHS) and isinstance(value, memoryview):
                 self.graph(value, depth + 1)
-            elif n in (ATTR_T, ATTR_TENSORS):
+            elif n in (ATTR_T, ATTR_TENSORS) and isinstance(value, memoryview):
                 self.tensor(value)
-            elif n in (ATTR_SPARSE_TENSOR, ATTR_SPARSE_TENSORS):
+            elif n in (ATTR_SPARSE_TENSOR, ATTR_SPARSE_TENSORS) and isinstance(value, memoryview):
                 self.sparse(value)
+        if op in WINDOW_OPS and name in WINDOW_ATTRS and any(not 0 <= v <= MAX_WINDOW for v in numbers):
+            raise self.fail(f"a {op} node's {name} are outside 0..{MAX_WINDOW}")
 
     def tensor(self, data: memoryview) -> str:
         name = ""
@@ -272,13 +394,14 @@ def _opset(data: memoryview) -> tuple[str, int]:
     return domain, version
 
 
-def read_skeleton(blob: bytes | memoryview, where: str) -> Skeleton:
+def read_skeleton(blob: bytes | memoryview, where: str, allowed: frozenset[str] | None = None) -> Skeleton:
     """Parse and check a `.klaus` graph: standard operator domains and opsets only, no local
-    functions, no external tensor data anywhere (subgraphs included), at least one node.
+    functions, no external tensor data anywhere (subgraphs included), at least one node; with
+    ``allowed``, only those operators, and convolution and pooling windows within bounds.
 
     Any problem is one :class:`KlausFormatError` naming ``where``.
     """
-    walk = _Walk(where)
+    walk = _Walk(where, allowed)
     opsets: dict[str, int] = {}
     graph: tuple[list[ValueInfo], list[ValueInfo], set[str]] | None = None
     try:
@@ -308,6 +431,7 @@ def read_skeleton(blob: bytes | memoryview, where: str) -> Skeleton:
         initializers=frozenset(initializers),
         op_types=frozenset(walk.op_types),
         nodes=walk.nodes,
+        producers=walk.producers,
     )
 
 

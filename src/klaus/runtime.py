@@ -16,6 +16,7 @@ from . import onnxwire
 from .errors import KlausError, KlausFormatError, KlausModelError, first_line, naming
 from .format import KlausModel, LabelRow, looks_like_klaus, read_model
 from .labels import labels_for
+from .limits import MEMORY_ENV, max_run_bytes
 from .memory import release_free_heap
 from .onnxwire import batches
 from .preprocess import Preprocess, check_input_shape, load_image, preprocess_for_input, to_tensor
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     import onnx
 
 DEFAULT_MODEL_NAME = "efficientnet-lite0.klaus"
+RUN_ROWS = 32  # images or crops per ONNX Runtime call: bounds activation memory, costs no throughput
 MEMORY_MODES = ("default", "low")  # "low": weights stay uint8 indices + palette in memory (klaus.lowmem)
 ImageSource = str | os.PathLike | bytes | IO[bytes]
 
@@ -107,8 +109,12 @@ def make_session(
     arrays: dict[str, np.ndarray] | None = None,
     where: str | None = None,
     spinning: bool = True,
+    capped: bool = False,
 ):
     """An ONNX Runtime CPU session; deterministic settings, no custom ops.
+
+    With ``capped`` the session allocates from the process's one capped arena
+    (:func:`klaus.limits.max_run_bytes`): what a model file runs cannot take unbounded memory.
 
     ``arrays`` gives the values of placeholder initializers (:func:`klaus.onnxwire.placeholder_tensor`);
     ``where`` (the model file) is named in the error if ONNX Runtime refuses the graph. Without
@@ -117,7 +123,11 @@ def make_session(
     """
     import onnxruntime as ort
 
+    _quiet(ort)
     options = ort.SessionOptions()
+    if capped:
+        _register_capped_arena(ort)
+        options.add_session_config_entry("session.use_env_allocators", "1")
     if arrays:
         options.add_external_initializers(list(arrays), [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays.values()])
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -137,6 +147,36 @@ def make_session(
         ) from None
 
 
+_ARENA_BYTES: list[int] = []  # the cap of the arena registered in this process, once
+
+
+def _register_capped_arena(ort) -> None:
+    if _ARENA_BYTES:
+        return
+    cap = max_run_bytes()
+    info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+    ort.create_and_register_allocator(info, ort.OrtArenaCfg({"max_mem": cap, "arena_extend_strategy": 1}))
+    _ARENA_BYTES.append(cap)
+
+
+def _quiet(ort) -> None:
+    """ONNX Runtime's own log lines (coloured, multi-line) never reach the user's stderr: its
+    failures arrive as exceptions, which Klaus turns into one line."""
+    ort.set_default_logger_severity(4)
+
+
+def run_failure(where: str, exc: BaseException) -> KlausModelError:
+    """One line for an ONNX Runtime run that failed, saying so plainly when it hit the memory cap."""
+    text = str(exc)
+    if "bfc_arena" in text or "Failed to allocate memory" in text or "Available memory of" in text:
+        cap = (_ARENA_BYTES or [max_run_bytes()])[0] >> 20
+        return KlausModelError(
+            f"{where}: the model needs more than the {cap} MiB Klaus lets a model use while it runs "
+            f"(set {MEMORY_ENV} to raise it)"
+        )
+    return KlausModelError(f"{where}: ONNX Runtime failed ({first_line(exc)})")
+
+
 def klaus_session(model: KlausModel, threads: int | None = None, spinning: bool = True):
     """An ONNX Runtime session for a `.klaus` model, built from the stored graph bytes.
 
@@ -153,16 +193,17 @@ def klaus_session(model: KlausModel, threads: int | None = None, spinning: bool 
         except KlausError as exc:
             raise KlausFormatError(f"{where}: tensor {t.name!r}: {exc}") from None
     blob = onnxwire.with_initializers(model.graph, [onnxwire.placeholder_tensor(t.name, t.dims) for t in model.tensors])
-    return make_session(blob, threads, arrays, where=where, spinning=spinning)
+    return make_session(blob, threads, arrays, where=where, spinning=spinning, capped=True)
 
 
-def run_session(session, input_name: str, batch: np.ndarray, fixed: int | None) -> np.ndarray:
-    """The first output for ``batch``; a graph whose batch size is ``fixed`` is fed exactly that many
+def run_session(session, input_name: str, batch: np.ndarray, fixed: int | None, rows: int = RUN_ROWS) -> np.ndarray:
+    """The first output for ``batch``, at most ``rows`` rows a call so activations stay small
+    whatever the caller's batch; a graph whose batch size is ``fixed`` is fed exactly that many
     rows a call, the last group padded (:func:`klaus.onnxwire.batches`)."""
-    if fixed and batch.shape[0] != fixed:
-        parts = batches(batch, fixed, fixed)
-        return np.concatenate([session.run(None, {input_name: p})[0][:real] for p, real in parts])
-    return session.run(None, {input_name: batch})[0]
+    if len(batch) <= (fixed or rows) and (not fixed or len(batch) == fixed):
+        return session.run(None, {input_name: batch})[0]
+    parts = batches(batch, rows, fixed)
+    return np.concatenate([session.run(None, {input_name: p})[0][:real] for p, real in parts])
 
 
 def fixed_batch_of(session) -> int | None:
@@ -217,7 +258,9 @@ class Classifier:
                 raise KlausModelError(
                     f"{model}: low-memory mode needs a .klaus model (an ONNX file's weights are not palettized)"
                 )
-            self.session = make_session(load_onnx(str(model)).SerializeToString(), threads, where=self.where)
+            self.session = make_session(
+                load_onnx(str(model)).SerializeToString(), threads, where=self.where, capped=True
+            )
             self.name = Path(str(model)).stem
             self.output = "logits"
             shape = self.session.get_inputs()[0].shape
@@ -243,7 +286,7 @@ class Classifier:
         try:
             raw = run_session(self.session, self.input_name, batch, self._fixed_batch)
         except Exception as exc:  # onnxruntime's Fail/InvalidArgument/RuntimeException types
-            raise KlausModelError(f"{self.where}: ONNX Runtime failed ({first_line(exc)})") from None
+            raise run_failure(self.where, exc) from None
         raw = raw.reshape(raw.shape[0], -1)
         return raw.astype(np.float32) if self.output == "probabilities" else softmax(raw)
 

@@ -90,7 +90,7 @@ def parse_blob(blob: ModelBlob) -> BlobSpec:
             labels,
             "logits",
             Path(blob.where).stem,
-            lambda threads: make_session(blob.data, threads, where=blob.where, spinning=False),
+            lambda threads: make_session(blob.data, threads, where=blob.where, spinning=False, capped=True),
         )
     model = parse_model(blob.data, blob.where)
     return BlobSpec(
@@ -144,9 +144,12 @@ class Engine:
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """(N, classes) probabilities for a preprocessed batch."""
-        from ..runtime import run_session, softmax
+        from ..runtime import run_failure, run_session, softmax
 
-        raw = run_session(self.session, self.input_name, batch, self._fixed_batch)
+        try:
+            raw = run_session(self.session, self.input_name, batch, self._fixed_batch)
+        except Exception as exc:  # onnxruntime's own exception types
+            raise run_failure(self.blob.where, exc) from None
         raw = raw.reshape(raw.shape[0], -1)
         return raw.astype(np.float32) if self.output == "probabilities" else softmax(raw)
 
