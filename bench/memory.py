@@ -25,8 +25,21 @@ import json
 import numpy as np
 
 from _common import (
-    CACHE, CAT, PYTHON, THREADS, cached, cli, command, embedded_model, fp32_onnx, interleaved_ms, median, mib,
-    ort_session, ratio, run_command, table,
+    CAT,
+    PYTHON,
+    THREADS,
+    cached,
+    cli,
+    command,
+    embedded_model,
+    fp32_onnx,
+    interleaved_ms,
+    median,
+    mib,
+    ort_session,
+    ratio,
+    run_command,
+    table,
 )
 
 KEYS = ("effnet", "alexnet-4096", "alexnet-2048")
@@ -111,18 +124,19 @@ def alexnet_files(fc: int):
     """(fp32 ONNX, kmeans8 .klaus) for the AlexNet-shaped network, built once into bench/.cache/."""
     import onnx
 
-    from klaus import compress
+    from klaus import compression
+    from klaus.compression.recipe import KMEANS8
+    from klaus.labels import imagenet_label_rows
     from klaus.preprocess import Preprocess
-    from klaus.quantize import KMEANS8
 
     onnx_path = cached(f"alexnet-{fc}-fp32.onnx", lambda p: onnx.save(alexnet_onnx(fc), str(p)))
 
     def build(path):
-        card = compress.ModelCard(f"alexnet-{fc}", "bench/memory.py (random He-init weights, seed 0)", "CC0-1.0", "klaus bench")
-        model = compress.compress_onnx(
-            onnx.load(str(onnx_path)), KMEANS8, preprocess=Preprocess(), labels=compress.imagenet_label_rows(), card=card
+        card = compression.ModelCard(f"alexnet-{fc}", "bench/memory.py (random He-init weights, seed 0)", "CC0-1.0", "klaus bench")
+        model = compression.compress_onnx(
+            onnx.load(str(onnx_path)), KMEANS8, preprocess=Preprocess(), labels=imagenet_label_rows(), card=card
         )
-        compress.write(model, path)
+        compression.write(model, path)
 
     return onnx_path, cached(f"alexnet-{fc}-kmeans8.klaus", build)
 

@@ -15,7 +15,19 @@ import logging
 
 import numpy as np
 
-from _common import CACHE, SAMPLE, THREADS, cached, cli, command, embedded_model, fp32_onnx, ort_session, pct, ratio, table
+from _common import (
+    SAMPLE,
+    THREADS,
+    cached,
+    cli,
+    command,
+    embedded_model,
+    fp32_onnx,
+    ort_session,
+    pct,
+    ratio,
+    table,
+)
 
 KEYS = ("fp16", "int8-dynamic", "int8-static", "klaus-default", "kmeans8", "fc4-rest8")
 STATIC_CALIB_IMAGES = 100  # every 5th even-class photo: MinMax keeps activations per batch, so fewer keeps RAM sane
@@ -23,8 +35,9 @@ BATCH = 25
 
 
 def split_files(parity: str) -> list:
-    from klaus.calibrate import image_files, split_files as split
-    from klaus.compress import imagenet_label_rows
+    from klaus.compression.calibrate import image_files
+    from klaus.compression.calibrate import split_files as split
+    from klaus.labels import imagenet_label_rows
 
     wnids = {r.wnid: r.index for r in imagenet_label_rows()}
     return split(image_files([SAMPLE]), parity, wnids)
@@ -39,7 +52,7 @@ def preprocessed(files) -> np.ndarray:
 
 
 def labels_of(files) -> np.ndarray:
-    from klaus.compress import imagenet_label_rows
+    from klaus.labels import imagenet_label_rows
 
     wnids = {r.wnid: r.index for r in imagenet_label_rows()}
     return np.array([wnids[f.name.split("_", 1)[0]] for f in files])
@@ -88,7 +101,13 @@ def int8_dynamic(path_fp32):
 
 
 def int8_static(path_fp32):
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -112,12 +131,12 @@ def int8_static(path_fp32):
 def klaus_recipe(path_fp32, recipe_name: str):
     import onnx
 
-    from klaus import compress, zoo
-    from klaus.quantize import NAMED_RECIPES
+    from klaus import compression, zoo
+    from klaus.compression.recipe import NAMED_RECIPES
 
     def build(out):
         model = zoo.build("efficientnet-lite0", NAMED_RECIPES[recipe_name], model=onnx.load(str(path_fp32)))
-        compress.write(model, out)
+        compression.write(model, out)
 
     return cached(f"efficientnet-lite0-{recipe_name}.klaus", build)
 

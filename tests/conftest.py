@@ -9,9 +9,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from klaus import compress
+from klaus import compression
+from klaus.compression.recipe import LOSSLESS, Recipe
+from klaus.labels import plain_label_rows
 from klaus.preprocess import Preprocess
-from klaus.quantize import LOSSLESS, Recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -85,9 +86,9 @@ TINY_RECIPE = Recipe(name="tiny", fc_bits=4, conv_bits=6, depthwise_bits=6, min_
 def tiny_klaus(recipe: Recipe = TINY_RECIPE, calibration: np.ndarray | None = None):
     model = make_tiny_onnx()
     names = [f"class {i}" for i in range(TINY_CLASSES)]
-    card = compress.ModelCard("tiny", "tests/conftest.py", "CC0-1.0", "klaus tests")
-    return compress.compress_onnx(
-        model, recipe, preprocess=TINY_PREPROCESS, labels=compress.plain_label_rows(names), card=card, calibration=calibration
+    card = compression.ModelCard("tiny", "tests/conftest.py", "CC0-1.0", "klaus tests")
+    return compression.compress_onnx(
+        model, recipe, preprocess=TINY_PREPROCESS, labels=plain_label_rows(names), card=card, calibration=calibration
     )
 
 
@@ -106,14 +107,14 @@ def tiny_onnx_path(tmp_path: Path) -> Path:
 @pytest.fixture
 def tiny_klaus_path(tmp_path: Path) -> Path:
     path = tmp_path / "tiny.klaus"
-    compress.write(tiny_klaus(), path)
+    compression.write(tiny_klaus(), path)
     return path
 
 
 @pytest.fixture
 def tiny_lossless_path(tmp_path: Path) -> Path:
     path = tmp_path / "tiny-lossless.klaus"
-    compress.write(tiny_klaus(LOSSLESS), path)
+    compression.write(tiny_klaus(LOSSLESS), path)
     return path
 
 

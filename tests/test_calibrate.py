@@ -12,10 +12,10 @@ from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
 from conftest import EXAMPLES, TINY_PREPROCESS, TINY_SIZE, make_tiny_onnx
-from klaus import calibrate, onnxgraph
-from klaus import quantize as q
-from klaus.compress import imagenet_label_rows
+from klaus import onnxgraph
+from klaus.compression import calibrate, kmeans
 from klaus.errors import KlausDataError
+from klaus.labels import imagenet_label_rows
 from klaus.onnxgraph import TensorRole
 
 WEIGHTS = ("stem.weight", "dw.weight", "pw.weight", "fc.weight")
@@ -236,7 +236,7 @@ def _bias_correction_inputs(model, photos, names, bits):
     skeleton, weights = onnxgraph.split_weights(model)
     roles = onnxgraph.tensor_roles(model)
     stats = calibrate.input_statistics(model, photos, [roles[n].activation for n in names])
-    decoded = {n: q.palettize(weights[n], bits).decode() for n in names}
+    decoded = {n: kmeans.palettize(weights[n], bits).decode() for n in names}
     means = {k: s.mean for k, s in stats.items()}
     biases = {roles[n].bias: weights[roles[n].bias] for n in names}
     return skeleton, weights, roles, decoded, means, biases

@@ -415,19 +415,20 @@ def test_compress_refuses_input_size_the_graph_cannot_take(tiny_files):
 
 def test_classify_runtime_failure_is_one_line_error(tmp_path):
     """A model that ONNX Runtime refuses to run on its own preprocessed input: one line, exit 1, no traceback."""
-    from klaus import compress
-    from klaus.preprocess import Preprocess
-    from klaus.quantize import FP16
-
     import dataclasses
 
-    model = compress.compress_onnx(
+    from klaus import compression
+    from klaus.compression.recipe import FP16
+    from klaus.labels import plain_label_rows
+    from klaus.preprocess import Preprocess
+
+    model = compression.compress_onnx(
         make_tiny_onnx(), FP16, preprocess=Preprocess(input_size=32),
-        labels=compress.plain_label_rows([str(i) for i in range(TINY_CLASSES)]), card=compress.ModelCard("mismatched"),
+        labels=plain_label_rows([str(i) for i in range(TINY_CLASSES)]), card=compression.ModelCard("mismatched"),
     )
     model = dataclasses.replace(model, preprocess=Preprocess(input_size=224))  # as a foreign file could say
     path = tmp_path / "mismatched.klaus"
-    compress.write(model, path)
+    compression.write(model, path)
     result = CliRunner().invoke(main, ["classify", "--model", str(path), CAT], prog_name="klaus")
     assert not (result.exception and not isinstance(result.exception, SystemExit)), repr(result.exception)
     assert_one_line_error(result)
@@ -621,8 +622,8 @@ def test_export_creates_folders_like_compress_and_is_deterministic(tiny_files, l
     onnx.checker.check_model(onnx.load(str(onnx_out)))
     x = _inputs()
     # The exported graph computes what the .klaus model does: compare with its own decode.
-    from klaus.compress import to_onnx
     from klaus.format import read_model
+    from klaus.onnxgraph import to_onnx
 
     expected = to_onnx(read_model(klaus_out)).SerializeToString()
     assert onnx_out.read_bytes() == expected
@@ -770,16 +771,17 @@ def test_runtime_failure_names_the_model_file(tmp_path):
     """A model whose name differs from its file: errors name the file a user passed."""
     import dataclasses
 
-    from klaus import compress
+    from klaus import compression
+    from klaus.compression.recipe import FP16
+    from klaus.labels import plain_label_rows
     from klaus.preprocess import Preprocess
-    from klaus.quantize import FP16
 
-    model = compress.compress_onnx(
+    model = compression.compress_onnx(
         make_tiny_onnx(), FP16, preprocess=Preprocess(input_size=32),
-        labels=compress.plain_label_rows([str(i) for i in range(TINY_CLASSES)]), card=compress.ModelCard("inner-name"),
+        labels=plain_label_rows([str(i) for i in range(TINY_CLASSES)]), card=compression.ModelCard("inner-name"),
     )
     path = tmp_path / "outer-file.klaus"
-    compress.write(dataclasses.replace(model, preprocess=Preprocess(input_size=64)), path)
+    compression.write(dataclasses.replace(model, preprocess=Preprocess(input_size=64)), path)
     result = run("classify", "--model", str(path), CAT)
     assert_one_line_error(result, f"{path}: input 'input' has shape (?, 3, 32, 32), but the preprocessing makes (N, 3, 64, 64)")
 

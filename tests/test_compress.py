@@ -14,14 +14,25 @@ from onnx import helper
 from PIL import Image
 
 from conftest import (
-    EXAMPLES, TINY_CLASSES, TINY_PREPROCESS, TINY_RECIPE, TINY_SIZE, feature_map_output, make_tiny_onnx, tiny_klaus,
+    EXAMPLES,
+    TINY_CLASSES,
+    TINY_PREPROCESS,
+    TINY_RECIPE,
+    TINY_SIZE,
+    feature_map_output,
+    make_tiny_onnx,
+    tiny_klaus,
 )
-from klaus import calibrate, compress, format, onnxgraph
+from klaus import compression, format, onnxgraph
+from klaus.compression import calibrate
+from klaus.compression.check import check_classifier
+from klaus.compression.plan import depthwise_windows
+from klaus.compression.recipe import DEFAULT, LOSSLESS, Recipe, effective_recipe
 from klaus.errors import KlausFormatError, KlausModelError
-from klaus.quantize import DEFAULT, LOSSLESS, Recipe
+from klaus.labels import plain_label_rows
 
 NAMES = [f"class {i}" for i in range(TINY_CLASSES)]
-CARD = compress.ModelCard("tiny", "tests", "CC0-1.0", "klaus tests")
+CARD = compression.ModelCard("tiny", "tests", "CC0-1.0", "klaus tests")
 
 
 def _logits(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
@@ -46,8 +57,8 @@ def photos() -> np.ndarray:
 
 
 def _compress(recipe: Recipe, calibration: np.ndarray | None = None, model: onnx.ModelProto | None = None):
-    return compress.compress_onnx(
-        model or make_tiny_onnx(), recipe, preprocess=TINY_PREPROCESS, labels=compress.plain_label_rows(NAMES),
+    return compression.compress_onnx(
+        model or make_tiny_onnx(), recipe, preprocess=TINY_PREPROCESS, labels=plain_label_rows(NAMES),
         card=CARD, calibration=calibration,
     )
 
@@ -61,8 +72,8 @@ def test_lossless_build_is_exact(photos, tmp_path):
     assert {t.codec for t in model.tensors} == {"raw-f32"}
     # Through the file, as a user would get it.
     path = tmp_path / "l.klaus"
-    compress.write(model, path)
-    rebuilt = compress.to_onnx(format.read_model(path))
+    compression.write(model, path)
+    rebuilt = onnxgraph.to_onnx(format.read_model(path))
     noise = np.random.default_rng(0).standard_normal((8, 3, TINY_SIZE, TINY_SIZE)).astype(np.float32)
     for x in (photos, noise):
         assert np.max(np.abs(_logits(rebuilt, x) - _logits(original, x))) < 1e-6
@@ -88,7 +99,7 @@ def test_compressed_build_is_close(photos):
         "fc.bias": ("raw-f16", 0),
     }
     ref = _logits(original, photos)
-    out = _logits(compress.to_onnx(model), photos)
+    out = _logits(onnxgraph.to_onnx(model), photos)
     assert np.sqrt(np.mean((out - ref) ** 2)) < 0.2 * ref.std()
     assert np.mean(out.argmax(1) == ref.argmax(1)) >= 0.9
     # ... but not identical: the weights really were palettized.
@@ -115,7 +126,7 @@ def test_compression_is_deterministic():
 
 def test_recompress_from_lossless(tiny_lossless_path):
     lossless = format.read_model(tiny_lossless_path)
-    again = compress.recompress(lossless, TINY_RECIPE)
+    again = compression.recompress(lossless, TINY_RECIPE)
     direct = tiny_klaus()
     # Lossless decoding is exact, so recompressing equals compressing the ONNX file.
     assert again.tensors == direct.tensors
@@ -128,7 +139,7 @@ def test_recompress_from_lossless(tiny_lossless_path):
 
 def test_recompress_with_calibration(tiny_lossless_path, photos):
     lossless = format.read_model(tiny_lossless_path)
-    model = compress.recompress(lossless, TINY_RECIPE.with_bits(method="gptq"), calibration=photos)
+    model = compression.recompress(lossless, TINY_RECIPE.with_bits(method="gptq"), calibration=photos)
     assert model.meta["calibration_inputs"] == str(photos.shape[0])
     assert json.loads(model.meta["recipe"])["method"] == "gptq"
 
@@ -137,7 +148,7 @@ def test_recompress_with_calibration(tiny_lossless_path, photos):
 
 
 def _rms_error(model, x, ref):
-    return float(np.sqrt(np.mean((_logits(compress.to_onnx(model), x) - ref) ** 2)))
+    return float(np.sqrt(np.mean((_logits(onnxgraph.to_onnx(model), x) - ref) ** 2)))
 
 
 def _bits_recipe(bits: int, method: str = "kmeans") -> Recipe:
@@ -229,12 +240,12 @@ def test_depthwise_windows():
     roles = onnxgraph.tensor_roles(model)
     _, floats = onnxgraph.split_weights(model)
     shapes = {n: w.shape for n, w in floats.items()}
-    assert compress.depthwise_windows(model, roles, shapes) == {
+    assert depthwise_windows(model, roles, shapes) == {
         "s_act": calibrate.Window((3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
     }
     dw = next(n for n in model.graph.node if n.output[0] == "d")
     dw.attribute.append(onnx.helper.make_attribute("auto_pad", "SAME_UPPER"))
-    assert compress.depthwise_windows(model, roles, shapes) == {}  # no explicit window: weighted rounding instead
+    assert depthwise_windows(model, roles, shapes) == {}  # no explicit window: weighted rounding instead
 
 
 def test_gptq_on_the_depthwise_layer(smooth_sets):
@@ -273,10 +284,10 @@ def test_bias_correction_uses_float_input_means(photos):
 
 def test_effective_recipe():
     gptq = Recipe(method="gptq", fc_bits=3)
-    fallback = compress.effective_recipe(gptq, calibrated=False)
+    fallback = effective_recipe(gptq, calibrated=False)
     assert fallback.method == "kmeans" and fallback.fc_bits == 3
-    assert compress.effective_recipe(gptq, calibrated=True) is gptq
-    assert compress.effective_recipe(TINY_RECIPE, calibrated=False) is TINY_RECIPE
+    assert effective_recipe(gptq, calibrated=True) is gptq
+    assert effective_recipe(TINY_RECIPE, calibrated=False) is TINY_RECIPE
     # The default recipe without calibration runs (and records) plain k-means.
     model = _compress(DEFAULT.with_bits(min_elements=64))
     assert json.loads(model.meta["recipe"])["method"] == "kmeans"
@@ -288,10 +299,10 @@ def test_effective_recipe():
 def test_default_labels():
     tiny = make_tiny_onnx()
     with pytest.raises(KlausModelError, match="10 outputs.*--labels"):
-        compress.default_labels(tiny)
-    rows = compress.default_labels(tiny, NAMES)
+        onnxgraph.default_labels(tiny)
+    rows = onnxgraph.default_labels(tiny, NAMES)
     assert [(r.index, r.name, r.wnid) for r in rows] == [(i, n, "") for i, n in enumerate(NAMES)]
-    imagenet = compress.default_labels(make_tiny_onnx(classes=1000))
+    imagenet = onnxgraph.default_labels(make_tiny_onnx(classes=1000))
     assert len(imagenet) == 1000
     assert [r.index for r in imagenet] == list(range(1000))
     assert imagenet[0].wnid == "n01440764" and imagenet[281].name == "tabby"
@@ -302,29 +313,29 @@ def test_default_labels():
 def test_default_labels_must_match_the_outputs(count):
     """A names file with the wrong number of lines would misname or leave classes unnamed."""
     with pytest.raises(KlausModelError, match=str(count)):
-        compress.default_labels(make_tiny_onnx(), [f"n{i}" for i in range(count)])
+        onnxgraph.default_labels(make_tiny_onnx(), [f"n{i}" for i in range(count)])
 
 
 def test_default_labels_unknown_width():
     model = make_tiny_onnx()
     dims = model.graph.output[0].type.tensor_type.shape.dim
     dims[1].dim_param = "classes"
-    assert compress.output_classes(model) is None
+    assert onnxgraph.output_classes(model) is None
     with pytest.raises(KlausModelError, match="unknown number"):
-        compress.default_labels(model)
+        onnxgraph.default_labels(model)
 
 
 def test_load_source_tells_formats_apart(tmp_path, tiny_klaus_path, tiny_onnx_path):
-    assert isinstance(compress.load_source(tiny_klaus_path), format.KlausModel)
-    assert isinstance(compress.load_source(tiny_onnx_path), onnx.ModelProto)
+    assert isinstance(compression.load_source(tiny_klaus_path), format.KlausModel)
+    assert isinstance(compression.load_source(tiny_onnx_path), onnx.ModelProto)
     garbage = tmp_path / "garbage.onnx"
     garbage.write_bytes(b"\x00\x01this is not a protobuf" * 10)
     with pytest.raises(KlausModelError):
-        compress.load_source(garbage)
+        compression.load_source(garbage)
     corrupt = tmp_path / "corrupt.klaus"
     corrupt.write_bytes(tiny_klaus_path.read_bytes()[:3000])
     with pytest.raises(KlausFormatError):
-        compress.load_source(corrupt)
+        compression.load_source(corrupt)
 
 
 def test_custom_operator_domains_are_refused():
@@ -339,9 +350,9 @@ def test_preprocess_must_fit_the_graph_input():
     from klaus.preprocess import Preprocess
 
     with pytest.raises(KlausModelError, match="224"):
-        compress.compress_onnx(
+        compression.compress_onnx(
             make_tiny_onnx(), TINY_RECIPE, preprocess=Preprocess(input_size=224),
-            labels=compress.plain_label_rows(NAMES), card=CARD,
+            labels=plain_label_rows(NAMES), card=CARD,
         )
     # A symbolic (dynamic) spatial size accepts any preprocessing.
     dynamic = make_tiny_onnx()
@@ -356,11 +367,11 @@ def test_duplicate_label_names_never_make_an_unreadable_file(tmp_path):
 
     path = tmp_path / "dup.klaus"
     try:
-        model = compress.compress_onnx(
+        model = compression.compress_onnx(
             make_tiny_onnx(), TINY_RECIPE, preprocess=TINY_PREPROCESS,
-            labels=compress.plain_label_rows(["same"] * TINY_CLASSES), card=CARD,
+            labels=plain_label_rows(["same"] * TINY_CLASSES), card=CARD,
         )
-        compress.write(model, path)
+        compression.write(model, path)
     except KlausError:
         assert not path.exists()
         return
@@ -416,7 +427,7 @@ def _nan_constant(model: onnx.ModelProto) -> None:
 def test_check_classifier_refuses(change, error, fragment):
     model = _variant(change)
     with pytest.raises(error) as info:
-        compress.check_classifier(model, classes=TINY_CLASSES, where="src.onnx")
+        check_classifier(model, classes=TINY_CLASSES, where="src.onnx")
     assert str(info.value).startswith("src.onnx: ") and fragment in str(info.value)
     assert "\n" not in str(info.value)
     # compress_onnx refuses it the same way (named after the model card there), before any work.
@@ -433,49 +444,49 @@ def test_weights_beyond_fp16_are_refused_unless_stored_as_fp32():
         _compress(replace(LOSSLESS, fc_bits=4, min_elements=64), model=model)
     kept = _compress(replace(LOSSLESS, conv_bits=6, min_elements=64), model=model)  # fc stays fp32
     assert {t.name: t.codec for t in kept.tensors}["fc.weight"] == "raw-f32"
-    exact = compress.to_onnx(_compress(LOSSLESS, model=model))
+    exact = onnxgraph.to_onnx(_compress(LOSSLESS, model=model))
     assert onnx.numpy_helper.to_array(next(t for t in exact.graph.initializer if t.name == "fc.weight"))[0, 0] == 1e6
 
 
 def test_check_classifier_accepts_what_it_cannot_know():
-    compress.check_classifier(make_tiny_onnx(), classes=TINY_CLASSES, where="x")
+    check_classifier(make_tiny_onnx(), classes=TINY_CLASSES, where="x")
     # symbolic dimensions everywhere
     model = make_tiny_onnx()
     for d in [*model.graph.input[0].type.tensor_type.shape.dim, *model.graph.output[0].type.tensor_type.shape.dim]:
         d.dim_param = "n"
-    compress.check_classifier(model, classes=TINY_CLASSES, where="x")
+    check_classifier(model, classes=TINY_CLASSES, where="x")
     # a known class count must match the labels
     with pytest.raises(KlausModelError, match="10 classes but there are 3 labels"):
-        compress.check_classifier(make_tiny_onnx(), classes=3, where="x")
+        check_classifier(make_tiny_onnx(), classes=3, where="x")
 
 
 def test_check_classifier_layout_hint():
     model = make_tiny_onnx()  # NCHW (N, 3, 32, 32)
     with pytest.raises(KlausModelError, match=r"not an image tensor \(N, H, W, 3\) \(for NCHW input use --layout NCHW\)"):
-        compress.check_classifier(model, layout="NHWC", where="x")
+        check_classifier(model, layout="NHWC", where="x")
 
 
 def test_default_labels_name_the_file():
     with pytest.raises(KlausModelError, match=r"^m\.onnx: the model has 10 outputs"):
-        compress.default_labels(make_tiny_onnx(), where="m.onnx")
+        onnxgraph.default_labels(make_tiny_onnx(), where="m.onnx")
     with pytest.raises(KlausModelError, match=r"^m\.onnx: the labels file has 3 names"):
-        compress.default_labels(make_tiny_onnx(), ["a", "b", "c"], where="m.onnx")
+        onnxgraph.default_labels(make_tiny_onnx(), ["a", "b", "c"], where="m.onnx")
 
 
 def test_graph_input_size_without_inputs_and_with_listed_initializers():
     model = make_tiny_onnx()
-    assert compress.graph_input_size(model) == TINY_SIZE
+    assert onnxgraph.graph_input_size(model) == TINY_SIZE
     # IR < 4 style: initializers listed as graph inputs, before the image
     listed = make_tiny_onnx()
     weights = [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in listed.graph.initializer]
     image = listed.graph.input[0]
     del listed.graph.input[:]
     listed.graph.input.extend([*weights, image])
-    assert compress.graph_input_size(listed) == TINY_SIZE
-    assert [i.name for i in compress.data_inputs(listed)] == ["input"]
-    compress.check_classifier(listed, classes=TINY_CLASSES, where="x")
+    assert onnxgraph.graph_input_size(listed) == TINY_SIZE
+    assert [i.name for i in onnxgraph.data_inputs(listed)] == ["input"]
+    check_classifier(listed, classes=TINY_CLASSES, where="x")
     del model.graph.input[:]
-    assert compress.graph_input_size(model) is None
+    assert onnxgraph.graph_input_size(model) is None
 
 
 # ---------------------------------------------------------------- graphs with a fixed batch size
@@ -499,10 +510,10 @@ def test_agreement_search_on_a_fixed_batch_graph():
     """--max-drop runs the calibration inputs through the graph (statistics, sensitivity probes,
     agreement on held-out inputs): a graph that takes exactly 3 rows gets them 3 at a time."""
     calibration = _smooth_images(101, 5)  # not a multiple of 3: the last batch is padded
-    kwargs = dict(preprocess=TINY_PREPROCESS, labels=compress.plain_label_rows(NAMES), card=CARD, calibration=calibration,
+    kwargs = dict(preprocess=TINY_PREPROCESS, labels=plain_label_rows(NAMES), card=CARD, calibration=calibration,
                   min_elements=64)
-    fixed, fixed_allocation, fixed_agree = compress.compress_to_agreement(_fixed_batch_tiny(3), DEFAULT, 5.0, **kwargs)
-    free, free_allocation, free_agree = compress.compress_to_agreement(make_tiny_onnx(), DEFAULT, 5.0, **kwargs)
+    fixed, fixed_allocation, fixed_agree = compression.compress_to_agreement(_fixed_batch_tiny(3), DEFAULT, 5.0, **kwargs)
+    free, free_allocation, free_agree = compression.compress_to_agreement(make_tiny_onnx(), DEFAULT, 5.0, **kwargs)
     assert fixed_agree == free_agree
     rows = [(r.pop("predicted_kl"), r) for r in fixed_allocation.table()], [(r.pop("predicted_kl"), r) for r in free_allocation.table()]
     assert [r for _, r in rows[0]] == [r for _, r in rows[1]]

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from klaus import evaluate as ev
-from klaus.compress import imagenet_label_rows, plain_label_rows
 from klaus.errors import KlausDataError, KlausImageError
 from klaus.evaluate import Accuracy, Sample
+from klaus.labels import imagenet_label_rows, plain_label_rows
 
 LABELS = imagenet_label_rows()
 TENCH, GOLDFISH, SHARK = "n01440764", "n01443537", "n01484850"  # classes 0, 1, 2

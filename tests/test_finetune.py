@@ -9,15 +9,15 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from klaus import compress, onnxgraph
+from conftest import TINY_SIZE, make_tiny_onnx
+from klaus import compression, onnxgraph
+from klaus.compression.kmeans import palettize
 from klaus.errors import KlausModelError
-from klaus.quantize import palettize
+from klaus.labels import plain_label_rows
 from klaus.runtime import run_batches
 
-from conftest import TINY_SIZE, make_tiny_onnx
-
 torch = pytest.importorskip("torch", reason="fine-tuning needs the convert extra (torch)")
-from klaus import finetune  # noqa: E402  (after the torch check)
+from klaus.compression import finetune  # noqa: E402  (after the torch check)
 
 
 def _inputs(n: int, seed: int = 1) -> np.ndarray:
@@ -117,13 +117,13 @@ def test_compress_with_finetune_steps_writes_the_tuned_model() -> None:
     from conftest import TINY_PREPROCESS, TINY_RECIPE
 
     model = make_tiny_onnx()
-    card = compress.ModelCard("tiny", "tests", "CC0-1.0", "klaus tests")
-    labels = compress.plain_label_rows([f"c{i}" for i in range(model.graph.output[0].type.tensor_type.shape.dim[1].dim_value)])
+    card = compression.ModelCard("tiny", "tests", "CC0-1.0", "klaus tests")
+    labels = plain_label_rows([f"c{i}" for i in range(model.graph.output[0].type.tensor_type.shape.dim[1].dim_value)])
     recipe = replace(TINY_RECIPE, fc_bits=2, conv_bits=3, depthwise_bits=3, granularity="channel")
     calibration = _inputs(30)
     kwargs = dict(preprocess=TINY_PREPROCESS, labels=labels, card=card, calibration=calibration)
-    plain = compress.compress_onnx(model, recipe, **kwargs)
-    tuned = compress.compress_onnx(model, replace(recipe, finetune_steps=30), **kwargs)
+    plain = compression.compress_onnx(model, recipe, **kwargs)
+    tuned = compression.compress_onnx(model, replace(recipe, finetune_steps=30), **kwargs)
     assert '"finetune_steps":30' in tuned.meta["recipe"]
     plain_t = {t.name: t for t in plain.tensors}
     for t in tuned.tensors:

@@ -11,10 +11,11 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import EXAMPLES, TINY_RECIPE, TINY_SIZE, tiny_klaus
-from klaus import compress, lowmem, runtime
+from klaus import compression, lowmem, onnxgraph, runtime
 from klaus.cli import main
 from klaus.codecs import PALETTE_CODECS
 from klaus.errors import KlausModelError
+from klaus.labels import plain_label_rows
 from klaus.preprocess import Preprocess
 from klaus.runtime import Classifier
 
@@ -26,7 +27,7 @@ def batch(n: int = 3, size: int = TINY_SIZE) -> np.ndarray:
 
 
 def default_logits(model, x: np.ndarray) -> np.ndarray:
-    return runtime.make_session(compress.to_onnx(model)).run(None, {"input": x})[0]
+    return runtime.make_session(onnxgraph.to_onnx(model)).run(None, {"input": x})[0]
 
 
 @pytest.mark.parametrize("granularity", ["tensor", "channel"])
@@ -98,10 +99,10 @@ def test_chunked_gemm_without_transb_and_matmul():
     )
     onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx_model.ir_version = 8
-    card = compress.ModelCard("mlp")
-    model = compress.compress_onnx(
+    card = compression.ModelCard("mlp")
+    model = compression.compress_onnx(
         onnx_model, TINY_RECIPE.with_bits(None, granularity="channel"), preprocess=Preprocess(input_size=8),
-        labels=compress.plain_label_rows([str(i) for i in range(10)]), card=card,
+        labels=plain_label_rows([str(i) for i in range(10)]), card=card,
     )
     _, _, stats = lowmem.build(model, chunk_elements=300)
     assert stats.chunked == 2

@@ -1,17 +1,24 @@
-"""Mixed precision under a byte budget (klaus.mixed and compress.compress_to_budget)."""
+"""Mixed precision under a byte budget (klaus.mixed and compression.compress_to_budget)."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from conftest import EXAMPLES, TINY_CLASSES, TINY_PREPROCESS, make_tiny_onnx
-from klaus import calibrate, compress, format as kf, mixed, onnxgraph
+from klaus import compression, onnxgraph
+from klaus import format as kf
 from klaus.cli import main
+from klaus.compression import budget as budgeting
+from klaus.compression import calibrate, mixed
+from klaus.compression.kmeans import palettize
+from klaus.compression.recipe import Recipe
 from klaus.errors import KlausModelError
 from klaus.format import PAGE_SIZE
-from klaus.quantize import Recipe, palettize
+from klaus.labels import plain_label_rows
 
 RECIPE = Recipe(name="tiny-budget", granularity="channel")
 
@@ -65,19 +72,19 @@ def calibration() -> np.ndarray:
 
 
 def _tiny_budget(budget: int, calibration: np.ndarray):
-    labels = compress.plain_label_rows([f"c{i}" for i in range(TINY_CLASSES)])
-    card = compress.ModelCard("tiny")
-    return compress.compress_to_budget(
+    labels = plain_label_rows([f"c{i}" for i in range(TINY_CLASSES)])
+    card = compression.ModelCard("tiny")
+    return compression.compress_to_budget(
         make_tiny_onnx(), RECIPE, budget, preprocess=TINY_PREPROCESS, labels=labels, card=card, calibration=calibration,
         min_elements=64,
     )
 
 
 def test_budgeted_model_fits_and_tighter_budgets_use_fewer_bits(calibration):
-    loose_budget = len(kf.serialize(compress.compress_onnx(
-        make_tiny_onnx(), compress.replace(RECIPE, fc_bits=None, conv_bits=None),
-        preprocess=TINY_PREPROCESS, labels=compress.plain_label_rows([f"c{i}" for i in range(TINY_CLASSES)]),
-        card=compress.ModelCard("tiny"),
+    loose_budget = len(kf.serialize(compression.compress_onnx(
+        make_tiny_onnx(), replace(RECIPE, fc_bits=None, conv_bits=None),
+        preprocess=TINY_PREPROCESS, labels=plain_label_rows([f"c{i}" for i in range(TINY_CLASSES)]),
+        card=compression.ModelCard("tiny"),
     )))
     tight_budget = loose_budget - 2048  # two pages less than keeping every weight at fp16
     model, alloc = _tiny_budget(tight_budget, calibration)
@@ -107,9 +114,9 @@ def test_cli_budget_needs_calibration(tmp_path, tiny_onnx_path):
 
 
 def _tiny_agreement(max_drop: float, calibration: np.ndarray):
-    labels = compress.plain_label_rows([f"c{i}" for i in range(TINY_CLASSES)])
-    return compress.compress_to_agreement(
-        make_tiny_onnx(), RECIPE, max_drop, preprocess=TINY_PREPROCESS, labels=labels, card=compress.ModelCard("tiny"),
+    labels = plain_label_rows([f"c{i}" for i in range(TINY_CLASSES)])
+    return compression.compress_to_agreement(
+        make_tiny_onnx(), RECIPE, max_drop, preprocess=TINY_PREPROCESS, labels=labels, card=compression.ModelCard("tiny"),
         calibration=calibration,
     )
 
@@ -127,11 +134,11 @@ def test_max_drop_finds_smaller_files_for_looser_limits(wide_calibration):
     assert agree_strict == 100.0 and agree_loose >= 70.0
     assert len(kf.serialize(loose)) <= len(kf.serialize(strict))
     # The reported agreement is what the held-out calibration inputs give with the built file.
-    held = calibration[np.arange(len(calibration)) % compress.HOLDOUT_EVERY == compress.HOLDOUT_EVERY - 1]
+    held = calibration[np.arange(len(calibration)) % budgeting.HOLDOUT_EVERY == budgeting.HOLDOUT_EVERY - 1]
     from klaus.runtime import make_session
 
     float_model = make_session(make_tiny_onnx())
-    quant = make_session(compress.to_onnx(loose))
+    quant = make_session(onnxgraph.to_onnx(loose))
     ref = float_model.run(None, {"input": held})[0].argmax(1)
     got = quant.run(None, {"input": held})[0].argmax(1)
     assert np.mean(ref == got) * 100 == pytest.approx(agree_loose)
@@ -156,17 +163,17 @@ def test_cli_budget_and_max_drop_are_exclusive(tmp_path, tiny_onnx_path):
 
 @pytest.mark.parametrize("count,views", [(500, 1), (40, 10), (1000, 1), (6, 1), (43, 10)])
 def test_probe_rows_hold_out_whole_photos(count, views):
-    fit, probe = compress.probe_rows(count, views)
-    assert probe.sum() <= compress.PROBE_INPUTS and probe.any()
+    fit, probe = budgeting.probe_rows(count, views)
+    assert probe.sum() <= budgeting.PROBE_INPUTS and probe.any()
     if fit.all():  # too few inputs to hold any out: every input does both jobs
-        assert count < 2 * compress.PROBE_EVERY * views and probe.all()
+        assert count < 2 * budgeting.PROBE_EVERY * views and probe.all()
         return
     assert not (fit & probe).any()  # probes never calibrate the tensors they measure
     step = views if count % views == 0 else 1
     photo = np.arange(count) // step
     assert set(photo[~fit]).isdisjoint(photo[fit])  # all crops of a held-out photo are held out
     assert len(set(photo[probe])) == probe.sum()  # one view per probed photo
-    assert (~fit).sum() >= count // compress.PROBE_EVERY - step
+    assert (~fit).sum() >= count // budgeting.PROBE_EVERY - step
 
 
 def test_sensitivity_is_measured_on_the_probe_tensors(calibration):
@@ -195,7 +202,7 @@ def test_sensitivity_is_measured_on_the_probe_tensors(calibration):
     assert layer.scale == pytest.approx(kl / layer.probe_proxy)
 
 
-class _FakeFit(compress._Search):
+class _FakeFit(budgeting.Search):
     """fit() against a stand-in build whose file size is the allocation's target plus a fixed error."""
 
     def __init__(self, error: float):
@@ -210,19 +217,19 @@ class _FakeFit(compress._Search):
 @pytest.mark.parametrize("error", [-50_000.0, -3_000.0, 0.0, 20_000.0])
 def test_budget_fit_fills_the_budget_and_never_exceeds_it(monkeypatch, error):
     monkeypatch.setattr(mixed, "allocate", lambda layers, target: target)
-    monkeypatch.setattr(kf, "serialize", lambda model: b"x" * model[1])
-    budget = 1_000_000
+    monkeypatch.setattr(budgeting, "serialize", lambda model: b"x" * model[1])
+    limit = 1_000_000
     search = _FakeFit(error)
-    model, allocation = search.fit(budget)
+    model, allocation = search.fit(limit)
     size = model[1]
-    assert size <= budget
+    assert size <= limit
     assert search.fitted == ("pieces", allocation)  # the kept build's pieces, not the last one tried
-    assert len(search.targets) <= compress.FIT_BUILDS + compress.FIT_REFINEMENTS
-    slack = budget - size
-    allowed = max(compress.FIT_SLACK * budget, compress.FIT_SLACK_PAGES * PAGE_SIZE)
+    assert len(search.targets) <= budgeting.FIT_BUILDS + budgeting.FIT_REFINEMENTS
+    slack = limit - size
+    allowed = max(budgeting.FIT_SLACK * limit, budgeting.FIT_SLACK_PAGES * PAGE_SIZE)
     if -error > allowed:  # an underfull first build is grown until little is left unused
         assert slack < -error
-        assert slack <= allowed or len(search.targets) == 1 + compress.FIT_REFINEMENTS
+        assert slack <= allowed or len(search.targets) == 1 + budgeting.FIT_REFINEMENTS
     elif error <= 0:  # close enough: one build
         assert len(search.targets) == 1 and slack == -error
     if error > 0:  # an overfull first build is shrunk
@@ -239,7 +246,7 @@ def test_budget_fit_keeps_the_last_fitting_build_when_growing_overshoots(monkeyp
             self.fitted = ("pieces", allocation)
             return ("model", next(sizes))
 
-    monkeypatch.setattr(kf, "serialize", lambda model: b"x" * model[1])
+    monkeypatch.setattr(budgeting, "serialize", lambda model: b"x" * model[1])
     search = Jumpy(0.0)
     model, allocation = search.fit(1_000_000)
     assert model[1] == 900_000 and search.fitted == ("pieces", allocation) and len(search.targets) == 2
@@ -250,15 +257,15 @@ def test_allocation_leaves_no_upgrade_that_would_still_fit():
     big = _layer("big", 100_000, 1.0)  # steps of 12.5 kB per bit
     small = [_layer(f"small{i}", 800, 50.0) for i in range(6)]  # steps of 100 B per bit
     layers = [big, *small]
-    for budget in (40_000.0, 47_000.0, 61_000.0, 75_500.0):
-        alloc = mixed.allocate(layers, budget)
-        assert alloc.predicted_bytes <= budget
-        spare = budget - alloc.predicted_bytes
+    for target in (40_000.0, 47_000.0, 61_000.0, 75_500.0):
+        alloc = mixed.allocate(layers, target)
+        assert alloc.predicted_bytes <= target
+        spare = target - alloc.predicted_bytes
         for layer in layers:
             now = alloc.chosen[layer.name]
             for c in layer.candidates:
                 if c.proxy < now.proxy:  # every better candidate costs more than what is left
-                    assert c.bytes - now.bytes > spare, (budget, layer.name, c, now, spare)
+                    assert c.bytes - now.bytes > spare, (target, layer.name, c, now, spare)
     kls = [mixed.allocate(layers, b).predicted_kl for b in (40_000.0, 47_000.0, 61_000.0, 75_500.0)]
     assert kls == sorted(kls, reverse=True)
 

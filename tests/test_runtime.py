@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-
 import io
 import subprocess
 import sys
@@ -14,10 +13,11 @@ import onnxruntime as ort
 import pytest
 
 from conftest import EXAMPLES, TINY_CLASSES, TINY_PREPROCESS, make_tiny_onnx, tiny_klaus
-from klaus import compress, format
+from klaus import compression, format
+from klaus.compression.recipe import FP16
 from klaus.errors import KlausFormatError, KlausImageError, KlausModelError
+from klaus.labels import plain_label_rows
 from klaus.preprocess import Preprocess, prepare
-from klaus.quantize import FP16
 from klaus.runtime import Classifier, default_model_path, softmax
 
 CAT_CLASSES = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -131,7 +131,7 @@ def test_classifier_on_plain_onnx(tiny_onnx_path):
     # Without labels a 10-class model cannot be given ImageNet names.
     with pytest.raises(KlausModelError, match="--labels"):
         Classifier(tiny_onnx_path, preprocess=TINY_PREPROCESS)
-    clf = Classifier(tiny_onnx_path, preprocess=TINY_PREPROCESS, labels=compress.plain_label_rows(names))
+    clf = Classifier(tiny_onnx_path, preprocess=TINY_PREPROCESS, labels=plain_label_rows(names))
     assert clf.name == "tiny" and clf.preprocess == TINY_PREPROCESS
     result = clf.classify(CAT, top=3)
     assert len(result.predictions) == 3
@@ -177,7 +177,7 @@ def test_fixed_batch_onnx_model(tmp_path, tiny_onnx_path):
     model.graph.output[0].type.tensor_type.shape.dim[0].dim_value = 1
     path = tmp_path / "fixed.onnx"
     onnx.save(model, path)
-    labels = compress.plain_label_rows([str(i) for i in range(TINY_CLASSES)])
+    labels = plain_label_rows([str(i) for i in range(TINY_CLASSES)])
     fixed = Classifier(path, preprocess=TINY_PREPROCESS, labels=labels)
     dynamic = Classifier(tiny_onnx_path, preprocess=TINY_PREPROCESS, labels=labels)
     images = [CAT, EXAMPLES / "coffee.jpg"]
@@ -190,9 +190,9 @@ def _mismatched_model():
     """A .klaus model whose preprocessing (224 px) contradicts its graph's static 32x32 input."""
     # compress_onnx refuses such a pair, so the contradiction is written into the model afterwards,
     # as a hand-edited or foreign file could carry it.
-    model = compress.compress_onnx(
+    model = compression.compress_onnx(
         make_tiny_onnx(), FP16, preprocess=TINY_PREPROCESS,
-        labels=compress.plain_label_rows([str(i) for i in range(TINY_CLASSES)]), card=compress.ModelCard("mismatched"),
+        labels=plain_label_rows([str(i) for i in range(TINY_CLASSES)]), card=compression.ModelCard("mismatched"),
     )
     return dataclasses.replace(model, preprocess=Preprocess(input_size=224))
 
@@ -219,7 +219,7 @@ def test_classifier_recognizes_onnx_by_content(tmp_path, tiny_onnx_path):
     """compress tells .klaus from ONNX by content; the classifier should not depend on a lower-case suffix."""
     upper = tmp_path / "TINY.ONNX"
     upper.write_bytes(tiny_onnx_path.read_bytes())
-    labels = compress.plain_label_rows([str(i) for i in range(TINY_CLASSES)])
+    labels = plain_label_rows([str(i) for i in range(TINY_CLASSES)])
     clf = Classifier(upper, preprocess=TINY_PREPROCESS, labels=labels)
     assert len(clf.classify(CAT).predictions) == 5
 
@@ -248,18 +248,18 @@ def test_onnx_model_errors_name_the_file(tmp_path):
 
 
 def test_run_errors_name_the_model_file_not_its_name(tmp_path):
-    model = compress.compress_onnx(
+    model = compression.compress_onnx(
         make_tiny_onnx(), FP16, preprocess=TINY_PREPROCESS,
-        labels=compress.plain_label_rows([f"c{i}" for i in range(TINY_CLASSES)]), card=compress.ModelCard("inner"),
+        labels=plain_label_rows([f"c{i}" for i in range(TINY_CLASSES)]), card=compression.ModelCard("inner"),
     )
     path = tmp_path / "outer.klaus"
-    compress.write(model, path)
+    compression.write(model, path)
     clf = Classifier(str(path))
     assert clf.name == "inner" and clf.where == str(path)
     clf.session = type("S", (), {"run": staticmethod(lambda *a, **k: 1 / 0)})()
     with pytest.raises(KlausModelError, match=f"^{path}: ONNX Runtime failed"):
         clf.classify(CAT)
-    compress.write(dataclasses.replace(model, preprocess=Preprocess(input_size=48)), path)
+    compression.write(dataclasses.replace(model, preprocess=Preprocess(input_size=48)), path)
     with pytest.raises(KlausModelError, match=f"^{path}: input 'input' has shape"):
         Classifier(str(path))
 
@@ -299,7 +299,7 @@ def test_nan_scores_are_an_error_for_the_image(tmp_path):
 
 
 def _ten_labels():
-    return compress.plain_label_rows([str(i) for i in range(TINY_CLASSES)])
+    return plain_label_rows([str(i) for i in range(TINY_CLASSES)])
 
 
 def _nhwc(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -12,14 +12,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from klaus import compress
+from conftest import EXAMPLES, TINY_CLASSES, feature_map_output, make_tiny_onnx, string_input, tiny_klaus
+from klaus import compression
 from klaus import sweep as sw
 from klaus.cli import main
+from klaus.compression.recipe import LOSSLESS
 from klaus.errors import KlausError, KlausModelError
 from klaus.preprocess import Preprocess, prepare
-from klaus.quantize import LOSSLESS
-
-from conftest import EXAMPLES, TINY_CLASSES, feature_map_output, make_tiny_onnx, string_input, tiny_klaus
 
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 TIMING = set(sw.TIMING_COLUMNS)
@@ -29,7 +28,7 @@ TIMING = set(sw.TIMING_COLUMNS)
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A lossless tiny .klaus (plain labels) and a 'path label' list file of the example photos."""
     root = tmp_path_factory.mktemp("sweep")
-    compress.write(tiny_klaus(LOSSLESS), root / "tiny-lossless.klaus")
+    compression.write(tiny_klaus(LOSSLESS), root / "tiny-lossless.klaus")
     photos = sorted(EXAMPLES.glob("*.jpg"))
     lines = [f"{p} {(3 * i) % TINY_CLASSES}" for i, p in enumerate(photos * 3)]  # 12 samples, 4 files
     (root / "data.txt").write_text("\n".join(lines) + "\n")

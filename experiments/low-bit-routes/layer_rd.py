@@ -18,8 +18,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from common import DATA  # noqa: E402
 
-from klaus import calibrate, codecs, compress, onnxgraph, zoo  # noqa: E402
-from klaus.quantize import palettize_gptq  # noqa: E402
+from klaus import codecs, onnxgraph, zoo  # noqa: E402
+from klaus.compression import calibrate
+from klaus.compression.gptq import palettize_gptq  # noqa: E402
+from klaus.labels import imagenet_label_rows
 
 STEPS = (2.0, 1.4, 1.0, 0.7, 0.5)
 
@@ -36,7 +38,7 @@ def curve(w: np.ndarray, h: np.ndarray, g: np.ndarray) -> list[tuple[float, floa
 
 def main() -> None:
     entry = zoo.entry("efficientnet-lite0")
-    labels = compress.imagenet_label_rows()
+    labels = imagenet_label_rows()
     files = calibrate.select_files([DATA], "even", 200, {r.wnid: r.index for r in labels})
     model = zoo.export_onnx("efficientnet-lite0")
     _, weights = onnxgraph.split_weights(model)

@@ -13,16 +13,19 @@ import sys
 import time
 
 import common
-from klaus import compress
-from klaus.quantize import DEFAULT
+
+from klaus import codecs
+from klaus.compression import budget
+from klaus.compression.recipe import DEFAULT
+from klaus.labels import imagenet_label_rows
 
 
 def build(s: common.Setup, calibration, budget_mib: float) -> None:
     entry = common.zoo.entry("efficientnet-lite0")
     start = time.time()
-    search = compress._Search(
-        s.model, DEFAULT, calibration, preprocess=entry.preprocess, labels=compress.imagenet_label_rows(),
-        card=entry.card, output="logits", png=compress.codecs.PngOptions(), min_elements=compress.MIN_BUDGET_ELEMENTS,
+    search = budget.Search(
+        s.model, DEFAULT, calibration, preprocess=entry.preprocess, labels=imagenet_label_rows(),
+        card=entry.card, output="logits", png=codecs.PngOptions(), min_elements=budget.MIN_BUDGET_ELEMENTS,
         uniform=True, views=1, progress=None,
     )
     built, _ = search.fit(int(budget_mib * 2**20))

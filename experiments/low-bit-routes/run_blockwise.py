@@ -22,8 +22,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from common import report, setup  # noqa: E402
 
-from klaus import compress  # noqa: E402
-from klaus.finetune import _run_node, graph_cuts  # noqa: E402
+from klaus.compression.finetune import _run_node, graph_cuts  # noqa: E402
+from klaus.compression.quantize import stored_float
+from klaus.compression.write import assemble
 from klaus.onnxgraph import attributes  # noqa: E402
 
 ZETA, GAMMA = 1.1, -0.1  # AdaRound's rectified sigmoid stretch
@@ -63,7 +64,7 @@ def main(a) -> None:
         if node.op_type == "Constant":
             consts[node.output[0]] = torch.from_numpy(np.array(numpy_helper.to_array(attributes(node)["value"])))
     teacher = {n: tensor(w) for n, w in floats.items()}
-    student = {n: tensor(quantized[n].decode() if n in quantized else compress.stored_float(w, "raw-f16")) for n, w in weights.items()}
+    student = {n: tensor(quantized[n].decode() if n in quantized else stored_float(w, "raw-f16")) for n, w in weights.items()}
 
     def run(block, x, value):
         env = {block[0]: x}
@@ -158,7 +159,7 @@ def main(a) -> None:
                         out.update({n: quantized[n] for n in latent})
         xq, xf = batched(block, xq, table(student)), yf
     stored = {n: (student[n].numpy() if n in student and n not in quantized else w) for n, w in weights.items()}
-    built = compress._assemble(search.skeleton, stored, out, search.fitted[0], s.calibration, **search.meta)
+    built = assemble(search.skeleton, stored, out, search.fitted[0], s.calibration, **search.meta)
     report(s, f"block-wise learned rounding ({vars(a)})", built, start)
 
 

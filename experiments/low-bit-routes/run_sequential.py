@@ -12,7 +12,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import report, setup  # noqa: E402
 from sequential import sequential_palettize  # noqa: E402
 
-from klaus import compress, mixed  # noqa: E402
+from klaus.compression import mixed  # noqa: E402
+from klaus.compression.plan import depthwise_windows, is_linear, planned_bits
+from klaus.compression.quantize import quantize_tensor, stored_float
+from klaus.compression.write import assemble
 
 MODES = {
     "none": lambda role: False,
@@ -26,21 +29,21 @@ def main(budget_mib: float) -> None:
     s = setup(budget_mib)
     search, roles, weights = s.search, s.search.roles, s.search.weights
     plan = mixed.budget_recipe(search.recipe, s.allocation)
-    bits = compress.planned_bits(weights, roles, plan)
-    stored = {n: compress.stored_float(w, plan.float_codec) for n, w in weights.items()}
-    windows = compress.depthwise_windows(s.model, roles, {n: weights[n].shape for n in bits})
+    bits = planned_bits(weights, roles, plan)
+    stored = {n: stored_float(w, plan.float_codec) for n, w in weights.items()}
+    windows = depthwise_windows(s.model, roles, {n: weights[n].shape for n in bits})
 
     def quantizer(name, target, stats):
-        return compress.quantize_tensor(target, roles[name], bits[name], plan, stats, plan.step_for(name))
+        return quantize_tensor(target, roles[name], bits[name], plan, stats, plan.step_for(name))
 
     for mode, which in MODES.items():
         start = time.time()
         quantized, biases = sequential_palettize(
             search.skeleton, weights, stored, roles, bits, quantizer, windows,
-            lambda n: compress._linear(roles[n], weights[n]), s.calibration,
+            lambda n: is_linear(roles[n], weights[n]), s.calibration,
             asymmetric=lambda n: which(roles[n]),
         )
-        built = compress._assemble(search.skeleton, {**weights, **biases}, quantized, plan, s.calibration, **search.meta)
+        built = assemble(search.skeleton, {**weights, **biases}, quantized, plan, s.calibration, **search.meta)
         report(s, f"sequential, asymmetric target on {mode}", built, start)
 
 

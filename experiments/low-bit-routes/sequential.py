@@ -28,8 +28,9 @@ import numpy as np
 import onnx
 
 from klaus import onnxgraph
-from klaus.calibrate import WINDOW_POSITIONS, InputStats, Window, channel_rows, shrunk
-from klaus.quantize import DEFAULT_DAMP, PalettizedTensor
+from klaus.compression.calibrate import WINDOW_POSITIONS, InputStats, Window, channel_rows, shrunk
+from klaus.compression.gptq import DEFAULT_DAMP
+from klaus.compression.kmeans import PalettizedTensor
 
 Progress = Callable[[str], None]
 Quantizer = Callable[[str, np.ndarray, dict[str, InputStats]], PalettizedTensor]

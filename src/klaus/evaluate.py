@@ -17,9 +17,9 @@ import numpy as np
 
 from .errors import KlausDataError, KlausError
 from .format import LabelRow
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-_WNID_PREFIX = re.compile(r"^(n\d{8})[_.-]")
+from .labels import WNID_PREFIX
+from .preprocess import IMAGE_SUFFIXES
+from .runtime import kl_divergence
 
 
 @dataclass(frozen=True)
@@ -63,14 +63,6 @@ def _is_image(p: Path) -> bool:
     return p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
 
 
-def wnid_of(path: Path) -> str | None:
-    """The ImageNet wnid a file is labelled with: its ``<wnid>_``/``-``/``.`` prefix, else its folder."""
-    m = _WNID_PREFIX.match(path.name)
-    if m:
-        return m.group(1)
-    return path.parent.name if re.fullmatch(r"n\d{8}", path.parent.name) else None
-
-
 def load_dataset(data: str | os.PathLike[str], labels: Sequence[LabelRow], limit: int | None = None) -> list[Sample]:
     """Samples in a deterministic (sorted) order; see the module docstring for layouts."""
     root = Path(data)
@@ -92,7 +84,7 @@ def _from_folder(root: Path, by_wnid: dict[str, int]) -> list[Sample]:
         if entry.is_dir() and entry.name in by_wnid:
             samples += [Sample(str(p), by_wnid[entry.name]) for p in sorted(entry.rglob("*")) if _is_image(p)]
         elif _is_image(entry):
-            m = _WNID_PREFIX.match(entry.name)
+            m = WNID_PREFIX.match(entry.name)
             if m and m.group(1) in by_wnid:
                 samples.append(Sample(str(entry), by_wnid[m.group(1)]))
     return samples
@@ -179,12 +171,6 @@ def predict_paired(
         top5[i], reference_top5[i], ok[i] = _top5(p), _top5(r), True
         kl[i] = kl_divergence(r, p)
     return PairedPredictions(top5, reference_top5, ok, kl)
-
-
-def kl_divergence(reference: np.ndarray, model: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    """KL(reference || model) in nats over the last axis (one value per row of probabilities);
-    ``eps`` keeps a zero probability from giving infinity."""
-    return np.sum(reference * (np.log(reference + eps) - np.log(model + eps)), axis=-1)
 
 
 def _top5(p: np.ndarray) -> np.ndarray:

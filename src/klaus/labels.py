@@ -23,6 +23,7 @@ from klaus.format import LabelRow
 TABLE_VERSION = 1
 ROOT_WNID = "n00001740"  # entity
 _WNID_RE = re.compile(r"^n\d{8}$")
+WNID_PREFIX = re.compile(r"^(n\d{8})[_.-]")  # a photo file named for its class: n02123159_1234.jpg
 
 Row = tuple[int, str, str, tuple[str, ...], tuple[str, ...]]
 
@@ -348,3 +349,11 @@ def labels_for(classes: int | None, names: Iterable[str] | None = None, where: s
         f"{prefix}the model has {classes or 'an unknown number of'} outputs, not the 1000 ImageNet classes; "
         "compress it with --labels FILE (one class name per line)"
     )
+
+
+def wnid_of(path: Path) -> str | None:
+    """The ImageNet wnid a photo file is labelled with: its ``<wnid>_``/``-``/``.`` prefix, else its folder."""
+    m = WNID_PREFIX.match(path.name)
+    if m:
+        return m.group(1)
+    return path.parent.name if re.fullmatch(r"n\d{8}", path.parent.name) else None

@@ -7,22 +7,25 @@ initializers removed (the "skeleton"); the tensor table holds them, encoded.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import Literal, NoReturn
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from .errors import KlausFormatError, KlausModelError, KlausWriteError, first_line
+from .format import KlausModel, LabelRow
+from .labels import labels_for
 from .onnxwire import ALLOWED_DOMAINS as ALLOWED_DOMAINS
 from .onnxwire import EXTERNAL_LOCATION, read_skeleton
 from .onnxwire import MAX_OPSET as MAX_OPSET
 from .onnxwire import MIN_OPSET as MIN_OPSET
 from .onnxwire import batches as batches
 from .preprocess import Preprocess, preprocess_for_input
-from .quantize import LayerKind
+
+LayerKind = Literal["fc", "conv", "depthwise", "other"]  # what a weight tensor is, for recipes
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,33 @@ def input_dims(model: onnx.ModelProto) -> list[int | str | None] | None:
 def onnx_preprocess(model: onnx.ModelProto, where: str) -> Preprocess:
     """The default preprocessing at the input size ``model`` declares (:func:`klaus.preprocess.preprocess_for_input`)."""
     return preprocess_for_input(input_dims(model), where)
+
+
+def graph_input_size(model: onnx.ModelProto, layout: str = "NCHW") -> int | None:
+    """The fixed square spatial size of the graph input, if it declares one."""
+    inputs = data_inputs(model)
+    if not inputs:
+        return None
+    dims = inputs[0].type.tensor_type.shape.dim
+    if len(dims) != 4:
+        return None
+    h, w = (dims[2], dims[3]) if layout == "NCHW" else (dims[1], dims[2])
+    return h.dim_value if h.dim_value and h.dim_value == w.dim_value else None
+
+
+def output_classes(model: onnx.ModelProto) -> int | None:
+    """Width of the first output if it is (batch, classes); None if unknown."""
+    if not model.graph.output:
+        return None
+    dims = model.graph.output[0].type.tensor_type.shape.dim
+    return int(dims[-1].dim_value) if len(dims) == 2 and dims[-1].dim_value > 0 else None
+
+
+def default_labels(
+    model: onnx.ModelProto, names: Iterable[str] | None = None, where: str | None = None
+) -> tuple[LabelRow, ...]:
+    """ImageNet labels for a 1000-way classifier, else the given names (:func:`klaus.labels.labels_for`)."""
+    return labels_for(output_classes(model), names, where)
 
 
 def float_initializers(model: onnx.ModelProto) -> list[onnx.TensorProto]:
@@ -339,3 +369,13 @@ def rename_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     for node in model.graph.node:
         node.input[:] = [renames.get(n, n) for n in node.input]
     return model
+
+
+def to_onnx(model: KlausModel) -> onnx.ModelProto:
+    """Decode every tensor and rebuild a self-contained ONNX model."""
+    where = model.source_path or model.name
+    skeleton = parse_skeleton(model.graph, where)
+    validate_skeleton(skeleton, where)
+    full = join_weights(skeleton, model.decoded_weights())
+    check_model(full, where)
+    return full

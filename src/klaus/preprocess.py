@@ -35,6 +35,7 @@ from klaus.errors import KlausFormatError, KlausImageError, KlausModelError
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
+    "IMAGE_SUFFIXES",
     "INTERPOLATIONS",
     "Preprocess",
     "crop_boxes",
@@ -54,6 +55,9 @@ DEFAULT_MAX_PIXELS = 178_956_970
 #: Largest square input a model may declare; keeps corrupt metadata from
 #: asking for absurd allocations.
 MAX_INPUT_SIZE = 4096
+
+#: File name suffixes of the images a folder of photos is searched for (calibration, evaluation).
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
 #: Most bytes read into memory from a source that cannot seek (a pipe, ``/dev/stdin``,
 #: a socket): the same limit as the photo indexer's ``MAX_FILE_BYTES``.

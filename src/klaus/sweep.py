@@ -6,7 +6,7 @@ size. :func:`run_sweep` makes that table for any classifier: the fp32 reference
 and fp16 rows; for each bit width, one row per quantization method on a layer
 scope (:data:`METHODS`: per-tensor plain k-means as the original, per-channel
 k-means, per-channel calibrated GPTQ + bias correction, per-channel uniform
-grid); budgeted mixed-precision rows (``compress.compress_to_budget``); named
+grid); budgeted mixed-precision rows (``compression.compress_to_budget``); named
 recipes; and ONNX Runtime's dynamic int8 as a baseline. Each row is compressed
 in memory, serialized (the byte count is the real file's), parsed back, and
 evaluated on the same preprocessed images.
@@ -32,22 +32,15 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import onnx
 
-from . import __version__, codecs, evaluate, quantize
-from .compress import (
-    ModelCard,
-    check_classifier,
-    compress_onnx,
-    data_inputs,
-    default_labels,
-    imagenet_label_rows,
-    plain_label_rows,
-    to_onnx,
-)
+from . import __version__, codecs, evaluate
+from .compression import NAMED_RECIPES, ModelCard, compress_onnx
+from .compression.check import check_classifier
+from .compression.recipe import FP16, LOSSLESS, LayerRule, Recipe
 from .errors import KlausDataError, KlausError, KlausModelError, KlausWriteError, naming
 from .format import KlausModel, LabelRow, parse_model, serialize, write_atomic
-from .onnxgraph import onnx_preprocess
+from .labels import imagenet_label_rows, plain_label_rows
+from .onnxgraph import data_inputs, default_labels, onnx_preprocess, to_onnx
 from .preprocess import Preprocess, check_input_shape, prepare
-from .quantize import FP16, LOSSLESS, NAMED_RECIPES, LayerRule, Recipe
 
 if TYPE_CHECKING:
     from .runtime import Classifier
@@ -101,7 +94,7 @@ class SweepSource:
 def load_source(src: str | os.PathLike[str], label_names: Sequence[str] | None = None) -> SweepSource:
     """SRC as a lossless `.klaus`, an `.onnx` file, or a zoo model name."""
     from . import onnxgraph
-    from .compress import load_source as load_file
+    from .compression import load_source as load_file
 
     path = Path(src)
     where = str(src)  # every error names SRC, checked before any row is computed
@@ -445,8 +438,8 @@ def load_calibration_set(
     limit: int | None = None,
     crops: int = 1,
 ) -> CalibrationSet | None:
-    """Like ``calibrate.load_calibration``, but keeps the file list (for the overlap check and the header)."""
-    from .calibrate import calibration_batch, select_files
+    """Like ``compression.calibrate.load_calibration``, but keeps the file list (for the overlap check and the header)."""
+    from .compression.calibrate import calibration_batch, select_files
 
     if not sources:
         return None
@@ -699,15 +692,15 @@ def _describe_schemes(settings: Sequence[Setting]) -> tuple[str, ...]:
             "the bytes come from entropy coding, not the level count"
         )
     if "mixed" in present:
-        from .compress import MIN_BUDGET_ELEMENTS
+        from .compression.budget import MIN_BUDGET_ELEMENTS
 
-        base = quantize.NAMED_RECIPES[MIXED_RECIPE]
+        base = NAMED_RECIPES[MIXED_RECIPE]
         floors = {s.min_elements for s in settings if s.row_scheme == "mixed"}
         floor = MIN_BUDGET_ELEMENTS if floors == {None} else next(iter(floors))
         how = f"{base.granularity} granularity, {base.method}"
         how += f", {base.finetune_steps} fine-tuning steps" if getattr(base, "finetune_steps", 0) else ""
         lines.append(
-            f"mixed: `klaus.compress.compress_to_budget` from the `{MIXED_RECIPE}` recipe ({how}): bits per tensor "
+            f"mixed: `klaus.compression.compress_to_budget` from the `{MIXED_RECIPE}` recipe ({how}): bits per tensor "
             "(k-means widths or uniform grids, or fp16) chosen on the calibration images to fit the whole file in the "
             f"budget; every layer kind (the scope does not apply), tensors under {floor} weights stay fp16"
         )
@@ -766,13 +759,13 @@ def _budgeted(
     setting: Setting, source: SweepSource, calibration: np.ndarray | None, views: int = 1
 ) -> tuple[KlausModel, object]:
     """A mixed row's model: the named recipe as it is now (not at import), fitted to the budget (``views`` crops per photo)."""
-    from . import compress
+    from . import compression
 
     if calibration is None or setting.budget_bytes is None:
         raise KlausModelError("a budgeted row needs calibration images (--calib)")
     kwargs = {} if setting.min_elements is None else {"min_elements": setting.min_elements}
-    return compress.compress_to_budget(
-        source.graph, quantize.NAMED_RECIPES[MIXED_RECIPE], setting.budget_bytes, preprocess=source.preprocess,
+    return compression.compress_to_budget(
+        source.graph, NAMED_RECIPES[MIXED_RECIPE], setting.budget_bytes, preprocess=source.preprocess,
         labels=source.labels, card=source.card, output=source.output, calibration=calibration, views=views, **kwargs,
     )
 

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import onnx
 
 from . import onnxgraph
-from .compress import ModelCard, compress_onnx, imagenet_label_rows
+from .compression import DEFAULT, ModelCard, Recipe, compress_onnx
 from .errors import KlausModelError
 from .format import KlausModel
+from .labels import imagenet_label_rows
 from .preprocess import Preprocess
-from .quantize import DEFAULT, Recipe
 
 OPSET = 17
 

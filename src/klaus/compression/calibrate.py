@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .errors import KlausDataError, KlausError
-from .evaluate import IMAGE_SUFFIXES, wnid_of
-from .onnxgraph import TensorRole, batches, fixed_batch, with_outputs
-from .preprocess import Preprocess, prepare
-from .quantize import DEFAULT_DAMP, HessianFactor, hessian_factor, hessian_factors
-
+from ..errors import KlausDataError, KlausError
+from ..labels import wnid_of
+from ..onnxgraph import TensorRole, batches, fixed_batch, with_outputs
+from ..preprocess import IMAGE_SUFFIXES, Preprocess, prepare
+from ..runtime import make_session
+from .gptq import DEFAULT_DAMP, HessianFactor, hessian_factor, hessian_factors
 
 
 def image_files(sources: Iterable[str | os.PathLike[str]]) -> list[Path]:
@@ -220,8 +220,6 @@ def input_statistics(
     A graph with a fixed batch size is run in batches of that size (the last one
     padded, its padding rows left out of the statistics).
     """
-    from .runtime import make_session
-
     wanted = list(dict.fromkeys(a for a in activations if a))
     graph_inputs = {i.name for i in model.graph.input}
     session = make_session(with_outputs(model, wanted))

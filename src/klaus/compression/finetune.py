@@ -23,10 +23,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from . import onnxgraph
-from .errors import KlausModelError
-from .quantize import PalettizedTensor
-from .runtime import run_batches
+from .. import onnxgraph
+from ..errors import KlausModelError
+from ..runtime import run_batches
+from .kmeans import PalettizedTensor
 
 Progress = Callable[[str], None]
 

@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import codecs, onnxgraph
+from .. import codecs, onnxgraph
+from ..runtime import kl_divergence
 from .calibrate import InputStats, weight_importance
-from .evaluate import kl_divergence
-from .quantize import LayerRule, PalettizedTensor, Recipe
+from .kmeans import PalettizedTensor
+from .recipe import LayerRule, Recipe
 
 FLOAT = 0  # "bits" value of the keep-at-fp16 candidate
 DEFAULT_CHOICES = (2, 3, 4, 5, 6, 7, 8)

@@ -1,0 +1,78 @@
+"""The plan of a build: which tensors get how many bits, and the calibration statistics
+their quantizers need (input energies, Gram matrices, depthwise window Hessians)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from .. import onnxgraph
+from .calibrate import InputStats, Window, input_statistics
+from .recipe import Recipe
+
+
+def is_linear(role: onnxgraph.TensorRole, array: np.ndarray) -> bool:
+    """Layers whose input Hessian is a plain channel Gram matrix: Gemm and 1x1 Conv."""
+    if role.op == "Gemm":
+        return True
+    return role.op == "Conv" and role.group == 1 and all(d == 1 for d in array.shape[2:])
+
+
+def planned_bits(weights: dict[str, np.ndarray], roles: dict[str, onnxgraph.TensorRole], recipe: Recipe) -> dict[str, int]:
+    """Bits of every tensor the recipe palettizes (non-empty tensors only), in graph order."""
+    plan = {}
+    for name, array in weights.items():
+        bits = recipe.bits_for(name, roles[name].kind, array.size)
+        if bits is not None and array.ndim > 0 and array.size > 0:
+            plan[name] = bits
+    return plan
+
+
+def calibration_stats(
+    model: onnx.ModelProto,
+    weights: dict[str, np.ndarray],
+    roles: dict[str, onnxgraph.TensorRole],
+    recipe: Recipe,
+    calibration: np.ndarray,
+) -> dict[str, InputStats]:
+    """Input statistics of every layer the recipe palettizes (Gram matrices only for GPTQ)."""
+    plan = planned_bits(weights, roles, recipe)
+    activations = [roles[n].activation for n in plan]
+    grams = [roles[n].activation for n in plan if recipe.method == "gptq" and is_linear(roles[n], weights[n])]
+    windows = depthwise_windows(model, roles, {n: weights[n].shape for n in plan}) if recipe.method == "gptq" else {}
+    return input_statistics(model, calibration, activations, grams, windows=windows)
+
+
+def depthwise_windows(
+    model: onnx.ModelProto, roles: dict[str, onnxgraph.TensorRole], shapes: dict[str, tuple[int, ...]]
+) -> dict[str, Window]:
+    """The input window of every listed 2-D depthwise convolution, by its input activation.
+
+    An activation read by two convolutions with different windows gets none (it
+    falls back to weighted rounding) rather than a Hessian that fits only one of them.
+    """
+    nodes = {node.output[0]: node for node in model.graph.node if node.output}
+    found: dict[str, Window | None] = {}
+    for name, shape in shapes.items():
+        role = roles[name]
+        node = nodes.get(role.output)
+        if role.kind != "depthwise" or node is None or node.op_type != "Conv":
+            continue
+        window = _window(node, tuple(int(d) for d in shape[2:]))
+        if role.activation in found and found[role.activation] != window:
+            window = None
+        found[role.activation] = window
+    return {a: w for a, w in found.items() if w is not None}
+
+
+def _window(node: onnx.NodeProto, kernel: tuple[int, ...]) -> Window | None:
+    attrs = onnxgraph.attributes(node)
+    auto_pad = attrs.get("auto_pad", b"NOTSET")
+    if len(kernel) != 2 or auto_pad not in (b"NOTSET", "NOTSET"):
+        return None
+    return Window(
+        kernel=(kernel[0], kernel[1]),
+        strides=tuple(int(v) for v in attrs.get("strides", (1, 1))),
+        pads=tuple(int(v) for v in attrs.get("pads", (0, 0, 0, 0))),
+        dilations=tuple(int(v) for v in attrs.get("dilations", (1, 1))),
+    )
