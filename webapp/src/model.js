@@ -449,9 +449,10 @@ function unpack(line, depth, cols, out, at) {
   }
   const perByte = 8 / depth;
   const mask = (1 << depth) - 1;
-  for (let x = 0; x < cols; x++) {
-    const shift = 8 - depth * ((x % perByte) + 1);
-    out[at + x] = (line[(x / perByte) | 0] >> shift) & mask;
+  let x = 0;
+  for (let byte = 0; x < cols; byte++) {
+    const v = line[byte];
+    for (let shift = 8 - depth; shift >= 0 && x < cols; shift -= depth, x++) out[at + x] = (v >> shift) & mask;
   }
 }
 
@@ -1024,14 +1025,20 @@ export async function decodeTensor(t) {
     return out;
   }
   // numpy: float32(palette)[indices] * float32(scales) along scale_axis. The product of two float32 values is exact
-  // in a double, so rounding it once to float32 (the Float32Array store) is IEEE float32 multiplication.
+  // in a double, so storing it in a Float32Array (one rounding) is IEEE float32 multiplication. Each slice of the
+  // scale axis gets its own table of palette x scale products, so the loop below is a lookup per element.
   const scales = halves(t.scales);
   const inner = t.dims.slice(t.scaleAxis + 1).reduce((a, b) => a * b, 1);
   const axis = t.dims[t.scaleAxis];
-  for (let i = 0, outerStart = 0; outerStart < out.length; outerStart += axis * inner) {
+  const table = new Float32Array(axis * palette.length);
+  for (let c = 0; c < axis; c++) for (let k = 0; k < palette.length; k++) table[c * palette.length + k] = palette[k] * scales[c];
+  const entries = palette.length;
+  let i = 0;
+  while (i < out.length) {
     for (let c = 0; c < axis; c++) {
-      const s = scales[c];
-      for (let k = 0; k < inner; k++, i++) out[i] = palette[indices[i]] * s;
+      const base = c * entries;
+      const end = i + inner;
+      for (; i < end; i++) out[i] = table[base + indices[i]];
     }
   }
   return out;
