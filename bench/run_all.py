@@ -16,7 +16,7 @@ import traceback
 
 from _common import ROOT, machine, table
 
-SECTIONS = ("size_accuracy", "latency", "memory", "cold_start", "codec", "compression_time", "index_throughput")
+SECTIONS = ("size_accuracy", "latency", "memory", "cold_start", "codec", "compression_time", "index_throughput", "browser")
 
 INTRO = """# Benchmarks
 

@@ -17,7 +17,7 @@ from conftest import ROOT, make_tiny_onnx
 
 sys.path.insert(0, str(ROOT / "bench"))
 
-MODULES = ("_common", "size_accuracy", "latency", "memory", "cold_start", "codec", "compression_time", "run_all")
+MODULES = ("_common", "size_accuracy", "latency", "memory", "cold_start", "codec", "compression_time", "browser", "run_all")
 
 
 @pytest.mark.parametrize("name", MODULES)
