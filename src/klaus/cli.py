@@ -17,7 +17,7 @@ import click
 
 from . import __version__
 from .errors import KlausError, KlausWriteError, naming
-from .names import json_line, printable
+from .names import json_line, printable, shown
 
 PRESERVE = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -65,10 +65,11 @@ class KlausGroup(click.Group):
             say(f"klaus: error: {_one_line(exc.format_message())}", err=True)
             sys.exit(1)
         except KlausError as exc:
-            say(f"klaus: error: {_one_line(str(exc))}", err=True)
+            say(f"klaus: error: {error_text(exc)}", err=True)
             sys.exit(1)
         except OSError as exc:
-            say(f"klaus: error: {exc.filename or ''}{': ' if exc.filename else ''}{_one_line(str(exc.strerror or exc))}", err=True)
+            where = f"{shown(os.fsdecode(exc.filename))}: " if isinstance(exc.filename, (str, bytes)) else ""
+            say(f"klaus: error: {where}{_one_line(str(exc.strerror or exc))}", err=True)
             sys.exit(1)
         sys.exit(rv if isinstance(rv, int) else 0)
 
@@ -84,6 +85,12 @@ def _interrupted(exc: BaseException) -> bool:
         seen.add(id(cause))
         cause = cause.__cause__ or cause.__context__
     return False
+
+
+def error_text(exc: BaseException) -> str:
+    """A KlausError's message as one line: it is one line by construction, so a line break or
+    control character in it comes from a file name or a file's text and is shown escaped."""
+    return shown(str(exc).strip())
 
 
 def _one_line(message: str) -> str:
@@ -182,7 +189,7 @@ def _report_build(out: str, size: int, recipe, seconds: float, allocation, calib
         for row in allocation.table():
             say(f"  {row['tensor']:<44} {row['parameters']:>9} weights  {row['quantizer']:>14}  "
                 f"{row['bytes']:>9} bytes  predicted KL {row['predicted_kl']:.5f}")
-    say(f"{out}: {size} bytes ({size / 2**20:.2f} MiB), recipe {recipe.name}, {report['seconds']} s")
+    say(f"{shown(out)}: {size} bytes ({size / 2**20:.2f} MiB), recipe {recipe.name}, {report['seconds']} s")
 
 
 threads_option = click.option("--threads", type=click.IntRange(1, 256), default=None, help="ONNX Runtime intra-op threads.")
@@ -212,7 +219,13 @@ def _classifier(model: str | None, threads: int | None = None, low_memory: bool 
 @json_option
 @click.argument("images", nargs=-1, required=True, metavar="IMAGE...")
 def classify(model: str | None, top: int, crops: str, threads: int | None, low_memory: bool, as_json: bool, images: tuple[str, ...]) -> int:
-    """Top labels of each IMAGE with their WordNet hierarchy."""
+    """Top labels of each IMAGE with their WordNet hierarchy.
+
+    Images larger than $KLAUS_MAX_PIXELS pixels (default and most: 178956970) are refused.
+    """
+    from .preprocess import pixel_limit
+
+    pixel_limit()  # a bad $KLAUS_MAX_PIXELS is one error now, not one per image
     classifier = _classifier(model, threads, low_memory)
     failures = 0
     for path in images:
@@ -223,7 +236,7 @@ def classify(model: str | None, top: int, crops: str, threads: int | None, low_m
             if as_json:
                 emit({"path": path, "error": str(exc)})
             else:
-                say(f"klaus: error: {_one_line(str(exc))}", err=True)
+                say(f"klaus: error: {error_text(exc)}", err=True)
             continue
         if as_json:
             emit(replace(result, path=path).to_dict())
@@ -233,10 +246,11 @@ def classify(model: str | None, top: int, crops: str, threads: int | None, low_m
 
 
 def _print_classification(path: str, result) -> None:
-    say(f"{path}  ({result.elapsed_ms:.0f} ms)")
-    width = max(len(p.label) for p in result.predictions)
-    for p in result.predictions:
-        say(f"  {p.rank}. {p.probability * 100:5.1f}%  {p.label:<{width}}  {'/'.join(p.hierarchy)}".rstrip())
+    say(f"{shown(path)}  ({result.elapsed_ms:.0f} ms)")
+    labels = [shown(p.label) for p in result.predictions]
+    width = max(len(label) for label in labels)
+    for p, label in zip(result.predictions, labels, strict=True):
+        say(f"  {p.rank}. {p.probability * 100:5.1f}%  {label:<{width}}  {shown('/'.join(p.hierarchy))}".rstrip())
 
 
 # ---------------------------------------------------------------- eval
@@ -563,13 +577,13 @@ def inspect(model_path: str, as_json: bool) -> int:
         emit(summary)
         return 0
     meta = summary["meta"]
-    say(f"{model_path}: {meta['model_name']}  ({summary['file_bytes']} bytes, {summary['file_bytes'] / 2**20:.2f} MiB)")
+    say(f"{shown(model_path)}: {shown(meta['model_name'])}  ({summary['file_bytes']} bytes, {summary['file_bytes'] / 2**20:.2f} MiB)")
     say(f"  recipe {json.dumps(meta['recipe'], sort_keys=True)}")
     say(f"  {'tensor':<44} {'shape':<18} {'codec':<12} {'bits':>4} {'bytes':>10} {'entropy':>10}")
     for t in summary["tensors"]:
         entropy = "" if t["entropy_bytes"] is None else f"{t['entropy_bytes']:.0f}"
         shape = "x".join(map(str, t["shape"])) or "scalar"
-        say(f"  {t['name']:<44} {shape:<18} {t['codec']:<12} {t['bits'] or '':>4} {t['stored_bytes']:>10} {entropy:>10}")
+        say(f"  {shown(t['name']):<44} {shape:<18} {t['codec']:<12} {t['bits'] or '':>4} {t['stored_bytes']:>10} {entropy:>10}")
     tot = summary["totals"]
     say(
         f"  totals: {tot['tensors']} tensors, {tot['parameters']} parameters, {tot['stored_bytes']} tensor bytes; "
@@ -622,7 +636,7 @@ def _export_onnx(model_path: str, out: str, as_json: bool) -> None:
     if as_json:
         emit({"path": out, "bytes": size})
     else:
-        say(f"{out}: {size} bytes")
+        say(f"{shown(out)}: {size} bytes")
 
 
 def _export_web(model_path: str | None, web_dir: str, as_json: bool) -> None:
@@ -636,7 +650,7 @@ def _export_web(model_path: str | None, web_dir: str, as_json: bool) -> None:
         emit({"path": result.path, "files": result.files, "bytes": result.bytes, "model_bytes": result.model_bytes,
               "model_sha256": result.model_sha256})
     else:
-        say(f"{result.path}/: {result.files} files, {result.bytes} bytes (model {result.model_bytes} bytes); "
+        say(f"{shown(result.path)}/: {result.files} files, {result.bytes} bytes (model {result.model_bytes} bytes); "
             "serve the folder over https, e.g. any static host")
 
 

@@ -15,7 +15,6 @@ import threading
 from collections import deque
 from collections.abc import Iterator, Sequence
 
-from ..preprocess import DEFAULT_MAX_PIXELS
 from .db import KlausIndexError
 from .engine import Engine, ModelBlob
 from .pipeline import Result, Task, classify_batch, decode
@@ -43,7 +42,7 @@ def worker_engine(blob: ModelBlob) -> tuple[Engine, bool]:
         return engine, True
 
 
-def classify_on_worker(blob: ModelBlob, tasks: Sequence[Task], max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[list[Result], dict]:
+def classify_on_worker(blob: ModelBlob, tasks: Sequence[Task], max_pixels: int | None = None) -> tuple[list[Result], dict]:
     """One batch on one worker: decode each photo, one batched model call."""
     engine, built = worker_engine(blob)
     results = [decode(t, engine.preprocess, max_pixels) for t in tasks]
@@ -91,7 +90,7 @@ def classify_dask(
     client,
     *,
     batch: int = 16,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_pixels: int | None = None,
     reports: list | None = None,
 ) -> Iterator[list[Result]]:
     """Yield result batches in task order while the cluster (a connected Client) works ahead."""

@@ -5,15 +5,15 @@ from __future__ import annotations
 import os
 import sys
 import time
-from contextlib import ExitStack, closing
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, closing
 from dataclasses import asdict, dataclass, field
 
-from ..preprocess import DEFAULT_MAX_PIXELS
+from ..names import printable
+from ..preprocess import pixel_limit
 from .db import Database, KlausIndexError, now_iso, sqlite_errors, thumbs_dir
 from .engine import Engine, ModelBlob
 from .pipeline import Result, Task, classify_local, default_lanes
-from ..names import printable
 from .walker import Skipped, Walk, walk
 
 MAX_REPORTED = 1000
@@ -110,7 +110,7 @@ def index_paths(
     threads: int | None = None,
     lanes: int | None = None,
     decode_mode: str = "threads",
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_pixels: int | None = None,
     progress: bool | None = None,
     on_plan: Callable[[Summary, Plan], None] | None = None,
     engine: Engine | None = None,
@@ -121,6 +121,8 @@ def index_paths(
         raise KlausIndexError("no PATH given")
     if workers < 1 or batch < 1:
         raise KlausIndexError("--workers and --batch must be at least 1")
+    if max_pixels is None:
+        max_pixels = pixel_limit()  # $KLAUS_MAX_PIXELS, read here (a bad value is one error), then passed on
     start = time.perf_counter()
     blob = engine.blob if engine is not None else ModelBlob.read(model)
     if engine is None and dask is None:  # a bad model fails here, before the database is created

@@ -17,7 +17,6 @@ bad file.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import re
 import stat
@@ -30,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import KlausImageError, KlausModelError, first_line
-from ..preprocess import DEFAULT_MAX_PIXELS, Preprocess, load_image, normalize, to_pixels
+from ..preprocess import Preprocess, load_image, normalize, open_image, to_pixels
 
 #: Larger files are recorded as errors without being read.
 MAX_FILE_BYTES = 1 << 30
@@ -129,7 +128,7 @@ def check_regular(st: os.stat_result) -> None:
     raise KlausImageError(f"not a regular file ({kind})")
 
 
-def decode(task: Task, spec: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS) -> Result:
+def decode(task: Task, spec: Preprocess, max_pixels: int | None = None) -> Result:
     """Read, hash and decode one photo into its model input; never raises for a bad photo."""
     start = time.perf_counter()
     result = Result(task.path, task.size, task.mtime_ns)
@@ -161,11 +160,13 @@ def _strip_label(message: str) -> str:
 
 
 def header_info(data: bytes) -> tuple[int | None, int | None, str | None, str | None]:
-    """Upright width and height, Pillow format name and EXIF date (ISO 8601) from the header."""
-    from PIL import Image
+    """Upright width and height, Pillow format name and EXIF date (ISO 8601) from the header.
 
+    Opened like every image (:func:`klaus.preprocess.open_image`): Pillow's warnings about
+    large images or corrupt EXIF blocks never reach stderr.
+    """
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with open_image(data) as img:
             width, height = img.size
             fmt = img.format
             try:
@@ -219,7 +220,7 @@ def classify_batch(engine, results: list[Result], model_batch: int | None = None
     per_photo = (time.perf_counter() - start) * 1000.0 / len(todo)
     from .engine import top5
 
-    for r, p in zip(todo, probs):
+    for r, p in zip(todo, probs, strict=False):
         r.predictions = top5(p)
         r.infer_ms = per_photo
         r.pixels = None
@@ -251,7 +252,7 @@ def classify_local(
     batch: int = 16,
     lanes: int = 1,
     mode: str = "threads",
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_pixels: int | None = None,
 ) -> Iterator[list[Result]]:
     """Yield results in task order, a batch at a time.
 

@@ -121,6 +121,9 @@ class Gallery:
     """
 
     def __init__(self, db_path: str | os.PathLike[str], model: str | None, max_upload: int, engine=None) -> None:
+        from ..preprocess import pixel_limit
+
+        self.max_pixels = pixel_limit()  # $KLAUS_MAX_PIXELS: a bad value stops the server before it starts
         self.db_path = Path(db_path)
         Database(self.db_path, readonly=True).close()  # fail now, in one line, if it is not an index
         self.thumbs = thumbs_dir(self.db_path)
@@ -240,7 +243,7 @@ class Gallery:
         from ..preprocess import load_image
 
         try:
-            image = load_image(path, target=side)
+            image = load_image(path, target=side, max_pixels=self.max_pixels)
         except KlausImageError:
             raise HTTPException(404, "the photo cannot be decoded any more") from None
         image.thumbnail((side, side))
@@ -269,7 +272,7 @@ class Gallery:
                 raise UploadError(503, f"the model cannot be loaded: {shown(first_line(exc))}") from None
             start = time.perf_counter()
             try:
-                image = load_image(data, target=decode_target(engine.preprocess))
+                image = load_image(data, target=decode_target(engine.preprocess), max_pixels=self.max_pixels)
             except KlausImageError as exc:
                 message = str(exc)
                 raise UploadError(415, message[len("<bytes>: "):] if message.startswith("<bytes>: ") else message) from None
