@@ -55,7 +55,9 @@ def png_header_only(path: Path, width: int, height: int) -> Path:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -120,8 +122,11 @@ def test_lower_pixel_limit_refuses_images_in_classify_and_index(tmp_path):
 def test_bad_pixel_limit_is_one_line_for_every_command(tmp_path):
     env = {"KLAUS_MAX_PIXELS": "lots"}
     expected = "klaus: error: KLAUS_MAX_PIXELS=lots: expected a whole number of pixels from 1 to 178956970"
-    for args in (["classify", str(CAT), str(CAT)], ["index", str(EXAMPLES), "--db", str(tmp_path / "x.db")],
-                 ["serve", "--db", str(tmp_path / "x.db"), "--port", "0"]):
+    for args in (
+        ["classify", str(CAT), str(CAT)],
+        ["index", str(EXAMPLES), "--db", str(tmp_path / "x.db")],
+        ["serve", "--db", str(tmp_path / "x.db"), "--port", "0"],
+    ):
         proc = klaus(*args, env=env)
         assert proc.returncode == 1, args
         assert proc.stderr.splitlines() == [expected], (args, proc.stderr)
@@ -201,7 +206,7 @@ def test_dev_zero_is_not_an_empty_file():
     assert proc.returncode == 1
     one_error(proc, "/dev/zero: not a regular file (a character device)")
     assert proc.stdout.startswith(f"{CAT}  (")
-    with pytest.raises(KlausImageError, match="^/dev/null: not a regular file"):
+    with pytest.raises(KlausImageError, match=r"^/dev/null: not a regular file"):
         load_image("/dev/null")
 
 
@@ -219,8 +224,12 @@ def test_named_pipe_without_writer_does_not_block(tmp_path):
 def test_named_pipe_with_a_writer_is_read(tmp_path):
     fifo = tmp_path / "photo.jpg"
     os.mkfifo(fifo)
-    proc = subprocess.Popen([*klaus_cmd(), "classify", "--json", "--top", "1", str(fifo)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*klaus_cmd(), "classify", "--json", "--top", "1", str(fifo)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     # The writer arrives a moment later, as `klaus classify p & cat photo.jpg > p` would.
     with open(fifo, "wb") as pipe:  # blocks until klaus has opened the pipe for reading
         pipe.write(CAT.read_bytes())
@@ -254,7 +263,11 @@ def test_names_with_line_breaks_stay_on_one_line(tmp_path):
 
     model = tmp_path / "model\n.klaus"
     model.write_bytes(b"junk")
-    for args in (["inspect", str(model)], ["classify", "-m", str(model), str(CAT)], ["export", str(model), "-o", str(tmp_path / "o.onnx")]):
+    for args in (
+        ["inspect", str(model)],
+        ["classify", "-m", str(model), str(CAT)],
+        ["export", str(model), "-o", str(tmp_path / "o.onnx")],
+    ):
         proc = klaus(*args)
         one_error(proc, f"{tmp_path}/model\\n.klaus: ")
 
@@ -272,8 +285,13 @@ def test_names_with_line_breaks_stay_on_one_line(tmp_path):
 
 def start_server(db: Path, *extra: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
     """`klaus serve --port 0 --json` in the background; its process and URL."""
-    proc = subprocess.Popen([*klaus_cmd(), "serve", "--db", str(db), "--port", "0", "--json", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+    proc = subprocess.Popen(
+        [*klaus_cmd(), "serve", "--db", str(db), "--port", "0", "--json", *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
     line = proc.stdout.readline()
     if not line:
         proc.kill()
@@ -304,8 +322,9 @@ def test_serve_thumbnails_and_uploads_of_large_images_print_nothing(large_png, t
             assert response.status == 200
             thumb = Image.open(io.BytesIO(response.read()))
             assert max(thumb.size) <= 1024
-        request = urllib.request.Request(f"{url}api/classify", data=large_png.read_bytes(),
-                                         headers={"Content-Type": "image/png"})
+        request = urllib.request.Request(
+            f"{url}api/classify", data=large_png.read_bytes(), headers={"Content-Type": "image/png"}
+        )
         with urllib.request.urlopen(request, timeout=60) as response:
             assert json.loads(response.read())["width"] == 10_000
     finally:
