@@ -56,13 +56,14 @@ export function defaultThreads() {
 }
 
 /** Fetch, verify and decode a web container in a Web Worker and build its ONNX Runtime Web session.
- * Resolves to {name, meta, preprocess, labels, classes, sha256, decodeMs, sessionMs, threads, ...}. */
-export async function load(url = './model.klausweb', { threads, onProgress } = {}) {
+ * Resolves to {name, meta, preprocess, labels, classes, sha256, decodeMs, sessionMs, threads, ...}.
+ * ``sessionOptions`` (plain values) override ONNX Runtime Web's session options, for benchmarks. */
+export async function load(url = './model.klausweb', { threads, onProgress, sessionOptions } = {}) {
   const worker = new Worker(new URL('./worker.js', import.meta.url), { type: 'module', name: 'klaus-model' });
   const rpc = connect(worker);
   const absolute = new URL(url, baseUrl()).href;
   try {
-    const info = await rpc.call('load', { url: absolute, threads: threads || defaultThreads() }, onProgress);
+    const info = await rpc.call('load', { url: absolute, threads: threads || defaultThreads(), sessionOptions }, onProgress);
     return Object.freeze({ ...info, url: absolute, [RPC]: rpc, close: () => rpc.close() });
   } catch (err) {
     rpc.close();

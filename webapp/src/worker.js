@@ -101,7 +101,7 @@ async function warmUp(threads) {
 }
 
 const ops = {
-  async load({ url, threads }, progress) {
+  async load({ url, threads, sessionOptions = {} }, progress) {
     const where = fileName(url);
     const t0 = now();
     const bytes = await download(url, where, progress);
@@ -129,6 +129,7 @@ const ops = {
         executionProviders: ['wasm'],
         graphOptimizationLevel: 'all',
         logSeverityLevel: 3,
+        ...sessionOptions,
       });
     } catch (err) {
       throw new ModelError(`${where}: ONNX Runtime Web cannot load the model (${String(err.message || err).split('\n')[0]})`);
