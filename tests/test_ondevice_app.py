@@ -341,6 +341,51 @@ def test_offline_after_the_first_visit(web, app_url):
     web.context.set_offline(False)
 
 
+def test_a_new_model_replaces_the_cached_one(web, tmp_path, tiny_klaus_path):
+    """The service worker's cache is named by the model: a new model file on the server is fetched on the next
+    online visit, the old cache is deleted, the page offers a reload, and the reload runs the new model."""
+    import shutil
+
+    from playwright.sync_api import expect
+
+    from klaus.runtime import default_model_path
+
+    model = tmp_path / "model.klaus"
+    shutil.copyfile(default_model_path(), model)
+    db, empty = tmp_path / "lib.db", tmp_path / "empty"
+    empty.mkdir()
+    subprocess.run([*klaus_cmd(), "index", str(empty), "--db", str(db)], check=True, capture_output=True, timeout=120)
+    proc = subprocess.Popen(
+        [*klaus_cmd(), "serve", "--db", str(db), "--model", str(model), "--port", "0", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read()
+        url = json.loads(line)["url"] + "app/"
+        _wait_for(url, proc)
+        page = web.open(url)
+        page.wait_for_function("() => navigator.serviceWorker.controller !== null", timeout=30_000)
+        old = page.evaluate("caches.keys()")
+        assert len(old) == 1 and old[0].startswith("klaus-")
+
+        shutil.copyfile(tiny_klaus_path, model)  # a new model on the server
+        page.reload()
+        assert page.evaluate("window.klaus.ready.then(m => m.name)") == "efficientnet-lite0"  # this visit: the cache
+        expect(page.locator("#update")).to_be_visible(timeout=60_000)
+        # The worker deletes the old cache while it activates (the page hears of the new worker at its start).
+        page.wait_for_function(
+            "async (old) => { const k = await caches.keys(); return k.length === 1 && k[0] !== old; }", arg=old[0]
+        )
+        page.click("#reload")
+        page.wait_for_load_state()
+        assert page.evaluate("window.klaus.ready.then(m => m.name)") == "tiny"
+    finally:
+        _stop(proc)
+
+
 def test_export_web_works_from_a_plain_static_server(web, tmp_path, native_top1):
     out = tmp_path / "site"
     result = subprocess.run(
