@@ -40,6 +40,14 @@ def first_line(exc: BaseException) -> str:
     return lines[0].strip() if lines else type(exc).__name__
 
 
+def one_line(message: str) -> str:
+    """An error message as one line: its first line, plus how many more there were."""
+    lines = [line for line in message.strip().splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return message.strip()
+    return f"{lines[0].strip()} ({len(lines) - 1} more lines)"
+
+
 def naming(message: str, where: str) -> str:
     """``message`` starting with ``where`` (the user's file) if it does not name it yet."""
     return message if message.startswith(f"{where}:") else f"{where}: {message}"

@@ -19,7 +19,7 @@ from .errors import KlausDataError, KlausError
 from .format import LabelRow
 from .labels import WNID_PREFIX
 from .preprocess import IMAGE_SUFFIXES
-from .runtime import kl_divergence
+from .runtime import Classifier, kl_divergence
 
 
 @dataclass(frozen=True)
@@ -231,3 +231,46 @@ def score_paired(samples: Sequence[Sample], paired: PairedPredictions) -> Accura
     return replace(
         acc, reference_top1=float(reference_hit.mean()), top1_diff_se=se, kl=float(paired.kl[paired.ok].mean())
     )
+
+
+# ---------------------------------------------------------------- a classifier on a data set, as `klaus eval` runs it
+
+
+def select_samples(data: str, labels: Sequence[LabelRow], split: str = "all", limit: int | None = None) -> list[Sample]:
+    """DATA's labelled photos (:func:`load_dataset`), only odd or even classes for a ``split``, the first ``limit``."""
+    samples = load_dataset(data, labels)
+    if split != "all":
+        samples = split_classes(samples, split)
+        if not samples:
+            raise KlausDataError(f"{data}: no images in split {split}")
+    return samples[:limit] if limit else samples
+
+
+def evaluate(
+    classifier: Classifier,
+    samples: Sequence[Sample],
+    crops: int = 1,
+    *,
+    reference: Classifier | None = None,
+    reference_where: str = "",
+    where: str = "",
+    on_batch: Callable[[int], None] | None = None,
+    on_error: Callable[[str, str], None] | None = None,
+) -> Accuracy:
+    """``classifier``'s accuracy on ``samples`` (``crops`` per photo averaged), and with a ``reference``
+    the paired comparison on the same photos (:func:`score_paired`).
+
+    A photo either model cannot read, or gives NaN or infinite scores for, counts as failed and goes
+    to ``on_error``. A reference whose labels differ is refused: top-1 agreement would mean nothing
+    (the error names ``reference_where`` and ``where``).
+    """
+    if reference is None:
+        return score(samples, *predict_all(lambda paths: classifier.finite_probabilities(paths, crops), samples,
+                                           on_batch=on_batch, on_error=on_error))
+    if [r.name for r in reference.labels] != [r.name for r in classifier.labels]:
+        raise KlausDataError(f"{reference_where}: its labels differ from {where}'s, so top-1 agreement means nothing")
+    paired = predict_paired(
+        lambda paths: classifier.finite_probabilities(paths, crops), lambda paths: reference.finite_probabilities(paths, crops),
+        samples, on_batch=on_batch, on_error=on_error,
+    )
+    return score_paired(samples, paired)

@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, overload
 
-from klaus.errors import KlausFormatError, KlausModelError
+from klaus.errors import KlausDataError, KlausFormatError, KlausModelError
 from klaus.format import LabelRow
 
 TABLE_VERSION = 1
@@ -357,3 +357,21 @@ def wnid_of(path: Path) -> str | None:
     if m:
         return m.group(1)
     return path.parent.name if re.fullmatch(r"n\d{8}", path.parent.name) else None
+
+
+def read_label_names(path: str | Path) -> list[str]:
+    """One class name per non-blank line of a UTF-8 text file (a byte-order mark is not part of the first).
+
+    A file that is not UTF-8 or names no class is a :class:`KlausDataError` naming it; one that
+    cannot be read raises its OSError.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise KlausDataError(
+            f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); save it as UTF-8"
+        ) from None
+    names = [line.strip() for line in text.splitlines() if line.strip()]
+    if not names:
+        raise KlausDataError(f"{path}: no class names in labels file")
+    return names

@@ -15,6 +15,8 @@ import math
 import os
 import re
 
+from .errors import KlausWriteError
+
 #: C0 and C1 controls, line and paragraph separators, and the bidirectional-text controls
 #: (which can make one name display as another).
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
@@ -68,3 +70,24 @@ def json_safe(value: object) -> object:
 def json_line(obj: object) -> str:
     """``obj`` as one line of valid UTF-8 JSON (see :func:`json_safe`)."""
     return json.dumps(json_safe(obj), ensure_ascii=False, allow_nan=False)
+
+
+def check_output(out: str, *sources: str | None) -> None:
+    """Refuse an OUT that cannot be written as a file, or that is one of a command's inputs
+    (writing it would destroy the input; symlinks and other spellings of a path count)."""
+    if not out:
+        raise KlausWriteError("'': the output file name (-o) is empty")
+    if out.endswith(("/", os.sep)):  # Path() would drop the slash and write a file named like the folder
+        raise KlausWriteError(f"{out}: names a folder; give a file name")
+    if os.path.isdir(out):
+        raise KlausWriteError(f"{out}: is a directory, not a file")
+    for src in sources:
+        if src and _same_file(src, out):
+            raise KlausWriteError(f"{out}: is the same file as {src}")
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):  # either is missing (or not a path at all)
+        return False

@@ -7,6 +7,7 @@ initializers removed (the "skeleton"); the tensor table holds them, encoded.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal, NoReturn
@@ -16,7 +17,7 @@ import onnx
 from onnx import numpy_helper
 
 from .errors import KlausFormatError, KlausModelError, KlausWriteError, first_line
-from .format import KlausModel, LabelRow
+from .format import KlausModel, LabelRow, read_model, write_atomic
 from .labels import labels_for
 from .onnxwire import ALLOWED_DOMAINS as ALLOWED_DOMAINS
 from .onnxwire import EXTERNAL_LOCATION, read_skeleton
@@ -379,3 +380,18 @@ def to_onnx(model: KlausModel) -> onnx.ModelProto:
     full = join_weights(skeleton, model.decoded_weights())
     check_model(full, where)
     return full
+
+
+def save(model: onnx.ModelProto, out: str) -> int:
+    """Write ``model`` as onnx.save would (protobuf, or the text format a .txt/.json name asks for), but
+    through a temporary file and a rename, missing folders created; returns the bytes written."""
+    from onnx import serialization
+
+    fmt = serialization.registry.get_format_from_file_extension(os.path.splitext(out)[1]) or "protobuf"
+    data = serialization.registry.get(fmt).serialize_proto(model)
+    return write_atomic(data.encode("utf-8") if isinstance(data, str) else data, out)
+
+
+def export(model_path: str, out: str) -> int:
+    """`klaus export -o`: the `.klaus` file at ``model_path`` decoded into a plain ONNX file ``out``."""
+    return save(to_onnx(read_model(model_path)), out)

