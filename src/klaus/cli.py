@@ -611,9 +611,9 @@ def export(model_path: str | None, out: str | None, web_dir: str | None, model_o
     model_path = model_path or model_option
     if not out and not web_dir:
         fail("say where to write: -o OUT.onnx and/or --web DIR")
-    if out:
-        if not model_path:
-            fail("-o needs the MODEL to decode")
+    if out and not model_path:
+        fail("-o needs the MODEL to decode")
+    if out and model_path:
         _export_onnx(model_path, out, as_json)
     if web_dir is not None:
         _export_web(model_path, web_dir, as_json)
