@@ -610,3 +610,24 @@ def test_manifest_and_icons():
     assert {"any", "maskable"} <= purposes
     with Image.open(SHIPPED / "icons" / "apple-touch-icon.png") as image:
         assert image.size == (180, 180)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "say where to write: -o OUT.onnx and/or --web DIR"),
+        (["-o", "x.onnx"], "-o needs the MODEL to decode"),
+        (["a.klaus", "--model", "b.klaus", "--web", "site"], "give the model once: MODEL a.klaus or --model b.klaus"),
+        (["--web", ""], "'': the folder name (--web) is empty"),
+    ],
+)
+def test_export_usage_errors_are_one_line(args, message, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from klaus.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["export", *args], prog_name="klaus")
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [f"klaus: error: {message}"]
+    assert list(tmp_path.iterdir()) == []

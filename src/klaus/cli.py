@@ -609,11 +609,11 @@ def export(model_path: str | None, out: str | None, web_dir: str | None, model_o
     if model_path and model_option and model_path != model_option:
         fail(f"give the model once: MODEL {model_path} or --model {model_option}")
     model_path = model_path or model_option
-    if not out and not web_dir:
+    if out is None and web_dir is None:
         fail("say where to write: -o OUT.onnx and/or --web DIR")
-    if out and not model_path:
+    if out is not None and not model_path:
         fail("-o needs the MODEL to decode")
-    if out and model_path:
+    if out is not None and model_path:
         _export_onnx(model_path, out, as_json)
     if web_dir is not None:
         _export_web(model_path, web_dir, as_json)
