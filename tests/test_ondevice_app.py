@@ -184,13 +184,14 @@ def card(page, name: str):
 
 
 def test_page_loads_clean_and_exposes_the_api(web, app_url):
+    from playwright.sync_api import expect
+
     page = web.open(app_url)
     assert page.evaluate(
         "['load', 'classify', 'runTensor', 'weightDigests'].every(k => typeof window.klaus[k] === 'function')"
     )
     assert page.evaluate("crossOriginIsolated") is True  # COOP/COEP from klaus serve: wasm threads allowed
-    page.wait_for_function("() => !document.getElementById('model-status').textContent.startsWith('Loading')")
-    assert "decoded in" in page.inner_text("#model-status")
+    expect(page.locator("#model-status")).to_contain_text("decoded in")
     assert page.title() == "Klaus on the phone"
     assert web.problems == []
 

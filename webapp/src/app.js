@@ -38,17 +38,22 @@ window.klaus = {
 const concepts = Concepts.load('./concepts.json');
 concepts.catch(() => {});
 
+const PHASES = {
+  download: 'Downloading the model…',
+  verify: 'Verifying the model’s checksums…',
+  decode: 'Decoding the weights…',
+  session: 'Starting ONNX Runtime…',
+};
+
+/** klaus.js reports {phase, loaded?, total?} while it loads the model. */
 function showProgress(progress) {
   const status = $('model-status');
-  if (!status || !progress) return;
-  if (typeof progress === 'string') {
-    status.textContent = progress;
-  } else if (typeof progress.loaded === 'number' && typeof progress.total === 'number' && progress.total > 0) {
-    const pct = Math.min(100, Math.round((progress.loaded / progress.total) * 100));
-    status.textContent = `Downloading the model… ${pct} %`;
-  } else if (typeof progress.phase === 'string') {
-    status.textContent = `${progress.phase[0].toUpperCase()}${progress.phase.slice(1)}…`;
+  if (!status || !progress || typeof progress.phase !== 'string') return;
+  let text = PHASES[progress.phase] || 'Loading the model…';
+  if (progress.phase === 'download' && Number.isFinite(progress.loaded) && progress.total > 0) {
+    text = `Downloading the model… ${Math.min(100, Math.round((progress.loaded / progress.total) * 100))} %`;
   }
+  status.textContent = text;
 }
 
 function describeModel(model) {
