@@ -234,7 +234,7 @@ def test_empty_onnx_model_is_a_model_error(tmp_path):
         Classifier(str(empty))
 
 
-def test_onnx_model_errors_name_the_file(tmp_path):
+def test_onnx_model_errors_name_the_file(tmp_path, monkeypatch):
     ten = tmp_path / "ten.onnx"
     onnx.save(make_tiny_onnx(), ten)
     with pytest.raises(KlausModelError, match=f"^{ten}: the model has 10 outputs"):
@@ -243,6 +243,9 @@ def test_onnx_model_errors_name_the_file(tmp_path):
     model.graph.node[0].op_type = "NoSuchOp"
     unknown = tmp_path / "unknown.onnx"
     onnx.save(model, unknown)
+    with pytest.raises(KlausFormatError, match=f"^{unknown}: node '/stem/Conv' uses NoSuchOp, which is not among"):
+        Classifier(str(unknown))  # an ONNX file obeys the operator policy of .klaus graphs
+    monkeypatch.setenv("KLAUS_TRUST_MODEL", "1")
     with pytest.raises(KlausModelError, match=f"^{unknown}: ONNX Runtime cannot load the model \\(.*NoSuchOp"):
         Classifier(str(unknown))
 

@@ -116,6 +116,14 @@ CLASSIFIER_OPS = frozenset(
         "Ceil",
         "Round",
         "Sign",
+        # int8 classifiers (ONNX Runtime's quantize_dynamic / quantize_static): fixed-size per-tensor arithmetic
+        "QuantizeLinear",
+        "DequantizeLinear",
+        "DynamicQuantizeLinear",
+        "MatMulInteger",
+        "ConvInteger",
+        "QLinearConv",
+        "QLinearMatMul",
     ]
 )
 # Convolution and pooling attributes larger than any image Klaus feeds (klaus.preprocess.MAX_INPUT_SIZE)

@@ -14,7 +14,7 @@ import numpy as np
 
 from . import onnxwire
 from .errors import KlausError, KlausFormatError, KlausModelError, first_line, naming
-from .format import KlausModel, LabelRow, looks_like_klaus, read_model
+from .format import KlausModel, LabelRow, allowed_ops, looks_like_klaus, read_model
 from .labels import labels_for
 from .limits import MEMORY_ENV, max_run_bytes
 from .memory import release_free_heap
@@ -258,9 +258,10 @@ class Classifier:
                 raise KlausModelError(
                     f"{model}: low-memory mode needs a .klaus model (an ONNX file's weights are not palettized)"
                 )
-            self.session = make_session(
-                load_onnx(str(model)).SerializeToString(), threads, where=self.where, capped=True
-            )
+            blob = load_onnx(str(model)).SerializeToString()
+            onnxwire.read_skeleton(blob, self.where, allowed_ops())  # the policy a .klaus graph obeys
+            self.session = make_session(blob, threads, where=self.where, capped=True)
+            del blob
             self.name = Path(str(model)).stem
             self.output = "logits"
             shape = self.session.get_inputs()[0].shape
