@@ -143,6 +143,7 @@ def first_result(context, url: str, photo: Path) -> dict[str, float]:
 
 def sw_ready(page) -> None:
     page.evaluate("navigator.serviceWorker.ready.then(() => true)")
+    page.wait_for_function("() => navigator.serviceWorker.controller !== null", timeout=120_000)
     page.wait_for_function(
         """async () => { for (const n of await caches.keys()) {
                if (n.startsWith('klaus-') && await (await caches.open(n)).match('model.klausweb', {ignoreVary: true})) return true; }
@@ -306,7 +307,7 @@ def run(only: list[str] | None = None, photos: int = PHOTOS, rounds: int = ROUND
 
     wanted = set(only or KEYS)
     server = Server()
-    parts = ["### On the phone (browser)", ""]
+    parts = ["## On the phone (browser)", ""]
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
@@ -394,7 +395,7 @@ def wire_section(first: dict) -> list[str]:
     per_file = sorted(((url.rsplit("/app/", 1)[-1] or "./", n) for url, n in files.items()), key=lambda r: -r[1])
     per_file = [(re.sub(r"\?cache=.*$", " (the service worker's registration)", name), n) for name, n in per_file]
     return [
-        "#### First visit: bytes on the wire",
+        "### First visit: bytes on the wire",
         "",
         "An empty chromium profile opens `/app/`, picks `examples/cat.jpg` and waits for its top-5 and for the service "
         "worker's cache; the relay in front of `klaus serve` counts every byte the server sent (HTTP headers included; "
@@ -435,7 +436,7 @@ def first_section(first: dict, rounds: int) -> list[str]:
          f"cold {verdict(decode + session <= budget)}, warm {verdict(warm_decode + warm_session <= budget)}", reproduce],
     ]  # fmt: skip
     return [
-        "#### Time to first result and model decode",
+        "### Time to first result and model decode",
         "",
         f"Milliseconds from navigation start to the first photo's top-5 on screen (`examples/cat.jpg` picked at once), "
         f"median of {rounds} rounds, each in a new profile: cold, then in the same profile after the service worker "
@@ -472,7 +473,7 @@ def photo_section(per_photo: dict, photos: int) -> list[str]:
                 f"{t} thread(s) asked: the page ran {web.get('threads')} (cross-origin isolated: {web.get('isolated')})."
             )
     return [
-        "#### Per photo: network and end to end",
+        "### Per photo: network and end to end",
         "",
         f"Median over {photos} development photos (every k-th of `../shared/data/imagenet-sample`), after 3 warm-up "
         "photos. Browser: `window.klaus.classify` (network = `session.run` in the worker; end to end = decode, "
@@ -496,7 +497,27 @@ def photo_section(per_photo: dict, photos: int) -> list[str]:
         ),
         *(["", *notes] if notes else []),
         "",
+        *(
+            [
+                "Where the browser's network time goes beyond native: ONNX Runtime Web runs its wasm build's kernels "
+                f"(128-bit SIMD, no fused multiply-add), native ONNX Runtime its MLAS kernels for this CPU ({_cpu_flags()}); "
+                "the same graph, weights and threads. `python bench/browser_network.py` measures the session choices "
+                "(optimization level, layout, fixed batch) one by one.",
+                "",
+            ]
+            if any(median(w["network"]) / median(n["network"]) > TARGETS["network_x"] for w, n in per_photo.values())
+            else []
+        ),
     ]
+
+
+def _cpu_flags() -> str:
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return "flags unknown"
+    wanted = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni") if f in flags]
+    return ", ".join(wanted) or "no AVX2"
 
 
 def main() -> None:
@@ -507,7 +528,12 @@ def main() -> None:
     parser.add_argument("--photos", type=int, default=PHOTOS)
     parser.add_argument("--rounds", type=int, default=ROUNDS)
     args = parser.parse_args()
+    start, load = time.perf_counter(), os.getloadavg()[0]
     print(run(args.only.split(",") if args.only else None, photos=args.photos, rounds=args.rounds))
+    print(
+        f"\n_Section time: {time.perf_counter() - start:.0f} s; 1-minute load average {load:.1f} → "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores._"
+    )
 
 
 if __name__ == "__main__":
