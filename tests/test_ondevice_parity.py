@@ -19,12 +19,13 @@ import subprocess
 import threading
 import zlib
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import IMAGENET_SAMPLE, ROOT
+from conftest import IMAGENET_SAMPLE, ROOT, TINY_RECIPE, tiny_klaus
 from klaus.format import read_model
 from klaus.preprocess import prepare
 from klaus.runtime import Classifier, default_model_path
@@ -333,6 +334,40 @@ def test_same_input_tensor_same_probabilities(page, site, photos, classifier):
     assert float(np.abs(browser_probs - python_probs).max()) <= 1e-4
 
 
+SMALL_RECIPES = {
+    "4/6-bit palettes, per tensor": TINY_RECIPE,
+    "1/2/3-bit palettes, per channel, raw fp32": replace(
+        TINY_RECIPE, fc_bits=1, conv_bits=2, depthwise_bits=3, granularity="channel", float_codec="raw-f32"
+    ),
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(SMALL_RECIPES))
+def test_other_models_decode_and_run_like_python(page, site, recipe):
+    """Packed 1/2/4-bit index maps, palettes without scales, raw fp32: the paths the embedded model does not take."""
+    model = tiny_klaus(SMALL_RECIPES[recipe])
+    site.files["/small.klausweb"] = to_web_container(model)
+    expected = {
+        n: hashlib.sha256(np.ascontiguousarray(a, "<f4").tobytes()).hexdigest()
+        for n, a in model.decoded_weights().items()
+    }
+    x = np.random.default_rng(3).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    site.files["/small.bin"] = x.tobytes()
+    digests, probs = page.evaluate(
+        """async (dims) => {
+            const m = await api.load('./small.klausweb', {threads: 1});
+            const data = new Float32Array(await (await fetch('./small.bin')).arrayBuffer());
+            const out = [await api.weightDigests(m), Array.from(await api.runTensor(m, data, dims))];
+            m.close();
+            return out;
+        }""",
+        list(x.shape),
+    )
+    assert digests == expected
+    python = Classifier(model, threads=1).run(x)
+    assert float(np.abs(np.asarray(probs, np.float32).reshape(python.shape) - python).max()) <= 1e-4
+
+
 def classify_in_page(page, site, photo: Path, crops: int = 1) -> dict:
     site.files[f"/photos/{photo.name}"] = photo.read_bytes()
     return page.evaluate(
@@ -450,6 +485,19 @@ def blob_moved(blob: bytes) -> bytes:
     return with_header(blob, header)
 
 
+def tensor_renamed(blob: bytes) -> bytes:
+    header, _ = header_of(blob)
+    header["tensors"][0]["name"] += "x"
+    return with_header(blob, header)
+
+
+def gzip_mtime_set(blob: bytes) -> bytes:
+    header, start = header_of(blob)
+    data = bytearray(blob)
+    data[start + header["graph"]["offset"] + 4] = 1
+    return bytes(data)
+
+
 TAMPERED = {
     "png byte": (flip_png_byte, "checksum mismatch"),
     "png byte, digest fixed": (flip_png_byte_and_fix_digest, "fails its CRC"),
@@ -461,6 +509,8 @@ TAMPERED = {
     "meta edited": (meta_edited, "checksum mismatch"),
     "blob moved": (blob_moved, "blob"),
     "truncated": (lambda b: b[: len(b) - 1000], "past the end"),
+    "tensor renamed": (tensor_renamed, "not an input of any node"),
+    "graph gzip header changed": (gzip_mtime_set, "plain gzip member"),
 }
 
 

@@ -269,10 +269,11 @@ function concat(parts) {
 
 const utf8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true });
 
-/** Inflate ``data`` ('gzip' or 'deflate' = zlib) to exactly ``expected`` bytes, never holding more: the stream is
- * cancelled as soon as it gives more. Throws Error(problem) on a corrupt, short or long stream. */
+/** Inflate ``data`` ('gzip' or 'deflate' = zlib) to exactly ``expected`` bytes. Memory grows with what the stream
+ * really gives (a small stream that only declares a large size costs little), and the stream is cancelled as soon
+ * as it gives more than ``expected``. Throws Error(problem) on a corrupt, short or long stream. */
 export async function inflateExactly(data, format, expected) {
-  const out = new Uint8Array(expected);
+  let out = new Uint8Array(Math.min(expected, Math.max(4 * data.length, 1 << 16)));
   let got = 0;
   const stream = new Blob([data]).stream().pipeThrough(new DecompressionStream(format));
   const reader = stream.getReader();
@@ -287,6 +288,11 @@ export async function inflateExactly(data, format, expected) {
       if (step.done) break;
       const chunk = step.value;
       if (got + chunk.length > expected) throw new Error(`decompresses to more than ${expected} bytes`);
+      if (got + chunk.length > out.length) {
+        const grown = new Uint8Array(Math.min(expected, Math.max(2 * out.length, got + chunk.length)));
+        grown.set(out.subarray(0, got));
+        out = grown;
+      }
       out.set(chunk, got);
       got += chunk.length;
     }
@@ -294,7 +300,7 @@ export async function inflateExactly(data, format, expected) {
     reader.cancel().catch(() => {});
   }
   if (got !== expected) throw new Error(`decompresses to ${got} bytes, expected ${expected}`);
-  return out;
+  return out.length === expected ? out : out.slice(0, expected);
 }
 
 function firstLine(err) {
@@ -532,10 +538,12 @@ function* messages(data, number) {
 const pyRepr = (s) => `'${s}'`;
 
 /** The checks klaus.onnxwire.read_skeleton makes: standard operator domains and opsets 7..23 only, no local
- * functions, no external tensor data anywhere (subgraphs included), at least one node. */
+ * functions, no external tensor data anywhere (subgraphs included), at least one node. Returns the names the
+ * nodes take as inputs (subgraphs included), which every stored tensor must be one of. */
 export function checkSkeleton(blob, where) {
   const fail = (problem) => new ModelError(`${where}: ${problem}`);
   let nodes = 0;
+  const consumed = new Set();
   const tensor = (data) => {
     for (const [n, , value] of fields(data)) {
       if (n === 8n) wireText(value);
@@ -591,7 +599,8 @@ export function checkSkeleton(blob, where) {
     let op = '';
     let domain = '';
     for (const [n, wire, value] of fields(data)) {
-      if (n === 3n) name = wireText(value);
+      if (n === 1n) consumed.add(wireText(value));
+      else if (n === 3n) name = wireText(value);
       else if (n === 4n) op = wireText(value);
       else if (n === 7n) domain = wireText(value);
       else if (n === 5n && wire === LENGTH) attribute(value, depth);
@@ -627,6 +636,7 @@ export function checkSkeleton(blob, where) {
     throw err;
   }
   if (!sawGraph || nodes === 0) throw fail('graph holds no nodes');
+  return consumed;
 }
 
 function varintBytes(value) {
@@ -753,8 +763,11 @@ export async function readContainer(buffer, where) {
     throw fail(err.message);
   }
   const labels = readLabels(labelRows, synsetRows, fail);
-  const graph = await readGraph(header.graph, blob, fail, where);
+  const { skeleton: graph, consumed } = await readGraph(header.graph, blob, fail, where);
   const tensors = readTensors(header.tensors, blob, fail);
+  // Tensor names are the one field no digest covers (in a .klaus file too): a renamed tensor would leave its
+  // node without a weight, so every name must be a node input of the graph.
+  for (const t of tensors) if (!consumed.has(t.name)) throw fail(`tensor ${pyRepr(t.name)} is not an input of any node of the graph`);
   blob.checkTiling();
   const model = { name: meta.model_name, meta, preprocess, output: meta.output, labels, graph, tensors, where };
   await checkTensorDigests(model);
@@ -847,9 +860,10 @@ function checkGzipBlob(entry, codec, keys, blob, fail, what) {
     throw fail(`${what} size must be an integer in 1..${MAX_DECOMPRESSED_BYTES}`);
   }
   const bytes = blob.get([entry.offset, entry.length], `${what} blob`);
-  // One gzip member, method 8, no optional header fields: DecompressionStream checks the rest (CRC-32, length).
-  if (bytes.length < 18 || bytes[0] !== 0x1f || bytes[1] !== 0x8b || bytes[2] !== 8 || bytes[3] !== 0) {
-    throw fail(`${what} is not a plain gzip member (magic, method 8, no header flags)`);
+  // One gzip member, method 8, no optional header fields, mtime 0: DecompressionStream checks the rest (CRC-32,
+  // length); only the XFL and OS bytes, which say nothing about the content, are left unchecked.
+  if (bytes.length < 18 || bytes[0] !== 0x1f || bytes[1] !== 0x8b || bytes[2] !== 8 || bytes.subarray(3, 8).some((b) => b !== 0)) {
+    throw fail(`${what} is not a plain gzip member (magic, method 8, no header flags, mtime 0)`);
   }
   return { bytes, size: Number(entry.size) };
 }
@@ -935,8 +949,7 @@ async function readGraph(entry, blob, fail, where) {
   if (typeof entry.sha256 !== 'string' || !HEX64.test(entry.sha256)) throw fail('graph sha256 must be 64 lowercase hex digits');
   const skeleton = await gunzip(bytes, size, fail, 'graph');
   if ((await sha256Hex(skeleton)) !== entry.sha256) throw fail('graph checksum mismatch (file is corrupt)');
-  checkSkeleton(skeleton, where);
-  return skeleton;
+  return { skeleton, consumed: checkSkeleton(skeleton, where) };
 }
 
 function readTensors(entries, blob, fail) {
