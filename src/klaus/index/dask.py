@@ -10,10 +10,11 @@ and the client commits each batch in its own transaction as in a local run.
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from .db import KlausIndexError
 from .engine import Engine, ModelBlob
@@ -85,7 +86,7 @@ def _probe(address: str) -> None:
 
 
 def classify_dask(
-    tasks: Sequence[Task],
+    tasks: Iterable[Task],
     blob: ModelBlob,
     client,
     *,
@@ -93,15 +94,18 @@ def classify_dask(
     max_pixels: int | None = None,
     reports: list | None = None,
 ) -> Iterator[list[Result]]:
-    """Yield result batches in task order while the cluster (a connected Client) works ahead."""
-    if not tasks:
+    """Yield result batches in task order while the cluster (a connected Client) works ahead.
+
+    ``tasks`` is consumed lazily (:meth:`klaus.index.claims.WorkQueue.claimed` claims them as they are taken).
+    """
+    it = _chunks(iter(tasks), batch)
+    first = next(it, None)
+    if first is None:
         return
     workers = max(1, len(client.scheduler_info(n_workers=-1).get("workers", {})))
     model = client.scatter(blob, broadcast=True, hash=False)
-    chunks = [list(tasks[i : i + batch]) for i in range(0, len(tasks), batch)]
     window = 3 * workers
-    pending: deque = deque()
-    it = iter(chunks)
+    pending: deque = deque([client.submit(classify_on_worker, model, first, max_pixels, pure=False)])
 
     def refill() -> None:
         while len(pending) < window:
@@ -126,3 +130,12 @@ def classify_dask(
     finally:
         if pending:
             client.cancel(list(pending))
+
+
+def _chunks(tasks: Iterator[Task], size: int) -> Iterator[list[Task]]:
+    """``tasks`` in lists of ``size`` (the last may be shorter), taken only as they are needed."""
+    while True:
+        chunk = list(itertools.islice(tasks, size))
+        if not chunk:
+            return
+        yield chunk

@@ -1,6 +1,6 @@
 """The photo index: one SQLite database in WAL mode, its schema and its migrations.
 
-Tables (schema version 1, ``PRAGMA user_version``):
+Tables (schema version 2, ``PRAGMA user_version``; version 1 is migrated on first write):
 
 * ``photos`` — one row per file path: size, mtime (ns), SHA-256 of the content,
   upright width/height, image format, EXIF date, status (``ok``/``error``/``gone``),
@@ -11,6 +11,8 @@ Tables (schema version 1, ``PRAGMA user_version``):
 * ``concepts`` — the hypernym closure: (wnid, class) for *every* WordNet ancestor of
   every class (through all parents, not only the display path), so a search for
   "dog" is an index lookup on ``concepts`` joined to ``predictions(class)``.
+* ``runs`` and ``claims`` (version 2) — the `klaus index` runs in progress and the photos
+  each has claimed, so that concurrent runs share the work (:mod:`klaus.index.claims`).
 
 Writers use ``BEGIN IMMEDIATE`` transactions (one per batch of photos) with a busy
 timeout, so any number of processes may index into, or read, the same database; a
@@ -25,13 +27,13 @@ import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from ..errors import KlausError
 from ..names import shown
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 APPLICATION_ID = 0x4B4C4958  # "KLIX"
 BUSY_TIMEOUT_MS = 60_000
 STATUSES = ("ok", "error", "gone")
@@ -107,6 +109,22 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         ) WITHOUT ROWID""",
         "CREATE INDEX predictions_class ON predictions (class, photo_id, probability)",
     ),
+    2: (
+        """CREATE TABLE runs (
+            owner TEXT PRIMARY KEY NOT NULL,
+            plan_seq INTEGER NOT NULL,
+            heartbeat REAL NOT NULL
+        ) WITHOUT ROWID""",
+        """CREATE TABLE claims (
+            path TEXT PRIMARY KEY NOT NULL,
+            photo_id INTEGER,
+            owner TEXT NOT NULL,
+            model_id INTEGER,
+            state TEXT NOT NULL CHECK (state IN ('claimed', 'done')),
+            seq INTEGER NOT NULL
+        ) WITHOUT ROWID""",
+        "CREATE INDEX claims_owner ON claims (owner, state)",
+    ),
 }
 
 #: Columns that change from run to run even for identical input (compare without them).
@@ -114,7 +132,7 @@ TIMING_COLUMNS = ("decode_ms", "infer_ms", "elapsed_ms", "indexed_at")
 
 
 def now_iso() -> str:
-    return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    return datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
 def default_db_path() -> Path:
@@ -186,6 +204,8 @@ class Database:
                 self._set_wal()
             return
         if self.readonly:
+            if app_id == APPLICATION_ID and 1 <= version < SCHEMA_VERSION:
+                return  # an older schema: readers use nothing the migrations since added
             raise KlausIndexError(f"{where}: not a klaus photo index (or an empty one)")
         self._check_foreign(version, app_id)  # before WAL mode changes anything in the file
         self._set_wal()
@@ -200,6 +220,7 @@ class Database:
             if version < SCHEMA_VERSION:
                 self.conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
                 self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            if version == 0:
                 self.conn.execute("INSERT OR REPLACE INTO meta VALUES ('created', ?)", (now_iso(),))
 
     def _check_foreign(self, version: int, app_id: int) -> None:
@@ -322,12 +343,16 @@ class Database:
         """The content is unchanged (same hash): remember the new mtime so the next run skips it."""
         self.conn.execute("UPDATE photos SET size = ?, mtime_ns = ? WHERE path = ?", (int64(size), int64(mtime_ns), path))
 
-    def save(self, result, model_id: int, stamp: str) -> int:
-        """Insert or replace one photo and its predictions (in the caller's transaction)."""
+    def save(self, result, model_id: int, stamp: str, photo_id: int | None = None) -> int:
+        """Insert or replace one photo and its predictions (in the caller's transaction).
+
+        ``photo_id``: the id reserved for a new photo when it was claimed (:mod:`klaus.index.claims`);
+        a photo already in the index keeps its id.
+        """
         row = self.conn.execute(
-            """INSERT INTO photos (path, size, mtime_ns, sha256, width, height, format, taken, status, error,
+            """INSERT INTO photos (id, path, size, mtime_ns, sha256, width, height, format, taken, status, error,
                                    model_id, decode_ms, infer_ms, elapsed_ms, indexed_at)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                ON CONFLICT (path) DO UPDATE SET
                    size = excluded.size, mtime_ns = excluded.mtime_ns, sha256 = excluded.sha256,
                    width = excluded.width, height = excluded.height, format = excluded.format,
@@ -336,7 +361,7 @@ class Database:
                    elapsed_ms = excluded.elapsed_ms, indexed_at = excluded.indexed_at
                RETURNING id""",
             (
-                result.path, int64(result.size), int64(result.mtime_ns), result.sha256, result.width, result.height, result.format,
+                photo_id, result.path, int64(result.size), int64(result.mtime_ns), result.sha256, result.width, result.height, result.format,
                 result.taken, result.status, result.error, model_id, round(result.decode_ms, 3),
                 round(result.infer_ms, 3), round(result.elapsed_ms, 3), stamp,
             ),

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, closing
+from contextlib import ExitStack, closing, suppress
 from dataclasses import asdict, dataclass, field
 
 from ..names import printable
 from ..preprocess import pixel_limit
+from .claims import WorkQueue
 from .db import Database, KlausIndexError, now_iso, sqlite_errors, thumbs_dir
 from .engine import Engine, ModelBlob
 from .pipeline import Result, Task, classify_local, default_lanes
@@ -146,6 +148,9 @@ def index_paths(
             model_id = db.model_id(name, blob.sha256, labels_id)
             work = plan(db, found, model_id)
             db.mark_gone(work.gone_ids)
+            queue = WorkQueue(db, work.tasks, model_id, batch)
+            queue.register()
+        stack.callback(_release, queue)  # on any exit: claims this run did not finish are free again
         summary = Summary(
             photos=len(found.entries), skipped=work.skipped, gone=len(work.gone_ids),
             unreadable_folders=len(found.unreadable), unstorable=len(found.unstorable),
@@ -154,42 +159,63 @@ def index_paths(
         )
         if on_plan:
             on_plan(summary, work)
-        if dask:
-            from .dask import classify_dask
-
-            batches: Iterator[list[Result]] = classify_dask(
-                work.tasks, blob, client, batch=batch, max_pixels=max_pixels, reports=dask_reports
-            )
-        else:
-            batches = classify_local(work.tasks, engine, workers=workers, batch=batch, lanes=lanes or default_lanes(engine.threads),
-                                     mode=decode_mode, max_pixels=max_pixels)
-        stack.enter_context(closing(batches))  # stops the decode pool (or Dask futures) on any exit
         work_start = time.perf_counter()
         from tqdm import tqdm
 
         with tqdm(total=len(work.tasks), unit="photo", desc="index", file=sys.stderr, disable=_disable(progress),
                   dynamic_ncols=True) as bar:
-            for chunk in batches:
-                stamp = now_iso()
-                with db.transaction():
-                    for r in chunk:
-                        if r.unchanged:
-                            db.touch(r.path, r.size, r.mtime_ns)
-                            summary.skipped += 1
-                        else:
-                            db.save(r, model_id, stamp)
-                            if r.error:
-                                summary.failed += 1
-                                if len(summary.errors) < MAX_REPORTED:
-                                    summary.errors.append({"path": r.path, "error": r.error})
-                            else:
-                                summary.indexed += 1
-                bar.update(len(chunk))
+            while True:  # one round per stretch of claimable work; then wait for what other runs hold
+                if dask:
+                    from .dask import classify_dask
+
+                    batches: Iterator[list[Result]] = classify_dask(
+                        queue.claimed(), blob, client, batch=batch, max_pixels=max_pixels, reports=dask_reports
+                    )
+                else:
+                    assert engine is not None
+                    batches = classify_local(queue.claimed(), engine, workers=workers, batch=batch,
+                                             lanes=lanes or default_lanes(engine.threads), mode=decode_mode,
+                                             max_pixels=max_pixels)
+                with closing(batches):  # stops the decode pool (or Dask futures) on any exit
+                    for chunk in batches:
+                        _save(db, queue, chunk, model_id, summary)
+                        bar.update(len(chunk))
+                queue.wait_for_others()
+                if not queue.pending:
+                    break
+            summary.skipped += queue.done_elsewhere
+            bar.update(queue.done_elsewhere)
         work_seconds = time.perf_counter() - work_start
     summary.seconds = round(time.perf_counter() - start, 3)
     done = summary.indexed + summary.failed
     summary.images_per_second = round(done / work_seconds, 2) if done and work_seconds > 0 else 0.0
     return summary
+
+
+def _save(db: Database, queue: WorkQueue, chunk: list[Result], model_id: int, summary: Summary) -> None:
+    """Commit one batch of results and mark their claims done, in one transaction."""
+    stamp = now_iso()
+    with db.transaction():
+        for r in chunk:
+            if r.unchanged:
+                db.touch(r.path, r.size, r.mtime_ns)
+                summary.skipped += 1
+                continue
+            db.save(r, model_id, stamp, photo_id=queue.photo_ids.get(r.path))
+            if r.error:
+                summary.failed += 1
+                if len(summary.errors) < MAX_REPORTED:
+                    summary.errors.append({"path": r.path, "error": r.error})
+            else:
+                summary.indexed += 1
+        queue.finish(chunk)
+
+
+def _release(queue: WorkQueue) -> None:
+    """Free this run's unfinished claims; if the database cannot be written now, the next run
+    takes them over anyway (this process will be gone)."""
+    with suppress(sqlite3.Error):
+        queue.release()
 
 
 def _reported(skipped: Sequence[Skipped]) -> list[dict]:
