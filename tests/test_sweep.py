@@ -14,7 +14,9 @@ from click.testing import CliRunner
 
 from conftest import EXAMPLES, TINY_CLASSES, feature_map_output, make_tiny_onnx, string_input, tiny_klaus
 from klaus import compression
+from klaus import report
 from klaus import sweep as sw
+from klaus.sweep import data as sweep_data
 from klaus.cli import main
 from klaus.compression.recipe import LOSSLESS
 from klaus.errors import KlausError, KlausModelError
@@ -110,13 +112,13 @@ def test_cached_inputs_equal_fresh_preprocessing(tiny_dir: Path):
 
 def test_inputs_fall_back_to_float_when_pixels_would_not_round_trip(tiny_dir: Path, monkeypatch):
     source = sw.load_source(tiny_dir / "tiny-lossless.klaus")
-    real, calls = sw._to_pixels, []
+    real, calls = sweep_data._to_pixels, []
 
     def flaky(x, spec):
         calls.append(1)
         return None if len(calls) == 3 else real(x, spec)
 
-    monkeypatch.setattr(sw, "_to_pixels", flaky)
+    monkeypatch.setattr(sweep_data, "_to_pixels", flaky)
     evalset = sw.load_eval_set(tiny_dir / "data.txt", source, limit=5)
     assert evalset.inputs.dtype == np.float32 and len(calls) == 3
     fresh = np.concatenate([prepare(s.path, source.preprocess) for s in evalset.samples])
@@ -253,7 +255,7 @@ def test_missing_matplotlib_skips_the_plot(tiny_dir: Path, tmp_path: Path, monke
     evalset = sw.load_eval_set(tiny_dir / "data.txt", source, limit=2)
     result = sw.run_sweep(source, evalset, sw.plan([4], "fc", int8_baseline=False))
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
-    written, note = sw.write_outputs(result, tmp_path)
+    written, note = report.write_outputs(result, tmp_path)
     assert [p.name for p in written] == ["sweep.md", "sweep.csv", "sweep.json"]
     assert note and "matplotlib" in note and "\n" not in note
 
@@ -524,11 +526,11 @@ def test_outputs_are_written_atomically_and_errors_name_the_file(tiny_dir: Path,
 
     monkeypatch.setattr(os, "replace", full_disk)
     with pytest.raises(KlausWriteError, match=f"^{out / 'sweep.csv'}: cannot write \\(No space left on device\\)$"):
-        sw.write_outputs(result, out)
+        report.write_outputs(result, out)
     assert sorted(p.name for p in out.iterdir()) == ["sweep.md"]  # no temporary file, no partial sweep.csv
-    assert (out / "sweep.md").read_text() == sw.markdown(result)  # replaced whole, before the failure
+    assert (out / "sweep.md").read_text() == report.markdown(result)  # replaced whole, before the failure
     monkeypatch.setattr(os, "replace", real)
-    written, _ = sw.write_outputs(result, out)
+    written, _ = report.write_outputs(result, out)
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in written)
 
 

@@ -7,7 +7,8 @@
 * :mod:`.indexer` — incremental planning and the per-batch transactions
 * :mod:`.search` — concept search, the WordNet tree with counts, photo details
 * :mod:`.dask` — the same work on a Dask cluster
-* :mod:`.commands` — the `klaus index/search/serve` commands
+
+The `klaus index/search/serve` commands are :mod:`klaus.cli.library`.
 
 Imports are lazy so that `klaus --help` stays fast.
 """

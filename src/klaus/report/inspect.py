@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
-from . import codecs
-from .format import read_model
+from .. import codecs
+from ..format import read_model
+from ..names import shown
 
 
 def summarize(path: str | os.PathLike[str]) -> dict[str, object]:
+    """`klaus inspect --json`: the file's metadata, and per tensor its shape, codec, bits, stored bytes and
+    the order-0 entropy bound of its indices, with totals."""
     model = read_model(path)
     tensors = []
     for t in model.tensors:
@@ -48,3 +52,27 @@ def summarize(path: str | os.PathLike[str]) -> dict[str, object]:
         "tensors": tensors,
         "totals": totals,
     }
+
+
+def summary_lines(summary: dict[str, Any]) -> list[str]:
+    """`klaus inspect`: :func:`summarize`'s result as a table, one line per tensor, then the totals."""
+    meta = summary["meta"]
+    lines = [
+        f"{shown(summary['path'])}: {shown(meta['model_name'])}  "
+        f"({summary['file_bytes']} bytes, {summary['file_bytes'] / 2**20:.2f} MiB)",
+        f"  recipe {json.dumps(meta['recipe'], sort_keys=True)}",
+        f"  {'tensor':<44} {'shape':<18} {'codec':<12} {'bits':>4} {'bytes':>10} {'entropy':>10}",
+    ]
+    for t in summary["tensors"]:
+        entropy = "" if t["entropy_bytes"] is None else f"{t['entropy_bytes']:.0f}"
+        shape = "x".join(map(str, t["shape"])) or "scalar"
+        lines.append(
+            f"  {shown(t['name']):<44} {shape:<18} {t['codec']:<12} {t['bits'] or '':>4} {t['stored_bytes']:>10} {entropy:>10}"
+        )
+    tot = summary["totals"]
+    lines.append(
+        f"  totals: {tot['tensors']} tensors, {tot['parameters']} parameters, {tot['stored_bytes']} tensor bytes; "
+        f"palettized {tot['palettized_parameters']} params in {tot['palettized_bytes']} bytes "
+        f"(entropy bound {tot['entropy_bytes']:.0f})"
+    )
+    return lines

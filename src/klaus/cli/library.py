@@ -1,8 +1,8 @@
-"""The `klaus index`, `klaus search` and `klaus serve` commands (registered in klaus.cli).
+"""`klaus index`, `klaus search` and `klaus serve`: the photo library (:mod:`klaus.index`, :mod:`klaus.web`).
 
 Same conventions as the rest of the CLI: ``--json`` prints JSON objects one per line,
 and every error is one line on stderr with exit status 1 (raised as KlausError or
-click exceptions, which :class:`klaus.cli.KlausGroup` formats).
+click exceptions, which :class:`klaus.cli.common.KlausGroup` formats).
 """
 
 from __future__ import annotations
@@ -11,20 +11,14 @@ import sys
 
 import click
 
-from ..names import json_line, shown
+from ..names import shown
+from .common import PRESERVE, emit, json_option, model_option
 
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 WARNINGS_SHOWN = 20  # warnings of each kind printed; --json has them all (up to 1000)
 
 
-def _emit(obj: object) -> None:
-    """One JSON object on one line, always valid UTF-8: undecodable bytes in names (a --db
-    path from an old Latin-1 disk) are shown as ``\\xNN`` (:func:`klaus.names.json_line`)."""
-    click.echo(json_line(obj))
-
-
 def _db_path(db: str | None) -> str:
-    from .db import default_db_path
+    from ..index.db import default_db_path
 
     return db or str(default_db_path())
 
@@ -33,13 +27,9 @@ db_option = click.option(
     "--db", "db", metavar="FILE",
     help="The photo index (default: $KLAUS_DB, else ~/.local/share/klaus/library.db).",
 )
-json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output, one JSON object per line.")
-model_option = click.option(
-    "--model", "-m", "model", metavar="M", help="A .klaus or .onnx model (default: the embedded EfficientNet-Lite0)."
-)
 
 
-@click.command("index", context_settings=CONTEXT)
+@click.command("index", context_settings=PRESERVE)
 @click.argument("paths", nargs=-1, required=True, metavar="PATH...")
 @db_option
 @model_option
@@ -63,7 +53,7 @@ def index_command(paths, db, model, workers, batch, threads, dask_address, as_js
     "images_per_second","model","db","errors","unreadable_folder_errors",
     "unstorable_errors"}, each list of {"path","error"}.
     """
-    from .indexer import index_paths
+    from ..index.indexer import index_paths
 
     db_path = _db_path(db)
 
@@ -85,7 +75,7 @@ def index_command(paths, db, model, workers, batch, threads, dask_address, as_js
         progress=False if as_json else None, on_plan=on_plan,
     )
     if as_json:
-        _emit(summary.to_dict())
+        emit(summary.to_dict())
         return 0
     _warn_each(summary.errors, summary.failed, "unreadable photos")
     click.echo(
@@ -111,7 +101,7 @@ def _probability(ctx: click.Context, param: click.Parameter, value: float) -> fl
     return value
 
 
-@click.command("search", context_settings=CONTEXT)
+@click.command("search", context_settings=PRESERVE)
 @click.argument("query", nargs=-1, required=True, metavar="QUERY")
 @db_option
 @click.option("--min-prob", type=click.FloatRange(0.0, 1.0), default=0.2, show_default=True, callback=_probability,
@@ -124,8 +114,8 @@ def search_command(query, db, min_prob, limit, as_json) -> int:
     Ranked by the probability mass of each photo's top-5 under the concept. JSON: one
     object per photo {"rank","id","path","score","label","probability","matches"}.
     """
-    from .db import Database, sqlite_errors
-    from .search import search
+    from ..index.db import Database, sqlite_errors
+    from ..index.search import search
 
     text = " ".join(query)
     db_path = _db_path(db)
@@ -133,7 +123,7 @@ def search_command(query, db, min_prob, limit, as_json) -> int:
         result = search(database.conn, text, min_prob=min_prob, limit=limit)
     if as_json:
         for rank, hit in enumerate(result.hits, 1):
-            _emit(hit.to_dict(rank))
+            emit(hit.to_dict(rank))
         return 0
     concepts = "; ".join(
         f"{shown(c.name)} ({c.wnid}, {c.classes} class{'es' if c.classes != 1 else ''})" for c in result.concepts
@@ -146,7 +136,7 @@ def search_command(query, db, min_prob, limit, as_json) -> int:
     return 0
 
 
-@click.command("serve", context_settings=CONTEXT)
+@click.command("serve", context_settings=PRESERVE)
 @db_option
 @model_option
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; the default is this machine only.")
@@ -175,7 +165,7 @@ def serve_command(db, model, host, port, max_upload_mb, as_json) -> int:
     if host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"klaus: warning: listening on {host}: anyone who can reach it can see your photo index", err=True)
     if as_json:
-        _emit({"url": url, "db": db_path})
+        emit({"url": url, "db": db_path})
     else:
         click.echo(f"klaus: serving {shown(db_path)} at {url} (Ctrl-C to stop)", err=True)
     sys.stdout.flush()
