@@ -695,7 +695,7 @@ const PREPROCESS_DEFAULTS = { input_size: 224n, resize: 'shorter', crop_ratio: 0
 export function preprocessFromDict(d) {
   const bad = (problem) => new Error(`invalid preprocess metadata: ${problem}`);
   if (!isObject(d)) throw bad(`expected an object, got ${pyType(d)}`);
-  const unknown = Object.keys(d).filter((k) => !(k in PREPROCESS_DEFAULTS)).map(pyRepr).sort(compareCodePoints);
+  const unknown = Object.keys(d).filter((k) => !Object.hasOwn(PREPROCESS_DEFAULTS, k)).map(pyRepr).sort(compareCodePoints);
   if (unknown.length) throw bad(`unknown field(s) ${unknown.join(', ')}`);
   const v = { ...PREPROCESS_DEFAULTS, ...d };
   const real = (name, value) => {
