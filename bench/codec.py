@@ -51,9 +51,16 @@ def model_rows(path) -> tuple[list[list[object]], dict[str, float]]:
 
 def _row(label: str, g: dict[str, float]) -> list[object]:
     return [
-        label, int(g["tensors"]), int(g["params"]), int(g["payload"]), f"{8 * g['payload'] / g['params']:.3f}",
-        int(round(g["entropy"])), f"{8 * g['entropy'] / g['params']:.3f}", ratio(g["payload"], g["entropy"], 3),
-        int(g["side"]), command("codec.py"),
+        label,
+        int(g["tensors"]),
+        int(g["params"]),
+        int(g["payload"]),
+        f"{8 * g['payload'] / g['params']:.3f}",
+        int(round(g["entropy"])),
+        f"{8 * g['entropy'] / g['params']:.3f}",
+        ratio(g["payload"], g["entropy"], 3),
+        int(g["side"]),
+        command("codec.py"),
     ]
 
 
@@ -78,10 +85,21 @@ def seed_rows() -> list[list[object]]:
             sizes[label] = len(payload)
             assert np.array_equal(codecs.decode_png_indices(payload, *indices.shape, 8), indices)
         shape = f"{indices.shape[0]}×{indices.shape[1]}"
-        rows.append([name, shape, file_bytes, int(round(entropy)), ratio(file_bytes, entropy, 3),
-                     f"{sizes['default']} ({timings['default']:.1f} s)", ratio(sizes["default"], file_bytes, 3),
-                     f"{sizes['zopfli']} ({timings['zopfli']:.1f} s)", ratio(sizes["zopfli"], file_bytes, 3),
-                     ratio(sizes["zopfli"], entropy, 3), command("codec.py", "--only", "seed")])
+        rows.append(
+            [
+                name,
+                shape,
+                file_bytes,
+                int(round(entropy)),
+                ratio(file_bytes, entropy, 3),
+                f"{sizes['default']} ({timings['default']:.1f} s)",
+                ratio(sizes["default"], file_bytes, 3),
+                f"{sizes['zopfli']} ({timings['zopfli']:.1f} s)",
+                ratio(sizes["zopfli"], file_bytes, 3),
+                ratio(sizes["zopfli"], entropy, 3),
+                command("codec.py", "--only", "seed"),
+            ]
+        )
     return rows
 
 
@@ -96,8 +114,21 @@ def run(only: list[str] | None = None) -> str:
             "bound of the same indices, and their ratio (PNG / bound; < 1 is possible because deflate also exploits "
             "repeats, which an order-0 bound ignores). Palette + scale bytes are listed apart.",
             "",
-            table(["bits", "tensors", "weights", "PNG bytes", "PNG bits/weight", "entropy bound bytes", "bound bits/weight",
-                   "PNG / bound", "palette + scales bytes", "command"], rows),
+            table(
+                [
+                    "bits",
+                    "tensors",
+                    "weights",
+                    "PNG bytes",
+                    "PNG bits/weight",
+                    "entropy bound bytes",
+                    "bound bits/weight",
+                    "PNG / bound",
+                    "palette + scales bytes",
+                    "command",
+                ],
+                rows,
+            ),
             "",
         ]
     if SEED.is_dir():
@@ -108,8 +139,22 @@ def run(only: list[str] | None = None) -> str:
             "their order-0 entropy bound and what `klaus.codecs.encode_png_indices(indices, bits=8)` stores "
             "(default PngOptions: oxipng level 2, libdeflate; and with zopfli). Seconds = encoding time on this machine.",
             "",
-            table(["map", "rows×cols", "original bytes", "entropy bound", "original / bound", "Klaus default bytes",
-                   "vs original", "Klaus zopfli bytes", "vs original", "zopfli / bound", "command"], seed_rows()),
+            table(
+                [
+                    "map",
+                    "rows×cols",
+                    "original bytes",
+                    "entropy bound",
+                    "original / bound",
+                    "Klaus default bytes",
+                    "vs original",
+                    "Klaus zopfli bytes",
+                    "vs original",
+                    "zopfli / bound",
+                    "command",
+                ],
+                seed_rows(),
+            ),
         ]
     else:
         out += ["### Codec: the original Klaus app's index maps", "", f"Skipped: {SEED} is not present."]

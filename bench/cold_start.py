@@ -31,11 +31,22 @@ def run(only: list[str] | None = None, rounds: int = ROUNDS) -> str:
     cat = str(CAT.relative_to(ROOT))
     onnx_path = str(fp32_onnx().relative_to(ROOT))
     cases = {
-        "baseline": ("minimal fp32 ONNX Runtime script (baseline)", [PYTHON, "bench/minimal_fp32.py", onnx_path, cat],
-                     f"`python bench/minimal_fp32.py {onnx_path} {cat}`"),
+        "baseline": (
+            "minimal fp32 ONNX Runtime script (baseline)",
+            [PYTHON, "bench/minimal_fp32.py", onnx_path, cat],
+            f"`python bench/minimal_fp32.py {onnx_path} {cat}`",
+        ),
         "klaus": ("`klaus classify` (embedded model)", [KLAUS, "classify", cat], f"`klaus classify {cat}`"),
-        "klaus-low": ("`klaus classify --low-memory`", [KLAUS, "classify", "--low-memory", cat], f"`klaus classify --low-memory {cat}`"),
-        "imports": ("context: `python -c 'import onnxruntime'`", [PYTHON, "-c", "import onnxruntime"], "`python -c 'import onnxruntime'`"),
+        "klaus-low": (
+            "`klaus classify --low-memory`",
+            [KLAUS, "classify", "--low-memory", cat],
+            f"`klaus classify --low-memory {cat}`",
+        ),
+        "imports": (
+            "context: `python -c 'import onnxruntime'`",
+            [PYTHON, "-c", "import onnxruntime"],
+            "`python -c 'import onnxruntime'`",
+        ),
     }
     cases = {k: v for k, v in cases.items() if k == "baseline" or k in wanted}
     for _, args, _ in cases.values():  # warm-up: page cache, .pyc files
@@ -45,16 +56,25 @@ def run(only: list[str] | None = None, rounds: int = ROUNDS) -> str:
         for key, (_, args, _) in cases.items():
             times[key].append(wall_ms(args))
     base = median(times["baseline"])
-    rows = [[label, f"{median(times[k]):.0f}", ratio(median(times[k]), base), cmd,
-             command("cold_start.py", *(() if k == "baseline" else ("--only", k)))]
-            for k, (label, _, cmd) in cases.items()]
-    return "\n".join([
-        "### Cold start (new process: imports, model load, one photo)",
-        "",
-        f"Median wall time of {rounds} interleaved runs after a warm-up run; ratio to the minimal fp32 script.",
-        "",
-        table(["what", "median ms", "vs baseline", "the command timed", "reproduce"], rows),
-    ])
+    rows = [
+        [
+            label,
+            f"{median(times[k]):.0f}",
+            ratio(median(times[k]), base),
+            cmd,
+            command("cold_start.py", *(() if k == "baseline" else ("--only", k))),
+        ]
+        for k, (label, _, cmd) in cases.items()
+    ]
+    return "\n".join(
+        [
+            "### Cold start (new process: imports, model load, one photo)",
+            "",
+            f"Median wall time of {rounds} interleaved runs after a warm-up run; ratio to the minimal fp32 script.",
+            "",
+            table(["what", "median ms", "vs baseline", "the command timed", "reproduce"], rows),
+        ]
+    )
 
 
 def smoke(model_path, onnx_path) -> str:

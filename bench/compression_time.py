@@ -36,15 +36,45 @@ def run() -> str:
     default = CACHE / "ct-efficientnet-lite0-default.klaus"
     calib = os.path.relpath(SAMPLE, ROOT)
     lossless_cmd = ["klaus", "zoo", "build", "efficientnet-lite0", "--lossless", "-o", str(lossless.relative_to(ROOT))]
-    default_cmd = ["klaus", "zoo", "build", "efficientnet-lite0", "-o", str(default.relative_to(ROOT)),
-                   "--calib", calib, "--calib-split", "even"]
+    default_cmd = [
+        "klaus",
+        "zoo",
+        "build",
+        "efficientnet-lite0",
+        "-o",
+        str(default.relative_to(ROOT)),
+        "--calib",
+        calib,
+        "--calib-split",
+        "even",
+    ]
     embedded = CACHE / "ct-efficientnet-lite0-embedded.klaus"
-    embedded_cmd = ["klaus", "zoo", "build", "efficientnet-lite0", "--budget-mib", "2.5", "-o",
-                    str(embedded.relative_to(ROOT)), "--calib", calib, "--calib-split", "even"]
+    embedded_cmd = [
+        "klaus",
+        "zoo",
+        "build",
+        "efficientnet-lite0",
+        "--budget-mib",
+        "2.5",
+        "-o",
+        str(embedded.relative_to(ROOT)),
+        "--calib",
+        calib,
+        "--calib-split",
+        "even",
+    ]
     rows = []
     base = timed_build([KLAUS, *lossless_cmd[1:]])
-    rows.append(["lossless (export only; baseline)", f"{base:.1f}", "1.00×", f"{lossless.stat().st_size / 2**20:.2f}", "—",
-                 "`" + " ".join(lossless_cmd) + "`"])
+    rows.append(
+        [
+            "lossless (export only; baseline)",
+            f"{base:.1f}",
+            "1.00×",
+            f"{lossless.stat().st_size / 2**20:.2f}",
+            "—",
+            "`" + " ".join(lossless_cmd) + "`",
+        ]
+    )
     if SAMPLE.is_dir():
         for label, out, cmd in (
             ("default recipe, calibrated (GPTQ + bias correction)", default, default_cmd),
@@ -52,19 +82,32 @@ def run() -> str:
         ):
             seconds = timed_build([KLAUS, *cmd[1:]])
             same = "yes" if sha256(out) == sha256(embedded_model()) else "no"
-            rows.append([label, f"{seconds:.1f}", ratio(seconds, base), f"{out.stat().st_size / 2**20:.2f}", same,
-                         "`" + " ".join(cmd) + "`"])
+            rows.append(
+                [
+                    label,
+                    f"{seconds:.1f}",
+                    ratio(seconds, base),
+                    f"{out.stat().st_size / 2**20:.2f}",
+                    same,
+                    "`" + " ".join(cmd) + "`",
+                ]
+            )
         note = ""
     else:
         note = f"\n\nThe calibrated build was skipped: {SAMPLE} is not present."
-    return "\n".join([
-        "### Compression time (EfficientNet-Lite0, 2 cores)",
-        "",
-        "One run each (a build takes about a minute); wall time of a new `klaus` process, including the PyTorch export "
-        "that both builds share. \"= embedded\": the output is byte-identical to `src/klaus/data/efficientnet-lite0.klaus`.",
-        "",
-        table(["build", "seconds", "vs lossless", "MiB", "= embedded", "command"], rows),
-    ]) + note
+    return (
+        "\n".join(
+            [
+                "### Compression time (EfficientNet-Lite0, 2 cores)",
+                "",
+                "One run each (a build takes about a minute); wall time of a new `klaus` process, including the PyTorch export "
+                'that both builds share. "= embedded": the output is byte-identical to `src/klaus/data/efficientnet-lite0.klaus`.',
+                "",
+                table(["build", "seconds", "vs lossless", "MiB", "= embedded", "command"], rows),
+            ]
+        )
+        + note
+    )
 
 
 if __name__ == "__main__":

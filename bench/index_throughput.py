@@ -103,14 +103,26 @@ def pipeline(files: list[Path], engine, args, db: Path, folder: Path) -> tuple[f
     for f in files:  # the same files, through symlinks, so only they are walked
         (folder / f.name).symlink_to(f)
     start, cpu = time.perf_counter(), time.process_time()
-    summary = index_paths([str(folder)], db, engine=engine, workers=args.workers, batch=args.batch,
-                          decode_mode=args.decode, progress=False)
+    summary = index_paths(
+        [str(folder)],
+        db,
+        engine=engine,
+        workers=args.workers,
+        batch=args.batch,
+        decode_mode=args.decode,
+        progress=False,
+    )
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     assert summary.indexed == len(files), summary
     conn = sqlite3.connect(db)
-    top1 = {Path(p).name: c for p, c in conn.execute(
-        "SELECT ph.path, p.class FROM photos ph JOIN predictions p ON p.photo_id = ph.id AND p.rank = 1 "
-        "WHERE ph.path LIKE ?", (f"{folder}/%",))}
+    top1 = {
+        Path(p).name: c
+        for p, c in conn.execute(
+            "SELECT ph.path, p.class FROM photos ph JOIN predictions p ON p.photo_id = ph.id AND p.rank = 1 "
+            "WHERE ph.path LIKE ?",
+            (f"{folder}/%",),
+        )
+    }
     conn.close()
     return seconds, cpu, top1
 
@@ -197,15 +209,25 @@ def run_set(name: str, files: list[Path], args, clf, engine) -> dict:
     with Image.open(files[0]) as img:
         size = f"{img.width}x{img.height}"
     return {
-        "set": name, "photos": len(files), "example_size": size, "megabytes": round(sum(f.stat().st_size for f in files) / 1e6, 1),
-        "naive_per_s": round(naive_rate, 1), "pipeline_per_s": round(pipe_rate, 1),
-        "ratio": round(statistics.median(ratios), 2), "ratio_range": [round(min(ratios), 2), round(max(ratios), 2)],
-        "naive_cpu_ms": round(statistics.median(naive_cpu), 2), "pipeline_cpu_ms": round(statistics.median(pipe_cpu), 2),
+        "set": name,
+        "photos": len(files),
+        "example_size": size,
+        "megabytes": round(sum(f.stat().st_size for f in files) / 1e6, 1),
+        "naive_per_s": round(naive_rate, 1),
+        "pipeline_per_s": round(pipe_rate, 1),
+        "ratio": round(statistics.median(ratios), 2),
+        "ratio_range": [round(min(ratios), 2), round(max(ratios), 2)],
+        "naive_cpu_ms": round(statistics.median(naive_cpu), 2),
+        "pipeline_cpu_ms": round(statistics.median(pipe_cpu), 2),
         "cores": os.cpu_count() or 1,
         "ceiling": round((1000 / naive_rate) / (statistics.median(pipe_cpu) / (os.cpu_count() or 1)), 2),
         "top1_agreement": round(min(agreements), 4),
-        "naive_rounds": [round(r, 1) for r in naive_rates], "pipeline_rounds": [round(r, 1) for r in pipe_rates],
-        "workers": args.workers, "batch": args.batch, "decode": args.decode, "slices": slices,
+        "naive_rounds": [round(r, 1) for r in naive_rates],
+        "pipeline_rounds": [round(r, 1) for r in pipe_rates],
+        "workers": args.workers,
+        "batch": args.batch,
+        "decode": args.decode,
+        "slices": slices,
         "profile": profile(files, clf, engine) if args.profile else None,
     }
 
@@ -241,14 +263,18 @@ def measure(args: argparse.Namespace) -> list[dict]:
 
 def table(results: list[dict]) -> str:
     cores = results[0]["cores"] if results else 0
-    rows = ["| set | photos | naive loop (img/s) | `klaus index` (img/s) | speed-up (median, range of rounds) | "
-            f"CPU per photo, naive → index | ceiling on {cores} cores | top-1 agreement |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = [
+        "| set | photos | naive loop (img/s) | `klaus index` (img/s) | speed-up (median, range of rounds) | "
+        f"CPU per photo, naive → index | ceiling on {cores} cores | top-1 agreement |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in results:
         low, high = r["ratio_range"]
-        rows.append(f"| {_label(r)} ({r['example_size']}) | {r['photos']} | {r['naive_per_s']} | {r['pipeline_per_s']} | "
-                    f"**{r['ratio']:.2f}×** ({low:.2f}–{high:.2f}) | {r['naive_cpu_ms']:.1f} → {r['pipeline_cpu_ms']:.1f} ms | "
-                    f"{r['ceiling']:.2f}× | {r['top1_agreement'] * 100:.1f} % |")
+        rows.append(
+            f"| {_label(r)} ({r['example_size']}) | {r['photos']} | {r['naive_per_s']} | {r['pipeline_per_s']} | "
+            f"**{r['ratio']:.2f}×** ({low:.2f}–{high:.2f}) | {r['naive_cpu_ms']:.1f} → {r['pipeline_cpu_ms']:.1f} ms | "
+            f"{r['ceiling']:.2f}× | {r['top1_agreement'] * 100:.1f} % |"
+        )
     return "\n".join(rows)
 
 
@@ -260,10 +286,12 @@ def profile_table(results: list[dict]) -> str:
     results = [r for r in results if r.get("profile")]
     if not results:
         return ""
-    rows = ["| ms per photo, one thread | " + " | ".join(_label(r) for r in results) + " |",
-            "| --- |" + " --- |" * len(results)]
+    rows = [
+        "| ms per photo, one thread | " + " | ".join(_label(r) for r in results) + " |",
+        "| --- |" + " --- |" * len(results),
+    ]
     lines = [
-        ("naive: `Image.open(...).convert(\"RGB\")` (full-size decode)", "naive_decode"),
+        ('naive: `Image.open(...).convert("RGB")` (full-size decode)', "naive_decode"),
         ("index: read, SHA-256, EXIF header, draft decode", "index_decode"),
         ("both: resize and crop (`to_pixels`)", "resize_crop"),
         ("both: normalize", "normalize"),
@@ -312,20 +340,25 @@ photos decoding dominates and JPEG draft decoding (at 1/8 scale) removes most of
 index is several times faster there."""
 
 
-
 TARGETS = {"sample": 1.5, "12mp": 3.0}  # target speed-up of `klaus index` over the naive loop, per photo set
 
 
 def targets(results: list[dict]) -> str:
-    lines = [f"{_label(r)}: median **{r['ratio']:.2f}×** (target: {TARGETS[r['set']]:.1f}× the naive loop) — "
-             + ("met" if r["ratio"] >= TARGETS[r["set"]] else "**not met**") for r in results if r["set"] in TARGETS]
+    lines = [
+        f"{_label(r)}: median **{r['ratio']:.2f}×** (target: {TARGETS[r['set']]:.1f}× the naive loop) — "
+        + ("met" if r["ratio"] >= TARGETS[r["set"]] else "**not met**")
+        for r in results
+        if r["set"] in TARGETS
+    ]
     text = "Targets: " + "; ".join(lines) + "." if lines else ""
     p = next((r["profile"] for r in results if r["set"] == "sample" and r.get("profile")), None)
     if p and text:
-        text += (f" In this run the naive loop's model call on all {results[0]['cores']} cores took {p['naive_model']:.2f} ms "
-                 f"per photo against {p['index_model']:.2f} ms on one thread ({p['index_model'] / p['naive_model']:.2f}× "
-                 "faster): the less other work slows that call, the closer this is to the core count and the lower "
-                 "the speed-up of `klaus index`.")
+        text += (
+            f" In this run the naive loop's model call on all {results[0]['cores']} cores took {p['naive_model']:.2f} ms "
+            f"per photo against {p['index_model']:.2f} ms on one thread ({p['index_model'] / p['naive_model']:.2f}× "
+            "faster): the less other work slows that call, the closer this is to the core count and the lower "
+            "the speed-up of `klaus index`."
+        )
     return text
 
 
@@ -334,10 +367,13 @@ def run(argv: list[str] | None = None) -> str:
     args = parse_args(argv or [])
     results = measure(args)
     rounds = "; ".join(
-        f"{r['set']}: " + ", ".join(f"{n} → {p}" for n, p in zip(r["naive_rounds"], r["pipeline_rounds"])) for r in results
+        f"{r['set']}: " + ", ".join(f"{n} → {p}" for n, p in zip(r["naive_rounds"], r["pipeline_rounds"]))
+        for r in results
     )
     parts = [
-        "## Photo library indexing", METHOD, table(results),
+        "## Photo library indexing",
+        METHOD,
+        table(results),
         f"Rounds (img/s, naive → `klaus index`): {rounds}. On a machine shared with other jobs the absolute "
         "rates move between rounds; the ratios are the comparable numbers. Disturbances hit the naive loop "
         "harder (its two-thread model calls wait for each other at every layer), so a round whose naive rate "
@@ -356,8 +392,10 @@ def main() -> None:
 
         start, load = time.perf_counter(), os.getloadavg()[0]
         section = run(sys.argv[1:])
-        print(section + f"\n\n_Section time: {time.perf_counter() - start:.0f} s; 1-minute load average "
-              f"{load:.1f} → {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores._")
+        print(
+            section + f"\n\n_Section time: {time.perf_counter() - start:.0f} s; 1-minute load average "
+            f"{load:.1f} → {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores._"
+        )
         return
     results = measure(args)
     if args.json:

@@ -13,7 +13,19 @@ from __future__ import annotations
 
 import numpy as np
 
-from _common import CAT, THREADS, cli, command, embedded_model, fp32_onnx, interleaved_ms, median, ort_session, ratio, table
+from _common import (
+    CAT,
+    THREADS,
+    cli,
+    command,
+    embedded_model,
+    fp32_onnx,
+    interleaved_ms,
+    median,
+    ort_session,
+    ratio,
+    table,
+)
 
 KEYS = ("klaus-b1", "low-b1", "klaus-b32", "low-b32", "crops10")
 REPEATS = {1: 30, 32: 6}
@@ -26,7 +38,9 @@ def session_runner(session, x: np.ndarray):
 
 def measure_batches(sessions: dict[str, object], batch: int, repeats: int) -> dict[str, float]:
     x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)
-    times = interleaved_ms({k: session_runner(s, x) for k, s in sessions.items()}, repeats, warmup=2 if batch == 1 else 1)
+    times = interleaved_ms(
+        {k: session_runner(s, x) for k, s in sessions.items()}, repeats, warmup=2 if batch == 1 else 1
+    )
     return {k: median(v) for k, v in times.items()}
 
 
@@ -57,8 +71,16 @@ def run(only: list[str] | None = None, model=None, onnx_path=None, repeats: dict
         }
         for key in sessions:
             only_arg = () if key == "fp32" else ("--only", f"{key}-b{batch}")
-            rows.append([labels[key], batch, f"{med[key]:.1f}", f"{med[key] / batch:.2f}", ratio(med[key], med["fp32"]),
-                         command("latency.py", *only_arg)])
+            rows.append(
+                [
+                    labels[key],
+                    batch,
+                    f"{med[key]:.1f}",
+                    f"{med[key] / batch:.2f}",
+                    ratio(med[key], med["fp32"]),
+                    command("latency.py", *only_arg),
+                ]
+            )
     out = [
         "### Latency (EfficientNet-Lite0, 2 threads)",
         "",
@@ -70,7 +92,8 @@ def run(only: list[str] | None = None, model=None, onnx_path=None, repeats: dict
     if "crops10" in wanted:
         times = interleaved_ms(
             {1: lambda: default.probabilities([CAT], crops=1), 10: lambda: default.probabilities([CAT], crops=10)},
-            repeats=max(3, repeats[1] // 2), warmup=2,
+            repeats=max(3, repeats[1] // 2),
+            warmup=2,
         )
         one, ten = median(times[1]), median(times[10])
         out += [
@@ -78,10 +101,13 @@ def run(only: list[str] | None = None, model=None, onnx_path=None, repeats: dict
             "10-crop path (`Classifier.probabilities([examples/cat.jpg], crops=…)`, default mode: decode, resize, "
             "crops, network, softmax):",
             "",
-            table(["crops", "median ms", "vs 1 crop", "command"], [
-                [1, f"{one:.1f}", "1.00×", command("latency.py", "--only", "crops10")],
-                [10, f"{ten:.1f}", ratio(ten, one), command("latency.py", "--only", "crops10")],
-            ]),
+            table(
+                ["crops", "median ms", "vs 1 crop", "command"],
+                [
+                    [1, f"{one:.1f}", "1.00×", command("latency.py", "--only", "crops10")],
+                    [10, f"{ten:.1f}", ratio(ten, one), command("latency.py", "--only", "crops10")],
+                ],
+            ),
         ]
     return "\n".join(out)
 
@@ -92,7 +118,9 @@ def smoke(model_path, onnx_path) -> str:
 
     clf = Classifier(model_path, threads=1, memory="low")
     x = np.zeros((1, 3, 32, 32), np.float32)
-    times = interleaved_ms({"fp32": session_runner(ort_session(onnx_path, 1), x), "low": session_runner(clf.session, x)}, 2, 1)
+    times = interleaved_ms(
+        {"fp32": session_runner(ort_session(onnx_path, 1), x), "low": session_runner(clf.session, x)}, 2, 1
+    )
     return table(["runtime", "median ms"], [[k, f"{median(v):.2f}"] for k, v in times.items()])
 
 

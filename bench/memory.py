@@ -88,16 +88,34 @@ def alexnet_onnx(fc: int = 4096, seed: int = 0, classes: int = 1000):
         inits.append(numpy_helper.from_array(np.full(shape[0], 0.01, np.float32), f"{name}.bias"))
 
     x = "input"
-    convs = [("conv1", 96, 3, 11, 4, 2, True), ("conv2", 256, 96, 5, 1, 2, True), ("conv3", 384, 256, 3, 1, 1, False),
-             ("conv4", 384, 384, 3, 1, 1, False), ("conv5", 256, 384, 3, 1, 1, True)]
+    convs = [
+        ("conv1", 96, 3, 11, 4, 2, True),
+        ("conv2", 256, 96, 5, 1, 2, True),
+        ("conv3", 384, 256, 3, 1, 1, False),
+        ("conv4", 384, 384, 3, 1, 1, False),
+        ("conv5", 256, 384, 3, 1, 1, True),
+    ]
     for name, out, inp, k, stride, pad, pool in convs:
         weight(name, out, inp, k, k)
-        nodes.append(helper.make_node("Conv", [x, f"{name}.weight", f"{name}.bias"], [f"{name}_y"], name=f"/{name}/Conv",
-                                      kernel_shape=[k, k], strides=[stride, stride], pads=[pad] * 4))
+        nodes.append(
+            helper.make_node(
+                "Conv",
+                [x, f"{name}.weight", f"{name}.bias"],
+                [f"{name}_y"],
+                name=f"/{name}/Conv",
+                kernel_shape=[k, k],
+                strides=[stride, stride],
+                pads=[pad] * 4,
+            )
+        )
         nodes.append(helper.make_node("Relu", [f"{name}_y"], [f"{name}_r"], name=f"/{name}/Relu"))
         x = f"{name}_r"
         if pool:
-            nodes.append(helper.make_node("MaxPool", [x], [f"{name}_p"], name=f"/{name}/MaxPool", kernel_shape=[3, 3], strides=[2, 2]))
+            nodes.append(
+                helper.make_node(
+                    "MaxPool", [x], [f"{name}_p"], name=f"/{name}/MaxPool", kernel_shape=[3, 3], strides=[2, 2]
+                )
+            )
             x = f"{name}_p"
     nodes.append(helper.make_node("Flatten", [x], ["flat"], name="/flatten"))
     x = "flat"
@@ -109,7 +127,8 @@ def alexnet_onnx(fc: int = 4096, seed: int = 0, classes: int = 1000):
             nodes.append(helper.make_node("Relu", [y], [f"fc{i}_r"], name=f"/fc{i}/Relu"))
             x = f"fc{i}_r"
     graph = helper.make_graph(
-        nodes, f"alexnet-{fc}",
+        nodes,
+        f"alexnet-{fc}",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 224, 224])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
         inits,
@@ -132,7 +151,9 @@ def alexnet_files(fc: int):
     onnx_path = cached(f"alexnet-{fc}-fp32.onnx", lambda p: onnx.save(alexnet_onnx(fc), str(p)))
 
     def build(path):
-        card = compression.ModelCard(f"alexnet-{fc}", "bench/memory.py (random He-init weights, seed 0)", "CC0-1.0", "klaus bench")
+        card = compression.ModelCard(
+            f"alexnet-{fc}", "bench/memory.py (random He-init weights, seed 0)", "CC0-1.0", "klaus bench"
+        )
         model = compression.compress_onnx(
             onnx.load(str(onnx_path)), KMEANS8, preprocess=Preprocess(), labels=imagenet_label_rows(), card=card
         )
@@ -161,8 +182,20 @@ def run(only: list[str] | None = None) -> str:
     wanted = list(only or KEYS)
     rows = []
     floor = klaus_rss("-", "imports")
-    rows.append(["imports only (numpy, onnxruntime, Pillow, klaus.runtime)", "—", "—", mib(floor["peak_bytes"]), "—",
-                 mib(floor["current_bytes"]), "—", "—", "—", command("memory.py")])
+    rows.append(
+        [
+            "imports only (numpy, onnxruntime, Pillow, klaus.runtime)",
+            "—",
+            "—",
+            mib(floor["peak_bytes"]),
+            "—",
+            mib(floor["current_bytes"]),
+            "—",
+            "—",
+            "—",
+            command("memory.py"),
+        ]
+    )
     latency_rows = []
     networks = []
     if "effnet" in wanted:
@@ -173,29 +206,65 @@ def run(only: list[str] | None = None) -> str:
             networks.append((f"alexnet-{fc}", f"AlexNet-shaped, FC {fc}", onnx_path, klaus_path))
     for key, label, onnx_path, klaus_path in networks:
         base = fp32_rss(onnx_path)
-        results = {"fp32 ORT (baseline)": base, "Klaus default": klaus_rss(klaus_path, "default"),
-                   "Klaus `--low-memory`": klaus_rss(klaus_path, "low")}
+        results = {
+            "fp32 ORT (baseline)": base,
+            "Klaus default": klaus_rss(klaus_path, "default"),
+            "Klaus `--low-memory`": klaus_rss(klaus_path, "low"),
+        }
         for mode, r in results.items():
-            rows.append([label, mode, f"{onnx_path.stat().st_size / 2**20:.1f} / {klaus_path.stat().st_size / 2**20:.1f}",
-                         mib(r["peak_bytes"]), ratio(r["peak_bytes"], base["peak_bytes"]), mib(r["current_bytes"]),
-                         ratio(r["current_bytes"], base["current_bytes"]),
-                         mib(r["current_bytes"] - floor["current_bytes"]),
-                         ratio(r["current_bytes"] - floor["current_bytes"], base["current_bytes"] - floor["current_bytes"]),
-                         command("memory.py", "--only", key)])
+            rows.append(
+                [
+                    label,
+                    mode,
+                    f"{onnx_path.stat().st_size / 2**20:.1f} / {klaus_path.stat().st_size / 2**20:.1f}",
+                    mib(r["peak_bytes"]),
+                    ratio(r["peak_bytes"], base["peak_bytes"]),
+                    mib(r["current_bytes"]),
+                    ratio(r["current_bytes"], base["current_bytes"]),
+                    mib(r["current_bytes"] - floor["current_bytes"]),
+                    ratio(r["current_bytes"] - floor["current_bytes"], base["current_bytes"] - floor["current_bytes"]),
+                    command("memory.py", "--only", key),
+                ]
+            )
         if key.startswith("alexnet"):
             lat = alexnet_latency(onnx_path, klaus_path)
-            for mode, name in (("fp32", "fp32 ORT (baseline)"), ("default", "Klaus default"), ("low", "Klaus `--low-memory`")):
-                latency_rows.append([label, name, f"{lat[mode]:.1f}", ratio(lat[mode], lat["fp32"]), command("memory.py", "--only", key)])
+            for mode, name in (
+                ("fp32", "fp32 ORT (baseline)"),
+                ("default", "Klaus default"),
+                ("low", "Klaus `--low-memory`"),
+            ):
+                latency_rows.append(
+                    [
+                        label,
+                        name,
+                        f"{lat[mode]:.1f}",
+                        ratio(lat[mode], lat["fp32"]),
+                        command("memory.py", "--only", key),
+                    ]
+                )
     out = [
         "### Memory (peak RSS of a fresh process classifying one photo)",
         "",
         "MiB = 2^20 bytes. Peak = `VmHWM` (includes loading: reading and decoding the file, building the session); "
         "after = `VmRSS` once the photo is classified, model still loaded (what a long-running process keeps). "
-        "\"model's share\" = after minus the first row (a process that only imports the libraries): the memory the "
+        '"model\'s share" = after minus the first row (a process that only imports the libraries): the memory the '
         "loaded model itself keeps.",
         "",
-        table(["network", "runtime", "file MiB (onnx / klaus)", "peak MiB", "peak vs fp32", "after MiB", "after vs fp32",
-               "model's share MiB", "share vs fp32", "command"], rows),
+        table(
+            [
+                "network",
+                "runtime",
+                "file MiB (onnx / klaus)",
+                "peak MiB",
+                "peak vs fp32",
+                "after MiB",
+                "after vs fp32",
+                "model's share MiB",
+                "share vs fp32",
+                "command",
+            ],
+            rows,
+        ),
     ]
     if latency_rows:
         out += [

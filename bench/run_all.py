@@ -16,7 +16,16 @@ import traceback
 
 from _common import ROOT, machine, table
 
-SECTIONS = ("size_accuracy", "latency", "memory", "cold_start", "codec", "compression_time", "index_throughput", "browser")
+SECTIONS = (
+    "size_accuracy",
+    "latency",
+    "memory",
+    "cold_start",
+    "codec",
+    "compression_time",
+    "index_throughput",
+    "browser",
+)
 
 INTRO = """# Benchmarks
 
@@ -54,7 +63,12 @@ def main() -> None:
         seconds = time.perf_counter() - start
         print(f"[run_all] {name}: {seconds:.0f} s", flush=True)
         load = f"{load_before:.1f} → {os.getloadavg()[0]:.1f}"
-        parts += [section, "", f"_Section time: {seconds:.0f} s; 1-minute load average {load} on {os.cpu_count()} cores._", ""]
+        parts += [
+            section,
+            "",
+            f"_Section time: {seconds:.0f} s; 1-minute load average {load} on {os.cpu_count()} cores._",
+            "",
+        ]
     (ROOT / "BENCHMARKS.md").write_text("\n".join(parts).rstrip() + "\n", encoding="utf-8")
     print(f"wrote {ROOT / 'BENCHMARKS.md'}")
 

@@ -75,7 +75,9 @@ def fp16_storage(model):
         if init.data_type == TensorProto.FLOAT:
             half = numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), init.name + "_fp16")
             kept.append(half)
-            casts.append(helper.make_node("Cast", [half.name], [init.name], name=init.name + "_cast", to=TensorProto.FLOAT))
+            casts.append(
+                helper.make_node("Cast", [half.name], [init.name], name=init.name + "_cast", to=TensorProto.FLOAT)
+            )
         else:
             kept.append(init)
     del model.graph.initializer[:]
@@ -90,14 +92,18 @@ def fp16_storage(model):
 def fp16_onnx(path_fp32):
     import onnx
 
-    return cached("efficientnet-lite0-fp16.onnx", lambda out: onnx.save(fp16_storage(onnx.load(str(path_fp32))), str(out)))
+    return cached(
+        "efficientnet-lite0-fp16.onnx", lambda out: onnx.save(fp16_storage(onnx.load(str(path_fp32))), str(out))
+    )
 
 
 def int8_dynamic(path_fp32):
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    return cached("efficientnet-lite0-int8-dynamic.onnx",
-                  lambda out: quantize_dynamic(str(path_fp32), str(out), weight_type=QuantType.QInt8))
+    return cached(
+        "efficientnet-lite0-int8-dynamic.onnx",
+        lambda out: quantize_dynamic(str(path_fp32), str(out), weight_type=QuantType.QInt8),
+    )
 
 
 def int8_static(path_fp32):
@@ -120,8 +126,14 @@ def int8_static(path_fp32):
 
     def build(out):
         quantize_static(
-            str(path_fp32), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+            str(path_fp32),
+            str(out),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
             extra_options={"CalibMaxIntermediateOutputs": 16},  # 100 % 16 != 0: ORT fails on an empty last flush
         )
 
@@ -183,19 +195,42 @@ def run(only: list[str] | None = None) -> str:
     plan = {
         "fp16": ("fp16 ONNX (fp16 initializers + Cast, built by this script)", lambda: fp16_onnx(base_path), top5_onnx),
         "int8-dynamic": ("ORT `quantize_dynamic`, QInt8 weights", lambda: int8_dynamic(base_path), top5_onnx),
-        "int8-static": (f"ORT `quantize_static` QDQ, per-channel QInt8 weights / QUInt8 activations, MinMax over "
-                        f"{STATIC_CALIB_IMAGES} even-class photos", lambda: int8_static(base_path), top5_onnx),
-        "klaus-default": ("Klaus embedded model (`--budget-mib 2.5`: mixed k-means/uniform grids per tensor, GPTQ + bias "
-                          "correction, even-half calibration)",
-                          embedded_model, top5_klaus),
-        "kmeans8": ("Klaus `kmeans8` (all conv/FC 8-bit, per-tensor palette, no calibration)",
-                    lambda: klaus_recipe(base_path, "kmeans8"), top5_klaus),
-        "fc4-rest8": ("Klaus `fc4-rest8` (FC 4-bit, conv 8-bit, no calibration)",
-                      lambda: klaus_recipe(base_path, "fc4-rest8"), top5_klaus),
+        "int8-static": (
+            f"ORT `quantize_static` QDQ, per-channel QInt8 weights / QUInt8 activations, MinMax over "
+            f"{STATIC_CALIB_IMAGES} even-class photos",
+            lambda: int8_static(base_path),
+            top5_onnx,
+        ),
+        "klaus-default": (
+            "Klaus embedded model (`--budget-mib 2.5`: mixed k-means/uniform grids per tensor, GPTQ + bias "
+            "correction, even-half calibration)",
+            embedded_model,
+            top5_klaus,
+        ),
+        "kmeans8": (
+            "Klaus `kmeans8` (all conv/FC 8-bit, per-tensor palette, no calibration)",
+            lambda: klaus_recipe(base_path, "kmeans8"),
+            top5_klaus,
+        ),
+        "fc4-rest8": (
+            "Klaus `fc4-rest8` (FC 4-bit, conv 8-bit, no calibration)",
+            lambda: klaus_recipe(base_path, "fc4-rest8"),
+            top5_klaus,
+        ),
     }
     t1, t5, _ = scores(ref, labels, ref[:, 0])
-    rows = [["fp32 ONNX (`klaus.zoo.export_onnx`; baseline)", base_bytes, f"{base_bytes / 2**20:.2f}", "1.00×", pct(t1), pct(t5),
-             "—", command("size_accuracy.py")]]
+    rows = [
+        [
+            "fp32 ONNX (`klaus.zoo.export_onnx`; baseline)",
+            base_bytes,
+            f"{base_bytes / 2**20:.2f}",
+            "1.00×",
+            pct(t1),
+            pct(t5),
+            "—",
+            command("size_accuracy.py"),
+        ]
+    ]
     failures = []
     for key in wanted:
         label, make, evaluate = plan[key]
@@ -207,16 +242,32 @@ def run(only: list[str] | None = None) -> str:
             continue
         size = path.stat().st_size
         t1, t5, agree = scores(top5, labels, ref[:, 0])
-        rows.append([label, size, f"{size / 2**20:.2f}", ratio(size, base_bytes, 3), pct(t1), pct(t5), pct(agree),
-                     command("size_accuracy.py", "--only", key)])
-    return "\n".join(header + [
-        f"n = {len(files)} photos (odd class indices). File = the bytes a user ships (`.onnx` or `.klaus`). "
-        "Agreement = same top-1 as the fp32 model. These are mostly ImageNet training photos: use the differences, "
-        "not the absolute accuracy. Published context (full ImageNet validation set): TFLite int8 EfficientNet-Lite0 "
-        "is 4.65 MB at 74.22 % top-1 versus 74.94 % for fp32.",
-        "",
-        table(["model", "file bytes", "MiB", "vs fp32 size", "top-1", "top-5", "agreement with fp32", "command"], rows),
-    ] + ([""] + failures if failures else []))
+        rows.append(
+            [
+                label,
+                size,
+                f"{size / 2**20:.2f}",
+                ratio(size, base_bytes, 3),
+                pct(t1),
+                pct(t5),
+                pct(agree),
+                command("size_accuracy.py", "--only", key),
+            ]
+        )
+    return "\n".join(
+        header
+        + [
+            f"n = {len(files)} photos (odd class indices). File = the bytes a user ships (`.onnx` or `.klaus`). "
+            "Agreement = same top-1 as the fp32 model. These are mostly ImageNet training photos: use the differences, "
+            "not the absolute accuracy. Published context (full ImageNet validation set): TFLite int8 EfficientNet-Lite0 "
+            "is 4.65 MB at 74.22 % top-1 versus 74.94 % for fp32.",
+            "",
+            table(
+                ["model", "file bytes", "MiB", "vs fp32 size", "top-1", "top-5", "agreement with fp32", "command"], rows
+            ),
+        ]
+        + ([""] + failures if failures else [])
+    )
 
 
 if __name__ == "__main__":

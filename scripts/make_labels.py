@@ -97,8 +97,7 @@ def _parse_data_line(line: str) -> Synset:
     n_pointers = int(fields[pos])
     pointers = [fields[pos + 1 + 4 * i : pos + 5 + 4 * i] for i in range(n_pointers)]
     parents = tuple(
-        f"n{target}" for symbol, target, pos_, _st in pointers
-        if symbol in HYPERNYM_POINTERS and pos_ == "n"
+        f"n{target}" for symbol, target, pos_, _st in pointers if symbol in HYPERNYM_POINTERS and pos_ == "n"
     )
     return Synset(f"n{offset}", _unique(words), _unique(parents))
 
@@ -183,8 +182,13 @@ def build_table(rows: list[ClassRow], synsets: dict[str, Synset]) -> tuple[dict,
     paths = {w: primary_path(w, synsets) for w in wnids}
     names = display_names(paths, synsets)
     classes = [
-        {"index": r.index, "wnid": r.wnid, "name": names[r.wnid],
-         "words": list(synsets[r.wnid].words), "path": paths[r.wnid]}
+        {
+            "index": r.index,
+            "wnid": r.wnid,
+            "name": names[r.wnid],
+            "words": list(synsets[r.wnid].words),
+            "path": paths[r.wnid],
+        }
         for r in rows
     ]
     table = {
@@ -202,6 +206,7 @@ def build_table(rows: list[ClassRow], synsets: dict[str, Synset]) -> tuple[dict,
 
 def render(table: dict) -> str:
     """Compact, key-sorted JSON with one class / synset per line."""
+
     def dump(value: object) -> str:
         return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
@@ -236,8 +241,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     table, collisions = build_table(rows, synsets)
     text = render(table)
-    print(f"{len(rows)} classes, {len(table['synsets'])} synsets, "
-          f"{collisions} names disambiguated, {len(text.encode())} bytes", file=sys.stderr)
+    print(
+        f"{len(rows)} classes, {len(table['synsets'])} synsets, "
+        f"{collisions} names disambiguated, {len(text.encode())} bytes",
+        file=sys.stderr,
+    )
     if args.check:
         current = args.output.read_text(encoding="utf-8") if args.output.exists() else None
         if current != text:

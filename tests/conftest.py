@@ -43,9 +43,13 @@ def make_tiny_onnx(seed: int = 0, classes: int = TINY_CLASSES) -> onnx.ModelProt
         init("fc.bias", classes, scale=0.1),
     ]
     nodes = [
-        helper.make_node("Conv", ["input", "stem.weight", "stem.bias"], ["s"], name="/stem/Conv", pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node(
+            "Conv", ["input", "stem.weight", "stem.bias"], ["s"], name="/stem/Conv", pads=[1, 1, 1, 1], strides=[2, 2]
+        ),
         helper.make_node("Relu", ["s"], ["s_act"], name="/stem/Relu"),
-        helper.make_node("Conv", ["s_act", "dw.weight", "dw.bias"], ["d"], name="/dw/Conv", pads=[1, 1, 1, 1], group=16),
+        helper.make_node(
+            "Conv", ["s_act", "dw.weight", "dw.bias"], ["d"], name="/dw/Conv", pads=[1, 1, 1, 1], group=16
+        ),
         helper.make_node("Relu", ["d"], ["d_act"], name="/dw/Relu"),
         helper.make_node("Conv", ["d_act", "pw.weight", "pw.bias"], ["p"], name="/pw/Conv"),
         helper.make_node("Relu", ["p"], ["p_act"], name="/pw/Relu"),

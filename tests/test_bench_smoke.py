@@ -17,7 +17,17 @@ from conftest import ROOT, make_tiny_onnx
 
 sys.path.insert(0, str(ROOT / "bench"))
 
-MODULES = ("_common", "size_accuracy", "latency", "memory", "cold_start", "codec", "compression_time", "browser", "run_all")
+MODULES = (
+    "_common",
+    "size_accuracy",
+    "latency",
+    "memory",
+    "cold_start",
+    "codec",
+    "compression_time",
+    "browser",
+    "run_all",
+)
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -47,7 +57,9 @@ def test_fp16_storage_matches_fp32():
     size_accuracy = importlib.import_module("size_accuracy")
     x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
     fp32 = ort.InferenceSession(make_tiny_onnx().SerializeToString(), providers=["CPUExecutionProvider"])
-    fp16 = ort.InferenceSession(size_accuracy.fp16_storage(make_tiny_onnx()).SerializeToString(), providers=["CPUExecutionProvider"])
+    fp16 = ort.InferenceSession(
+        size_accuracy.fp16_storage(make_tiny_onnx()).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
     np.testing.assert_allclose(fp16.run(None, {"input": x})[0], fp32.run(None, {"input": x})[0], atol=2e-2)
     top5 = np.array([[1, 2, 3, 4, 5], [0, 9, 8, 7, 6]])
     assert size_accuracy.scores(top5, np.array([1, 6]), np.array([1, 9])) == (0.5, 1.0, 0.5)
@@ -62,14 +74,35 @@ def test_machine_description_and_table():
 
 def test_index_throughput_tables():
     bench = importlib.import_module("index_throughput")
-    profile = {k: 1.0 for k in ("naive_decode", "index_decode", "resize_crop", "normalize", "naive_model", "index_model")}
+    profile = {
+        k: 1.0 for k in ("naive_decode", "index_decode", "resize_crop", "normalize", "naive_model", "index_model")
+    }
     profile.update(naive_ms=4.0, index_ms=4.0, model_batch=4)
-    results = [{"set": name, "photos": 10, "example_size": "500x375", "naive_per_s": 100.0, "pipeline_per_s": ratio * 100,
-                "ratio": ratio, "ratio_range": [ratio, ratio], "naive_cpu_ms": 18.0, "pipeline_cpu_ms": 13.0, "cores": 2,
-                "ceiling": 1.5, "top1_agreement": 1.0, "profile": profile}
-               for name, ratio in (("sample", 1.4), ("12mp", 5.0))]
-    assert "| imagenet-sample (500x375) | 10 | 100.0 | 140.0 | **1.40×** (1.40–1.40) | 18.0 → 13.0 ms | 1.50× |" in bench.table(results)
+    results = [
+        {
+            "set": name,
+            "photos": 10,
+            "example_size": "500x375",
+            "naive_per_s": 100.0,
+            "pipeline_per_s": ratio * 100,
+            "ratio": ratio,
+            "ratio_range": [ratio, ratio],
+            "naive_cpu_ms": 18.0,
+            "pipeline_cpu_ms": 13.0,
+            "cores": 2,
+            "ceiling": 1.5,
+            "top1_agreement": 1.0,
+            "profile": profile,
+        }
+        for name, ratio in (("sample", 1.4), ("12mp", 5.0))
+    ]
+    assert (
+        "| imagenet-sample (500x375) | 10 | 100.0 | 140.0 | **1.40×** (1.40–1.40) | 18.0 → 13.0 ms | 1.50× |"
+        in bench.table(results)
+    )
     assert "| index: model, 4 photos per call, 1 thread | 1.00 | 1.00 |" in bench.profile_table(results)
-    assert bench.targets(results).startswith("Targets: imagenet-sample: median **1.40×** (target: 1.5× the naive loop) — "
-                                             "**not met**; 12 MP JPEGs: median **5.00×** (target: 3.0× the naive loop) — met. "
-                                             "In this run the naive loop's model call on all 2 cores took 1.00 ms")
+    assert bench.targets(results).startswith(
+        "Targets: imagenet-sample: median **1.40×** (target: 1.5× the naive loop) — "
+        "**not met**; 12 MP JPEGs: median **5.00×** (target: 3.0× the naive loop) — met. "
+        "In this run the naive loop's model call on all 2 cores took 1.00 ms"
+    )

@@ -243,7 +243,9 @@ def test_eval_reference(eval_folder):
     assert len(result.stderr.splitlines()) == 1  # reported once, not again for the reference
     acc = json_lines(result.stdout)[0]
     assert acc["agreement"] == 1.0  # the same model agrees with itself
-    assert acc["reference_top1"] == acc["top1"] and acc["top1_diff_se"] == 0.0 and acc["kl"] == pytest.approx(0, abs=1e-9)
+    assert (
+        acc["reference_top1"] == acc["top1"] and acc["top1_diff_se"] == 0.0 and acc["kl"] == pytest.approx(0, abs=1e-9)
+    )
     human = run("eval", "-r", str(default_model_path()), str(eval_folder))
     assert "agreement 100.00%" in human.stdout and "difference +0.00 points" in human.stdout
 
@@ -296,7 +298,14 @@ def _inputs() -> np.ndarray:
 
 def compress_tiny(files, out: Path, *extra: str):
     return run(
-        "compress", str(files["onnx"]), "-o", str(out), "--labels", str(files["names"]), "--input-size", str(TINY_SIZE),
+        "compress",
+        str(files["onnx"]),
+        "-o",
+        str(out),
+        "--labels",
+        str(files["names"]),
+        "--input-size",
+        str(TINY_SIZE),
         *extra,
     )
 
@@ -304,7 +313,9 @@ def compress_tiny(files, out: Path, *extra: str):
 def test_compress_inspect_export(tiny_files):
     out = tiny_files["dir"] / "tiny.klaus"
     # The tiny model's tensors are below every named recipe's size floor: a rule palettizes them.
-    result = compress_tiny(tiny_files, out, "--recipe", "kmeans8", "--layer", "*.weight=4", "--layer", "fc.*=5", "--json")
+    result = compress_tiny(
+        tiny_files, out, "--recipe", "kmeans8", "--layer", "*.weight=4", "--layer", "fc.*=5", "--json"
+    )
     assert result.exit_code == 0, result.output
     report = json_lines(result.stdout)[0]
     assert set(report) == {"path", "bytes", "recipe", "seconds"}
@@ -341,7 +352,9 @@ def test_compress_inspect_export(tiny_files):
     human = run("inspect", str(out))
     assert human.exit_code == 0
     assert human.stdout.splitlines()[0].startswith(f"{out}: tiny")
-    rows = [line.split() for line in human.stdout.splitlines() if line.strip().startswith(("stem.", "dw.", "pw.", "fc."))]
+    rows = [
+        line.split() for line in human.stdout.splitlines() if line.strip().startswith(("stem.", "dw.", "pw.", "fc."))
+    ]
     assert len(rows) == 8
     assert ["fc.weight", "10x64", "palette-png", "4"] == rows[6][:4]
     assert "totals: 8 tensors, 2346 parameters" in human.stdout
@@ -374,8 +387,19 @@ def test_compress_lossless_is_exact(tiny_files):
 
     # Recompressing the lossless file with calibration photos (GPTQ + bias correction).
     again = tiny_files["dir"] / "again.klaus"
-    result = run("compress", str(out), "-o", str(again), "--layer", "*.weight=3", "--calib", str(EXAMPLES),
-                 "--calib-crops", "10", "--json")
+    result = run(
+        "compress",
+        str(out),
+        "-o",
+        str(again),
+        "--layer",
+        "*.weight=3",
+        "--calib",
+        str(EXAMPLES),
+        "--calib-crops",
+        "10",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     assert json_lines(result.stdout)[0]["recipe"]["method"] == "gptq"
     meta = json_lines(run("inspect", "--json", str(again)).stdout)[0]["meta"]
@@ -408,7 +432,9 @@ def test_compress_rejects_label_count_mismatch(tiny_files):
 def test_compress_refuses_input_size_the_graph_cannot_take(tiny_files):
     """The tiny graph declares a static 32x32 input; an explicit --input-size 224 cannot work."""
     out = tiny_files["dir"] / "big.klaus"
-    result = run("compress", str(tiny_files["onnx"]), "-o", str(out), "--labels", str(tiny_files["names"]), "--input-size", "224")
+    result = run(
+        "compress", str(tiny_files["onnx"]), "-o", str(out), "--labels", str(tiny_files["names"]), "--input-size", "224"
+    )
     assert_one_line_error(result, "224")
     assert not out.exists()
 
@@ -423,8 +449,11 @@ def test_classify_runtime_failure_is_one_line_error(tmp_path):
     from klaus.preprocess import Preprocess
 
     model = compression.compress_onnx(
-        make_tiny_onnx(), FP16, preprocess=Preprocess(input_size=32),
-        labels=plain_label_rows([str(i) for i in range(TINY_CLASSES)]), card=compression.ModelCard("mismatched"),
+        make_tiny_onnx(),
+        FP16,
+        preprocess=Preprocess(input_size=32),
+        labels=plain_label_rows([str(i) for i in range(TINY_CLASSES)]),
+        card=compression.ModelCard("mismatched"),
     )
     model = dataclasses.replace(model, preprocess=Preprocess(input_size=224))  # as a foreign file could say
     path = tmp_path / "mismatched.klaus"
@@ -452,7 +481,9 @@ def test_compress_bad_sources(tiny_files, tiny_klaus_path):
     d = tiny_files["dir"]
     garbage = d / "garbage.onnx"
     garbage.write_bytes(b"\x08\x07garbage, not a protobuf" * 20)
-    assert_one_line_error(run("compress", str(garbage), "-o", str(d / "g.klaus"), "--labels", str(tiny_files["names"])), "garbage.onnx")
+    assert_one_line_error(
+        run("compress", str(garbage), "-o", str(d / "g.klaus"), "--labels", str(tiny_files["names"])), "garbage.onnx"
+    )
     corrupt = d / "corrupt.klaus"
     corrupt.write_bytes(tiny_klaus_path.read_bytes()[:4000])
     assert_one_line_error(run("compress", str(corrupt), "-o", str(d / "c.klaus")), "corrupt.klaus")
@@ -572,14 +603,24 @@ def test_output_that_is_the_source_is_refused(tiny_files, lossless_klaus, monkey
     before = {p: p.read_bytes() for p in (same, lossless_klaus)}
     cases = [
         (["compress", "same.onnx", "-o", "same.onnx", "--labels", str(tiny_files["names"])], "same.onnx", "same.onnx"),
-        (["compress", "same.onnx", "-o", "./link.onnx", "--labels", str(tiny_files["names"])], "./link.onnx", "same.onnx"),
-        (["compress", str(same), "-o", "../" + d.name + "/same.onnx", "--labels", str(tiny_files["names"])],
-         "../" + d.name + "/same.onnx", str(same)),
+        (
+            ["compress", "same.onnx", "-o", "./link.onnx", "--labels", str(tiny_files["names"])],
+            "./link.onnx",
+            "same.onnx",
+        ),
+        (
+            ["compress", str(same), "-o", "../" + d.name + "/same.onnx", "--labels", str(tiny_files["names"])],
+            "../" + d.name + "/same.onnx",
+            str(same),
+        ),
         (["compress", "lossless.klaus", "-o", "lossless.klaus", "--bits", "4"], "lossless.klaus", "lossless.klaus"),
         (["export", "lossless.klaus", "-o", str(lossless_klaus)], str(lossless_klaus), "lossless.klaus"),
         # the labels file is an input too
-        (["compress", "same.onnx", "-o", str(tiny_files["names"]), "--labels", str(tiny_files["names"])],
-         str(tiny_files["names"]), str(tiny_files["names"])),
+        (
+            ["compress", "same.onnx", "-o", str(tiny_files["names"]), "--labels", str(tiny_files["names"])],
+            str(tiny_files["names"]),
+            str(tiny_files["names"]),
+        ),
     ]
     for args, out, src in cases:
         result = run(*args)
@@ -594,7 +635,10 @@ def test_output_must_be_a_file_name(tiny_files, lossless_klaus):
     folder = d / "existing"
     folder.mkdir()
     for args, problem in (
-        (["compress", str(tiny_files["onnx"]), "-o", str(folder), "--labels", str(tiny_files["names"])], "is a directory"),
+        (
+            ["compress", str(tiny_files["onnx"]), "-o", str(folder), "--labels", str(tiny_files["names"])],
+            "is a directory",
+        ),
         (["export", str(lossless_klaus), "-o", str(folder)], "is a directory"),
         (["export", str(lossless_klaus), "-o", str(folder) + "/"], "names a folder; give a file name"),
     ):
@@ -602,7 +646,10 @@ def test_output_must_be_a_file_name(tiny_files, lossless_klaus):
         assert_one_line_error(result, f"{args[3]}: {problem}")
         assert ".klaus-" not in result.stderr and ".tmp" not in result.stderr  # never the internal temp file
     assert list(folder.iterdir()) == []
-    for command in (["compress", str(tiny_files["onnx"]), "--labels", str(tiny_files["names"])], ["export", str(lossless_klaus)]):
+    for command in (
+        ["compress", str(tiny_files["onnx"]), "--labels", str(tiny_files["names"])],
+        ["export", str(lossless_klaus)],
+    ):
         result = run(*command, "-o", "")
         assert_one_line_error(result, "''", "empty")
     assert _leftovers(d) == []
@@ -650,8 +697,9 @@ def _limited_run(limit_bytes: int, *args: str, cwd: Path) -> subprocess.Complete
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, resource.RLIM_INFINITY))
 
-    return subprocess.run([*klaus_command(), *args], capture_output=True, text=True, timeout=120, cwd=cwd,
-                          preexec_fn=limit)
+    return subprocess.run(
+        [*klaus_command(), *args], capture_output=True, text=True, timeout=120, cwd=cwd, preexec_fn=limit
+    )
 
 
 def test_write_failures_are_one_line_errors_naming_out(tiny_files, lossless_klaus):
@@ -676,17 +724,30 @@ def test_sqlite_failure_while_building_the_file_is_one_line(tmp_path):
     helper, TP = onnx.helper, onnx.TensorProto
     conv = onnx.numpy_helper.from_array(rng.standard_normal((768, 3, 1, 1)).astype(np.float32), "c.weight")
     fc = onnx.numpy_helper.from_array(rng.standard_normal((768, 1000)).astype(np.float32), "fc.weight")  # 3 MB
-    nodes = [helper.make_node("Conv", ["x", "c.weight"], ["c"]), helper.make_node("GlobalAveragePool", ["c"], ["g"]),
-             helper.make_node("Flatten", ["g"], ["f"]), helper.make_node("MatMul", ["f", "fc.weight"], ["logits"])]
-    graph = helper.make_graph(nodes, "wide", [helper.make_tensor_value_info("x", TP.FLOAT, ["N", 3, 16, 16])],
-                              [helper.make_tensor_value_info("logits", TP.FLOAT, ["N", 1000])], [conv, fc])
+    nodes = [
+        helper.make_node("Conv", ["x", "c.weight"], ["c"]),
+        helper.make_node("GlobalAveragePool", ["c"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"]),
+        helper.make_node("MatMul", ["f", "fc.weight"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "wide",
+        [helper.make_tensor_value_info("x", TP.FLOAT, ["N", 3, 16, 16])],
+        [helper.make_tensor_value_info("logits", TP.FLOAT, ["N", 1000])],
+        [conv, fc],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.save(model, tmp_path / "wide.onnx")
-    proc = _limited_run(1 << 20, "compress", "wide.onnx", "--lossless", "--no-simplify", "-o", "wide.klaus", cwd=tmp_path)
+    proc = _limited_run(
+        1 << 20, "compress", "wide.onnx", "--lossless", "--no-simplify", "-o", "wide.klaus", cwd=tmp_path
+    )
     assert proc.returncode == 1, proc.stderr
     lines = proc.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("klaus: error: wide.klaus: cannot build the model file (SQLite: "), proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("klaus: error: wide.klaus: cannot build the model file (SQLite: "), (
+        proc.stderr
+    )
     assert not (tmp_path / "wide.klaus").exists() and _leftovers(tmp_path) == []
 
 
@@ -758,7 +819,9 @@ def test_empty_and_unloadable_onnx_models_are_one_line_errors(tmp_path):
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.save(model, unknown)
-    assert_one_line_error(run("classify", "--model", str(unknown), CAT), f"{unknown}: node '' uses NoSuchOp, which is not")
+    assert_one_line_error(
+        run("classify", "--model", str(unknown), CAT), f"{unknown}: node '' uses NoSuchOp, which is not"
+    )
     assert_one_line_error(run("compress", str(unknown), "-o", str(out)), f"{unknown}: ")
     assert not out.exists()
     # A 10-way ONNX classifier without --labels: the message names the file.
@@ -777,13 +840,18 @@ def test_runtime_failure_names_the_model_file(tmp_path):
     from klaus.preprocess import Preprocess
 
     model = compression.compress_onnx(
-        make_tiny_onnx(), FP16, preprocess=Preprocess(input_size=32),
-        labels=plain_label_rows([str(i) for i in range(TINY_CLASSES)]), card=compression.ModelCard("inner-name"),
+        make_tiny_onnx(),
+        FP16,
+        preprocess=Preprocess(input_size=32),
+        labels=plain_label_rows([str(i) for i in range(TINY_CLASSES)]),
+        card=compression.ModelCard("inner-name"),
     )
     path = tmp_path / "outer-file.klaus"
     compression.write(dataclasses.replace(model, preprocess=Preprocess(input_size=64)), path)
     result = run("classify", "--model", str(path), CAT)
-    assert_one_line_error(result, f"{path}: input 'input' has shape (?, 3, 32, 32), but the preprocessing makes (N, 3, 64, 64)")
+    assert_one_line_error(
+        result, f"{path}: input 'input' has shape (?, 3, 32, 32), but the preprocessing makes (N, 3, 64, 64)"
+    )
 
 
 def test_corrupt_model_is_a_one_line_error(lossless_klaus, tmp_path):
@@ -809,7 +877,11 @@ def test_corrupt_model_is_a_one_line_error(lossless_klaus, tmp_path):
     assert found is not None, "no single-byte damage gave a multi-problem report"
     bad = tmp_path / "damaged.klaus"
     bad.write_bytes(found)
-    for args in (["inspect", str(bad)], ["classify", "--model", str(bad), CAT], ["export", str(bad), "-o", str(tmp_path / "x.onnx")]):
+    for args in (
+        ["inspect", str(bad)],
+        ["classify", "--model", str(bad), CAT],
+        ["export", str(bad), "-o", str(tmp_path / "x.onnx")],
+    ):
         result = run(*args)
         assert_one_line_error(result, f"{bad}: corrupt database (", " more)")
         assert "***" not in result.stderr
@@ -849,8 +921,21 @@ def test_bits_sets_fc_and_conv_and_the_help_says_so(lossless_klaus, tiny_files):
     assert bits["stem.weight"] == bits["pw.weight"] == bits["fc.weight"] == 4
     assert bits["dw.weight"] == 8  # the default recipe's depthwise width, as the help says
     out2 = tiny_files["dir"] / "b4dw.klaus"
-    assert run("compress", str(lossless_klaus), "-o", str(out2), "--bits", "4", "--depthwise-bits", "4",
-               "--min-elements", "64").exit_code == 0
+    assert (
+        run(
+            "compress",
+            str(lossless_klaus),
+            "-o",
+            str(out2),
+            "--bits",
+            "4",
+            "--depthwise-bits",
+            "4",
+            "--min-elements",
+            "64",
+        ).exit_code
+        == 0
+    )
     tensors = json_lines(run("inspect", "--json", str(out2)).stdout)[0]["tensors"]
     assert {t["name"]: t["bits"] for t in tensors}["dw.weight"] == 4
 
@@ -877,7 +962,9 @@ def test_unreadable_calibration_images_are_warned_once_each(tiny_files, lossless
     (calib / "notes.jpg").write_text("not an image")
     (calib / "truncated.jpg").write_bytes(Path(COFFEE).read_bytes()[:300])
     out = d / "calibrated.klaus"
-    result = run("compress", str(lossless_klaus), "-o", str(out), "--layer", "*.weight=4", "--calib", str(calib), "--json")
+    result = run(
+        "compress", str(lossless_klaus), "-o", str(out), "--layer", "*.weight=4", "--calib", str(calib), "--json"
+    )
     assert result.exit_code == 0, result.output
     warnings = result.stderr.splitlines()
     assert len(warnings) == 2, result.stderr
@@ -886,7 +973,9 @@ def test_unreadable_calibration_images_are_warned_once_each(tiny_files, lossless
     meta = json_lines(run("inspect", "--json", str(out)).stdout)[0]["meta"]
     assert meta["calibration_inputs"] == "1"  # only the cat
     (calib / "cat.jpg").unlink()
-    result = run("compress", str(lossless_klaus), "-o", str(d / "none.klaus"), "--layer", "*.weight=4", "--calib", str(calib))
+    result = run(
+        "compress", str(lossless_klaus), "-o", str(d / "none.klaus"), "--layer", "*.weight=4", "--calib", str(calib)
+    )
     assert result.exit_code == 1 and not (d / "none.klaus").exists()
     errors = [line for line in result.stderr.splitlines() if line.startswith("klaus: error:")]
     assert errors == [f"klaus: error: {calib}: no readable calibration images (2 tried)"]
@@ -900,14 +989,17 @@ def test_non_utf8_file_names_stay_valid_utf8(tmp_path):
     except (OSError, UnicodeError):
         pytest.skip("this file system does not take non-UTF-8 names")
     missing = os.fsencode(tmp_path) + b"/gone\xff.jpg"
-    proc = subprocess.run([*map(os.fsencode, klaus_command()), b"classify", b"--json", name, missing], capture_output=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [*map(os.fsencode, klaus_command()), b"classify", b"--json", name, missing], capture_output=True, timeout=120
+    )
     assert proc.returncode == 1
     lines = proc.stdout.decode("utf-8").splitlines()  # strict: raises on a raw 0xE9
     objs = [json.loads(line) for line in lines]
     assert objs[0]["path"] == f"{tmp_path}/caf\\xe9.jpg" and set(objs[0]) == RESULT_KEYS
     assert objs[1]["path"] == f"{tmp_path}/gone\\xff.jpg" and "gone\\xff.jpg" in objs[1]["error"]
-    proc = subprocess.run([*map(os.fsencode, klaus_command()), b"classify", name, missing], capture_output=True, timeout=120)
+    proc = subprocess.run(
+        [*map(os.fsencode, klaus_command()), b"classify", name, missing], capture_output=True, timeout=120
+    )
     assert proc.returncode == 1
     assert proc.stdout.decode("utf-8").splitlines()[0].startswith(f"{tmp_path}/caf\\xe9.jpg  (")
     assert proc.stderr.decode("utf-8").splitlines() == [f"klaus: error: {tmp_path}/gone\\xff.jpg: no such file"]
@@ -916,12 +1008,20 @@ def test_non_utf8_file_names_stay_valid_utf8(tmp_path):
 def _nan_classifier(path: Path) -> None:
     """A 1000-way 'classifier' whose scores are sqrt(-|x W|): NaN for every photo."""
     w = onnx.numpy_helper.from_array(np.ones((3, 1000), np.float32), "w")
-    nodes = [onnx.helper.make_node("GlobalAveragePool", ["x"], ["g"]), onnx.helper.make_node("Flatten", ["g"], ["f"]),
-             onnx.helper.make_node("MatMul", ["f", "w"], ["m"]), onnx.helper.make_node("Abs", ["m"], ["a"]),
-             onnx.helper.make_node("Neg", ["a"], ["n"]), onnx.helper.make_node("Sqrt", ["n"], ["y"])]
+    nodes = [
+        onnx.helper.make_node("GlobalAveragePool", ["x"], ["g"]),
+        onnx.helper.make_node("Flatten", ["g"], ["f"]),
+        onnx.helper.make_node("MatMul", ["f", "w"], ["m"]),
+        onnx.helper.make_node("Abs", ["m"], ["a"]),
+        onnx.helper.make_node("Neg", ["a"], ["n"]),
+        onnx.helper.make_node("Sqrt", ["n"], ["y"]),
+    ]
     graph = onnx.helper.make_graph(
-        nodes, "nan", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, 224, 224])],
-        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 1000])], [w],
+        nodes,
+        "nan",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, 224, 224])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 1000])],
+        [w],
     )
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -1010,8 +1110,20 @@ def test_non_utf8_source_name_is_escaped_in_the_model(tiny_files):
         Path(os.fsdecode(name)).write_bytes(tiny_files["onnx"].read_bytes())
     except (OSError, UnicodeError):
         pytest.skip("this file system does not take non-UTF-8 names")
-    proc = subprocess.run([*map(os.fsencode, klaus_command()), b"compress", name, b"-o", os.fsencode(d / "se.klaus"),
-                           b"--labels", os.fsencode(tiny_files["names"]), b"--json"], capture_output=True, timeout=120)
+    proc = subprocess.run(
+        [
+            *map(os.fsencode, klaus_command()),
+            b"compress",
+            name,
+            b"-o",
+            os.fsencode(d / "se.klaus"),
+            b"--labels",
+            os.fsencode(tiny_files["names"]),
+            b"--json",
+        ],
+        capture_output=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert b"Traceback" not in proc.stderr
     from klaus.format import read_model
@@ -1029,7 +1141,9 @@ def test_non_utf8_text_options_are_refused_up_front(tiny_files, option, monkeypa
     out = tiny_files["dir"] / "o.klaus"
     value = "x\udce9=4" if option == "--layer" else "n\udce9"
     result = compress_tiny(tiny_files, out, option, value)
-    assert_one_line_error(result, f"klaus: error: {option} '{value.replace(chr(0xDCE9), chr(92) + 'xe9')}': not valid UTF-8")
+    assert_one_line_error(
+        result, f"klaus: error: {option} '{value.replace(chr(0xDCE9), chr(92) + 'xe9')}': not valid UTF-8"
+    )
     assert not out.exists() and _leftovers(tiny_files["dir"]) == []
 
 
@@ -1051,8 +1165,10 @@ def test_labels_file_must_be_utf8_and_may_start_with_a_bom(tiny_files):
 def test_output_ending_in_a_slash_names_a_folder(tiny_files, lossless_klaus, monkeypatch):
     d = tiny_files["dir"]
     monkeypatch.chdir(d)
-    for args in (["compress", str(tiny_files["onnx"]), "--labels", str(tiny_files["names"]), "-o", "out2/"],
-                 ["export", str(lossless_klaus), "-o", "newdir/"]):
+    for args in (
+        ["compress", str(tiny_files["onnx"]), "--labels", str(tiny_files["names"]), "-o", "out2/"],
+        ["export", str(lossless_klaus), "-o", "newdir/"],
+    ):
         result = run(*args)
         assert_one_line_error(result, f"klaus: error: {args[-1]}: names a folder; give a file name")
     assert not (d / "out2").exists() and not (d / "newdir").exists()
@@ -1070,16 +1186,29 @@ def test_temporary_file_write_failure_does_not_blame_the_source(tiny_files):
     assert not (d / "o.klaus").exists() and _leftovers(d) == []
 
 
-@pytest.mark.parametrize("extra", [
-    ["--bits", "4"], ["--fc-bits", "4"], ["--conv-bits", "4"], ["--depthwise-bits", "4"], ["--layer", "*=4"],
-    ["--granularity", "channel"], ["--budget-mib", "1"], ["--max-drop", "1"], ["--recipe", "kmeans8"],
-    ["--min-elements", "10"], ["--finetune-steps", "5"], ["--weighted"],
-])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--bits", "4"],
+        ["--fc-bits", "4"],
+        ["--conv-bits", "4"],
+        ["--depthwise-bits", "4"],
+        ["--layer", "*=4"],
+        ["--granularity", "channel"],
+        ["--budget-mib", "1"],
+        ["--max-drop", "1"],
+        ["--recipe", "kmeans8"],
+        ["--min-elements", "10"],
+        ["--finetune-steps", "5"],
+        ["--weighted"],
+    ],
+)
 def test_lossless_refuses_options_that_contradict_it(tiny_files, extra):
     out = tiny_files["dir"] / "l.klaus"
     result = compress_tiny(tiny_files, out, "--lossless", *extra)
-    assert_one_line_error(result, "klaus: error: --lossless stores every weight as fp32, so "
-                          f"{extra[0]} cannot be combined with it")
+    assert_one_line_error(
+        result, f"klaus: error: --lossless stores every weight as fp32, so {extra[0]} cannot be combined with it"
+    )
     assert not out.exists()
 
 
@@ -1095,8 +1224,10 @@ def test_replacing_an_output_keeps_its_mode(tiny_files, lossless_klaus, mode):
     d = tiny_files["dir"]
     old = os.umask(0o022)
     try:
-        for args, out in ((["compress", str(lossless_klaus), "--layer", "*=4"], d / "private.klaus"),
-                          (["export", str(lossless_klaus)], d / "private.onnx")):
+        for args, out in (
+            (["compress", str(lossless_klaus), "--layer", "*=4"], d / "private.klaus"),
+            (["export", str(lossless_klaus)], d / "private.onnx"),
+        ):
             out.write_bytes(b"previous")
             out.chmod(mode)
             assert run(*args, "-o", str(out)).exit_code == 0
@@ -1106,12 +1237,15 @@ def test_replacing_an_output_keeps_its_mode(tiny_files, lossless_klaus, mode):
         os.umask(old)
 
 
-@pytest.mark.parametrize("rule,fragment", [
-    ("fc.weight=", "--layer 'fc.weight=': BITS must be 1..8, 'float' or uSTEP, got ''"),
-    ("head=x.weight", "--layer 'head=x.weight': BITS must be 1..8, 'float' or uSTEP, got 'x.weight'"),
-    ("nobits", "--layer 'nobits' is not PATTERN=BITS|float|uSTEP"),
-    ("fc.*=u", "--layer 'fc.*=u': uniform step must be a number"),
-])
+@pytest.mark.parametrize(
+    "rule,fragment",
+    [
+        ("fc.weight=", "--layer 'fc.weight=': BITS must be 1..8, 'float' or uSTEP, got ''"),
+        ("head=x.weight", "--layer 'head=x.weight': BITS must be 1..8, 'float' or uSTEP, got 'x.weight'"),
+        ("nobits", "--layer 'nobits' is not PATTERN=BITS|float|uSTEP"),
+        ("fc.*=u", "--layer 'fc.*=u': uniform step must be a number"),
+    ],
+)
 def test_bad_layer_rules_name_the_option_and_the_form(tiny_files, rule, fragment):
     result = compress_tiny(tiny_files, tiny_files["dir"] / "o.klaus", "--layer", rule)
     assert_one_line_error(result, f"klaus: error: {fragment}", "PATTERN=BITS|float|uSTEP")
@@ -1124,8 +1258,12 @@ def test_bad_layer_rules_name_the_option_and_the_form(tiny_files, rule, fragment
 def test_classify_reads_pipes_and_goes_on_after_a_bad_image(tmp_path):
     """`cat x.jpg | klaus classify /dev/stdin other.jpg`: the pipe is read into memory, a bad image is its own error."""
     missing = str(tmp_path / "missing.jpg")
-    proc = subprocess.run([*klaus_command(), "classify", "--json", "/dev/stdin", COFFEE, missing],
-                          input=Path(CAT).read_bytes(), capture_output=True, timeout=120)
+    proc = subprocess.run(
+        [*klaus_command(), "classify", "--json", "/dev/stdin", COFFEE, missing],
+        input=Path(CAT).read_bytes(),
+        capture_output=True,
+        timeout=120,
+    )
     assert proc.returncode == 1, proc.stderr  # the missing file
     piped, coffee, bad = json_lines(proc.stdout.decode())
     direct = json_lines(run("classify", "--json", CAT).stdout)[0]
@@ -1136,7 +1274,9 @@ def test_classify_reads_pipes_and_goes_on_after_a_bad_image(tmp_path):
     assert bad == {"path": missing, "error": f"{missing}: no such file"}
     assert proc.stderr.decode() == ""
     # An empty pipe is that image's error; the others are still classified.
-    proc = subprocess.run([*klaus_command(), "classify", "/dev/stdin", COFFEE], input=b"", capture_output=True, timeout=120)
+    proc = subprocess.run(
+        [*klaus_command(), "classify", "/dev/stdin", COFFEE], input=b"", capture_output=True, timeout=120
+    )
     assert proc.returncode == 1
     assert proc.stderr.decode().splitlines() == ["klaus: error: /dev/stdin: empty file"]
     assert proc.stdout.decode().startswith(f"{COFFEE}  (")

@@ -196,7 +196,9 @@ def test_encoder_keeps_the_smallest_depth_candidate(bits, options):
     k = 1 << bits
     p = np.exp(-np.arange(k) / max(1.0, k / 6))
     indices = rng.choice(k, size=(40, 51), p=p / p.sum()).astype(np.uint8)
-    sizes = {d: len(codecs._optimize_png(codecs._plain_png(indices, d), options)) for d in codecs.png_depth_candidates(bits)}
+    sizes = {
+        d: len(codecs._optimize_png(codecs._plain_png(indices, d), options)) for d in codecs.png_depth_candidates(bits)
+    }
     png = codecs.encode_png_indices(indices, bits, options)
     assert len(png) == min(sizes.values())
     assert sizes[ihdr(png)[2]] == len(png)
@@ -520,7 +522,14 @@ def test_decode_rejects_unsupported_header_fields(good_png):
     png, _ = good_png
     parts = chunks(png)
     width, height = struct.unpack(">II", parts[0][1][:8])
-    for depth, color, comp, filt, interlace in [(3, 0, 0, 0, 0), (4, 0, 1, 0, 0), (4, 0, 0, 1, 0), (4, 0, 0, 0, 1), (4, 0, 0, 0, 2), (4, 4, 0, 0, 0)]:
+    for depth, color, comp, filt, interlace in [
+        (3, 0, 0, 0, 0),
+        (4, 0, 1, 0, 0),
+        (4, 0, 0, 1, 0),
+        (4, 0, 0, 0, 1),
+        (4, 0, 0, 0, 2),
+        (4, 4, 0, 0, 0),
+    ]:
         header = struct.pack(">IIBBBBB", width, height, depth, color, comp, filt, interlace)
         with pytest.raises(KlausFormatError, match="must be 1/2/4/8-bit grayscale, not interlaced"):
             codecs.decode_png_indices(build([(b"IHDR", header), *parts[1:]]), 6, 13, 4)
@@ -584,7 +593,9 @@ def _skewed_map(bits: int, rows: int, cols: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).choice(k, size=(rows, cols), p=p / p.sum()).astype(np.uint8)
 
 
-@pytest.mark.parametrize(("bits", "options", "bound"), [(4, OXI, 1.05), (6, OXI, 1.05), (4, PLAIN, 1.10), (6, PLAIN, 1.10)])
+@pytest.mark.parametrize(
+    ("bits", "options", "bound"), [(4, OXI, 1.05), (6, OXI, 1.05), (4, PLAIN, 1.10), (6, PLAIN, 1.10)]
+)
 def test_png_size_is_close_to_order0_entropy(bits, options, bound):
     indices = _skewed_map(bits, 256, 1152, seed=bits)
     entropy = codecs.order0_entropy_bytes(indices)

@@ -103,7 +103,8 @@ def test_list_file_tab_separated_paths_and_bom(tmp_path):
     listing.write_bytes("\ufeffsp ace/a, b.jpg\t3\nplain.jpg 4\n".encode())
     samples = ev.load_dataset(listing, labels)
     assert [(Path(s.path).relative_to(tmp_path).as_posix(), s.label) for s in samples] == [
-        ("sp ace/a, b.jpg", 3), ("plain.jpg", 4)
+        ("sp ace/a, b.jpg", 3),
+        ("plain.jpg", 4),
     ]
 
 
@@ -170,8 +171,14 @@ def test_score_top1_top5():
     acc = ev.score(samples, top5, np.ones(4, bool))
     assert acc == Accuracy(n=4, top1=0.5, top5=0.75, agreement=None, failed=0)
     assert acc.to_dict() == {
-        "n": 4, "top1": 0.5, "top5": 0.75, "agreement": None, "failed": 0,
-        "reference_top1": None, "top1_diff_se": None, "kl": None,
+        "n": 4,
+        "top1": 0.5,
+        "top5": 0.75,
+        "agreement": None,
+        "failed": 0,
+        "reference_top1": None,
+        "top1_diff_se": None,
+        "kl": None,
     }
 
 
@@ -232,7 +239,10 @@ def test_predict_all_continues_past_unreadable_images():
     errors: list[tuple[str, str]] = []
     batches: list[int] = []
     top5, ok = ev.predict_all(
-        _fake_model({"2.jpg", "5.jpg"}, calls), samples, batch=3, on_batch=batches.append,
+        _fake_model({"2.jpg", "5.jpg"}, calls),
+        samples,
+        batch=3,
+        on_batch=batches.append,
         on_error=lambda path, msg: errors.append((path, msg)),
     )
     assert ok.tolist() == [True, True, False, True, True, False, True]
@@ -274,8 +284,9 @@ def test_predict_paired_and_score_paired():
 
     batches: list[int] = []
     errors: list[str] = []
-    paired = ev.predict_paired(model, reference, samples, batch=4, on_batch=batches.append,
-                               on_error=lambda path, msg: errors.append(path))
+    paired = ev.predict_paired(
+        model, reference, samples, batch=4, on_batch=batches.append, on_error=lambda path, msg: errors.append(path)
+    )
     assert paired.ok.tolist() == [True, True, False, True, True, False]
     assert errors == ["2.jpg", "5.jpg"] and batches == [4, 2]
     assert paired.kl[[0, 1, 3]].tolist() == pytest.approx([0, 0, 0], abs=1e-12) and paired.kl[4] > 0
@@ -314,7 +325,9 @@ def test_predict_all_with_real_classifier(tmp_path, tiny_klaus_path):
     assert np.all((top5[ok] >= 0) & (top5[ok] < 10))
 
 
-@pytest.mark.parametrize("label", ["\u00b2", "\u2463", "1\u00b2"])  # superscript two, circled four: str.isdigit() but not int()
+@pytest.mark.parametrize(
+    "label", ["\u00b2", "\u2463", "1\u00b2"]
+)  # superscript two, circled four: str.isdigit() but not int()
 def test_list_file_odd_digit_labels_are_data_errors(tmp_path, label):
     listing = tmp_path / "odd.txt"
     listing.write_text(f"a.jpg {label}\n", encoding="utf-8")

@@ -27,8 +27,11 @@ def _inputs(n: int, seed: int = 1) -> np.ndarray:
 def _palettized(model: onnx.ModelProto, bits: int):
     _, weights = onnxgraph.split_weights(model)
     roles = onnxgraph.tensor_roles(model)
-    quantized = {n: palettize(w, bits, granularity="channel", axis=roles[n].out_axis)
-                 for n, w in weights.items() if roles[n].kind != "other"}
+    quantized = {
+        n: palettize(w, bits, granularity="channel", axis=roles[n].out_axis)
+        for n, w in weights.items()
+        if roles[n].kind != "other"
+    }
     return weights, roles, quantized
 
 
@@ -142,7 +145,9 @@ def test_reshape_and_constant_nodes() -> None:
         helper.make_node("Sigmoid", ["m"], ["k"]),
         helper.make_node("Reshape", ["k", "shape"], ["y"]),
     ]
-    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], [shape]), opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(
+        helper.make_graph(nodes, "g", [x], [y], [shape]), opset_imports=[helper.make_opsetid("", 17)]
+    )
     data = np.random.default_rng(0).standard_normal((2, 4, 3, 3)).astype(np.float32)
     student = finetune._Student(torch, model, {}, {}, [], 0, "x")
     with torch.no_grad():
@@ -159,11 +164,25 @@ def test_cli_finetune_steps(tmp_path, tiny_onnx_path) -> None:
 
     names = tmp_path / "names.txt"
     names.write_text("\n".join(f"c{i}" for i in range(TINY_CLASSES)))
-    args = ["compress", str(tiny_onnx_path), "--labels", str(names), "--input-size", str(TINY_SIZE), "--bits", "3",
-            "--min-elements", "64", "--finetune-steps", "10"]
+    args = [
+        "compress",
+        str(tiny_onnx_path),
+        "--labels",
+        str(names),
+        "--input-size",
+        str(TINY_SIZE),
+        "--bits",
+        "3",
+        "--min-elements",
+        "64",
+        "--finetune-steps",
+        "10",
+    ]
     missing = CliRunner().invoke(main, args + ["-o", str(tmp_path / "a.klaus")], prog_name="klaus")
     assert missing.exit_code == 1 and "--calib" in missing.stderr
     out = tmp_path / "b.klaus"
-    ok = CliRunner().invoke(main, args + ["-o", str(out), "--calib", str(EXAMPLES), "--calib-crops", "10"], prog_name="klaus")
+    ok = CliRunner().invoke(
+        main, args + ["-o", str(out), "--calib", str(EXAMPLES), "--calib-crops", "10"], prog_name="klaus"
+    )
     assert ok.exit_code == 0, ok.output
     assert '"finetune_steps":10' in kf.read_model(out).meta["recipe"]

@@ -116,7 +116,7 @@ def canonical(value: object) -> str:
 
 
 def labelset_json(conn: sqlite3.Connection) -> dict:
-    (codec, payload), = conn.execute("SELECT codec, payload FROM labelset").fetchall()
+    ((codec, payload),) = conn.execute("SELECT codec, payload FROM labelset").fetchall()
     assert codec == "json+xz"
     return json.loads(lzma.decompress(payload, format=lzma.FORMAT_XZ))
 
@@ -147,8 +147,22 @@ def serialize_v1(model: KlausModel) -> bytes:
         conn.execute("INSERT INTO graph VALUES (0, ?, ?)", (model.graph, sha(model.graph)))
         conn.executemany(
             "INSERT INTO tensors VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [(i, t.name, canonical(list(t.dims)), t.dtype, t.codec, t.bits, t.palette, t.scales, t.scale_axis, t.payload, t.digest())
-             for i, t in enumerate(model.tensors)],
+            [
+                (
+                    i,
+                    t.name,
+                    canonical(list(t.dims)),
+                    t.dtype,
+                    t.codec,
+                    t.bits,
+                    t.palette,
+                    t.scales,
+                    t.scale_axis,
+                    t.payload,
+                    t.digest(),
+                )
+                for i, t in enumerate(model.tensors)
+            ],
         )
         conn.commit()
         conn.execute("VACUUM")
@@ -209,7 +223,9 @@ def imagenet_subset_rows(n: int = TINY_CLASSES) -> tuple[LabelRow, ...]:
 
 
 def build(onnx_model: onnx.ModelProto, recipe: Recipe, labels) -> KlausModel:
-    card = compression.ModelCard("tiny-test", "tests/test_format.py", "CC0-1.0", "klaus tests", "a description with ünïcode")
+    card = compression.ModelCard(
+        "tiny-test", "tests/test_format.py", "CC0-1.0", "klaus tests", "a description with ünïcode"
+    )
     return compression.compress_onnx(onnx_model, recipe, preprocess=TINY_PREPROCESS, labels=labels, card=card)
 
 
@@ -416,7 +432,11 @@ def test_written_content_sha256_covers_meta_labels_and_synsets(request, tmp_path
         meta, labels, synsets = content_rows(conn)
     stored = dict(meta)[fmt.CONTENT_KEY]
     assert re.fullmatch(r"[0-9a-f]{64}", stored)
-    canonical = [[list(r) for r in meta if r[0] != fmt.CONTENT_KEY], [list(r) for r in labels], [list(r) for r in synsets]]
+    canonical = [
+        [list(r) for r in meta if r[0] != fmt.CONTENT_KEY],
+        [list(r) for r in labels],
+        [list(r) for r in synsets],
+    ]
     text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     assert stored == hashlib.sha256(text.encode("utf-8")).hexdigest()
     assert stored == fmt.content_digest(meta, labels, synsets)
@@ -684,7 +704,14 @@ def flip_outcomes(rich_bytes):
     """Parse and decode every flipped file once; the tests below judge the outcomes."""
     original = fmt.parse_model(rich_bytes)
     weights = original.decoded_weights()
-    outcomes: dict[str, list] = {"rejected": [], "identical": [], "other": [], "nameless": [], "weights": [], "meta": []}
+    outcomes: dict[str, list] = {
+        "rejected": [],
+        "identical": [],
+        "other": [],
+        "nameless": [],
+        "weights": [],
+        "meta": [],
+    }
     for off, mask in _flip_offsets(len(rich_bytes)):
         data = bytearray(rich_bytes)
         data[off] ^= mask
@@ -708,7 +735,9 @@ def flip_outcomes(rich_bytes):
             and list(decoded) == list(weights)
             and all(np.array_equal(decoded[k], weights[k]) for k in weights)
         )
-        same_meta = model.meta == original.meta and model.labels == original.labels and model.preprocess == original.preprocess
+        same_meta = (
+            model.meta == original.meta and model.labels == original.labels and model.preprocess == original.preprocess
+        )
         if not same_weights:
             changed = [
                 f"{a.name}.{f.name}: {getattr(a, f.name)!r:.20} -> {getattr(b, f.name)!r:.20}"
@@ -718,7 +747,11 @@ def flip_outcomes(rich_bytes):
             ]
             outcomes["weights"].append((off, mask, changed or "graph"))
         if not same_meta:
-            changed = [f"meta[{k!r}]" for k in set(original.meta) | set(model.meta) if model.meta.get(k) != original.meta.get(k)]
+            changed = [
+                f"meta[{k!r}]"
+                for k in set(original.meta) | set(model.meta)
+                if model.meta.get(k) != original.meta.get(k)
+            ]
             changed += [f"labels[{a.index}]" for a, b in zip(original.labels, model.labels) if a != b]
             outcomes["meta"].append((off, mask, changed))
         if same_weights and same_meta:
@@ -738,7 +771,11 @@ def _blob_cell_in_content_digest(outcome: tuple) -> bool:
     record header turns a labels/synsets TEXT cell into a BLOB, and format._check_content
     hands the bytes to json.dumps before the labels are validated."""
     _, _, text, frames = outcome
-    return text.startswith("TypeError(") and "JSON serializable" in text and frames[-3:] == ("_check_content", "content_digest", "_dumps")
+    return (
+        text.startswith("TypeError(")
+        and "JSON serializable" in text
+        and frames[-3:] == ("_check_content", "content_digest", "_dumps")
+    )
 
 
 def test_flips_raise_only_klaus_format_errors(flip_outcomes):
@@ -752,7 +789,9 @@ def test_flips_that_turn_label_text_into_blobs_raise_klaus_format_errors(flip_ou
 
 
 def test_flip_errors_name_the_file(flip_outcomes):
-    assert not flip_outcomes["nameless"], f"{len(flip_outcomes['nameless'])} errors omit the file: {flip_outcomes['nameless'][:5]}"
+    assert not flip_outcomes["nameless"], (
+        f"{len(flip_outcomes['nameless'])} errors omit the file: {flip_outcomes['nameless'][:5]}"
+    )
 
 
 def test_flips_never_silently_change_graph_or_weights(flip_outcomes):
@@ -766,7 +805,9 @@ def test_flips_never_silently_change_meta_or_labels(flip_outcomes):
     """meta, labels and synsets text must not change silently either (a flipped
     crop_ratio or class name changes what the classifier reports)."""
     bad = flip_outcomes["meta"]
-    assert not bad, f"{len(bad)} flipped files load with different meta/labels/preprocess without an error, e.g. {bad[:8]}"
+    assert not bad, (
+        f"{len(bad)} flipped files load with different meta/labels/preprocess without an error, e.g. {bad[:8]}"
+    )
 
 
 def test_flips_in_meta_and_labels_are_caught_by_the_content_checksum(flip_outcomes):
@@ -836,7 +877,12 @@ def test_optional_meta_rows_may_be_missing_and_extra_rows_are_kept(tmp_path, ric
     path = edited(
         rich_path,
         tmp_path / "meta.klaus",
-        with_content(sql("DELETE FROM meta WHERE key IN ('description', 'calibration_inputs')", "INSERT INTO meta VALUES ('x-note', 'hi')")),
+        with_content(
+            sql(
+                "DELETE FROM meta WHERE key IN ('description', 'calibration_inputs')",
+                "INSERT INTO meta VALUES ('x-note', 'hi')",
+            )
+        ),
     )
     model = fmt.read_model(path)
     assert "description" not in model.meta and model.meta["x-note"] == "hi"
@@ -861,7 +907,11 @@ def test_optional_meta_rows_may_be_missing_and_extra_rows_are_kept(tmp_path, ric
 )
 def test_bad_meta_values(tmp_path, rich_path, key, value, match):
     # content_sha256 is recomputed, so the value check itself must catch the bad value
-    path = edited(rich_path, tmp_path / "meta.klaus", with_content(sql("UPDATE meta SET value = ? WHERE key = ?", params=(value, key))))
+    path = edited(
+        rich_path,
+        tmp_path / "meta.klaus",
+        with_content(sql("UPDATE meta SET value = ? WHERE key = ?", params=(value, key))),
+    )
     assert_rejected(path, match)
 
 
@@ -925,7 +975,8 @@ GRAPH_CONTRADICTED_EDITS = {
 
 
 @pytest.mark.parametrize(
-    "edit", [*VALID_CONTENT_EDITS.values(), *(e for e, _ in GRAPH_CONTRADICTED_EDITS.values())],
+    "edit",
+    [*VALID_CONTENT_EDITS.values(), *(e for e, _ in GRAPH_CONTRADICTED_EDITS.values())],
     ids=[*VALID_CONTENT_EDITS, *GRAPH_CONTRADICTED_EDITS],
 )
 def test_tampering_with_meta_labels_or_synsets_is_caught_by_the_content_checksum(tmp_path, rich_v1_path, edit):
@@ -956,7 +1007,11 @@ def test_labels_and_output_kind_must_match_the_graph(tmp_path, rich_v1_path, edi
     ids=["zeros", "empty", "short", "text", "upper", "rotated", "newline"],
 )
 def test_wrong_content_sha256_value(tmp_path, rich_v1_path, value):
-    path = edited(rich_v1_path, tmp_path / "content.klaus", _set_meta(fmt.CONTENT_KEY, value if callable(value) else lambda v: value))
+    path = edited(
+        rich_v1_path,
+        tmp_path / "content.klaus",
+        _set_meta(fmt.CONTENT_KEY, value if callable(value) else lambda v: value),
+    )
     assert_rejected(path, CONTENT_MISMATCH)
 
 
@@ -1002,20 +1057,30 @@ def test_label_gaps(tmp_path, rich_v1_path, statement):
 def test_duplicate_label_names_are_rejected(tmp_path, rich_v1_path, source, target):
     """docs/format.md: ``name`` is the display name (unique), and the reader checks every rule."""
     name = fmt.read_model(rich_v1_path).labels[source].name
-    path = edited(rich_v1_path, tmp_path / "labels.klaus", with_content(sql("UPDATE labels SET name = ? WHERE idx = ?", params=(name, target))))
+    path = edited(
+        rich_v1_path,
+        tmp_path / "labels.klaus",
+        with_content(sql("UPDATE labels SET name = ? WHERE idx = ?", params=(name, target))),
+    )
     assert_rejected(path, f"label name {re.escape(repr(name))} is used twice; names must be unique")
 
 
 def test_label_names_differing_only_in_case_are_distinct(tmp_path, rich_v1_path):
     name = fmt.read_model(rich_v1_path).labels[0].name
     assert name.upper() != name
-    path = edited(rich_v1_path, tmp_path / "labels.klaus", with_content(sql("UPDATE labels SET name = ? WHERE idx = 1", params=(name.upper(),))))
+    path = edited(
+        rich_v1_path,
+        tmp_path / "labels.klaus",
+        with_content(sql("UPDATE labels SET name = ? WHERE idx = 1", params=(name.upper(),))),
+    )
     assert fmt.read_model(path).labels[1].name == name.upper()
 
 
 def test_label_removed_from_the_end_is_refused_when_the_graph_says_its_width(tmp_path, rich_v1_path):
     # 0..n-2 has no gap and the checksum is recomputed, but the graph declares TINY_CLASSES outputs
-    path = edited(rich_v1_path, tmp_path / "labels.klaus", with_content(sql(f"DELETE FROM labels WHERE idx = {TINY_CLASSES - 1}")))
+    path = edited(
+        rich_v1_path, tmp_path / "labels.klaus", with_content(sql(f"DELETE FROM labels WHERE idx = {TINY_CLASSES - 1}"))
+    )
     assert_rejected(path, f"the label table has {TINY_CLASSES - 1} classes but the graph outputs {TINY_CLASSES} scores")
 
 
@@ -1066,10 +1131,15 @@ def test_too_deep_synset_chain(tmp_path, rich_v1_path):
     def deepen(conn: sqlite3.Connection) -> None:
         (root,) = conn.execute("SELECT wnid FROM synsets WHERE parent = ''").fetchone()
         chain = [f"n9{i:07d}" for i in range(fmt.MAX_DEPTH + 1)]
-        conn.executemany("INSERT INTO synsets VALUES (?, 'x', ?)", [(w, chain[i + 1] if i + 1 < len(chain) else "") for i, w in enumerate(chain)])
+        conn.executemany(
+            "INSERT INTO synsets VALUES (?, 'x', ?)",
+            [(w, chain[i + 1] if i + 1 < len(chain) else "") for i, w in enumerate(chain)],
+        )
         conn.execute("UPDATE synsets SET parent = ? WHERE wnid = ?", (chain[0], root))
 
-    assert_rejected(edited(rich_v1_path, tmp_path / "deep.klaus", with_content(deepen)), f"cyclic or deeper than {fmt.MAX_DEPTH}")
+    assert_rejected(
+        edited(rich_v1_path, tmp_path / "deep.klaus", with_content(deepen)), f"cyclic or deeper than {fmt.MAX_DEPTH}"
+    )
 
 
 # ---------------------------------------------------------------- graph
@@ -1111,15 +1181,15 @@ def test_graph_checksum_mismatch(tmp_path, rich_v1_path, edit):
     assert_rejected(path, "graph checksum mismatch")
 
 
-@pytest.mark.parametrize(
-    "statement", ["DELETE FROM graph", "UPDATE graph SET onnx = 'text', sha256 = sha('text')"]
-)
+@pytest.mark.parametrize("statement", ["DELETE FROM graph", "UPDATE graph SET onnx = 'text', sha256 = sha('text')"])
 def test_graph_table_must_hold_one_blob(tmp_path, rich_v1_path, statement):
     path = edited(rich_v1_path, tmp_path / "graph.klaus", sql(statement))
     assert_rejected(path, "exactly one ONNX blob")
 
 
-@pytest.mark.parametrize("blob", [b"\xff\xff\xff\xff", b"\x0a\xff\xff\xff\xff\x0f", b"not an onnx model at all, just text"])
+@pytest.mark.parametrize(
+    "blob", [b"\xff\xff\xff\xff", b"\x0a\xff\xff\xff\xff\x0f", b"not an onnx model at all, just text"]
+)
 def test_graph_that_is_not_onnx(tmp_path, rich_v1_path, blob):
     # the checksum is right, so only parsing the graph at read time can catch it
     path = edited(rich_v1_path, tmp_path / "g.klaus", _replace_graph(blob))
@@ -1151,23 +1221,38 @@ def test_graph_with_custom_domain_inside_a_subgraph(tmp_path, rich_v1_path, monk
     monkeypatch.setenv("KLAUS_TRUST_MODEL", "1")  # lets control flow through: the domain check still holds
     skeleton = _stored_skeleton(rich_v1_path)
     inner = helper.make_node("Relu", ["x"], ["y"], name="inner", domain="evil")
-    branch = helper.make_graph([inner], "branch", [], [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)])
-    skeleton.graph.node.append(helper.make_node("If", ["cond"], ["out"], name="if", then_branch=branch, else_branch=branch))
+    branch = helper.make_graph(
+        [inner], "branch", [], [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)]
+    )
+    skeleton.graph.node.append(
+        helper.make_node("If", ["cond"], ["out"], name="if", then_branch=branch, else_branch=branch)
+    )
     path = edited(rich_v1_path, tmp_path / "g.klaus", _replace_graph(skeleton))
     assert_rejected(path, "node 'inner' uses operator domain 'evil'")
 
 
-@pytest.mark.parametrize("op,inputs", [
-    ("Loop", ["trips", "cond"]), ("If", ["cond"]), ("Scan", ["x"]), ("ConstantOfShape", ["shape"]),
-    ("Range", ["a", "b", "c"]), ("Tile", ["x", "reps"]), ("Resize", ["x"]), ("NonZero", ["x"]),
-])
+@pytest.mark.parametrize(
+    "op,inputs",
+    [
+        ("Loop", ["trips", "cond"]),
+        ("If", ["cond"]),
+        ("Scan", ["x"]),
+        ("ConstantOfShape", ["shape"]),
+        ("Range", ["a", "b", "c"]),
+        ("Tile", ["x", "reps"]),
+        ("Resize", ["x"]),
+        ("NonZero", ["x"]),
+    ],
+)
 def test_operators_classifiers_do_not_use_are_refused_unless_trusted(tmp_path, rich_v1_path, monkeypatch, op, inputs):
     """Control flow and data-sized outputs can make a file ask for unbounded time or memory."""
     skeleton = _stored_skeleton(rich_v1_path)
     skeleton.graph.node.append(helper.make_node(op, inputs, ["unused"], name="extra"))
     path = edited(rich_v1_path, tmp_path / "g.klaus", _replace_graph(skeleton))
-    assert_rejected(path, f"node 'extra' uses {op}, which is not among the operators image classifiers use "
-                          "\\(set KLAUS_TRUST_MODEL=1")
+    assert_rejected(
+        path,
+        f"node 'extra' uses {op}, which is not among the operators image classifiers use \\(set KLAUS_TRUST_MODEL=1",
+    )
     monkeypatch.setenv("KLAUS_TRUST_MODEL", "1")
     assert fmt.read_model(path).graph == skeleton.SerializeToString()
 
@@ -1193,7 +1278,11 @@ def test_weights_beyond_the_limit_are_refused_before_decoding(tmp_path, rich_v1_
 
 def test_graph_with_local_functions(tmp_path, rich_v1_path):
     skeleton = _stored_skeleton(rich_v1_path)
-    skeleton.functions.append(helper.make_function("", "MyRelu", ["x"], ["y"], [helper.make_node("Relu", ["x"], ["y"])], [helper.make_opsetid("", 13)]))
+    skeleton.functions.append(
+        helper.make_function(
+            "", "MyRelu", ["x"], ["y"], [helper.make_node("Relu", ["x"], ["y"])], [helper.make_opsetid("", 13)]
+        )
+    )
     path = edited(rich_v1_path, tmp_path / "g.klaus", _replace_graph(skeleton))
     assert_rejected(path, "graph defines local functions")
 
@@ -1250,7 +1339,9 @@ def test_graph_opset_bounds_are_inclusive(tmp_path, rich_v1_path, version):
 
 
 def test_graph_missing_a_weight_is_rejected_when_rebuilt(tmp_path, rich_path):
-    path = edited(rich_path, tmp_path / "t.klaus", sql("DELETE FROM tensors WHERE ord = (SELECT max(ord) FROM tensors)"))
+    path = edited(
+        rich_path, tmp_path / "t.klaus", sql("DELETE FROM tensors WHERE ord = (SELECT max(ord) FROM tensors)")
+    )
     fmt.read_model(path)
     assert_rejected(path, "ONNX graph is invalid", at="load")
 
@@ -1301,7 +1392,12 @@ def test_v2_stores_labels_and_graph_xz_compressed(rich_path, rich_model):
         value = labelset_json(conn)
         codec, blob, digest = conn.execute("SELECT codec, onnx, sha256 FROM graph").fetchone()
     assert sorted(value) == ["labels", "synsets"]
-    assert value["labels"][0] == [0, rich_model.labels[0].wnid, rich_model.labels[0].name, list(rich_model.labels[0].words)]
+    assert value["labels"][0] == [
+        0,
+        rich_model.labels[0].wnid,
+        rich_model.labels[0].name,
+        list(rich_model.labels[0].words),
+    ]
     assert codec == "onnx+xz"
     assert lzma.decompress(blob, format=lzma.FORMAT_XZ) == rich_model.graph
     assert digest == sha(rich_model.graph)  # over the decompressed ONNX bytes
@@ -1346,7 +1442,18 @@ def _set_row(table: str, position: int, column: int, value: object) -> Callable[
         (_set_labelset_payload(xz(b"[" * 100000)), "labelset payload is not valid JSON"),
         (sql("DELETE FROM labelset"), "labelset table must hold exactly one row"),
     ],
-    ids=["codec", "not-xz", "bad-xz", "truncated-xz", "two-streams", "text", "not-json", "not-utf8", "deep-json", "no-row"],
+    ids=[
+        "codec",
+        "not-xz",
+        "bad-xz",
+        "truncated-xz",
+        "two-streams",
+        "text",
+        "not-json",
+        "not-utf8",
+        "deep-json",
+        "no-row",
+    ],
 )
 def test_bad_labelset_payload(tmp_path, rich_path, edit, match):
     assert_rejected(edited(rich_path, tmp_path / "ls.klaus", edit), match)
@@ -1371,8 +1478,20 @@ LABELSET_SHAPE = "labelset JSON must be an object with exactly 'labels'"
         lambda rows: {**rows, "labels": [[r] for r in rows["labels"]]},
         lambda rows: {**rows, "labels": [[[[0]]] + r[1:] for r in rows["labels"]]},
     ],
-    ids=["list", "no-synsets", "extra-key", "labels-object", "short-row", "idx-text", "idx-bool", "idx-float",
-         "long-synset", "wnid-null", "nested-row", "nested-idx"],
+    ids=[
+        "list",
+        "no-synsets",
+        "extra-key",
+        "labels-object",
+        "short-row",
+        "idx-text",
+        "idx-bool",
+        "idx-float",
+        "long-synset",
+        "wnid-null",
+        "nested-row",
+        "nested-idx",
+    ],
 )
 def test_labelset_json_of_the_wrong_shape(tmp_path, rich_path, change):
     path = edited(rich_path, tmp_path / "ls.klaus", _labelset_value(change, recompute=False))
@@ -1393,7 +1512,10 @@ def test_labelset_json_of_the_wrong_shape(tmp_path, rich_path, change):
         (_set_row("labels", 0, 1, "n99999999"), "label n99999999 is missing from the synsets table"),
         (lambda rows: {**rows, "synsets": rows["synsets"] + rows["synsets"][:1]}, "is listed twice"),
         (_set_row("synsets", 0, 2, "n99999999"), "names a missing parent n99999999"),
-        (lambda rows: {**rows, "labels": rows["labels"] + [[TINY_CLASSES, "", rows["labels"][0][2], []]]}, "is used twice"),
+        (
+            lambda rows: {**rows, "labels": rows["labels"] + [[TINY_CLASSES, "", rows["labels"][0][2], []]]},
+            "is used twice",
+        ),
     ],
 )
 def test_labelset_rows_get_the_v1_checks(tmp_path, rich_path, change, match):
@@ -1408,7 +1530,9 @@ def test_labelset_rows_in_any_order_are_read_and_digested_in_key_order(tmp_path,
 
 
 def test_tampered_labelset_is_caught_by_the_content_checksum(tmp_path, rich_path):
-    path = edited(rich_path, tmp_path / "ls.klaus", _labelset_value(_set_row("labels", 1, 2, "not a goldfish"), recompute=False))
+    path = edited(
+        rich_path, tmp_path / "ls.klaus", _labelset_value(_set_row("labels", 1, 2, "not a goldfish"), recompute=False)
+    )
     assert_rejected(path, CONTENT_MISMATCH)
 
 
@@ -1427,11 +1551,24 @@ def _set_graph(blob: bytes, codec: str = "onnx+xz", digest: str | None = None) -
         (lambda g: _set_graph(xz(g)[:-1]), "graph is not valid xz data"),
         (lambda g: _set_graph(xz(g + b"\x00")), "graph checksum mismatch"),
         (lambda g: _set_graph(xz(g), digest=sha(xz(g))), "graph checksum mismatch"),  # digest of the stored bytes
-        (lambda g: _set_graph(xz(b"\xff\xff\xff\xff"), digest=sha(b"\xff\xff\xff\xff")), "graph is not a valid ONNX protobuf"),
+        (
+            lambda g: _set_graph(xz(b"\xff\xff\xff\xff"), digest=sha(b"\xff\xff\xff\xff")),
+            "graph is not a valid ONNX protobuf",
+        ),
         (lambda g: sql("UPDATE graph SET onnx = 'text'"), "exactly one ONNX blob"),
         (lambda g: sql("DELETE FROM graph"), "exactly one ONNX blob"),
     ],
-    ids=["raw-codec", "gz-codec", "not-xz", "truncated-xz", "other-bytes", "stored-digest", "not-onnx", "text", "no-row"],
+    ids=[
+        "raw-codec",
+        "gz-codec",
+        "not-xz",
+        "truncated-xz",
+        "other-bytes",
+        "stored-digest",
+        "not-onnx",
+        "text",
+        "no-row",
+    ],
 )
 def test_bad_v2_graph(tmp_path, rich_path, rich_model, edit, match):
     path = edited(rich_path, tmp_path / "g.klaus", edit(rich_model.graph))
@@ -1491,7 +1628,9 @@ PALETTE = first_ord("palette-png")  # stem.weight: 16x3x3x3, 6 bits, per-channel
 RAW = first_ord("raw-%")  # stem.bias: 16 raw fp16 values
 
 
-def update_tensor(which: Callable[[sqlite3.Connection], int], rehash: bool = True, **changes) -> Callable[[sqlite3.Connection], None]:
+def update_tensor(
+    which: Callable[[sqlite3.Connection], int], rehash: bool = True, **changes
+) -> Callable[[sqlite3.Connection], None]:
     """Change columns of one tensors row (values, or functions of the old row) in Python,
     so blobs stay blobs; with ``rehash`` the row's sha256 is recomputed to match."""
 
@@ -1585,7 +1724,9 @@ def test_bad_raw_tensor_rows(tmp_path, rich_path, changes, match):
 
 @pytest.mark.parametrize("bad", [b"\x00\x7e", b"\x00\x7c", b"\x00\xfc"], ids=["nan", "inf", "-inf"])
 def test_raw_tensor_with_non_finite_value_is_rejected_at_decode(tmp_path, rich_path, bad):
-    path = edited(rich_path, tmp_path / "t.klaus", update_tensor(RAW, payload=lambda r: r["payload"][:6] + bad + r["payload"][8:]))
+    path = edited(
+        rich_path, tmp_path / "t.klaus", update_tensor(RAW, payload=lambda r: r["payload"][:6] + bad + r["payload"][8:])
+    )
     assert_rejected(path, "NaN or infinite", at="decode")
 
 
@@ -1714,8 +1855,12 @@ def test_record_helpers(rich_model):
 
 
 def test_integrity_problem_is_one_line():
-    report = [("*** in database main ***\nPage 5: btreeInitPage() returns error code 11\nPage 38 is never used\n"
-               "Page 39 is never used",)]
+    report = [
+        (
+            "*** in database main ***\nPage 5: btreeInitPage() returns error code 11\nPage 38 is never used\n"
+            "Page 39 is never used",
+        )
+    ]
     assert fmt.integrity_problem(report) == "Page 5: btreeInitPage() returns error code 11 (2 more)"
     assert fmt.integrity_problem([("row 3 missing from index x",), ("row 4 missing from index x",)]) == (
         "row 3 missing from index x (1 more)"
@@ -1771,8 +1916,10 @@ def test_write_atomic_refuses_a_name_ending_in_a_slash(tmp_path):
 def test_write_atomic_keeps_the_mode_of_the_file_it_replaces(tmp_path, palette_model, mode):
     old = os.umask(0o022)
     try:
-        for name, write in (("m.klaus", lambda t: fmt.write_model(palette_model, t)),
-                            ("blob.bin", lambda t: fmt.write_atomic(b"new data", t))):
+        for name, write in (
+            ("m.klaus", lambda t: fmt.write_model(palette_model, t)),
+            ("blob.bin", lambda t: fmt.write_atomic(b"new data", t)),
+        ):
             target = tmp_path / name
             target.write_bytes(b"old")
             target.chmod(mode)
@@ -1815,7 +1962,9 @@ def test_sqlite_failure_while_serializing_is_a_write_error(tmp_path, palette_mod
 
 def test_corrupt_page_message_is_one_line(tmp_path):
     """Damage that SQLite's quick_check reports as many lines gives a one-line KlausFormatError."""
-    data = fmt.serialize(tiny_klaus(dataclasses.replace(TINY_RECIPE, fc_bits=None, conv_bits=None, depthwise_bits=None)))
+    data = fmt.serialize(
+        tiny_klaus(dataclasses.replace(TINY_RECIPE, fc_bits=None, conv_bits=None, depthwise_bits=None))
+    )
     messages = []
     for offset in range(1024, len(data), 1024):
         damaged = bytearray(data)

@@ -193,8 +193,11 @@ def test_index_examples(tmp_path, engine):
         assert status == "ok" and fmt == "JPEG" and size == len(data)
         assert sha == hashlib.sha256(data).hexdigest()
         assert (width, height) == Image.open(path).size
-    cat = query(db, "SELECT p.rank, p.class, p.probability FROM predictions p JOIN photos ph ON ph.id = p.photo_id "
-                    "WHERE ph.path LIKE '%cat.jpg' ORDER BY p.rank")
+    cat = query(
+        db,
+        "SELECT p.rank, p.class, p.probability FROM predictions p JOIN photos ph ON ph.id = p.photo_id "
+        "WHERE ph.path LIKE '%cat.jpg' ORDER BY p.rank",
+    )
     assert [r[0] for r in cat] == [1, 2, 3, 4, 5]
     assert cat[0][1] in range(281, 286)
     probs = [r[2] for r in cat]
@@ -220,8 +223,12 @@ def test_index_and_classify_agree(tmp_path, engine):
     assert index_paths([str(photos)], db, engine=engine, batch=3, progress=False).indexed == 5
     clf = Classifier()
     for path in sorted(photos.iterdir()):
-        stored = query(db, "SELECT p.class, p.probability FROM predictions p JOIN photos ph ON ph.id = p.photo_id "
-                           "WHERE ph.path = ? ORDER BY p.rank", (str(path),))
+        stored = query(
+            db,
+            "SELECT p.class, p.probability FROM predictions p JOIN photos ph ON ph.id = p.photo_id "
+            "WHERE ph.path = ? ORDER BY p.rank",
+            (str(path),),
+        )
         direct = clf.classify(str(path), top=5).predictions
         assert [c for c, _ in stored] == [p.index for p in direct], path.name
         np.testing.assert_allclose([pr for _, pr in stored], [p.probability for p in direct], atol=1e-4)
@@ -373,7 +380,9 @@ def test_bad_files_are_recorded_and_the_run_goes_on(tmp_path, engine, monkeypatc
     assert "permission denied" in errors[str(locked)]
     assert all("\n" not in e for e in errors.values())
     assert {e["path"] for e in summary.errors} == set(errors)
-    assert query(db, "SELECT count(*) FROM predictions p JOIN photos ph ON ph.id = p.photo_id WHERE ph.status = 'error'") == [(0,)]
+    assert query(
+        db, "SELECT count(*) FROM predictions p JOIN photos ph ON ph.id = p.photo_id WHERE ph.status = 'error'"
+    ) == [(0,)]
     # Failed photos are tried again on the next run (a fixed permission takes effect).
     monkeypatch.undo()
     locked.chmod(0o644)
@@ -415,8 +424,12 @@ def test_two_index_processes_on_one_database(tmp_path):
     ref_db, db = tmp_path / "ref.db", tmp_path / "lib.db"
     args = ["index", str(lib), "--batch", "4", "--json"]
     subprocess.run([*klaus_cmd(), *args, "--db", str(ref_db)], check=True, capture_output=True, timeout=180)
-    procs = [subprocess.Popen([*klaus_cmd(), *args, "--db", str(db)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [*klaus_cmd(), *args, "--db", str(db)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=180) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err
@@ -424,7 +437,9 @@ def test_two_index_processes_on_one_database(tmp_path):
     assert integrity(db) == "ok"
     assert snapshot(db)[0] == snapshot(ref_db)[0]
     assert query(db, "SELECT count(*), count(DISTINCT path) FROM photos") == [(44, 44)]
-    assert query(db, "SELECT count(*) FROM (SELECT photo_id, rank FROM predictions GROUP BY 1, 2 HAVING count(*) > 1)") == [(0,)]
+    assert query(
+        db, "SELECT count(*) FROM (SELECT photo_id, rank FROM predictions GROUP BY 1, 2 HAVING count(*) > 1)"
+    ) == [(0,)]
     # Same photos, same model: same top-5 (probabilities to float precision).
     ours, ref = snapshot(db)[1], snapshot(ref_db)[1]
     assert [r[:3] for r in ours] == [r[:3] for r in ref]
@@ -439,8 +454,13 @@ def test_cli_index_json_and_text(tmp_path):
     result = run_cli("index", str(EXAMPLES), "--db", str(db), "--json")
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
-    assert {k: summary[k] for k in ("photos", "indexed", "skipped", "failed", "gone")} == \
-        {"photos": 4, "indexed": 4, "skipped": 0, "failed": 0, "gone": 0}
+    assert {k: summary[k] for k in ("photos", "indexed", "skipped", "failed", "gone")} == {
+        "photos": 4,
+        "indexed": 4,
+        "skipped": 0,
+        "failed": 0,
+        "gone": 0,
+    }
     assert summary["images_per_second"] > 0 and summary["model"].startswith("efficientnet-lite0@")
     text = run_cli("index", str(EXAMPLES), "--db", str(db))
     assert text.exit_code == 0
@@ -449,15 +469,20 @@ def test_cli_index_json_and_text(tmp_path):
 
 
 def test_cli_index_errors_are_one_line(tmp_path):
-    assert_one_line_error(run_cli("index", str(tmp_path / "missing"), "--db", str(tmp_path / "x.db")), "no such file or folder")
+    assert_one_line_error(
+        run_cli("index", str(tmp_path / "missing"), "--db", str(tmp_path / "x.db")), "no such file or folder"
+    )
     assert not (tmp_path / "x.db").exists()
     (tmp_path / "folder.db").mkdir()
     assert_one_line_error(run_cli("index", str(EXAMPLES), "--db", str(tmp_path / "folder.db")), "is a directory")
-    assert_one_line_error(run_cli("index", str(EXAMPLES), "--db", str(tmp_path / "y.db"), "--model", str(tmp_path / "nope.klaus")),
-                          "no such model file")
+    assert_one_line_error(
+        run_cli("index", str(EXAMPLES), "--db", str(tmp_path / "y.db"), "--model", str(tmp_path / "nope.klaus")),
+        "no such model file",
+    )
     assert_one_line_error(run_cli("index", str(EXAMPLES), "--db", str(tmp_path / "y.db"), "--workers", "0"))
-    assert_one_line_error(run_cli("index", str(EXAMPLES), "--db", str(tmp_path / "y.db"), "--dask", "tcp://127.0.0.1:9"),
-                          "Dask")
+    assert_one_line_error(
+        run_cli("index", str(EXAMPLES), "--db", str(tmp_path / "y.db"), "--dask", "tcp://127.0.0.1:9"), "Dask"
+    )
 
 
 def test_cli_reports_failed_photos_as_warnings(tmp_path):

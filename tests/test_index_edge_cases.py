@@ -171,7 +171,10 @@ def test_cli_index_records_pipes_and_devices_without_reading_them(tmp_path):
         "zero.jpg": "not a regular file (a character device)",
     }
     assert dict(query(db, "SELECT path, status FROM photos")) == {
-        str(lib / "cat.jpg"): "ok", str(lib / "pipe.jpg"): "error", str(lib / "zero.jpg"): "error"}
+        str(lib / "cat.jpg"): "ok",
+        str(lib / "pipe.jpg"): "error",
+        str(lib / "zero.jpg"): "error",
+    }
 
 
 # ------------------------------------------------------------------ read-only and locked indexes
@@ -289,7 +292,9 @@ def test_cli_index_names_each_unreadable_folder(tmp_path, monkeypatch):
     assert warnings_of(text.stderr) == [f"klaus: warning: {locked}: folder cannot be read (Permission denied)"]
     summary = json.loads(as_json.stdout)
     assert summary["unreadable_folders"] == 1  # the count stays, for compatibility
-    assert summary["unreadable_folder_errors"] == [{"path": str(locked), "error": "folder cannot be read (Permission denied)"}]
+    assert summary["unreadable_folder_errors"] == [
+        {"path": str(locked), "error": "folder cannot be read (Permission denied)"}
+    ]
     assert summary["gone"] == 0 and query(db, "SELECT count(*) FROM photos WHERE status = 'gone'") == [(0,)]
 
 
@@ -402,8 +407,9 @@ def test_cli_refuses_an_index_with_a_negative_schema_version(indexed, version):
 def test_cli_index_json_is_valid_utf8_for_a_db_path_that_is_not(tmp_path):
     shutil.copy(EXAMPLES / "cat.jpg", tmp_path / "cat.jpg")
     db = raw_name(tmp_path, b"dbx\xff") + "/lib.db"
-    result = subprocess.run([*klaus_cmd(), "index", str(tmp_path / "cat.jpg"), "--db", db, "--json"],
-                            capture_output=True, timeout=180)
+    result = subprocess.run(
+        [*klaus_cmd(), "index", str(tmp_path / "cat.jpg"), "--db", db, "--json"], capture_output=True, timeout=180
+    )
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.decode("utf-8"))  # strict: a raw 0xff byte would fail here
     assert summary["db"] == f"{tmp_path}/dbx\\xff/lib.db" == printable(db)

@@ -71,8 +71,11 @@ def test_sigkill_at_random_moments_then_resume(tmp_path):
         interrupted += before < after < total
         assert integrity(db) == "ok"
         # Committed batches only: every ok photo has exactly its 5 predictions.
-        assert query(db, "SELECT count(*) FROM photos ph WHERE status = 'ok' AND "
-                         "(SELECT count(*) FROM predictions p WHERE p.photo_id = ph.id) != 5") == [(0,)]
+        assert query(
+            db,
+            "SELECT count(*) FROM photos ph WHERE status = 'ok' AND "
+            "(SELECT count(*) FROM predictions p WHERE p.photo_id = ph.id) != 5",
+        ) == [(0,)]
     assert interrupted >= 3, "the kills should interrupt runs half-way"
 
     subprocess.run(index_args(lib, db), check=True, capture_output=True, timeout=300)

@@ -150,9 +150,19 @@ def _mutations() -> dict[str, object]:
     def words_not_list(d: dict) -> None:
         d["synsets"][ENTITY]["words"] = "entity"
 
-    return {f.__name__: f for f in (drop_classes, bad_version, skip_index, duplicate_name,
-                                    path_not_from_entity, path_skips_a_step, missing_parent,
-                                    words_not_list)}
+    return {
+        f.__name__: f
+        for f in (
+            drop_classes,
+            bad_version,
+            skip_index,
+            duplicate_name,
+            path_not_from_entity,
+            path_skips_a_step,
+            missing_parent,
+            words_not_list,
+        )
+    }
 
 
 @pytest.mark.parametrize("name", sorted(_mutations()))

@@ -67,7 +67,9 @@ def test_graph_keeps_indices_as_uint8_and_no_float_copy(tmp_path):
     assert {"Cast", "GatherElements"} <= kinds
     ran_inits = list(ran.graph.initializer)
     assert sum(int(np.prod(t.dims)) for t in ran_inits if t.data_type == TensorProto.UINT8) == stats.index_bytes
-    assert max(int(np.prod(t.dims)) for t in ran_inits if t.data_type != TensorProto.UINT8) < min(t.size for t in palettized.values())
+    assert max(int(np.prod(t.dims)) for t in ran_inits if t.data_type != TensorProto.UINT8) < min(
+        t.size for t in palettized.values()
+    )
 
 
 def test_external_indices_are_handed_over_without_copies_in_the_graph():
@@ -92,17 +94,25 @@ def test_chunked_gemm_without_transb_and_matmul():
         helper.make_node("MatMul", ["r", "fc2.weight"], ["logits"], name="/fc2/MatMul"),
     ]
     graph = helper.make_graph(
-        nodes, "mlp",
+        nodes,
+        "mlp",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 8, 8])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
-        [numpy_helper.from_array(w1, "fc1.weight"), numpy_helper.from_array(b1, "fc1.bias"), numpy_helper.from_array(w2, "fc2.weight")],
+        [
+            numpy_helper.from_array(w1, "fc1.weight"),
+            numpy_helper.from_array(b1, "fc1.bias"),
+            numpy_helper.from_array(w2, "fc2.weight"),
+        ],
     )
     onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx_model.ir_version = 8
     card = compression.ModelCard("mlp")
     model = compression.compress_onnx(
-        onnx_model, TINY_RECIPE.with_bits(None, granularity="channel"), preprocess=Preprocess(input_size=8),
-        labels=plain_label_rows([str(i) for i in range(10)]), card=card,
+        onnx_model,
+        TINY_RECIPE.with_bits(None, granularity="channel"),
+        preprocess=Preprocess(input_size=8),
+        labels=plain_label_rows([str(i) for i in range(10)]),
+        card=card,
     )
     _, _, stats = lowmem.build(model, chunk_elements=300)
     assert stats.chunked == 2
@@ -123,7 +133,9 @@ def test_classifier_memory_modes(tiny_klaus_path, tiny_onnx_path):
 
 def test_cli_classify_and_eval_low_memory(tiny_klaus_path, tmp_path):
     runner = CliRunner()
-    low = runner.invoke(main, ["classify", "--json", "--low-memory", "--model", str(tiny_klaus_path), CAT], prog_name="klaus")
+    low = runner.invoke(
+        main, ["classify", "--json", "--low-memory", "--model", str(tiny_klaus_path), CAT], prog_name="klaus"
+    )
     default = runner.invoke(main, ["classify", "--json", "--model", str(tiny_klaus_path), CAT], prog_name="klaus")
     assert low.exit_code == 0 and default.exit_code == 0, low.output + default.output
     a, b = json.loads(low.stdout), json.loads(default.stdout)
@@ -132,12 +144,16 @@ def test_cli_classify_and_eval_low_memory(tiny_klaus_path, tmp_path):
 
     listing = tmp_path / "list.txt"
     listing.write_text(f"{CAT} 3\n")
-    result = runner.invoke(main, ["eval", "--json", "--low-memory", "--model", str(tiny_klaus_path), str(listing)], prog_name="klaus")
+    result = runner.invoke(
+        main, ["eval", "--json", "--low-memory", "--model", str(tiny_klaus_path), str(listing)], prog_name="klaus"
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout.splitlines()[-1])["n"] == 1
 
 
 def test_cli_low_memory_refuses_onnx(tiny_onnx_path):
-    result = CliRunner().invoke(main, ["classify", "--low-memory", "--model", str(tiny_onnx_path), CAT], prog_name="klaus")
+    result = CliRunner().invoke(
+        main, ["classify", "--low-memory", "--model", str(tiny_onnx_path), CAT], prog_name="klaus"
+    )
     assert result.exit_code == 1
     assert "low-memory mode needs a .klaus model" in result.stderr

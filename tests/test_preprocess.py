@@ -65,8 +65,14 @@ def test_defaults_are_efficientnet_lite() -> None:
 
 def test_to_dict_round_trips_through_json() -> None:
     spec = Preprocess(
-        input_size=300, resize="stretch", crop_ratio=0.9, interpolation="lanczos",
-        mean=(104, 117, 123), std=(1, 1, 1), channel_order="BGR", layout="NHWC",
+        input_size=300,
+        resize="stretch",
+        crop_ratio=0.9,
+        interpolation="lanczos",
+        mean=(104, 117, 123),
+        std=(1, 1, 1),
+        channel_order="BGR",
+        layout="NHWC",
     )
     d = json.loads(json.dumps(spec.to_dict()))
     assert Preprocess.from_dict(d) == spec
@@ -173,8 +179,9 @@ def test_resized_size_rules() -> None:
 
 def test_ten_crops_of_asymmetric_image() -> None:
     # 14x10 image with resize_side 10 -> no resampling, so crops are exact slices.
-    spec = Preprocess(input_size=8, crop_ratio=0.8, interpolation="nearest",
-                      mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), layout="NHWC")
+    spec = Preprocess(
+        input_size=8, crop_ratio=0.8, interpolation="nearest", mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), layout="NHWC"
+    )
     yy, xx = np.mgrid[0:10, 0:14]
     arr = np.stack([xx * 10, yy * 20, (xx + yy) % 7], axis=-1).astype(np.uint8)
     boxes = crop_boxes(14, 10, spec, crops=10)
@@ -210,8 +217,20 @@ def _resize_then_crop(img: Image.Image, spec: Preprocess) -> np.ndarray:
 
 # Landscape, portrait, tall enough that Pillow 13 resizes columns first (320 x 685),
 # panoramas both ways, upsampling (120 x 90), one axis unscaled (300 x 256, 256 x 300).
-WINDOW_SIZES = [(640, 480), (500, 375), (500, 333), (333, 500), (375, 500), (320, 685),
-                (1000, 200), (200, 1000), (120, 90), (300, 256), (256, 300), (257, 999)]
+WINDOW_SIZES = [
+    (640, 480),
+    (500, 375),
+    (500, 333),
+    (333, 500),
+    (375, 500),
+    (320, 685),
+    (1000, 200),
+    (200, 1000),
+    (120, 90),
+    (300, 256),
+    (256, 300),
+    (257, 999),
+]
 
 
 @pytest.mark.parametrize("size", WINDOW_SIZES)
@@ -362,8 +381,9 @@ def test_exif_orientation_is_applied(tmp_path: Path) -> None:
 
 
 def test_corrupt_exif_does_not_prevent_loading(tmp_path: Path) -> None:
-    p = _save(Image.new("RGB", (40, 20), RED), tmp_path / "bad_exif.jpg",
-              exif=b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\xff\xff")
+    p = _save(
+        Image.new("RGB", (40, 20), RED), tmp_path / "bad_exif.jpg", exif=b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\xff\xff"
+    )
     with _no_warnings():  # Pillow's "Corrupt EXIF data" would print stray lines on stderr
         assert load_image(p).size == (40, 20)
     with pytest.warns(UserWarning, match="Corrupt EXIF"):  # the file does trigger it in Pillow itself
@@ -453,9 +473,7 @@ def test_color_spaces_convert_back_to_rgb(mode: str) -> None:
     if mode == "LAB":
         from PIL import ImageCms
 
-        to_lab = ImageCms.buildTransform(
-            ImageCms.createProfile("sRGB"), ImageCms.createProfile("LAB"), "RGB", "LAB"
-        )
+        to_lab = ImageCms.buildTransform(ImageCms.createProfile("sRGB"), ImageCms.createProfile("LAB"), "RGB", "LAB")
         img = ImageCms.applyTransform(Image.new("RGB", (4, 4), RED), to_lab)
     else:
         img = Image.new("RGB", (4, 4), RED).convert(mode)
@@ -555,9 +573,7 @@ def test_bomb_check_does_not_rely_on_pillow_limit(tmp_path: Path, monkeypatch: p
     assert _error(p.read_bytes(), max_pixels=10**8).startswith("<bytes>: image too large (20000x20000")
 
 
-def test_large_photo_within_our_limit_prints_no_pillow_warning(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_large_photo_within_our_limit_prints_no_pillow_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A photo above Pillow's warning threshold but within max_pixels: Pillow warns on
     # open and again when a large region is cropped. Scaled down: warning above 6000 px.
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 6000)
@@ -618,6 +634,7 @@ def test_a_pipe_is_read_into_memory_and_decodes_like_the_file(tmp_path: Path) ->
     finally:
         thread.join(5)
     assert np.array_equal(np.asarray(image), np.asarray(load_image(photo)))
+
     # A non-seekable file object is read whole as well.
     class Unseekable(io.RawIOBase):
         def __init__(self) -> None:

@@ -209,7 +209,9 @@ def test_palettize_channel_granularity_scales_along_axis(axis):
 
 
 def test_palettize_4d_channel_axis0():
-    w = (np.random.default_rng(5).standard_normal((8, 4, 3, 3)) * np.arange(1, 9)[:, None, None, None]).astype(np.float32)
+    w = (np.random.default_rng(5).standard_normal((8, 4, 3, 3)) * np.arange(1, 9)[:, None, None, None]).astype(
+        np.float32
+    )
     p = kmeans.palettize(w, 5, granularity="channel", axis=0)
     assert p.scales.shape == (8,)
     np.testing.assert_array_equal(
@@ -362,7 +364,9 @@ def test_gptq_dead_inputs_and_singular_hessian():
     # A dead input's weights don't matter; GPTQ rounds them toward zero.
     zero_level = int(kmeans.assign(np.zeros(1), book.levels, book.edges())[0])
     assert np.all(idx[:, 3] == zero_level)
-    assert np.linalg.norm((w - wq) @ x.T) < np.linalg.norm((w - book.levels[kmeans.assign(w, book.levels, book.edges())]) @ x.T)
+    assert np.linalg.norm((w - wq) @ x.T) < np.linalg.norm(
+        (w - book.levels[kmeans.assign(w, book.levels, book.edges())]) @ x.T
+    )
 
 
 def _output_error_gemm_out_axis1(w: np.ndarray, wq: np.ndarray, x: np.ndarray) -> float:
@@ -392,9 +396,10 @@ def test_palettize_gptq_gemm_out_axis1(granularity):
 @pytest.mark.parametrize("out_axis,shape", [(1, (24, 10)), (0, (10, 24)), (0, (10, 24, 1, 1))])
 def test_palettize_gptq_identity_hessian_matches_palettize(out_axis, shape):
     """With H = I GPTQ is nearest rounding, so any axis mix-up shows as a difference."""
-    w = (np.random.default_rng(4).standard_normal(shape) * np.linspace(0.1, 1, shape[out_axis]).reshape(
-        [-1 if i == out_axis else 1 for i in range(len(shape))]
-    )).astype(np.float32)
+    w = (
+        np.random.default_rng(4).standard_normal(shape)
+        * np.linspace(0.1, 1, shape[out_axis]).reshape([-1 if i == out_axis else 1 for i in range(len(shape))])
+    ).astype(np.float32)
     n_in = int(np.prod(shape)) // shape[out_axis]
     a = gptq.palettize_gptq(w, 4, np.eye(n_in), out_axis=out_axis, granularity="channel")
     b = kmeans.palettize(w, 4, axis=out_axis, granularity="channel")
@@ -432,11 +437,15 @@ def test_uniform_grid_is_evenly_spaced_compact_and_entropy_cheaper_than_kmeans()
     u = kmeans.palettize(w, 8, granularity="channel", step=0.25)
     levels = np.sort(u.palette.astype(np.float64))
     gaps = np.diff(levels) / 0.25
-    assert np.allclose(gaps, np.round(gaps), atol=2e-3) and np.all(np.round(gaps) >= 1)  # on the grid, unused levels dropped
+    assert np.allclose(gaps, np.round(gaps), atol=2e-3) and np.all(
+        np.round(gaps) >= 1
+    )  # on the grid, unused levels dropped
     assert len(u.palette) == len(np.unique(u.indices)) and u.bits == int(np.ceil(np.log2(len(u.palette))))
     err_u = np.mean((u.decode() - w) ** 2)
     # Same error budget: the k-means palette with that distortion needs more bits of entropy.
-    k = next(b for b in range(2, 9) if np.mean((kmeans.palettize(w, b, granularity="channel").decode() - w) ** 2) <= err_u)
+    k = next(
+        b for b in range(2, 9) if np.mean((kmeans.palettize(w, b, granularity="channel").decode() - w) ** 2) <= err_u
+    )
     km = kmeans.palettize(w, k, granularity="channel")
     assert order0_entropy_bytes(u.indices) < order0_entropy_bytes(km.indices)
 
@@ -452,7 +461,9 @@ def test_uniform_grid_caps_at_256_levels():
 
 def _window_hessians(channels: int, taps: int, seed: int) -> np.ndarray:
     """Per-channel second moments of strongly correlated windows (like neighbouring pixels)."""
-    return np.stack([(lambda x: x.T @ x / x.shape[0])(_correlated_inputs(800, taps, seed=seed + c)) for c in range(channels)])
+    return np.stack(
+        [(lambda x: x.T @ x / x.shape[0])(_correlated_inputs(800, taps, seed=seed + c)) for c in range(channels)]
+    )
 
 
 def test_gptq_rows_equals_gptq_on_each_row():
@@ -495,10 +506,17 @@ def test_palettize_gptq_depthwise_cuts_output_error(granularity):
         gptq.palettize_gptq(weight, 8, h[:, :4, :4])
 
 
-@pytest.mark.parametrize("text,detail", [
-    ("fc.weight=", "got ''"), ("head=x.weight", "got 'x.weight'"), ("a=4.5", "got '4.5'"), ("a=9", "got 9"),
-    ("a=ux", "uniform step must be a number"), ("a*", "is not"),
-])
+@pytest.mark.parametrize(
+    "text,detail",
+    [
+        ("fc.weight=", "got ''"),
+        ("head=x.weight", "got 'x.weight'"),
+        ("a=4.5", "got '4.5'"),
+        ("a=9", "got 9"),
+        ("a=ux", "uniform step must be a number"),
+        ("a*", "is not"),
+    ],
+)
 def test_layer_rule_parse_errors_say_the_form(text, detail):
     with pytest.raises(ValueError) as info:
         LayerRule.parse(text)

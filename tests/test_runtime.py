@@ -53,7 +53,10 @@ def test_cat_is_a_cat(classifier, crops):
 
 @pytest.mark.parametrize(
     "photo,expected",
-    [("coffee.jpg", {967, 968, 504}), ("rocket.jpg", {812, 657, 744})],  # espresso/cup/coffee mug; space shuttle/missile/projectile
+    [
+        ("coffee.jpg", {967, 968, 504}),
+        ("rocket.jpg", {812, 657, 744}),
+    ],  # espresso/cup/coffee mug; space shuttle/missile/projectile
 )
 def test_other_examples(classifier, photo, expected):
     top = classifier.classify(EXAMPLES / photo)
@@ -191,15 +194,21 @@ def _mismatched_model():
     # compress_onnx refuses such a pair, so the contradiction is written into the model afterwards,
     # as a hand-edited or foreign file could carry it.
     model = compression.compress_onnx(
-        make_tiny_onnx(), FP16, preprocess=TINY_PREPROCESS,
-        labels=plain_label_rows([str(i) for i in range(TINY_CLASSES)]), card=compression.ModelCard("mismatched"),
+        make_tiny_onnx(),
+        FP16,
+        preprocess=TINY_PREPROCESS,
+        labels=plain_label_rows([str(i) for i in range(TINY_CLASSES)]),
+        card=compression.ModelCard("mismatched"),
     )
     return dataclasses.replace(model, preprocess=Preprocess(input_size=224))
 
 
 def test_preprocessing_that_cannot_feed_the_graph_is_refused_up_front():
     """A model whose preprocessing contradicts its graph's input: one KlausModelError when it is loaded."""
-    with pytest.raises(KlausModelError, match=r"input 'input' has shape \(\?, 3, 32, 32\), but the preprocessing makes \(N, 3, 224, 224\)"):
+    with pytest.raises(
+        KlausModelError,
+        match=r"input 'input' has shape \(\?, 3, 32, 32\), but the preprocessing makes \(N, 3, 224, 224\)",
+    ):
         Classifier(_mismatched_model())
 
 
@@ -211,7 +220,9 @@ def test_runtime_failures_are_klaus_errors(monkeypatch):
         raise ort.capi.onnxruntime_pybind11_state.Fail("[ONNXRuntimeError] : 1 : FAIL : something\nmore detail")
 
     monkeypatch.setattr(clf, "session", type("S", (), {"run": staticmethod(broken)})())
-    with pytest.raises(KlausModelError, match=r"^tiny: ONNX Runtime failed \(\[ONNXRuntimeError\] : 1 : FAIL : something\)$"):
+    with pytest.raises(
+        KlausModelError, match=r"^tiny: ONNX Runtime failed \(\[ONNXRuntimeError\] : 1 : FAIL : something\)$"
+    ):
         clf.classify(CAT)
 
 
@@ -252,8 +263,11 @@ def test_onnx_model_errors_name_the_file(tmp_path, monkeypatch):
 
 def test_run_errors_name_the_model_file_not_its_name(tmp_path):
     model = compression.compress_onnx(
-        make_tiny_onnx(), FP16, preprocess=TINY_PREPROCESS,
-        labels=plain_label_rows([f"c{i}" for i in range(TINY_CLASSES)]), card=compression.ModelCard("inner"),
+        make_tiny_onnx(),
+        FP16,
+        preprocess=TINY_PREPROCESS,
+        labels=plain_label_rows([f"c{i}" for i in range(TINY_CLASSES)]),
+        card=compression.ModelCard("inner"),
     )
     path = tmp_path / "outer.klaus"
     compression.write(model, path)
@@ -283,11 +297,21 @@ def test_nan_scores_are_an_error_for_the_image(tmp_path):
     from onnx import TensorProto, helper, numpy_helper
 
     w = numpy_helper.from_array(np.ones((3, 1000), np.float32), "w")
-    nodes = [helper.make_node("GlobalAveragePool", ["x"], ["g"]), helper.make_node("Flatten", ["g"], ["f"]),
-             helper.make_node("MatMul", ["f", "w"], ["m"]), helper.make_node("Abs", ["m"], ["a"]),
-             helper.make_node("Neg", ["a"], ["n"]), helper.make_node("Sqrt", ["n"], ["y"])]
-    graph = helper.make_graph(nodes, "nan", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 224, 224])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1000])], [w])
+    nodes = [
+        helper.make_node("GlobalAveragePool", ["x"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"]),
+        helper.make_node("MatMul", ["f", "w"], ["m"]),
+        helper.make_node("Abs", ["m"], ["a"]),
+        helper.make_node("Neg", ["a"], ["n"]),
+        helper.make_node("Sqrt", ["n"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "nan",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 224, 224])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1000])],
+        [w],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     path = tmp_path / "nan.onnx"
@@ -327,7 +351,9 @@ def test_onnx_model_is_fed_at_its_declared_input_size(tmp_path, tiny_onnx_path):
     onnx.save(_nhwc(make_tiny_onnx()), path)
     nhwc = Classifier(path, labels=_ten_labels())
     assert (nhwc.preprocess.input_size, nhwc.preprocess.layout) == (32, "NHWC")
-    np.testing.assert_allclose(nhwc.probabilities([CAT], crops=10), explicit.probabilities([CAT], crops=10), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        nhwc.probabilities([CAT], crops=10), explicit.probabilities([CAT], crops=10), rtol=1e-5, atol=1e-7
+    )
     # No fixed size: the default 224, as before.
     dynamic = make_tiny_onnx()
     for i in (2, 3):
@@ -358,17 +384,23 @@ def test_a_fixed_batch_graph_runs_in_padded_batches_of_its_size(tmp_path):
         np.testing.assert_allclose(
             batch4.probabilities([CAT, EXAMPLES / "coffee.jpg"], crops=crops),
             dynamic.probabilities([CAT, EXAMPLES / "coffee.jpg"], crops=crops),
-            rtol=1e-5, atol=1e-7,
+            rtol=1e-5,
+            atol=1e-7,
         )
 
 
 def test_inputs_klaus_cannot_feed_are_one_clear_error(tmp_path):
     rect = _with_input_dims(tmp_path, "rect.onnx", d3=48)
-    with pytest.raises(KlausModelError, match=f"^{rect}: input 'input' has shape \\(\\?, 3, 32, 48\\), but the preprocessing "
-                       "makes \\(N, 3, 224, 224\\)$"):
+    with pytest.raises(
+        KlausModelError,
+        match=f"^{rect}: input 'input' has shape \\(\\?, 3, 32, 48\\), but the preprocessing "
+        "makes \\(N, 3, 224, 224\\)$",
+    ):
         Classifier(rect, labels=_ten_labels())
     huge = _with_input_dims(tmp_path, "huge.onnx", d2=5000, d3=5000)
-    with pytest.raises(KlausModelError, match=f"^{huge}: the graph takes 5000x5000 inputs, more than the 4096-pixel limit$"):
+    with pytest.raises(
+        KlausModelError, match=f"^{huge}: the graph takes 5000x5000 inputs, more than the 4096-pixel limit$"
+    ):
         Classifier(huge, labels=_ten_labels())
 
 

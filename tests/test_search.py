@@ -33,7 +33,9 @@ def names(result) -> list[str]:
     return [Path(h.path).name for h in result.hits]
 
 
-@pytest.mark.parametrize("query", ["cat", "CAT", "feline", "true cat", "tiger_cat", "tiger cat", "n02121620", "carnivore"])
+@pytest.mark.parametrize(
+    "query", ["cat", "CAT", "feline", "true cat", "tiger_cat", "tiger cat", "n02121620", "carnivore"]
+)
 def test_a_concept_by_any_name_finds_the_cat(examples_db, query):
     with Database(examples_db, readonly=True) as db:
         result = q.search(db.conn, query, min_prob=0.2)
@@ -51,9 +53,7 @@ def test_vehicle_finds_the_rocket_not_the_cat(examples_db):
 def test_score_is_the_top5_mass_under_the_concept(examples_db):
     with Database(examples_db, readonly=True) as db:
         hit = q.search(db.conn, "cat", min_prob=0.0).hits[0]
-        rows = db.conn.execute(
-            "SELECT class, probability FROM predictions WHERE photo_id = ?", (hit.id,)
-        ).fetchall()
+        rows = db.conn.execute("SELECT class, probability FROM predictions WHERE photo_id = ?", (hit.id,)).fetchall()
     under = set(descendant_classes("n02121620")) | set(descendant_classes("n02127808"))
     assert hit.score == pytest.approx(sum(p for c, p in rows if c in under))
     assert [m["index"] for m in hit.matches] == [c for c, _ in rows if c in under]

@@ -44,9 +44,23 @@ def _run(*args: str) -> tuple[int, str, str]:
 
 def _sweep_args(tiny_dir: Path, out: Path, *extra: str) -> list[str]:
     return [
-        "sweep", str(tiny_dir / "tiny-lossless.klaus"), "--data", str(tiny_dir / "data.txt"),
-        "--scope", "all", "--bits", "8,4,2", "--recipe", "fc4-rest8", "--recipe", "default",
-        "--min-elements", "64", "--out", str(out), *extra,
+        "sweep",
+        str(tiny_dir / "tiny-lossless.klaus"),
+        "--data",
+        str(tiny_dir / "data.txt"),
+        "--scope",
+        "all",
+        "--bits",
+        "8,4,2",
+        "--recipe",
+        "fc4-rest8",
+        "--recipe",
+        "default",
+        "--min-elements",
+        "64",
+        "--out",
+        str(out),
+        *extra,
     ]
 
 
@@ -64,7 +78,15 @@ def tiny_run(tiny_dir: Path) -> tuple[Path, list[dict], str]:
 
 def test_plan_rows_in_order_and_scope_recipes():
     settings = sw.plan([8, 4, 8], "conv", ["fc4-rest8", "fp16", "default"], min_elements=10)
-    assert [s.label for s in settings] == ["fp32", "fp16", "conv 8-bit", "conv 4-bit", "fc4-rest8", "default", "ort-int8-dynamic"]
+    assert [s.label for s in settings] == [
+        "fp32",
+        "fp16",
+        "conv 8-bit",
+        "conv 4-bit",
+        "fc4-rest8",
+        "default",
+        "ort-int8-dynamic",
+    ]
     conv4 = settings[3].recipe
     assert (conv4.fc_bits, conv4.conv_bits, conv4.depthwise_bits) == (None, 4, 4)
     assert (conv4.granularity, conv4.method, conv4.min_elements) == ("tensor", "kmeans", 10)
@@ -100,8 +122,16 @@ def test_unknown_source_is_one_clear_error():
 def test_cached_inputs_equal_fresh_preprocessing(tiny_dir: Path):
     """The uint8 cache re-normalizes to exactly the float inputs, for odd means/stds and NHWC/BGR too."""
     source = sw.load_source(tiny_dir / "tiny-lossless.klaus")
-    for spec in (source.preprocess, Preprocess(input_size=32, mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375),
-                                                channel_order="BGR", layout="NHWC")):
+    for spec in (
+        source.preprocess,
+        Preprocess(
+            input_size=32,
+            mean=(123.675, 116.28, 103.53),
+            std=(58.395, 57.12, 57.375),
+            channel_order="BGR",
+            layout="NHWC",
+        ),
+    ):
         src = sw.SweepSource(source.name, "klaus", "x", source.graph, spec, source.labels, source.card)
         evalset = sw.load_eval_set(tiny_dir / "data.txt", src, limit=5, crops=10)
         cached = np.concatenate(list(evalset.batches(images=2)))
@@ -146,10 +176,21 @@ def test_unreadable_images_are_counted_not_fatal(tiny_dir: Path, tmp_path: Path)
 def test_rows_and_invariants(tiny_run):
     _, rows, _ = tiny_run
     by = {r["setting"]: r for r in rows}
-    assert list(by) == ["fp32", "fp16", "all 8-bit", "all 4-bit", "all 2-bit", "fc4-rest8", "default", "ort-int8-dynamic"]
+    assert list(by) == [
+        "fp32",
+        "fp16",
+        "all 8-bit",
+        "all 4-bit",
+        "all 2-bit",
+        "fc4-rest8",
+        "default",
+        "ort-int8-dynamic",
+    ]
     assert by["fp32"]["agreement"] == 1.0 and by["fp32"]["method"] == "raw-f32"
     assert by["fp16"]["file_bytes"] < by["fp32"]["file_bytes"]
-    assert by["all 2-bit"]["palettized_bytes"] < by["all 4-bit"]["palettized_bytes"] < by["all 8-bit"]["palettized_bytes"]
+    assert (
+        by["all 2-bit"]["palettized_bytes"] < by["all 4-bit"]["palettized_bytes"] < by["all 8-bit"]["palettized_bytes"]
+    )
     assert by["all 2-bit"]["file_bytes"] < by["all 8-bit"]["file_bytes"]
     for r in rows:
         assert r["error"] is None, r
@@ -210,11 +251,15 @@ def test_outputs_are_deterministic_apart_from_timing(tiny_dir: Path, tiny_run):
     assert drop_timing(md1.replace(str(out), "OUT")) == drop_timing(md2.replace(str(again), "OUT"))
 
 
-def test_onnx_source_and_baseline_failure_is_recorded(tiny_dir: Path, tiny_onnx_path: Path, tmp_path: Path, monkeypatch):
+def test_onnx_source_and_baseline_failure_is_recorded(
+    tiny_dir: Path, tiny_onnx_path: Path, tmp_path: Path, monkeypatch
+):
     names = tmp_path / "names.txt"
     names.write_text("\n".join(f"class {i}" for i in range(TINY_CLASSES)) + "\n")
     source = sw.load_source(tiny_onnx_path, [f"class {i}" for i in range(TINY_CLASSES)])
-    assert source.kind == "onnx" and source.preprocess == Preprocess(input_size=32)  # EfficientNet-Lite defaults, graph size
+    assert source.kind == "onnx" and source.preprocess == Preprocess(
+        input_size=32
+    )  # EfficientNet-Lite defaults, graph size
 
     import onnxruntime.quantization as q
 
@@ -223,8 +268,21 @@ def test_onnx_source_and_baseline_failure_is_recorded(tiny_dir: Path, tiny_onnx_
 
     monkeypatch.setattr(q, "quantize_dynamic", broken)
     code, stdout, stderr = _run(
-        "sweep", str(tiny_onnx_path), "--labels", str(names), "--data", str(tiny_dir / "data.txt"), "--bits", "4",
-        "--limit", "4", "--min-elements", "64", "--out", str(tmp_path / "o"), "--json",
+        "sweep",
+        str(tiny_onnx_path),
+        "--labels",
+        str(names),
+        "--data",
+        str(tiny_dir / "data.txt"),
+        "--bits",
+        "4",
+        "--limit",
+        "4",
+        "--min-elements",
+        "64",
+        "--out",
+        str(tmp_path / "o"),
+        "--json",
     )
     assert code == 0, stderr
     rows = [json.loads(line) for line in stdout.splitlines()]
@@ -237,7 +295,9 @@ def test_onnx_source_and_baseline_failure_is_recorded(tiny_dir: Path, tiny_onnx_
 def test_cli_errors_are_one_line(tiny_dir: Path, tmp_path: Path):
     code, _, stderr = _run("sweep", "nope", "--data", str(tiny_dir / "data.txt"), "--out", str(tmp_path))
     assert code == 1 and stderr.startswith("klaus: error: nope: no such file, and not a zoo model")
-    code, _, stderr = _run("sweep", str(tiny_dir / "tiny-lossless.klaus"), "--data", str(tiny_dir / "data.txt"), "--bits", "12")
+    code, _, stderr = _run(
+        "sweep", str(tiny_dir / "tiny-lossless.klaus"), "--data", str(tiny_dir / "data.txt"), "--bits", "12"
+    )
     assert code == 1 and "--bits" in stderr and len(stderr.strip().splitlines()) == 1
 
 
@@ -269,8 +329,20 @@ def test_zoo_smoke_on_development_photos(imagenet_sample: Path, tmp_path: Path):
     pytest.importorskip("efficientnet_lite_pytorch")
     out = tmp_path / "lite0"
     code, stdout, stderr = _run(
-        "sweep", "efficientnet-lite0", "--scope", "fc", "--bits", "8,4", "--data", str(imagenet_sample),
-        "--split", "odd", "--limit", "20", "--out", str(out),
+        "sweep",
+        "efficientnet-lite0",
+        "--scope",
+        "fc",
+        "--bits",
+        "8,4",
+        "--data",
+        str(imagenet_sample),
+        "--split",
+        "odd",
+        "--limit",
+        "20",
+        "--out",
+        str(out),
     )
     assert code == 0, stderr
     md = (out / "sweep.md").read_text()
@@ -279,7 +351,12 @@ def test_zoo_smoke_on_development_photos(imagenet_sample: Path, tmp_path: Path):
     assert "split odd, 20 images" in md
     rows = {r["setting"]: r for r in json.loads((out / "sweep.json").read_text())["rows"]}
     assert rows["fp32"]["agreement"] == 1.0 and rows["fp32"]["n"] == 20
-    assert rows["fc 4-bit"]["file_bytes"] < rows["fc 8-bit"]["file_bytes"] < rows["fp16"]["file_bytes"] < rows["fp32"]["file_bytes"]
+    assert (
+        rows["fc 4-bit"]["file_bytes"]
+        < rows["fc 8-bit"]["file_bytes"]
+        < rows["fp16"]["file_bytes"]
+        < rows["fp32"]["file_bytes"]
+    )
     assert rows["fc 8-bit"]["palettized_tensors"] == 1  # the one FC layer
     assert rows["fc 8-bit"]["agreement"] >= 0.9 and rows["fc 4-bit"]["agreement"] >= 0.8
 
@@ -288,14 +365,30 @@ def test_zoo_smoke_on_development_photos(imagenet_sample: Path, tmp_path: Path):
 
 
 def test_plan_methods_per_width_then_budgets():
-    settings = sw.plan([4], "all", ["default"], methods=["tensor", "channel", "calibrated"], budgets_mib=[2.5, 1.5],
-                       min_elements=10)
+    settings = sw.plan(
+        [4], "all", ["default"], methods=["tensor", "channel", "calibrated"], budgets_mib=[2.5, 1.5], min_elements=10
+    )
     assert [s.label for s in settings] == [
-        "fp32", "fp16", "all 4-bit", "all 4-bit channel", "all 4-bit calibrated", "mixed 2.5 MiB", "mixed 1.5 MiB",
-        "default", "ort-int8-dynamic",
+        "fp32",
+        "fp16",
+        "all 4-bit",
+        "all 4-bit channel",
+        "all 4-bit calibrated",
+        "mixed 2.5 MiB",
+        "mixed 1.5 MiB",
+        "default",
+        "ort-int8-dynamic",
     ]
     assert [s.row_scheme for s in settings] == [
-        "reference", "fp16", "tensor", "channel", "calibrated", "mixed", "mixed", "recipe", "baseline",
+        "reference",
+        "fp16",
+        "tensor",
+        "channel",
+        "calibrated",
+        "mixed",
+        "mixed",
+        "recipe",
+        "baseline",
     ]
     tensor, channel, calibrated = (s.recipe for s in settings[2:5])
     for r in (tensor, channel, calibrated):  # one width: the same tensors, differing only in how
@@ -306,7 +399,11 @@ def test_plan_methods_per_width_then_budgets():
     assert [s.calibrated for s in settings[2:5]] == [False, False, True]
     mixed = settings[5]
     assert (mixed.kind, mixed.recipe, mixed.budget_bytes, mixed.min_elements) == ("mixed", None, int(2.5 * 2**20), 10)
-    assert [s.label for s in settings if s.requires_calibration] == ["all 4-bit calibrated", "mixed 2.5 MiB", "mixed 1.5 MiB"]
+    assert [s.label for s in settings if s.requires_calibration] == [
+        "all 4-bit calibrated",
+        "mixed 2.5 MiB",
+        "mixed 1.5 MiB",
+    ]
     kept, skipped = sw.without_calibration(settings)
     assert [s.label for s in skipped] == ["all 4-bit calibrated", "mixed 2.5 MiB", "mixed 1.5 MiB"]
     assert [s.label for s in kept] == ["fp32", "fp16", "all 4-bit", "all 4-bit channel", "default", "ort-int8-dynamic"]
@@ -319,13 +416,20 @@ def test_plan_methods_per_width_then_budgets():
 def test_uniform_rows_map_bits_to_steps_and_rules_cover_the_scope():
     settings = sw.plan([8, 6, 4, 2], "conv", methods=["uniform"], min_elements=64, int8_baseline=False)
     uniform = [s for s in settings if s.row_scheme == "uniform"]
-    assert [(s.label, s.step) for s in uniform] == [("conv 6-bit uniform", 0.0625), ("conv 4-bit uniform", 0.25),
-                                                    ("conv 2-bit uniform", 1.0)]  # no grid at 8 bits: it would clip
+    assert [(s.label, s.step) for s in uniform] == [
+        ("conv 6-bit uniform", 0.0625),
+        ("conv 4-bit uniform", 0.25),
+        ("conv 2-bit uniform", 1.0),
+    ]  # no grid at 8 bits: it would clip
     graph = make_tiny_onnx()
     recipe = sw.uniform_recipe(uniform[1].recipe, 0.25, graph)
     assert recipe.granularity == "channel"
     assert [(r.bits, r.step) for r in recipe.rules] == [(8, 0.25)] * 3
-    assert {r.pattern for r in recipe.rules} == {"stem.weight", "dw.weight", "pw.weight"}  # conv scope, not fc or biases
+    assert {r.pattern for r in recipe.rules} == {
+        "stem.weight",
+        "dw.weight",
+        "pw.weight",
+    }  # conv scope, not fc or biases
     assert recipe.step_for("pw.weight") == 0.25 and recipe.bits_for("fc.weight", "fc", 640) is None
 
 
@@ -347,13 +451,40 @@ def test_parsers_keep_order_and_drop_repeats():
 
 
 def _row(setting: str, file_bytes: int | None, top1: float | None) -> sw.SweepRow:
-    return sw.SweepRow(setting, "bits", None, None, None, None, False, file_bytes, None, None, None, None, None, 1, 0,
-                       top1, top1, None, None, None)
+    return sw.SweepRow(
+        setting,
+        "bits",
+        None,
+        None,
+        None,
+        None,
+        False,
+        file_bytes,
+        None,
+        None,
+        None,
+        None,
+        None,
+        1,
+        0,
+        top1,
+        top1,
+        None,
+        None,
+        None,
+    )
 
 
 def test_frontier_is_the_best_top1_at_each_size():
-    rows = [_row("big", 100, 0.9), _row("mid-bad", 50, 0.5), _row("mid", 60, 0.85), _row("small", 10, 0.6),
-            _row("tie", 100, 0.9), _row("failed", None, None), _row("small-worse", 10, 0.4)]
+    rows = [
+        _row("big", 100, 0.9),
+        _row("mid-bad", 50, 0.5),
+        _row("mid", 60, 0.85),
+        _row("small", 10, 0.6),
+        _row("tie", 100, 0.9),
+        _row("failed", None, None),
+        _row("small-worse", 10, 0.4),
+    ]
     assert [r.setting for r in sw.frontier(rows)] == ["small", "mid", "big"]
     assert sw.frontier([]) == []
 
@@ -373,9 +504,26 @@ def methods_run(tiny_dir: Path) -> tuple[Path, list[dict], str]:
     """The tiny model at 4 bits by every method, plus one budgeted row; calibration on the examples."""
     out = tiny_dir / "methods"
     code, stdout, stderr = _run(
-        "sweep", str(tiny_dir / "tiny-lossless.klaus"), "--data", str(tiny_dir / "data.txt"), "--scope", "all",
-        "--bits", "4", "--methods", "tensor,channel,calibrated,uniform", "--budget-mib", "0.011", "--min-elements", "64",
-        "--no-int8", "--calib", str(EXAMPLES), "--out", str(out), "--json",
+        "sweep",
+        str(tiny_dir / "tiny-lossless.klaus"),
+        "--data",
+        str(tiny_dir / "data.txt"),
+        "--scope",
+        "all",
+        "--bits",
+        "4",
+        "--methods",
+        "tensor,channel,calibrated,uniform",
+        "--budget-mib",
+        "0.011",
+        "--min-elements",
+        "64",
+        "--no-int8",
+        "--calib",
+        str(EXAMPLES),
+        "--out",
+        str(out),
+        "--json",
     )
     assert code == 0, stderr
     return out, [json.loads(line) for line in stdout.splitlines()], stderr
@@ -420,9 +568,26 @@ def test_method_rows_end_to_end(methods_run):
 
 def test_calibrated_and_mixed_rows_are_skipped_without_calib(tiny_dir: Path, tmp_path: Path):
     code, stdout, stderr = _run(
-        "sweep", str(tiny_dir / "tiny-lossless.klaus"), "--data", str(tiny_dir / "data.txt"), "--scope", "fc",
-        "--bits", "4", "--methods", "tensor,calibrated", "--budget-mib", "0.011", "--min-elements", "64", "--no-int8",
-        "--limit", "2", "--out", str(tmp_path), "--json",
+        "sweep",
+        str(tiny_dir / "tiny-lossless.klaus"),
+        "--data",
+        str(tiny_dir / "data.txt"),
+        "--scope",
+        "fc",
+        "--bits",
+        "4",
+        "--methods",
+        "tensor,calibrated",
+        "--budget-mib",
+        "0.011",
+        "--min-elements",
+        "64",
+        "--no-int8",
+        "--limit",
+        "2",
+        "--out",
+        str(tmp_path),
+        "--json",
     )
     assert code == 0, stderr
     assert [json.loads(line)["setting"] for line in stdout.splitlines()] == ["fp32", "fp16", "fc 4-bit"]
@@ -432,16 +597,39 @@ def test_calibrated_and_mixed_rows_are_skipped_without_calib(tiny_dir: Path, tmp
 
 
 def test_cli_rejects_bad_methods_in_one_line(tiny_dir: Path, tmp_path: Path):
-    code, _, stderr = _run("sweep", str(tiny_dir / "tiny-lossless.klaus"), "--data", str(tiny_dir / "data.txt"),
-                           "--methods", "tensor,mixed", "--out", str(tmp_path))
+    code, _, stderr = _run(
+        "sweep",
+        str(tiny_dir / "tiny-lossless.klaus"),
+        "--data",
+        str(tiny_dir / "data.txt"),
+        "--methods",
+        "tensor,mixed",
+        "--out",
+        str(tmp_path),
+    )
     assert code == 1 and "--budget-mib" in stderr and len(stderr.strip().splitlines()) == 1
 
 
 def test_uniform_widths_without_a_grid_are_noted(tiny_dir: Path, tmp_path: Path):
     code, stdout, stderr = _run(
-        "sweep", str(tiny_dir / "tiny-lossless.klaus"), "--data", str(tiny_dir / "data.txt"), "--scope", "fc",
-        "--bits", "8,4", "--methods", "uniform", "--min-elements", "64", "--no-int8", "--limit", "1",
-        "--out", str(tmp_path), "--json",
+        "sweep",
+        str(tiny_dir / "tiny-lossless.klaus"),
+        "--data",
+        str(tiny_dir / "data.txt"),
+        "--scope",
+        "fc",
+        "--bits",
+        "8,4",
+        "--methods",
+        "uniform",
+        "--min-elements",
+        "64",
+        "--no-int8",
+        "--limit",
+        "1",
+        "--out",
+        str(tmp_path),
+        "--json",
     )
     assert code == 0, stderr
     assert [json.loads(line)["setting"] for line in stdout.splitlines()] == ["fp32", "fp16", "fc 4-bit uniform"]
@@ -454,6 +642,7 @@ def test_uniform_widths_without_a_grid_are_noted(tiny_dir: Path, tmp_path: Path)
 @pytest.fixture
 def no_rows(monkeypatch):
     """Fail the test if the sweep gets as far as computing a row."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("rows were computed before --out was checked")
 
@@ -491,8 +680,14 @@ def test_unwritable_out_is_refused_before_any_work(tiny_dir: Path, tmp_path: Pat
     locked.mkdir()
     locked.chmod(0o500)
     try:
-        code, _, stderr = _run("sweep", str(tiny_dir / "tiny-lossless.klaus"), "--data", str(tiny_dir / "data.txt"),
-                               "--out", str(locked / "new"))
+        code, _, stderr = _run(
+            "sweep",
+            str(tiny_dir / "tiny-lossless.klaus"),
+            "--data",
+            str(tiny_dir / "data.txt"),
+            "--out",
+            str(locked / "new"),
+        )
     finally:
         locked.chmod(0o700)
     assert _one_line(code, stderr) == f"klaus: error: {locked / 'new'}: cannot write ({locked} is not writable)"
@@ -569,17 +764,21 @@ def _two_inputs(m):
     m.graph.input.append(onnx.helper.make_tensor_value_info("extra", onnx.TensorProto.FLOAT, ["batch", 3]))
 
 
-@pytest.mark.parametrize("change,fragment", [
-    (string_input, "input 'input' is a string tensor"),
-    (feature_map_output, "not (N, classes)"),
-    (_ten_outputs, "the model has 10 outputs"),
-    (_nan_weight, "weight 'fc.weight' holds NaN or infinite values"),
-    (_two_inputs, "the graph has 2 inputs"),
-])
+@pytest.mark.parametrize(
+    "change,fragment",
+    [
+        (string_input, "input 'input' is a string tensor"),
+        (feature_map_output, "not (N, classes)"),
+        (_ten_outputs, "the model has 10 outputs"),
+        (_nan_weight, "weight 'fc.weight' holds NaN or infinite values"),
+        (_two_inputs, "the graph has 2 inputs"),
+    ],
+)
 def test_source_errors_name_the_src_path(tiny_dir: Path, tmp_path: Path, change, fragment, no_rows):
     src = _variant(tmp_path, "bad.onnx", change)
-    code, _, stderr = _run("sweep", str(src), "--data", str(tiny_dir / "data.txt"), "--bits", "8",
-                           "--out", str(tmp_path / "o"))
+    code, _, stderr = _run(
+        "sweep", str(src), "--data", str(tiny_dir / "data.txt"), "--bits", "8", "--out", str(tmp_path / "o")
+    )
     line = _one_line(code, stderr)
     assert line.startswith(f"klaus: error: {src}: ") and fragment in line, line
     assert not (tmp_path / "o").exists()
@@ -587,13 +786,26 @@ def test_source_errors_name_the_src_path(tiny_dir: Path, tmp_path: Path, change,
 
 def test_a_source_with_nan_scores_is_an_error_not_a_table(tiny_dir: Path, tmp_path: Path):
     """fc weights of 3e38 make every logit infinite and every probability NaN: no 'fp32 100 %' row."""
+
     def huge_fc(m):
         m.graph.initializer[6].raw_data = np.full((1000, 64), 3e38, np.float32).tobytes()
 
     src = _variant(tmp_path, "nan.onnx", huge_fc)
-    code, _, stderr = _run("sweep", str(src), "--data", str(tiny_dir / "data.txt"), "--bits", "8", "--no-int8",
-                           "--out", str(tmp_path / "o"))
-    assert _one_line(code, stderr) == f"klaus: error: {src}: the model gives NaN or infinite scores on the evaluation images"
+    code, _, stderr = _run(
+        "sweep",
+        str(src),
+        "--data",
+        str(tiny_dir / "data.txt"),
+        "--bits",
+        "8",
+        "--no-int8",
+        "--out",
+        str(tmp_path / "o"),
+    )
+    assert (
+        _one_line(code, stderr)
+        == f"klaus: error: {src}: the model gives NaN or infinite scores on the evaluation images"
+    )
     assert not (tmp_path / "o" / "sweep.md").exists()
 
 

@@ -64,7 +64,7 @@ def photo_id(db: Path, name: str) -> int:
 def test_home_page(client):
     page = client.get("/")
     assert page.status_code == 200
-    assert "<strong id=\"count-ok\">4</strong> photos indexed, 4 unreadable" in page.text
+    assert '<strong id="count-ok">4</strong> photos indexed, 4 unreadable' in page.text
     assert 'accept="image/*" capture' in page.text
     assert "/browse/n00001930" in page.text  # physical entity
     csp = page.headers["content-security-policy"]
@@ -123,8 +123,16 @@ def test_only_indexed_files_are_served(client, library):
     bad = photo_id(db, "notes.jpg")  # an error row: in the index, but not a photo
     for url in (f"/file/{bad}", f"/thumb/{bad}", "/file/999999", "/thumb/999999", "/photo/999999"):
         assert client.get(url).status_code == 404, url
-    for url in ("/file/../../etc/passwd", "/file/%2e%2e%2fetc%2fpasswd", "/static/../app.py",
-                "/static/%2e%2e/app.py", "/file/-1", "/file/1.0", "/thumb/abc", "/file//etc/passwd"):
+    for url in (
+        "/file/../../etc/passwd",
+        "/file/%2e%2e%2fetc%2fpasswd",
+        "/static/../app.py",
+        "/static/%2e%2e/app.py",
+        "/file/-1",
+        "/file/1.0",
+        "/thumb/abc",
+        "/file//etc/passwd",
+    ):
         response = client.get(url)
         assert response.status_code == 404, url
         assert "root:" not in response.text and "import" not in response.text
@@ -215,7 +223,9 @@ def test_cli_serve_errors_are_one_line(library, tmp_path):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        assert_one_line_error(run_cli("serve", "--db", str(library[0]), "--port", str(port)), "cannot listen on 127.0.0.1")
+        assert_one_line_error(
+            run_cli("serve", "--db", str(library[0]), "--port", str(port)), "cannot listen on 127.0.0.1"
+        )
 
 
 # ------------------------------------------------------------------ ids, stale thumbnails, a vanished index
@@ -372,8 +382,12 @@ def mismatched_model(tmp_path_factory) -> Path:
 def bad_models(folder: Path, mismatched: Path) -> dict[str, Path]:
     (folder / "junk.klaus").write_bytes(b"hello, not a model\n")
     (folder / "adir.klaus").mkdir()
-    return {"junk": folder / "junk.klaus", "missing": folder / "missing.klaus", "directory": folder / "adir.klaus",
-            "cannot run": mismatched}
+    return {
+        "junk": folder / "junk.klaus",
+        "missing": folder / "missing.klaus",
+        "directory": folder / "adir.klaus",
+        "cannot run": mismatched,
+    }
 
 
 @pytest.mark.parametrize("kind", ["junk", "missing", "directory", "cannot run"])
@@ -401,7 +415,10 @@ def test_classify_failures_of_the_model_are_503_not_500(library, mismatched_mode
     with TestClient(app) as c:  # re-raises any unhandled server error
         api = c.post("/api/classify", files={"photo": ("cat.jpg", data, "image/jpeg")})
         assert api.status_code == 503
-        assert api.json()["error"].startswith("the model failed (") and "ONNX Runtime failed ([ONNXRuntimeError]" in api.json()["error"]
+        assert (
+            api.json()["error"].startswith("the model failed (")
+            and "ONNX Runtime failed ([ONNXRuntimeError]" in api.json()["error"]
+        )
         page = c.post("/classify", files={"photo": ("cat.jpg", data, "image/jpeg")})
         assert page.status_code == 503 and "the model failed" in page.text and "Traceback" not in page.text
         bad_photo = c.post("/api/classify", files={"photo": ("x.jpg", b"hello", "image/jpeg")})
@@ -452,8 +469,11 @@ def test_cli_serve_json_with_a_db_path_that_is_not_utf8(tmp_path):
     from test_index import klaus_cmd
 
     db = undecodable_db(tmp_path)
-    server = subprocess.Popen([*klaus_cmd(), "serve", "--db", str(db), "--port", "0", "--json"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    server = subprocess.Popen(
+        [*klaus_cmd(), "serve", "--db", str(db), "--port", "0", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         line = server.stdout.readline()
         assert line, server.stderr.read()

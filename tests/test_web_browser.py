@@ -24,14 +24,24 @@ from conftest import EXAMPLES
 from test_index import klaus_cmd
 
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
 ]
 
 
 def find_chromium() -> str | None:
-    candidates = [os.environ.get("KLAUS_CHROMIUM"), "/usr/bin/chromium", "/usr/bin/chromium-browser",
-                  shutil.which("chromium"), shutil.which("chromium-browser")]
+    candidates = [
+        os.environ.get("KLAUS_CHROMIUM"),
+        "/usr/bin/chromium",
+        "/usr/bin/chromium-browser",
+        shutil.which("chromium"),
+        shutil.which("chromium-browser"),
+    ]
     return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
 
 
@@ -57,10 +67,15 @@ def chromium() -> str:
 def server(tmp_path_factory, chromium):
     root = tmp_path_factory.mktemp("browser")
     db = root / "lib.db"
-    subprocess.run([*klaus_cmd(), "index", str(EXAMPLES), "--db", str(db), "--json"], check=True,
-                   capture_output=True, timeout=120)
-    proc = subprocess.Popen([*klaus_cmd(), "serve", "--db", str(db), "--port", "0", "--json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    subprocess.run(
+        [*klaus_cmd(), "index", str(EXAMPLES), "--db", str(db), "--json"], check=True, capture_output=True, timeout=120
+    )
+    proc = subprocess.Popen(
+        [*klaus_cmd(), "serve", "--db", str(db), "--port", "0", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = proc.stdout.readline()
         assert line, proc.stderr.read()

@@ -44,8 +44,14 @@ class Accuracy:
 
     def to_dict(self) -> dict[str, object]:
         return {
-            "n": self.n, "top1": self.top1, "top5": self.top5, "agreement": self.agreement, "failed": self.failed,
-            "reference_top1": self.reference_top1, "top1_diff_se": self.top1_diff_se, "kl": self.kl,
+            "n": self.n,
+            "top1": self.top1,
+            "top5": self.top5,
+            "agreement": self.agreement,
+            "failed": self.failed,
+            "reference_top1": self.reference_top1,
+            "top1_diff_se": self.top1_diff_se,
+            "kl": self.kl,
         }
 
 
@@ -74,7 +80,9 @@ def load_dataset(data: str | os.PathLike[str], labels: Sequence[LabelRow], limit
     else:
         raise KlausDataError(f"{data}: no such file or folder")
     if not samples:
-        raise KlausDataError(f"{data}: no labelled images found (expected <wnid>/ folders, <wnid>_*.jpg files or a list file)")
+        raise KlausDataError(
+            f"{data}: no labelled images found (expected <wnid>/ folders, <wnid>_*.jpg files or a list file)"
+        )
     return samples[:limit] if limit else samples
 
 
@@ -204,7 +212,9 @@ def _one_by_one(probabilities: ProbabilityFn, chunk: Sequence[Sample], on_error)
     return probs, rows
 
 
-def score(samples: Sequence[Sample], top5: np.ndarray, ok: np.ndarray, reference_top1: np.ndarray | None = None) -> Accuracy:
+def score(
+    samples: Sequence[Sample], top5: np.ndarray, ok: np.ndarray, reference_top1: np.ndarray | None = None
+) -> Accuracy:
     labels = np.array([s.label for s in samples])
     n = int(ok.sum())
     if n == 0:
@@ -265,12 +275,22 @@ def evaluate(
     (the error names ``reference_where`` and ``where``).
     """
     if reference is None:
-        return score(samples, *predict_all(lambda paths: classifier.finite_probabilities(paths, crops), samples,
-                                           on_batch=on_batch, on_error=on_error))
+        return score(
+            samples,
+            *predict_all(
+                lambda paths: classifier.finite_probabilities(paths, crops),
+                samples,
+                on_batch=on_batch,
+                on_error=on_error,
+            ),
+        )
     if [r.name for r in reference.labels] != [r.name for r in classifier.labels]:
         raise KlausDataError(f"{reference_where}: its labels differ from {where}'s, so top-1 agreement means nothing")
     paired = predict_paired(
-        lambda paths: classifier.finite_probabilities(paths, crops), lambda paths: reference.finite_probabilities(paths, crops),
-        samples, on_batch=on_batch, on_error=on_error,
+        lambda paths: classifier.finite_probabilities(paths, crops),
+        lambda paths: reference.finite_probabilities(paths, crops),
+        samples,
+        on_batch=on_batch,
+        on_error=on_error,
     )
     return score_paired(samples, paired)

@@ -62,8 +62,7 @@ SCHEMA_V1 = {
         "CREATE TABLE synsets (wnid TEXT PRIMARY KEY NOT NULL, name TEXT NOT NULL, parent TEXT NOT NULL) WITHOUT ROWID"
     ),
     "graph": (
-        "CREATE TABLE graph (id INTEGER PRIMARY KEY NOT NULL CHECK (id = 0), "
-        "onnx BLOB NOT NULL, sha256 TEXT NOT NULL)"
+        "CREATE TABLE graph (id INTEGER PRIMARY KEY NOT NULL CHECK (id = 0), onnx BLOB NOT NULL, sha256 TEXT NOT NULL)"
     ),
     "tensors": (
         "CREATE TABLE tensors (ord INTEGER PRIMARY KEY NOT NULL, name TEXT NOT NULL UNIQUE, "
@@ -88,7 +87,19 @@ SCHEMA = SCHEMAS[FORMAT_VERSION]  # what the writer creates
 # SQLite creates these for PRIMARY KEY / UNIQUE constraints; nothing else may exist.
 AUTO_INDEXES = {"sqlite_autoindex_tensors_1"}
 CONTENT_KEY = "content_sha256"
-REQUIRED_META = (CONTENT_KEY, "format", "format_version", "model_name", "source", "license", "creator", "klaus_version", "preprocess", "output", "recipe")
+REQUIRED_META = (
+    CONTENT_KEY,
+    "format",
+    "format_version",
+    "model_name",
+    "source",
+    "license",
+    "creator",
+    "klaus_version",
+    "preprocess",
+    "output",
+    "recipe",
+)
 OUTPUT_KINDS = ("logits", "probabilities")
 _WNID = re.compile(r"^(n\d{8})?$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -272,7 +283,9 @@ def serialize(model: KlausModel) -> bytes:
         for ddl in SCHEMA.values():
             conn.execute(ddl)
         meta = {k: v for k, v in model.meta.items() if k != CONTENT_KEY}
-        meta.update(format=FORMAT_NAME, format_version=str(FORMAT_VERSION), preprocess=_dumps(model.preprocess.to_dict()))
+        meta.update(
+            format=FORMAT_NAME, format_version=str(FORMAT_VERSION), preprocess=_dumps(model.preprocess.to_dict())
+        )
         labels = [(r.index, r.wnid, r.name, _dumps(r.words)) for r in model.labels]
         tree = hierarchy_tree(model.labels)
         synsets = [(w, *tree[w]) for w in sorted(tree)]
@@ -284,7 +297,19 @@ def serialize(model: KlausModel) -> bytes:
         conn.executemany(
             "INSERT INTO tensors VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
-                (i, t.name, _dumps(list(t.dims)), t.dtype, t.codec, t.bits, t.palette, t.scales, t.scale_axis, t.payload, t.digest())
+                (
+                    i,
+                    t.name,
+                    _dumps(list(t.dims)),
+                    t.dtype,
+                    t.codec,
+                    t.bits,
+                    t.palette,
+                    t.scales,
+                    t.scale_axis,
+                    t.payload,
+                    t.digest(),
+                )
                 for i, t in enumerate(model.tensors)
             ],
         )
@@ -464,15 +489,21 @@ def allowed_ops() -> frozenset[str] | None:
     return None if limits.trusted() else onnxwire.CLASSIFIER_OPS
 
 
-def _check_graph_fits(skeleton: onnxwire.Skeleton, meta: dict[str, str], labels: Sequence[LabelRow], where: str) -> None:
+def _check_graph_fits(
+    skeleton: onnxwire.Skeleton, meta: dict[str, str], labels: Sequence[LabelRow], where: str
+) -> None:
     """The label table and the declared output kind must match what the graph computes."""
     shape = skeleton.outputs[0].shape if skeleton.outputs else None
     width = shape[-1] if shape and len(shape) == 2 else None
     if isinstance(width, int) and width > 0 and width != len(labels):
-        raise KlausFormatError(f"{where}: the label table has {len(labels)} classes but the graph outputs {width} scores")
+        raise KlausFormatError(
+            f"{where}: the label table has {len(labels)} classes but the graph outputs {width} scores"
+        )
     if meta["output"] == "probabilities" and skeleton.output_op() != "Softmax":
         made = skeleton.output_op() or "no operator"
-        raise KlausFormatError(f"{where}: meta says the output is probabilities, but the graph's output comes from {made}, not a Softmax")
+        raise KlausFormatError(
+            f"{where}: meta says the output is probabilities, but the graph's output comes from {made}, not a Softmax"
+        )
 
 
 def _check_weight_count(tensors: Sequence[TensorRecord], where: str) -> None:
@@ -507,7 +538,9 @@ def _read_meta(conn: sqlite3.Connection, version: int, where: str) -> dict[str, 
     if missing:
         raise KlausFormatError(f"{where}: meta table lacks {', '.join(missing)}")
     if meta["format"] != FORMAT_NAME or meta["format_version"] != str(version):
-        raise KlausFormatError(f"{where}: meta says format {meta['format']!r} v{meta['format_version']}, expected klaus v{version}")
+        raise KlausFormatError(
+            f"{where}: meta says format {meta['format']!r} v{meta['format_version']}, expected klaus v{version}"
+        )
     if meta["output"] not in OUTPUT_KINDS:
         raise KlausFormatError(f"{where}: meta.output must be one of {OUTPUT_KINDS}, got {meta['output']!r}")
     if not isinstance(_loads(meta["recipe"], where, "meta.recipe"), dict):
@@ -604,7 +637,9 @@ def _read_labels(tables: _LabelTables, where: str) -> tuple[LabelRow, ...]:
             raise KlausFormatError(f"{where}: {what} has a bad wnid or name")
         path = _path_to_root(tree, wnid, where, paths) if wnid else ()
         hierarchy = tuple(tree[w][0] for w in path)
-        rows.append(LabelRow(idx, wnid, name, _str_list(_loads(words, where, what), where, what + " words"), path, hierarchy))
+        rows.append(
+            LabelRow(idx, wnid, name, _str_list(_loads(words, where, what), where, what + " words"), path, hierarchy)
+        )
     names = [r.name for r in rows]
     if len(set(names)) != len(names):
         duplicate = next(n for n in names if names.count(n) > 1)
@@ -615,7 +650,12 @@ def _read_labels(tables: _LabelTables, where: str) -> tuple[LabelRow, ...]:
 def _read_synsets(rows: Sequence[tuple], where: str) -> dict[str, tuple[str, str]]:
     tree: dict[str, tuple[str, str]] = {}
     for wnid, name, parent in rows:
-        if not all(isinstance(v, str) for v in (wnid, name, parent)) or not _WNID.match(wnid) or not wnid or not _WNID.match(parent):
+        if (
+            not all(isinstance(v, str) for v in (wnid, name, parent))
+            or not _WNID.match(wnid)
+            or not wnid
+            or not _WNID.match(parent)
+        ):
             raise KlausFormatError(f"{where}: synsets table holds a malformed row")
         if wnid in tree:  # only possible in v2 (wnid is v1's primary key)
             raise KlausFormatError(f"{where}: synset {wnid} is listed twice")
@@ -728,7 +768,9 @@ def _tensor_record(row: tuple, expected: int, where: str) -> TensorRecord:
         if bits != 0 or palette is not None or scales is not None or scale_axis is not None:
             raise KlausFormatError(f"{what}: raw tensors carry no bits, palette or scales")
         if len(payload) != record.size * codecs.RAW_DTYPES[codec].itemsize:
-            raise KlausFormatError(f"{what}: payload is {len(payload)} bytes, expected {record.size * codecs.RAW_DTYPES[codec].itemsize}")
+            raise KlausFormatError(
+                f"{what}: payload is {len(payload)} bytes, expected {record.size * codecs.RAW_DTYPES[codec].itemsize}"
+            )
         return record
     _check_palette_fields(record, what)
     return record

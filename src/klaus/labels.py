@@ -328,7 +328,9 @@ def plain_label_rows(names: Sequence[str]) -> tuple[LabelRow, ...]:
     return tuple(LabelRow(i, "", n, (n,), (), ()) for i, n in enumerate(names))
 
 
-def labels_for(classes: int | None, names: Iterable[str] | None = None, where: str | None = None) -> tuple[LabelRow, ...]:
+def labels_for(
+    classes: int | None, names: Iterable[str] | None = None, where: str | None = None
+) -> tuple[LabelRow, ...]:
     """ImageNet labels for a 1000-way classifier, else the given names (one per output).
 
     ``classes`` is the model's output width (None if the graph does not say). Errors name

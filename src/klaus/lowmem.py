@@ -118,7 +118,9 @@ def build(
             raise KlausFormatError(f"{where}: tensor {t.name!r}: {exc}") from None
         palette = t.palette_values().astype(np.float32)
         if int(indices.max(initial=0)) >= len(palette):
-            raise KlausFormatError(f"{where}: tensor {t.name!r}: index map refers past its {len(palette)}-entry palette")
+            raise KlausFormatError(
+                f"{where}: tensor {t.name!r}: index map refers past its {len(palette)}-entry palette"
+            )
         fresh = _Namer(used, t.name)
         pal_name = out.constant(fresh("palette"), palette)
         plan = _chunk_plan(t, consumers.get(t.name, []), graph.node, raw, chunk_elements)
@@ -138,7 +140,9 @@ def build(
             if bias:
                 inputs.append(out.constant(fresh(f"b{start}"), raw[bias][part]))
             outputs.append(fresh(f"y{start}"))
-            piece = helper.make_node(node.op_type, inputs, [outputs[-1]], name=fresh(f"{node.op_type}{start}"), domain=node.domain)
+            piece = helper.make_node(
+                node.op_type, inputs, [outputs[-1]], name=fresh(f"{node.op_type}{start}"), domain=node.domain
+            )
             piece.attribute.extend(node.attribute)
             pieces.append(piece)
         pieces.append(helper.make_node("Concat", outputs, [node.output[0]], name=fresh("concat"), axis=concat_axis))
@@ -161,8 +165,6 @@ def build(
     )
     float_bytes = sum(len(i.raw_data) for i in graph.initializer if i.data_type == TensorProto.FLOAT)
     return skeleton, out.arrays, LowMemStats(palettized, chunked, index_bytes, float_bytes)
-
-
 
 
 class _Builder:
@@ -327,7 +329,10 @@ def make_session(
     blob = model if isinstance(model, bytes) else model.SerializeToString()
     try:
         return ort.InferenceSession(
-            blob, sess_options=options, providers=["CPUExecutionProvider"], disabled_optimizers=list(DISABLED_OPTIMIZERS)
+            blob,
+            sess_options=options,
+            providers=["CPUExecutionProvider"],
+            disabled_optimizers=list(DISABLED_OPTIMIZERS),
         )
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
         raise KlausModelError(f"ONNX Runtime cannot load the model ({first_line(exc)})") from None

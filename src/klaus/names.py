@@ -53,7 +53,6 @@ def shown(text: str | os.PathLike[str]) -> str:
     return _UNSAFE.sub(_escape, printable(text))
 
 
-
 def json_safe(value: object) -> object:
     """Strings printable, non-finite floats null (JSON has no NaN), containers recursively."""
     if isinstance(value, str):

@@ -100,9 +100,14 @@ def export_onnx(name: str) -> onnx.ModelProto:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # exporter chatter about constant folding; the graph is checked below
         torch.onnx.export(
-            net, dummy, buffer, input_names=["input"], output_names=["logits"],
+            net,
+            dummy,
+            buffer,
+            input_names=["input"],
+            output_names=["logits"],
             dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-            opset_version=OPSET, dynamo=False,
+            opset_version=OPSET,
+            dynamo=False,
         )
     model = onnx.load_from_string(buffer.getvalue())
     return onnxgraph.rename_weights(onnxgraph.simplify(model))
@@ -131,8 +136,9 @@ def build_file(
     e = entry(name)
     batch = None if lossless else calibration_photos(calibration, e.preprocess, warn)
     source = Source(graph, e.preprocess, imagenet_label_rows(), e.card)
-    built = build_model(source, recipe, calibration=batch, views=calibration.crops, budget_mib=budget_mib,
-                        max_drop=max_drop)
+    built = build_model(
+        source, recipe, calibration=batch, views=calibration.crops, budget_mib=budget_mib, max_drop=max_drop
+    )
     return write_build(built, out or f"{name}{'-lossless' if lossless else ''}.klaus", start, note)
 
 

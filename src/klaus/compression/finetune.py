@@ -79,8 +79,13 @@ def _conv(F, x, w, b, a):
         x = F.pad(x, (pads[1], pads[3], pads[0], pads[2]))
         pads = [0, 0, 0, 0]
     return F.conv2d(
-        x, w, b, stride=tuple(a.get("strides", [1, 1])), padding=tuple(pads[:2]),
-        dilation=tuple(a.get("dilations", [1, 1])), groups=int(a.get("group", 1)),
+        x,
+        w,
+        b,
+        stride=tuple(a.get("strides", [1, 1])),
+        padding=tuple(pads[:2]),
+        dilation=tuple(a.get("dilations", [1, 1])),
+        groups=int(a.get("group", 1)),
     )
 
 
@@ -93,7 +98,9 @@ def _pool(F, x, a, kind):
     ceil = bool(a.get("ceil_mode", 0))
     if kind == "MaxPool":
         return F.max_pool2d(x, k, stride, tuple(pads[:2]), ceil_mode=ceil)
-    return F.avg_pool2d(x, k, stride, tuple(pads[:2]), ceil_mode=ceil, count_include_pad=bool(a.get("count_include_pad", 0)))
+    return F.avg_pool2d(
+        x, k, stride, tuple(pads[:2]), ceil_mode=ceil, count_include_pad=bool(a.get("count_include_pad", 0))
+    )
 
 
 def _run_node(torch, F, op: str, ins: list, a: dict):
@@ -107,10 +114,17 @@ def _run_node(torch, F, op: str, ins: list, a: dict):
         y = float(a.get("alpha", 1.0)) * (x @ w)
         return y + float(a.get("beta", 1.0)) * ins[2] if len(ins) > 2 and ins[2] is not None else y
     simple = {
-        "Add": lambda: ins[0] + ins[1], "Sub": lambda: ins[0] - ins[1], "Mul": lambda: ins[0] * ins[1],
-        "Div": lambda: ins[0] / ins[1], "MatMul": lambda: ins[0] @ ins[1], "Relu": lambda: F.relu(ins[0]),
-        "Sigmoid": lambda: torch.sigmoid(ins[0]), "Tanh": lambda: torch.tanh(ins[0]),
-        "HardSwish": lambda: F.hardswish(ins[0]), "Identity": lambda: ins[0], "Dropout": lambda: ins[0],
+        "Add": lambda: ins[0] + ins[1],
+        "Sub": lambda: ins[0] - ins[1],
+        "Mul": lambda: ins[0] * ins[1],
+        "Div": lambda: ins[0] / ins[1],
+        "MatMul": lambda: ins[0] @ ins[1],
+        "Relu": lambda: F.relu(ins[0]),
+        "Sigmoid": lambda: torch.sigmoid(ins[0]),
+        "Tanh": lambda: torch.tanh(ins[0]),
+        "HardSwish": lambda: F.hardswish(ins[0]),
+        "Identity": lambda: ins[0],
+        "Dropout": lambda: ins[0],
         "GlobalAveragePool": lambda: ins[0].mean(dim=tuple(range(2, ins[0].dim())), keepdim=True),
         "GlobalMaxPool": lambda: ins[0].amax(dim=tuple(range(2, ins[0].dim())), keepdim=True),
     }
@@ -153,8 +167,16 @@ def _run_node(torch, F, op: str, ins: list, a: dict):
 class _Student:
     """The palettized network with palettes, log-scales and biases as trainable tensors."""
 
-    def __init__(self, torch, model: onnx.ModelProto, weights: dict[str, np.ndarray],
-                 quantized: dict[str, PalettizedTensor], trainable_biases: list[str], start: int, entry: str):
+    def __init__(
+        self,
+        torch,
+        model: onnx.ModelProto,
+        weights: dict[str, np.ndarray],
+        quantized: dict[str, PalettizedTensor],
+        trainable_biases: list[str],
+        start: int,
+        entry: str,
+    ):
         self.torch = torch
         self.graph = model.graph
         self.entry = entry
@@ -163,21 +185,31 @@ class _Student:
         check_supported(model)
         self.constants = {
             t.name: torch.from_numpy(np.array(numpy_helper.to_array(t)))
-            for t in model.graph.initializer if t.name not in weights
+            for t in model.graph.initializer
+            if t.name not in weights
         }
         for op, _, outs, a in self.nodes:
             if op == "Constant":
                 self.constants[outs[0]] = torch.from_numpy(np.array(numpy_helper.to_array(a["value"])))
-        self.fixed = {n: torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)) for n, w in weights.items()
-                      if n not in quantized and n not in trainable_biases}
-        self.palettes = {n: torch.tensor(q.palette.astype(np.float32), requires_grad=True) for n, q in quantized.items()}
+        self.fixed = {
+            n: torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
+            for n, w in weights.items()
+            if n not in quantized and n not in trainable_biases
+        }
+        self.palettes = {
+            n: torch.tensor(q.palette.astype(np.float32), requires_grad=True) for n, q in quantized.items()
+        }
         self.log_scales = {
             n: torch.zeros(q.scales.shape[0], requires_grad=True) for n, q in quantized.items() if q.scales is not None
         }
-        self.base_scales = {n: torch.from_numpy(q.scales.astype(np.float32)) for n, q in quantized.items() if q.scales is not None}
+        self.base_scales = {
+            n: torch.from_numpy(q.scales.astype(np.float32)) for n, q in quantized.items() if q.scales is not None
+        }
         self.indices = {n: torch.from_numpy(q.indices.astype(np.int64)) for n, q in quantized.items()}
         self.axes = {n: q.scale_axis for n, q in quantized.items()}
-        self.biases = {n: torch.tensor(np.asarray(weights[n], dtype=np.float32), requires_grad=True) for n in trainable_biases}
+        self.biases = {
+            n: torch.tensor(np.asarray(weights[n], dtype=np.float32), requires_grad=True) for n in trainable_biases
+        }
 
     def weight(self, name: str):
         w = self.palettes[name][self.indices[name]]
@@ -210,9 +242,33 @@ class _Student:
 
 
 _SUPPORTED = {
-    "Conv", "Gemm", "Add", "Sub", "Mul", "Div", "MatMul", "Relu", "Sigmoid", "Tanh", "HardSwish", "Identity",
-    "Dropout", "GlobalAveragePool", "GlobalMaxPool", "Clip", "LeakyRelu", "HardSigmoid", "MaxPool",
-    "AveragePool", "Flatten", "Reshape", "Concat", "Softmax", "Transpose", "ReduceMean", "BatchNormalization",
+    "Conv",
+    "Gemm",
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "MatMul",
+    "Relu",
+    "Sigmoid",
+    "Tanh",
+    "HardSwish",
+    "Identity",
+    "Dropout",
+    "GlobalAveragePool",
+    "GlobalMaxPool",
+    "Clip",
+    "LeakyRelu",
+    "HardSigmoid",
+    "MaxPool",
+    "AveragePool",
+    "Flatten",
+    "Reshape",
+    "Concat",
+    "Softmax",
+    "Transpose",
+    "ReduceMean",
+    "BatchNormalization",
     "Constant",
 }
 
@@ -253,7 +309,9 @@ def graph_cuts(model: onnx.ModelProto) -> list[tuple[int, str]]:
     return cuts
 
 
-def choose_cut(model: onnx.ModelProto, quantized: dict[str, PalettizedTensor], tail_share: float) -> tuple[int, str] | None:
+def choose_cut(
+    model: onnx.ModelProto, quantized: dict[str, PalettizedTensor], tail_share: float
+) -> tuple[int, str] | None:
     """The latest cut after which at least ``tail_share`` of the palettized weights lie.
 
     Training only the tail lets the prefix run once per input (in ONNX Runtime)
@@ -293,7 +351,9 @@ def augmented_views(calibration: np.ndarray, copies: int, seed: int) -> np.ndarr
             cw = min(w, max(8, round(math.sqrt(area * aspect))))
             top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
             crop = x[j : j + 1, :, top : top + ch, left : left + cw]
-            crop = torch.nn.functional.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+            crop = torch.nn.functional.interpolate(
+                crop, size=(h, w), mode="bilinear", align_corners=False, antialias=True
+            )
             out[j] = torch.flip(crop[0], dims=[2]) if rng.random() < 0.5 else crop[0]
         views.append(out)
     return torch.cat(views).numpy()
@@ -347,7 +407,11 @@ def finetune(
     # Views of one photo stay on one side: every fifth photo is held out to pick the
     # stopping point, so the result is never worse than the start on unseen photos.
     photo = np.arange(len(x_all)) % len(calibration)
-    held = photo % options.holdout == options.holdout - 1 if len(calibration) >= options.holdout else np.zeros(len(x_all), bool)
+    held = (
+        photo % options.holdout == options.holdout - 1
+        if len(calibration) >= options.holdout
+        else np.zeros(len(x_all), bool)
+    )
     fit = np.flatnonzero(~held) if held.any() else np.arange(len(x_all))
     check = np.flatnonzero(held) if held.any() else fit
     params = [t for g in groups for t in g["params"]]

@@ -182,8 +182,13 @@ def palettize(
 
 
 def codebook(
-    normalized: np.ndarray, bits: int, step: float | None, scaled: bool, importance: np.ndarray | None,
-    iterations: int, rate_penalty: float,
+    normalized: np.ndarray,
+    bits: int,
+    step: float | None,
+    scaled: bool,
+    importance: np.ndarray | None,
+    iterations: int,
+    rate_penalty: float,
 ) -> Codebook:
     """The fp16 levels to index against: k-means at ``bits``, or the uniform grid of ``step``
     (in channel-RMS units when the values are already ``scaled`` per channel, else tensor-RMS units).

@@ -55,8 +55,16 @@ def compress_onnx(
     stats = None if calibration is None else calibration_stats(model, weights, roles, recipe, calibration)
     weights, quantized = palettized(model, weights, roles, recipe, stats, calibration, progress, finetune=True)
     return assemble(
-        skeleton, weights, quantized, recipe, calibration, preprocess=preprocess, labels=labels, card=card,
-        output=output, png=png,
+        skeleton,
+        weights,
+        quantized,
+        recipe,
+        calibration,
+        preprocess=preprocess,
+        labels=labels,
+        card=card,
+        output=output,
+        png=png,
     )
 
 
@@ -69,8 +77,15 @@ def recompress(
 ) -> KlausModel:
     """Apply a recipe to an existing (ideally lossless) model, keeping its card and labels."""
     return compress_onnx(
-        to_onnx(model), recipe, preprocess=model.preprocess, labels=model.labels, card=card_of(model),
-        output=model.meta["output"], png=png, calibration=calibration, progress=progress,
+        to_onnx(model),
+        recipe,
+        preprocess=model.preprocess,
+        labels=model.labels,
+        card=card_of(model),
+        output=model.meta["output"],
+        png=png,
+        calibration=calibration,
+        progress=progress,
     )
 
 
@@ -144,7 +159,10 @@ class BuildReport:
 
     def to_dict(self) -> dict[str, object]:
         report: dict[str, object] = {
-            "path": self.path, "bytes": self.bytes, "recipe": self.recipe.describe(), "seconds": round(self.seconds, 2)
+            "path": self.path,
+            "bytes": self.bytes,
+            "recipe": self.recipe.describe(),
+            "seconds": round(self.seconds, 2),
         }
         if self.allocation is not None:
             report["allocation"] = self.allocation.table()
@@ -152,7 +170,9 @@ class BuildReport:
         return report
 
 
-def open_source(src: str, options: OnnxOptions = OnnxOptions(), *, lossless: bool = False, warn: Warn | None = None) -> Source:
+def open_source(
+    src: str, options: OnnxOptions = OnnxOptions(), *, lossless: bool = False, warn: Warn | None = None
+) -> Source:
     """SRC (an ONNX classifier, or a lossless `.klaus`) as a build's :class:`Source`; errors name ``src``.
 
     A `.klaus` keeps its own preprocessing, labels and card. One that is not lossless is refused
@@ -162,16 +182,22 @@ def open_source(src: str, options: OnnxOptions = OnnxOptions(), *, lossless: boo
     source = load_source(src)
     if isinstance(source, KlausModel):
         if options.labels_file:
-            raise KlausModelError("--labels applies to ONNX input; a .klaus source keeps its own labels and preprocessing")
+            raise KlausModelError(
+                "--labels applies to ONNX input; a .klaus source keeps its own labels and preprocessing"
+            )
         _check_lossless_source(source, src, lossless, warn)
         return Source(to_onnx(source), source.preprocess, tuple(source.labels), card_of(source), source.meta["output"])
     check_classifier(source, layout=options.layout, where=src)  # before ONNX Runtime sees it (simplify)
     try:
         preprocess = Preprocess(
-            input_size=options.input_size or graph_input_size(source, options.layout) or 224, resize=options.resize,
-            crop_ratio=options.crop_ratio, interpolation=options.interpolation, mean=triple(options.mean, "--mean"),
+            input_size=options.input_size or graph_input_size(source, options.layout) or 224,
+            resize=options.resize,
+            crop_ratio=options.crop_ratio,
+            interpolation=options.interpolation,
+            mean=triple(options.mean, "--mean"),
             std=triple(options.std, "--std"),
-            channel_order=options.channel_order, layout=options.layout,
+            channel_order=options.channel_order,
+            layout=options.layout,
         )
     except ValueError as exc:
         raise KlausModelError(f"bad preprocessing option: {exc}") from None
@@ -180,7 +206,9 @@ def open_source(src: str, options: OnnxOptions = OnnxOptions(), *, lossless: boo
     labels = default_labels(graph, names, where=src)
     # A file name need not be UTF-8 text, which the file's metadata must be: undecodable bytes as \xNN.
     card = ModelCard(
-        options.name or printable(Path(src).stem), options.source or printable(Path(src).name), options.license,
+        options.name or printable(Path(src).stem),
+        options.source or printable(Path(src).name),
+        options.license,
         "klaus compress",
     )
     return Source(graph, preprocess, labels, card)
@@ -243,8 +271,13 @@ def build(
 ) -> Built:
     """:func:`compress_onnx`, or a budgeted build when ``budget_mib`` or ``max_drop`` is given
     (:mod:`~klaus.compression.budget`; both need ``calibration``, ``views`` rows per photo)."""
-    common = {"preprocess": source.preprocess, "labels": source.labels, "card": source.card, "output": source.output,
-              "png": png}
+    common = {
+        "preprocess": source.preprocess,
+        "labels": source.labels,
+        "card": source.card,
+        "output": source.output,
+        "png": png,
+    }
     calibrated = calibration is not None
     if budget_mib is None and max_drop is None:
         model = compress_onnx(source.graph, recipe, calibration=calibration, **common)  # type: ignore[arg-type]
@@ -256,12 +289,22 @@ def build(
         raise KlausModelError(f"{option} needs calibration photos (--calib DIR) to measure each layer's sensitivity")
     if budget_mib is not None:
         model, allocation = compress_to_budget(
-            source.graph, recipe, int(budget_mib * 2**20), calibration=calibration, views=views, **common  # type: ignore[arg-type]
+            source.graph,
+            recipe,
+            int(budget_mib * 2**20),
+            calibration=calibration,
+            views=views,
+            **common,  # type: ignore[arg-type]
         )
         return Built(model, effective_recipe(recipe, calibrated), calibrated, allocation)
     assert max_drop is not None
     model, allocation, agreement = compress_to_agreement(
-        source.graph, recipe, max_drop, calibration=calibration, views=views, **common  # type: ignore[arg-type]
+        source.graph,
+        recipe,
+        max_drop,
+        calibration=calibration,
+        views=views,
+        **common,  # type: ignore[arg-type]
     )
     return Built(model, effective_recipe(recipe, calibrated), calibrated, allocation, agreement)
 
@@ -289,7 +332,9 @@ def compress_file(
     during the build name SRC (OUT for a file that cannot be written).
     """
     if recipe.finetune_steps and not calibration.sources:
-        raise KlausModelError("--finetune-steps needs calibration photos (--calib DIR): the float model teaches on them")
+        raise KlausModelError(
+            "--finetune-steps needs calibration photos (--calib DIR): the float model teaches on them"
+        )
     start = time.perf_counter()
     source = open_source(src, options, lossless=lossless, warn=warn)
     check_inputs(source.graph, source.preprocess, source.labels, src, recipe)  # everything the file must satisfy
@@ -298,8 +343,15 @@ def compress_file(
             warn(f"--layer {text}: {pattern!r} matches no tensor of {src} (see 'klaus inspect' for the names)")
     batch = calibration_photos(calibration, source.preprocess, warn)
     try:
-        built = build(source, recipe, calibration=batch, views=calibration.crops, budget_mib=budget_mib,
-                      max_drop=max_drop, png=png)
+        built = build(
+            source,
+            recipe,
+            calibration=batch,
+            views=calibration.crops,
+            budget_mib=budget_mib,
+            max_drop=max_drop,
+            png=png,
+        )
     except KlausWriteError as exc:  # a budget search builds file images (SQLite VACUUM) along the way
         raise KlausWriteError(f"{out}: {exc}") from None
     except KlausError as exc:
@@ -307,7 +359,9 @@ def compress_file(
     return write_build(built, out, start, note)
 
 
-def calibration_photos(options: CalibrationOptions, preprocess: Preprocess, warn: Warn | None = None) -> np.ndarray | None:
+def calibration_photos(
+    options: CalibrationOptions, preprocess: Preprocess, warn: Warn | None = None
+) -> np.ndarray | None:
     """The calibration batch ``options`` describe (:func:`~klaus.compression.calibrate.load_imagenet_calibration`):
     a photo that cannot be read must not stop a build, but ``warn`` tells the user."""
 

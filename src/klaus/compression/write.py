@@ -35,10 +35,14 @@ def card_of(model: KlausModel) -> ModelCard:
     return ModelCard(meta["model_name"], meta["source"], meta["license"], meta["creator"], meta.get("description", ""))
 
 
-def encode_tensor(name: str, array: np.ndarray, q: PalettizedTensor | None, recipe: Recipe, png: codecs.PngOptions) -> TensorRecord:
+def encode_tensor(
+    name: str, array: np.ndarray, q: PalettizedTensor | None, recipe: Recipe, png: codecs.PngOptions
+) -> TensorRecord:
     """A palettized tensor as palette + PNG index map, anything else as raw floats."""
     if q is None:
-        return TensorRecord(name, tuple(array.shape), recipe.float_codec, 0, codecs.encode_raw(array, recipe.float_codec))
+        return TensorRecord(
+            name, tuple(array.shape), recipe.float_codec, 0, codecs.encode_raw(array, recipe.float_codec)
+        )
     rows, cols = codecs.index_map_shape(array.shape)
     return TensorRecord(
         name,
@@ -84,4 +88,3 @@ def assemble(
 def write(model: KlausModel, path: str | os.PathLike[str]) -> int:
     """Write ``model`` to ``path`` atomically; returns the file's size in bytes."""
     return write_model(model, path)  # as given: Path() would drop a trailing slash, which write_model refuses
-

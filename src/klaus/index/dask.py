@@ -43,7 +43,9 @@ def worker_engine(blob: ModelBlob) -> tuple[Engine, bool]:
         return engine, True
 
 
-def classify_on_worker(blob: ModelBlob, tasks: Sequence[Task], max_pixels: int | None = None) -> tuple[list[Result], dict]:
+def classify_on_worker(
+    blob: ModelBlob, tasks: Sequence[Task], max_pixels: int | None = None
+) -> tuple[list[Result], dict]:
     """One batch on one worker: decode each photo, one batched model call."""
     engine, built = worker_engine(blob)
     results = [decode(t, engine.preprocess, max_pixels) for t in tasks]

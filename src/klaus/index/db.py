@@ -281,7 +281,9 @@ class Database:
 
     def model_id(self, name: str, sha256: str, labels_sha256: str) -> int:
         """The id of this model, registering it (in the caller's transaction)."""
-        row = self.conn.execute("SELECT id, labels_sha256 FROM models WHERE name = ? AND sha256 = ?", (name, sha256)).fetchone()
+        row = self.conn.execute(
+            "SELECT id, labels_sha256 FROM models WHERE name = ? AND sha256 = ?", (name, sha256)
+        ).fetchone()
         if row:
             return int(row[0])
         cur = self.conn.execute(
@@ -308,7 +310,10 @@ class Database:
         self.conn.execute("DELETE FROM concepts")
         self.conn.executemany(
             "INSERT INTO classes (idx, wnid, name, path, hierarchy) VALUES (?, ?, ?, ?, ?)",
-            [(r.index, r.wnid, r.name, json.dumps(list(r.path)), json.dumps(list(r.hierarchy or (r.name,)))) for r in labels],
+            [
+                (r.index, r.wnid, r.name, json.dumps(list(r.path)), json.dumps(list(r.hierarchy or (r.name,))))
+                for r in labels
+            ],
         )
         self.conn.executemany("INSERT OR IGNORE INTO concepts (wnid, class) VALUES (?, ?)", concept_rows)
         if had_labels:
@@ -336,12 +341,15 @@ class Database:
             marks = ",".join("?" * len(chunk))
             self.conn.execute(f"DELETE FROM predictions WHERE photo_id IN ({marks})", chunk)
             self.conn.execute(
-                f"UPDATE photos SET status = 'gone', error = NULL, indexed_at = ? WHERE id IN ({marks})", [stamp, *chunk]
+                f"UPDATE photos SET status = 'gone', error = NULL, indexed_at = ? WHERE id IN ({marks})",
+                [stamp, *chunk],
             )
 
     def touch(self, path: str, size: int, mtime_ns: int) -> None:
         """The content is unchanged (same hash): remember the new mtime so the next run skips it."""
-        self.conn.execute("UPDATE photos SET size = ?, mtime_ns = ? WHERE path = ?", (int64(size), int64(mtime_ns), path))
+        self.conn.execute(
+            "UPDATE photos SET size = ?, mtime_ns = ? WHERE path = ?", (int64(size), int64(mtime_ns), path)
+        )
 
     def save(self, result, model_id: int, stamp: str, photo_id: int | None = None) -> int:
         """Insert or replace one photo and its predictions (in the caller's transaction).
@@ -361,9 +369,22 @@ class Database:
                    elapsed_ms = excluded.elapsed_ms, indexed_at = excluded.indexed_at
                RETURNING id""",
             (
-                photo_id, result.path, int64(result.size), int64(result.mtime_ns), result.sha256, result.width, result.height, result.format,
-                result.taken, result.status, result.error, model_id, round(result.decode_ms, 3),
-                round(result.infer_ms, 3), round(result.elapsed_ms, 3), stamp,
+                photo_id,
+                result.path,
+                int64(result.size),
+                int64(result.mtime_ns),
+                result.sha256,
+                result.width,
+                result.height,
+                result.format,
+                result.taken,
+                result.status,
+                result.error,
+                model_id,
+                round(result.decode_ms, 3),
+                round(result.infer_ms, 3),
+                round(result.elapsed_ms, 3),
+                stamp,
             ),
         ).fetchone()
         photo_id = int(row[0])
@@ -434,7 +455,9 @@ def _describe(exc: sqlite3.DatabaseError, path: Path | None = None) -> str:
             "try again when it has finished"
         )
     if code.startswith("SQLITE_READONLY") or "readonly database" in text:
-        return "the index cannot be written (read-only file, folder or file system); make it writable or use another --db"
+        return (
+            "the index cannot be written (read-only file, folder or file system); make it writable or use another --db"
+        )
     if code.startswith("SQLITE_FULL") or "database or disk is full" in text:
         return "the disk is full; free some space and run again (the committed photos are kept)"
     if code.startswith("SQLITE_CORRUPT") or "malformed" in text:

@@ -152,18 +152,29 @@ def index_paths(
             queue.register()
         stack.callback(_release, queue)  # on any exit: claims this run did not finish are free again
         summary = Summary(
-            photos=len(found.entries), skipped=work.skipped, gone=len(work.gone_ids),
-            unreadable_folders=len(found.unreadable), unstorable=len(found.unstorable),
-            model=f"{name}@{blob.sha256[:12]}", db=str(db_path),
-            unreadable_folder_errors=_reported(found.unreadable), unstorable_errors=_reported(found.unstorable),
+            photos=len(found.entries),
+            skipped=work.skipped,
+            gone=len(work.gone_ids),
+            unreadable_folders=len(found.unreadable),
+            unstorable=len(found.unstorable),
+            model=f"{name}@{blob.sha256[:12]}",
+            db=str(db_path),
+            unreadable_folder_errors=_reported(found.unreadable),
+            unstorable_errors=_reported(found.unstorable),
         )
         if on_plan:
             on_plan(summary, work)
         work_start = time.perf_counter()
         from tqdm import tqdm
 
-        with tqdm(total=len(work.tasks), unit="photo", desc="index", file=sys.stderr, disable=_disable(progress),
-                  dynamic_ncols=True) as bar:
+        with tqdm(
+            total=len(work.tasks),
+            unit="photo",
+            desc="index",
+            file=sys.stderr,
+            disable=_disable(progress),
+            dynamic_ncols=True,
+        ) as bar:
             while True:  # one round per stretch of claimable work; then wait for what other runs hold
                 if dask:
                     from .dask import classify_dask
@@ -173,9 +184,15 @@ def index_paths(
                     )
                 else:
                     assert engine is not None
-                    batches = classify_local(queue.claimed(), engine, workers=workers, batch=batch,
-                                             lanes=lanes or default_lanes(engine.threads), mode=decode_mode,
-                                             max_pixels=max_pixels)
+                    batches = classify_local(
+                        queue.claimed(),
+                        engine,
+                        workers=workers,
+                        batch=batch,
+                        lanes=lanes or default_lanes(engine.threads),
+                        mode=decode_mode,
+                        max_pixels=max_pixels,
+                    )
                 with closing(batches):  # stops the decode pool (or Dask futures) on any exit
                     for chunk in batches:
                         _save(db, queue, chunk, model_id, summary)

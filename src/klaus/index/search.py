@@ -40,8 +40,14 @@ class Hit:
 
     def to_dict(self, rank: int | None = None) -> dict[str, object]:
         out: dict[str, object] = {} if rank is None else {"rank": rank}
-        out.update(id=self.id, path=self.path, score=round(self.score, 6), label=self.label,
-                   probability=round(self.probability, 6), matches=self.matches)
+        out.update(
+            id=self.id,
+            path=self.path,
+            score=round(self.score, 6),
+            label=self.label,
+            probability=round(self.probability, 6),
+            matches=self.matches,
+        )
         return out
 
 
@@ -95,7 +101,9 @@ def resolve(conn: sqlite3.Connection, query: str) -> tuple[list[str], list[int]]
         raise KlausIndexError("empty query")
     wnids = set(find_concepts(text))
     plain: set[int] = set()
-    for idx, wnid in conn.execute("SELECT idx, wnid FROM classes WHERE name = ? COLLATE NOCASE OR wnid = ?", (text, text.lower())):
+    for idx, wnid in conn.execute(
+        "SELECT idx, wnid FROM classes WHERE name = ? COLLATE NOCASE OR wnid = ?", (text, text.lower())
+    ):
         if wnid:
             wnids.add(wnid)
         else:
@@ -162,7 +170,8 @@ def _hits(conn: sqlite3.Connection, page: list[tuple], wnids: list[str], plain: 
     paths = dict(conn.execute(f"SELECT id, path FROM photos WHERE id IN ({marks})", ids).fetchall())
     preds: dict[int, list[tuple[int, int, float]]] = {}
     for pid, rank, cls, prob in conn.execute(
-        f"SELECT photo_id, rank, class, probability FROM predictions WHERE photo_id IN ({marks}) ORDER BY photo_id, rank", ids
+        f"SELECT photo_id, rank, class, probability FROM predictions WHERE photo_id IN ({marks}) ORDER BY photo_id, rank",
+        ids,
     ):
         preds.setdefault(int(pid), []).append((int(rank), int(cls), float(prob)))
     hits = []
@@ -171,7 +180,8 @@ def _hits(conn: sqlite3.Connection, page: list[tuple], wnids: list[str], plain: 
         first = top[0] if top else (1, -1, 0.0)
         matches = [
             {"rank": r, "index": c, "label": names.get(c, f"class {c}"), "probability": round(p, 6)}
-            for r, c, p in top if c in wanted
+            for r, c, p in top
+            if c in wanted
         ]
         hits.append(Hit(int(pid), paths.get(pid, ""), float(score), names.get(first[1], ""), first[2], matches))
     return hits
@@ -192,7 +202,9 @@ class Node:
 def tree(conn: sqlite3.Connection) -> dict[str, Node]:
     """The display tree of the model's classes (each class's root-to-leaf path), with top-1 counts."""
     nodes: dict[str, Node] = {}
-    for wnid, name, path_json, hierarchy_json in conn.execute("SELECT wnid, name, path, hierarchy FROM classes ORDER BY idx"):
+    for wnid, name, path_json, hierarchy_json in conn.execute(
+        "SELECT wnid, name, path, hierarchy FROM classes ORDER BY idx"
+    ):
         path, names = json.loads(path_json), json.loads(hierarchy_json)
         if not path or len(path) != len(names):  # a class outside WordNet: not in the tree, only searchable by name
             continue
@@ -236,7 +248,8 @@ def photos_under(conn: sqlite3.Connection, wnid: str, *, limit: int = 60, offset
         (wnid, limit, offset),
     ).fetchall()
     return [
-        {"id": int(i), "path": path, "label": names.get(int(c), ""), "probability": float(prob)} for i, path, c, prob in rows
+        {"id": int(i), "path": path, "label": names.get(int(c), ""), "probability": float(prob)}
+        for i, path, c, prob in rows
     ], int(total)
 
 
@@ -250,11 +263,36 @@ def photo(conn: sqlite3.Connection, photo_id: int) -> dict | None:
     ).fetchone()
     if row is None:
         return None
-    keys = ("id", "path", "size", "mtime_ns", "sha256", "width", "height", "format", "taken", "status", "error",
-            "decode_ms", "infer_ms", "elapsed_ms", "indexed_at", "model", "model_sha256")
+    keys = (
+        "id",
+        "path",
+        "size",
+        "mtime_ns",
+        "sha256",
+        "width",
+        "height",
+        "format",
+        "taken",
+        "status",
+        "error",
+        "decode_ms",
+        "infer_ms",
+        "elapsed_ms",
+        "indexed_at",
+        "model",
+        "model_sha256",
+    )
     out = dict(zip(keys, row))
     out["predictions"] = [
-        {"rank": r, "index": c, "wnid": w, "label": n, "probability": p, "hierarchy": json.loads(h), "path": json.loads(pa)}
+        {
+            "rank": r,
+            "index": c,
+            "wnid": w,
+            "label": n,
+            "probability": p,
+            "hierarchy": json.loads(h),
+            "path": json.loads(pa),
+        }
         for r, c, p, w, n, h, pa in conn.execute(
             """SELECT p.rank, p.class, p.probability, cl.wnid, cl.name, cl.hierarchy, cl.path
                FROM predictions AS p JOIN classes AS cl ON cl.idx = p.class

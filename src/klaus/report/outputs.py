@@ -17,7 +17,11 @@ def write_outputs(result: SweepResult, out_dir: str | os.PathLike[str]) -> tuple
     :class:`KlausWriteError` naming it."""
     out = check_out_dir(out_dir)
     written = []
-    for name, text in (("sweep.md", markdown(result)), ("sweep.csv", csv_text(result)), ("sweep.json", json_text(result))):
+    for name, text in (
+        ("sweep.md", markdown(result)),
+        ("sweep.csv", csv_text(result)),
+        ("sweep.json", json_text(result)),
+    ):
         write_atomic(text.encode("utf-8"), out / name)
         written.append(out / name)
     try:

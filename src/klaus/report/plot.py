@@ -39,7 +39,34 @@ def _scheme(r: SweepRow) -> str:
     return r.scheme or {"bits": "tensor"}.get(r.kind, r.kind)
 
 
-_SIZE_TICKS = (0.25, 0.5, 0.75, 1, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+_SIZE_TICKS = (
+    0.25,
+    0.5,
+    0.75,
+    1,
+    1.5,
+    2,
+    2.5,
+    3,
+    4,
+    5,
+    6,
+    8,
+    10,
+    12,
+    16,
+    20,
+    24,
+    32,
+    48,
+    64,
+    96,
+    128,
+    192,
+    256,
+    384,
+    512,
+)
 
 
 def _point_label(r: SweepRow) -> str:
@@ -66,12 +93,26 @@ def plot(result: SweepResult, path: str | os.PathLike[str]) -> None:
     for scheme in ("tensor", "channel", "calibrated", "uniform", "mixed"):
         curve = sorted((r for r in done if _scheme(r) == scheme), key=lambda r: r.file_bytes)
         if len(curve) > 1:
-            ax.plot([r.file_bytes / 2**20 for r in curve], [r.top1 * 100 for r in curve],
-                    color=_STYLE[scheme]["color"], lw=1, alpha=0.45, zorder=2)
+            ax.plot(
+                [r.file_bytes / 2**20 for r in curve],
+                [r.top1 * 100 for r in curve],
+                color=_STYLE[scheme]["color"],
+                lw=1,
+                alpha=0.45,
+                zorder=2,
+            )
     best = frontier(done)
     if len(best) > 1:
-        ax.plot([r.file_bytes / 2**20 for r in best], [r.top1 * 100 for r in best], color="black", lw=1.4, ls="--",
-                alpha=0.7, zorder=2, label="Pareto frontier (best top-1 at each size)")
+        ax.plot(
+            [r.file_bytes / 2**20 for r in best],
+            [r.top1 * 100 for r in best],
+            color="black",
+            lw=1.4,
+            ls="--",
+            alpha=0.7,
+            zorder=2,
+            label="Pareto frontier (best top-1 at each size)",
+        )
     seen: set[str] = set()
     # Labels alternate above and below in size order, so neighbouring points stay readable.
     for i, r in enumerate(sorted(done, key=lambda r: (r.file_bytes, r.setting))):
@@ -80,13 +121,17 @@ def plot(result: SweepResult, path: str | os.PathLike[str]) -> None:
         legend = _LEGENDS[scheme]
         ax.scatter([x], [y], label=None if legend in seen else legend, **_STYLE[scheme])
         seen.add(legend)
-        ax.annotate(_point_label(r), (x, y), textcoords="offset points", xytext=(5, 7 if i % 2 == 0 else -13), fontsize=7)
+        ax.annotate(
+            _point_label(r), (x, y), textcoords="offset points", xytext=(5, 7 if i % 2 == 0 else -13), fontsize=7
+        )
         if r.kind == "reference":
             ax.axhline(y, color="black", lw=0.8, ls=":", zorder=1)
     ax.set_xlabel("model file (MiB, log scale)")
     ax.set_ylabel("top-1 accuracy (%)")
     crops = f"{result.crops} crop{'s' if result.crops > 1 else ''}"
-    ax.set_title(f"{result.model}: top-1 accuracy vs file size ({result.n} images, split {result.split}, {crops})", fontsize=10)
+    ax.set_title(
+        f"{result.model}: top-1 accuracy vs file size ({result.n} images, split {result.split}, {crops})", fontsize=10
+    )
     if done:
         sizes = [r.file_bytes / 2**20 for r in done if r.file_bytes > 0]
         ax.set_xscale("log", base=2)

@@ -41,29 +41,37 @@ def markdown(result: SweepResult) -> str:
     ]
     notes = []
     for r in result.rows:
-        ratio = "—" if (r.file_bytes is None or ref is None or not ref.file_bytes) else f"{r.file_bytes / ref.file_bytes:.3f}"
+        ratio = (
+            "—"
+            if (r.file_bytes is None or ref is None or not ref.file_bytes)
+            else f"{r.file_bytes / ref.file_bytes:.3f}"
+        )
         errors = "—" if r.top1 is None else f"{_pct(r.top1_error)} (1), {_pct(r.top5_error)} (5)"
         if r.error:
             notes.append(f"- {r.setting}: {r.error}")
         pal = r.palettized_tensors
         lines.append(
-            "| " + " | ".join([
-                f"**{r.setting}**" if r.kind == "reference" else r.setting,
-                r.scheme or "—",
-                r.method or ("failed" if r.error else "—"),
-                _mib(r.file_bytes),
-                "—" if r.file_bytes is None else f"{r.file_bytes:,}",
-                ratio,
-                errors,
-                _pct(r.top1),
-                _pct(r.top5),
-                _pct(r.agreement),
-                "—" if pal is None else str(pal),
-                "—" if not pal else f"{r.palettized_bytes:,}",
-                "—" if not pal else f"{r.entropy_bytes:,.0f}",
-                "—" if r.bits_per_weight is None else f"{r.bits_per_weight:.2f}",
-                "—" if r.compress_seconds is None else f"{r.compress_seconds:.1f}",
-            ]) + " |"
+            "| "
+            + " | ".join(
+                [
+                    f"**{r.setting}**" if r.kind == "reference" else r.setting,
+                    r.scheme or "—",
+                    r.method or ("failed" if r.error else "—"),
+                    _mib(r.file_bytes),
+                    "—" if r.file_bytes is None else f"{r.file_bytes:,}",
+                    ratio,
+                    errors,
+                    _pct(r.top1),
+                    _pct(r.top5),
+                    _pct(r.agreement),
+                    "—" if pal is None else str(pal),
+                    "—" if not pal else f"{r.palettized_bytes:,}",
+                    "—" if not pal else f"{r.entropy_bytes:,.0f}",
+                    "—" if r.bits_per_weight is None else f"{r.bits_per_weight:.2f}",
+                    "—" if r.compress_seconds is None else f"{r.compress_seconds:.1f}",
+                ]
+            )
+            + " |"
         )
     lines += [
         "",
@@ -73,13 +81,18 @@ def markdown(result: SweepResult) -> str:
     ]
     best = frontier(result.rows)
     if best:
-        lines += ["", "Pareto frontier (the best top-1 at each size, over all rows, smallest first): "
-                  + " → ".join(f"{r.setting} ({_mib(r.file_bytes)}, {_pct(r.top1)})" for r in best) + "."]
+        lines += [
+            "",
+            "Pareto frontier (the best top-1 at each size, over all rows, smallest first): "
+            + " → ".join(f"{r.setting} ({_mib(r.file_bytes)}, {_pct(r.top1)})" for r in best)
+            + ".",
+        ]
     budgeted = [r for r in result.rows if r.kind == "mixed" and r.budget_bytes is not None and not r.error]
     if budgeted:
         lines += ["", "Mixed rows (budget; tensors per width, fp16 = kept float, uN = uniform grid of step N):", ""]
         lines += [
-            f"- {r.setting}: budget {r.budget_bytes:,} bytes, file {r.file_bytes:,} bytes; {r.allocation}" for r in budgeted
+            f"- {r.setting}: budget {r.budget_bytes:,} bytes, file {r.file_bytes:,} bytes; {r.allocation}"
+            for r in budgeted
         ]
     if notes:
         lines += ["", "Failed rows:", "", *notes]

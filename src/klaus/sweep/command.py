@@ -80,8 +80,13 @@ def prepare(options: SweepOptions, *, warn: Say = _quiet, note: Say = _quiet) ->
     calibration given but unused, a lossy source). The evaluation images come next (:func:`load_eval_set`),
     then :func:`check_images`."""
     settings = plan(
-        options.bits, options.scope, options.recipes, methods=options.methods, budgets_mib=options.budgets_mib,
-        min_elements=options.min_elements, int8_baseline=options.int8,
+        options.bits,
+        options.scope,
+        options.recipes,
+        methods=options.methods,
+        budgets_mib=options.budgets_mib,
+        min_elements=options.min_elements,
+        int8_baseline=options.int8,
     )
     if options.out_dir is not None:  # refused before any work, not after every row is computed
         check_out_dir(options.out_dir)
@@ -89,18 +94,24 @@ def prepare(options: SweepOptions, *, warn: Say = _quiet, note: Say = _quiet) ->
     source = load_source(options.src, names)
     out_dir = check_out_dir(options.out_dir if options.out_dir is not None else default_out_dir(source.name))
     if source.palettized_tensors:
-        warn(f"{options.src} has {source.palettized_tensors} palettized tensors, so the 'fp32' row is "
-             "its decoded weights, not the original float model")
+        warn(
+            f"{options.src} has {source.palettized_tensors} palettized tensors, so the 'fp32' row is "
+            "its decoded weights, not the original float model"
+        )
     no_grid = [str(b) for b in options.bits if b not in UNIFORM_STEPS] if "uniform" in options.methods else []
     if no_grid:
-        note(f"no uniform row at {', '.join(no_grid)} bits: a grid that fine needs more than 256 levels "
-             f"(uniform widths: {min(UNIFORM_STEPS)}..{max(UNIFORM_STEPS)})")
+        note(
+            f"no uniform row at {', '.join(no_grid)} bits: a grid that fine needs more than 256 levels "
+            f"(uniform widths: {min(UNIFORM_STEPS)}..{max(UNIFORM_STEPS)})"
+        )
     calib = options.calibration
     if not calib.sources:
         settings, skipped = without_calibration(settings)
         if skipped:
-            warn(f"no --calib images, so {len(skipped)} row{'s' if len(skipped) > 1 else ''} "
-                 f"({', '.join(s.label for s in skipped)}) skipped: calibrated and mixed rows need calibration")
+            warn(
+                f"no --calib images, so {len(skipped)} row{'s' if len(skipped) > 1 else ''} "
+                f"({', '.join(s.label for s in skipped)}) skipped: calibrated and mixed rows need calibration"
+            )
     sources = calib.sources
     if sources and not any(s.calibrated for s in settings):
         note("--calib is used by calibrated, mixed and --recipe rows only, so it is ignored")
@@ -114,8 +125,10 @@ def check_images(prepared: Prepared, evalset: EvalSet, *, warn: Say = _quiet, no
     calibrate (calibrated rows would look better than they are), GPTQ recipes without calibration."""
     shared = overlap(prepared.calibration, evalset)
     if shared:
-        warn(f"{shared} of the {len(evalset.samples)} evaluation images are also calibration images; "
-             "calibrated rows will look better than they are (use --split/--calib-split)")
+        warn(
+            f"{shared} of the {len(evalset.samples)} evaluation images are also calibration images; "
+            "calibrated rows will look better than they are (use --split/--calib-split)"
+        )
     calibrated = prepared.calibration is not None
     if not calibrated and any(s.recipe is not None and s.recipe.method == "gptq" for s in prepared.settings):
         note("no --calib images, so GPTQ recipes run as plain k-means without bias correction")

@@ -143,7 +143,12 @@ def _palette_stats(model: KlausModel) -> dict[str, int | float]:
 
 def _method(model: KlausModel, calibrated: bool) -> str:
     recipe = model.recipe
-    if not recipe.get("fc_bits") and not recipe.get("conv_bits") and not recipe.get("depthwise_bits") and not recipe.get("rules"):
+    if (
+        not recipe.get("fc_bits")
+        and not recipe.get("conv_bits")
+        and not recipe.get("depthwise_bits")
+        and not recipe.get("rules")
+    ):
         return str(recipe.get("float_codec", "float"))
     method = str(recipe.get("method", "kmeans"))
     return f"{method}+bias-correction" if calibrated else method
@@ -207,7 +212,9 @@ def run_sweep(
                     row, top5 = _compressed_row(setting, source, evalset, calibration, threads, reference_top1, tick)
                 except KlausError as exc:
                     if setting.kind == "reference":  # no table without it: the error names SRC
-                        raise KlausModelError(naming(str(exc).removeprefix(f"<{setting.label}>: "), source.origin)) from None
+                        raise KlausModelError(
+                            naming(str(exc).removeprefix(f"<{setting.label}>: "), source.origin)
+                        ) from None
                     row = _error_row(setting, evalset, _first_line(exc))
                 else:
                     if setting.kind == "reference":
@@ -217,8 +224,17 @@ def run_sweep(
             if on_row:
                 on_row(row)
     return SweepResult(
-        source.name, source.describe(), evalset.data, evalset.split, evalset.crops, len(evalset.samples), evalset.failed,
-        None if calibration is None else calibration.describe(), command, tuple(rows), _describe_scope(settings),
+        source.name,
+        source.describe(),
+        evalset.data,
+        evalset.split,
+        evalset.crops,
+        len(evalset.samples),
+        evalset.failed,
+        None if calibration is None else calibration.describe(),
+        command,
+        tuple(rows),
+        _describe_scope(settings),
         _describe_schemes(settings),
     )
 
@@ -227,7 +243,9 @@ def _describe_scope(settings: Sequence[Setting]) -> str:
     bits = [s for s in settings if s.kind == "bits" and s.recipe is not None]
     if not bits:
         return ""
-    layers = {"fc": "fully connected layers", "conv": "convolutions (incl. depthwise)", "all": "all layers"}[bits[0].scope or "all"]
+    layers = {"fc": "fully connected layers", "conv": "convolutions (incl. depthwise)", "all": "all layers"}[
+        bits[0].scope or "all"
+    ]
     widths = ", ".join(str(b) for b in dict.fromkeys(s.bits for s in bits))
     others = "" if bits[0].scope == "all" else "other layers and "
     floor = f"{others}tensors under {bits[0].recipe.min_elements} weights stay fp16"
@@ -295,8 +313,13 @@ def _compressed_row(
         if setting.step is not None:
             recipe = uniform_recipe(recipe, setting.step, source.graph)
         model = compress_onnx(
-            source.graph, recipe, preprocess=source.preprocess, labels=source.labels, card=source.card,
-            output=source.output, calibration=use_calib,
+            source.graph,
+            recipe,
+            preprocess=source.preprocess,
+            labels=source.labels,
+            card=source.card,
+            output=source.output,
+            calibration=use_calib,
         )
     blob = serialize(model)
     seconds = time.perf_counter() - start
@@ -309,12 +332,26 @@ def _compressed_row(
     if setting.step is not None:
         method = method.replace("kmeans", "uniform", 1)
     row = SweepRow(
-        setting.label, setting.kind, setting.scope, setting.bits,
-        setting.recipe.name if setting.recipe is not None else str(stored.recipe.get("name") or "") or None, method,
-        use_calib is not None, len(blob), **_palette_stats(stored),  # type: ignore[arg-type]
-        n=acc.n, failed=acc.failed, top1=acc.top1, top5=acc.top5, agreement=acc.agreement,
-        compress_seconds=seconds, eval_seconds=eval_seconds, scheme=setting.row_scheme, step=setting.step,
-        budget_bytes=setting.budget_bytes, allocation=None if allocation is None else _allocation_summary(allocation),
+        setting.label,
+        setting.kind,
+        setting.scope,
+        setting.bits,
+        setting.recipe.name if setting.recipe is not None else str(stored.recipe.get("name") or "") or None,
+        method,
+        use_calib is not None,
+        len(blob),
+        **_palette_stats(stored),  # type: ignore[arg-type]
+        n=acc.n,
+        failed=acc.failed,
+        top1=acc.top1,
+        top5=acc.top5,
+        agreement=acc.agreement,
+        compress_seconds=seconds,
+        eval_seconds=eval_seconds,
+        scheme=setting.row_scheme,
+        step=setting.step,
+        budget_bytes=setting.budget_bytes,
+        allocation=None if allocation is None else _allocation_summary(allocation),
     )
     return row, top5
 
@@ -327,8 +364,16 @@ def _budgeted(
         raise KlausModelError("a budgeted row needs calibration images (--calib)")
     kwargs = {} if setting.min_elements is None else {"min_elements": setting.min_elements}
     return compress_to_budget(
-        source.graph, NAMED_RECIPES[MIXED_RECIPE], setting.budget_bytes, preprocess=source.preprocess,
-        labels=source.labels, card=source.card, output=source.output, calibration=calibration, views=views, **kwargs,
+        source.graph,
+        NAMED_RECIPES[MIXED_RECIPE],
+        setting.budget_bytes,
+        preprocess=source.preprocess,
+        labels=source.labels,
+        card=source.card,
+        output=source.output,
+        calibration=calibration,
+        views=views,
+        **kwargs,
     )
 
 
@@ -383,23 +428,64 @@ def _baseline_row(
         return _error_row(setting, evalset, _first_line(exc))
     acc = evaluate.score(evalset.samples, top5, evalset.ok, reference_top1)
     return SweepRow(
-        setting.label, setting.kind, None, 8, None, "ort-dynamic-qint8", False, int8.stat().st_size,
-        None, None, None, None, None, acc.n, acc.failed, acc.top1, acc.top5, acc.agreement, seconds, eval_seconds,
+        setting.label,
+        setting.kind,
+        None,
+        8,
+        None,
+        "ort-dynamic-qint8",
+        False,
+        int8.stat().st_size,
+        None,
+        None,
+        None,
+        None,
+        None,
+        acc.n,
+        acc.failed,
+        acc.top1,
+        acc.top5,
+        acc.agreement,
+        seconds,
+        eval_seconds,
         scheme=setting.row_scheme,
     )
 
 
 def _error_row(setting: Setting, evalset: EvalSet, error: str) -> SweepRow:
     return SweepRow(
-        setting.label, setting.kind, setting.scope, setting.bits, None if setting.recipe is None else setting.recipe.name,
-        None, False, None, None, None, None, None, None, 0, len(evalset.samples), None, None, None, None, None, error,
-        scheme=setting.row_scheme, step=setting.step, budget_bytes=setting.budget_bytes,
+        setting.label,
+        setting.kind,
+        setting.scope,
+        setting.bits,
+        None if setting.recipe is None else setting.recipe.name,
+        None,
+        False,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        0,
+        len(evalset.samples),
+        None,
+        None,
+        None,
+        None,
+        None,
+        error,
+        scheme=setting.row_scheme,
+        step=setting.step,
+        budget_bytes=setting.budget_bytes,
     )
 
 
 def frontier(rows: Sequence[SweepRow]) -> list[SweepRow]:
     """The measured rows no smaller row beats: the best top-1 at each size, smallest file first."""
-    done = sorted((r for r in rows if r.file_bytes is not None and r.top1 is not None), key=lambda r: (r.file_bytes, -r.top1))
+    done = sorted(
+        (r for r in rows if r.file_bytes is not None and r.top1 is not None), key=lambda r: (r.file_bytes, -r.top1)
+    )
     best: list[SweepRow] = []
     for r in done:
         if not best or r.top1 > best[-1].top1:

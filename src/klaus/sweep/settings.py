@@ -85,9 +85,14 @@ def scope_recipe(scope: str, bits: int, min_elements: int | None = None) -> Reci
     fc = bits if scope in ("fc", "all") else None
     conv = bits if scope in ("conv", "all") else None
     return Recipe(
-        name=f"{scope}{bits}", fc_bits=fc, conv_bits=conv, depthwise_bits=conv,
+        name=f"{scope}{bits}",
+        fc_bits=fc,
+        conv_bits=conv,
+        depthwise_bits=conv,
         min_elements=DEFAULT_MIN_ELEMENTS if min_elements is None else min_elements,
-        float_codec="raw-f16", granularity="tensor", method="kmeans",
+        float_codec="raw-f16",
+        granularity="tensor",
+        method="kmeans",
     )
 
 
@@ -105,7 +110,9 @@ def method_setting(scope: str, bits: int, method: str, min_elements: int | None 
         return Setting(f"{scope} {bits}-bit channel", "bits", recipe, scope, bits, scheme="channel")
     if method == "calibrated":
         recipe = replace(base, name=f"{scope}{bits}-calibrated", granularity="channel", method="gptq")
-        return Setting(f"{scope} {bits}-bit calibrated", "bits", recipe, scope, bits, calibrated=True, scheme="calibrated")
+        return Setting(
+            f"{scope} {bits}-bit calibrated", "bits", recipe, scope, bits, calibrated=True, scheme="calibrated"
+        )
     if method == "uniform":
         step = UNIFORM_STEPS.get(bits)
         if step is None:
@@ -135,7 +142,13 @@ def mixed_setting(mib: float, min_elements: int | None = None) -> Setting:
     if budget <= 0:
         raise KlausModelError(f"--budget-mib must be positive, got {mib:g}")
     return Setting(
-        f"mixed {mib:g} MiB", "mixed", None, calibrated=True, scheme="mixed", budget_bytes=budget, min_elements=min_elements
+        f"mixed {mib:g} MiB",
+        "mixed",
+        None,
+        calibrated=True,
+        scheme="mixed",
+        budget_bytes=budget,
+        min_elements=min_elements,
     )
 
 
@@ -157,7 +170,9 @@ def plan(
     """
     for method in methods:
         if method not in METHODS:
-            raise KlausModelError(f"unknown method {method!r} (known: {', '.join(METHODS)}; mixed rows come from --budget-mib)")
+            raise KlausModelError(
+                f"unknown method {method!r} (known: {', '.join(METHODS)}; mixed rows come from --budget-mib)"
+            )
     settings = [
         Setting(REFERENCE, "reference", LOSSLESS),
         Setting("fp16", "fp16", FP16),
