@@ -147,12 +147,13 @@ async function walkOne(model, file) {
     model: model.sha256 || '', crops, at: Date.now(), thumb: null, error: null, predictions: null,
     elapsed_ms: null, network_ms: null,
   };
+  const thumb = thumbnail(file).catch(() => null); // decoded by the browser while the worker classifies
   try {
     const result = await api.classify(model, file, { top: 5, crops });
     record.predictions = result.predictions;
     record.elapsed_ms = result.elapsed_ms;
     record.network_ms = result.network_ms;
-    record.thumb = await thumbnail(file).catch(() => null);
+    record.thumb = await thumb;
   } catch (err) {
     record.error = photoError(file, name, err);
   }
