@@ -194,7 +194,7 @@ def run_set(name: str, files: list[Path], args, clf, engine) -> dict:
             for k, part in enumerate(parts):
                 seconds, cpu, top1 = naive(part, clf)
                 naive_s, naive_c = naive_s + seconds, naive_c + cpu
-                naive_top1.update((f.name, t) for f, t in zip(part, top1))
+                naive_top1.update((f.name, t) for f, t in zip(part, top1, strict=True))
                 seconds, cpu, top1 = pipeline(part, engine, args, Path(tmp) / "bench.db", Path(tmp) / f"slice{k}")
                 pipe_s, pipe_c = pipe_s + seconds, pipe_c + cpu
                 pipe_top1.update(top1)
@@ -205,7 +205,7 @@ def run_set(name: str, files: list[Path], args, clf, engine) -> dict:
         agreements.append(float(np.mean([pipe_top1[n] == t for n, t in naive_top1.items()])))
         print(f"  {name}: naive {naive_rates[-1]:.1f}/s  pipeline {pipe_rates[-1]:.1f}/s", file=sys.stderr, flush=True)
     naive_rate, pipe_rate = statistics.median(naive_rates), statistics.median(pipe_rates)
-    ratios = [p / n for p, n in zip(pipe_rates, naive_rates)]
+    ratios = [p / n for p, n in zip(pipe_rates, naive_rates, strict=True)]
     with Image.open(files[0]) as img:
         size = f"{img.width}x{img.height}"
     return {
@@ -367,7 +367,7 @@ def run(argv: list[str] | None = None) -> str:
     args = parse_args(argv or [])
     results = measure(args)
     rounds = "; ".join(
-        f"{r['set']}: " + ", ".join(f"{n} → {p}" for n, p in zip(r["naive_rounds"], r["pipeline_rounds"]))
+        f"{r['set']}: " + ", ".join(f"{n} → {p}" for n, p in zip(r["naive_rounds"], r["pipeline_rounds"], strict=True))
         for r in results
     )
     parts = [

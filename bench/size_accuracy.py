@@ -184,7 +184,7 @@ def run(only: list[str] | None = None) -> str:
         "",
     ]
     if not SAMPLE.is_dir():
-        return "\n".join(header + [f"Skipped: {SAMPLE} is not present."])
+        return "\n".join([*header, f"Skipped: {SAMPLE} is not present."])
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization's pre-processing advice
     wanted = list(only or KEYS)
     files = split_files("odd")
@@ -266,7 +266,7 @@ def run(only: list[str] | None = None) -> str:
                 ["model", "file bytes", "MiB", "vs fp32 size", "top-1", "top-5", "agreement with fp32", "command"], rows
             ),
         ]
-        + ([""] + failures if failures else [])
+        + (["", *failures] if failures else [])
     )
 
 

@@ -101,7 +101,7 @@ def test_classify_json_schema():
     assert result.exit_code == 0
     objs = json_lines(result.stdout)
     assert len(objs) == 2 == len(result.stdout.splitlines())
-    for obj, path in zip(objs, (CAT, COFFEE)):
+    for obj, path in zip(objs, (CAT, COFFEE), strict=True):
         assert set(obj) == RESULT_KEYS
         assert obj["path"] == path
         assert isinstance(obj["elapsed_ms"], (int, float)) and obj["elapsed_ms"] >= 0
@@ -356,7 +356,7 @@ def test_compress_inspect_export(tiny_files):
         line.split() for line in human.stdout.splitlines() if line.strip().startswith(("stem.", "dw.", "pw.", "fc."))
     ]
     assert len(rows) == 8
-    assert ["fc.weight", "10x64", "palette-png", "4"] == rows[6][:4]
+    assert rows[6][:4] == ["fc.weight", "10x64", "palette-png", "4"]
     assert "totals: 8 tensors, 2346 parameters" in human.stdout
 
     exported = tiny_files["dir"] / "tiny-export.onnx"

@@ -6,6 +6,7 @@ import io
 import math
 import struct
 import zlib
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -490,7 +491,7 @@ def test_decode_accepts_image_data_split_over_several_idat_chunks(good_png, piec
     parts = chunks(png)
     stream = parts[1][1]
     cuts = np.linspace(0, len(stream), pieces + 1).astype(int)
-    idats = [(b"IDAT", stream[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
+    idats = [(b"IDAT", stream[a:b]) for a, b in pairwise(cuts)]
     assert len(idats) == pieces and b"".join(b for _, b in idats) == stream
     assert np.array_equal(codecs.decode_png_indices(build([parts[0], *idats, parts[-1]]), 6, 13, 4), indices)
 

@@ -277,7 +277,7 @@ def test_predict_paired_and_score_paired():
 
     def reference(paths):  # right on 0..3; on 4 and 5 it ranks the model's second choice first
         probs = _fake_model({"5.jpg"}, [])(paths)
-        for row, p in zip(probs, paths):
+        for row, p in zip(probs, paths, strict=True):
             if int(p.split(".")[0]) == 4:
                 row[[4, 5]] = row[[5, 4]]
         return probs
@@ -300,7 +300,7 @@ def test_predict_paired_and_score_paired():
 
 def test_predict_all_without_callbacks_and_non_klaus_errors():
     samples = [Sample("0.jpg", 0), Sample("1.jpg", 1)]
-    top5, ok = ev.predict_all(_fake_model({"1.jpg"}, []), samples)
+    _, ok = ev.predict_all(_fake_model({"1.jpg"}, []), samples)
     assert ok.tolist() == [True, False]
 
     def broken(paths):

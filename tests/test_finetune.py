@@ -66,7 +66,7 @@ def test_choose_cut_is_the_latest_with_the_requested_tail_share() -> None:
         return sum(q.indices.size for n, q in quantized.items() if first_use[n] > position) / total
 
     for wanted in (0.2, 0.5, 0.8):
-        position, value = finetune.choose_cut(model, quantized, wanted)
+        position, _ = finetune.choose_cut(model, quantized, wanted)
         assert share(position) >= wanted
         later = [p for p, _ in finetune.graph_cuts(model) if p > position]
         assert all(share(p) < wanted for p in later)
@@ -178,11 +178,11 @@ def test_cli_finetune_steps(tmp_path, tiny_onnx_path) -> None:
         "--finetune-steps",
         "10",
     ]
-    missing = CliRunner().invoke(main, args + ["-o", str(tmp_path / "a.klaus")], prog_name="klaus")
+    missing = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "a.klaus")], prog_name="klaus")
     assert missing.exit_code == 1 and "--calib" in missing.stderr
     out = tmp_path / "b.klaus"
     ok = CliRunner().invoke(
-        main, args + ["-o", str(out), "--calib", str(EXAMPLES), "--calib-crops", "10"], prog_name="klaus"
+        main, [*args, "-o", str(out), "--calib", str(EXAMPLES), "--calib-crops", "10"], prog_name="klaus"
     )
     assert ok.exit_code == 0, ok.output
     assert '"finetune_steps":10' in kf.read_model(out).meta["recipe"]

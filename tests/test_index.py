@@ -168,7 +168,7 @@ def test_foreign_files_are_not_indexes(tmp_path, kind):
     else:
         shutil.copy(default_model_path(), path)
     before = path.read_bytes()
-    with pytest.raises(KlausIndexError, match="not a|klaus photo index"):
+    with pytest.raises(KlausIndexError, match=r"not a|klaus photo index"):
         Database(path)
     assert path.read_bytes() == before  # never converted or migrated
 
@@ -188,7 +188,7 @@ def test_index_examples(tmp_path, engine):
     assert (summary.photos, summary.indexed, summary.skipped, summary.failed, summary.gone) == (4, 4, 0, 0, 0)
     rows = query(db, "SELECT path, status, size, width, height, format, sha256, model_id FROM photos ORDER BY path")
     assert [Path(r[0]).name for r in rows] == ["astronaut.jpg", "cat.jpg", "coffee.jpg", "rocket.jpg"]
-    for path, status, size, width, height, fmt, sha, model_id in rows:
+    for path, status, size, width, height, fmt, sha, _model_id in rows:
         data = Path(path).read_bytes()
         assert status == "ok" and fmt == "JPEG" and size == len(data)
         assert sha == hashlib.sha256(data).hexdigest()
@@ -235,7 +235,7 @@ def test_index_and_classify_agree(tmp_path, engine):
 
 
 def test_model_calls_of_a_few_photos_give_the_batch_result(tmp_path, engine):
-    paths = sorted(EXAMPLES.glob("*.jpg")) + [tmp_path / "missing.jpg"]
+    paths = [*sorted(EXAMPLES.glob("*.jpg")), tmp_path / "missing.jpg"]
     results = {}
     for step in (1, 3, 16):
         batch = [decode(Task(str(p), 0, 0), engine.preprocess) for p in paths]
@@ -245,7 +245,7 @@ def test_model_calls_of_a_few_photos_give_the_batch_result(tmp_path, engine):
         assert all(r.pixels is None for r in batch) and batch[-1].predictions == []
         results[step] = [r.predictions for r in batch[:4]]
     for step in (1, 3):
-        for got, want in zip(results[step], results[16]):
+        for got, want in zip(results[step], results[16], strict=True):
             assert [c for c, _ in got] == [c for c, _ in want]
             np.testing.assert_allclose([p for _, p in got], [p for _, p in want], atol=1e-5)
 
@@ -431,7 +431,7 @@ def test_two_index_processes_on_one_database(tmp_path):
         for _ in range(2)
     ]
     outs = [p.communicate(timeout=180) for p in procs]
-    for p, (out, err) in zip(procs, outs):
+    for p, (out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err
         assert json.loads(out)["photos"] == 44
     assert integrity(db) == "ok"

@@ -19,13 +19,13 @@ from pathlib import Path
 import pytest
 
 from conftest import EXAMPLES
+from klaus.errors import KlausImageError
 from klaus.index import db as dbm
 from klaus.index.db import Database, KlausIndexError
 from klaus.index.indexer import index_paths
-from klaus.names import printable, shown, storable
 from klaus.index.pipeline import Task, check_regular, decode, read_photo
 from klaus.index.walker import UNSTORABLE, walk
-from klaus.errors import KlausImageError
+from klaus.names import printable, shown, storable
 from klaus.preprocess import Preprocess
 from test_index import assert_one_line_error, integrity, klaus_cmd, query, run_cli, snapshot
 
@@ -249,12 +249,13 @@ def test_cli_index_reports_a_lock_held_too_long_in_one_line(indexed, monkeypatch
 
 
 def test_sqlite_errors_become_one_line_index_errors(tmp_path):
-    with pytest.raises(KlausIndexError, match=r"x\.db: the disk is full"):
-        with dbm.sqlite_errors(tmp_path / "x.db"):
-            raise sqlite3.OperationalError("database or disk is full")
-    with pytest.raises(KlausIndexError, match=r"x\.db: the index file is damaged"):
-        with dbm.sqlite_errors(tmp_path / "x.db"):
-            raise sqlite3.DatabaseError("database disk image is malformed")
+    with pytest.raises(KlausIndexError, match=r"x\.db: the disk is full"), dbm.sqlite_errors(tmp_path / "x.db"):
+        raise sqlite3.OperationalError("database or disk is full")
+    with (
+        pytest.raises(KlausIndexError, match=r"x\.db: the index file is damaged"),
+        dbm.sqlite_errors(tmp_path / "x.db"),
+    ):
+        raise sqlite3.DatabaseError("database disk image is malformed")
     with dbm.sqlite_errors(tmp_path / "x.db"):  # nothing to convert
         pass
 
@@ -333,7 +334,7 @@ def test_a_database_path_that_is_not_a_regular_file(tmp_path):
     fifo = tmp_path / "pipe.db"
     os.mkfifo(fifo)
     for readonly in (False, True):
-        with pytest.raises(KlausIndexError, match="pipe.db: is not a regular file"):
+        with pytest.raises(KlausIndexError, match=r"pipe\.db: is not a regular file"):
             Database(fifo, readonly=readonly)
 
 

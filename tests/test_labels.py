@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import runpy
 from importlib import resources
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -52,7 +53,7 @@ def test_names_are_unique_and_duplicates_disambiguated() -> None:
 def test_paths_are_parent_edges_from_entity(table: L.WordNetTable) -> None:
     for label in table.labels:
         assert label.path[0] == ENTITY and label.path[-1] == label.wnid
-        for parent, child in zip(label.path, label.path[1:]):
+        for parent, child in pairwise(label.path):
             assert parent in table.synsets[child].parents
 
 

@@ -127,7 +127,7 @@ def test_classifier_memory_modes(tiny_klaus_path, tiny_onnx_path):
     np.testing.assert_allclose(low, default, atol=1e-5)
     with pytest.raises(ValueError, match="memory"):
         Classifier(tiny_klaus_path, memory="tiny")
-    with pytest.raises(KlausModelError, match="low-memory mode needs a .klaus model"):
+    with pytest.raises(KlausModelError, match=r"low-memory mode needs a \.klaus model"):
         Classifier(tiny_onnx_path, memory="low")
 
 

@@ -376,7 +376,7 @@ def test_exif_orientation_is_applied(tmp_path: Path) -> None:
     p = _save(img, tmp_path / "rotated.jpg", quality=95, exif=exif.tobytes())
     loaded = load_image(p)
     assert loaded.size == (20, 40)
-    r, g, b = loaded.getpixel((15, 4))  # stored top-left is displayed top-right
+    r, _, b = loaded.getpixel((15, 4))  # stored top-left is displayed top-right
     assert r > 200 and b < 60
 
 
@@ -597,7 +597,7 @@ def test_pillow_global_state_untouched(tmp_path: Path) -> None:
     before = Image.MAX_IMAGE_PIXELS
     _error(_png_header_only(tmp_path / "bomb.png", 20000, 20000))
     load_image(_save(Image.new("RGB", (8, 8)), tmp_path / "ok.png"))
-    assert Image.MAX_IMAGE_PIXELS == before
+    assert before == Image.MAX_IMAGE_PIXELS
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
     assert DEFAULT_MAX_PIXELS == 178_956_970
 

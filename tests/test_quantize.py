@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import numpy as np
 import pytest
 
@@ -95,7 +97,7 @@ def test_weighted_kmeans_pulls_levels_toward_heavy_weights():
 def test_mse_decreases_with_more_bits():
     x = np.random.default_rng(0).laplace(size=20000)
     errors = [_mse(x, kmeans.kmeans_1d(x, 1 << bits)) for bits in range(1, 9)]
-    assert all(b < a for a, b in zip(errors, errors[1:])), errors
+    assert all(b < a for a, b in pairwise(errors)), errors
     # One more bit should buy a real improvement at low rates (~4x at high rate).
     assert errors[3] < errors[2] / 2.5
 
@@ -172,7 +174,7 @@ def test_palettize_tensor_granularity(bits):
 def test_palettize_error_shrinks_with_bits():
     w = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
     errs = [float(np.mean((kmeans.palettize(w, b).decode() - w) ** 2)) for b in (2, 4, 6, 8)]
-    assert all(b < a for a, b in zip(errs, errs[1:])), errs
+    assert all(b < a for a, b in pairwise(errs)), errs
 
 
 @pytest.mark.parametrize("bits", [0, 9, -1])

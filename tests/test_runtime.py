@@ -96,11 +96,11 @@ def test_top_k(classifier):
 
 @pytest.mark.parametrize("top", [0, -1])
 def test_top_below_one_is_refused(top):
-    """Asking for no predictions is a caller's mistake, not a request for one (it used to return 1)."""
+    """Asking for no predictions is a caller's mistake, not a request for one."""
     clf = Classifier(tiny_klaus())
-    with pytest.raises(ValueError, match="^top must be >= 1$"):
+    with pytest.raises(ValueError, match=r"^top must be >= 1$"):
         clf.classify(CAT, top=top)
-    with pytest.raises(ValueError, match="^top must be >= 1$"):
+    with pytest.raises(ValueError, match=r"^top must be >= 1$"):
         clf.top(clf.probabilities([CAT])[0], top=top)
 
 
@@ -159,7 +159,7 @@ def test_classifier_on_klaus_file_and_object(tiny_klaus_path):
     b = from_object.probabilities([CAT], crops=10)
     np.testing.assert_array_equal(a, b)
     assert a.shape == (1, TINY_CLASSES)
-    assert [p.label for p in from_file.classify(CAT).predictions][0].startswith("class ")
+    assert next(p.label for p in from_file.classify(CAT).predictions).startswith("class ")
 
 
 def test_classifier_rejects_bad_models(tmp_path):

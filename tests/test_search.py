@@ -71,7 +71,7 @@ def test_min_prob_limit_and_order(examples_db):
 
 def test_unknown_query_suggests(examples_db):
     with Database(examples_db, readonly=True) as db:
-        with pytest.raises(KlausIndexError, match="did you mean: .*dingo"):
+        with pytest.raises(KlausIndexError, match=r"did you mean: .*dingo"):
             q.search(db.conn, "dgo")
         with pytest.raises(KlausIndexError, match="empty query"):
             q.search(db.conn, "   ")

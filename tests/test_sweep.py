@@ -13,14 +13,13 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import EXAMPLES, TINY_CLASSES, feature_map_output, make_tiny_onnx, string_input, tiny_klaus
-from klaus import compression
-from klaus import report
+from klaus import compression, report
 from klaus import sweep as sw
-from klaus.sweep import data as sweep_data
 from klaus.cli import main
 from klaus.compression.recipe import LOSSLESS
 from klaus.errors import KlausError, KlausModelError
 from klaus.preprocess import Preprocess, prepare
+from klaus.sweep import data as sweep_data
 
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 TIMING = set(sw.TIMING_COLUMNS)
@@ -240,13 +239,19 @@ def test_outputs_are_deterministic_apart_from_timing(tiny_dir: Path, tiny_run):
     assert code == 0, stderr
     assert "| **fp32** |" in stdout and "wrote " in stdout  # the table on stdout without --json
     second = json.loads((again / "sweep.json").read_text())
-    strip = lambda rs: [{k: v for k, v in r.items() if k not in TIMING} for r in rs]
+
+    def strip(rs: list[dict]) -> list[dict]:
+        return [{k: v for k, v in r.items() if k not in TIMING} for r in rs]
+
     assert strip(second["rows"]) == strip(rows)
     first = json.loads((out / "sweep.json").read_text())
     assert {k: v for k, v in first.items() if k not in ("rows", "command")} == {
         k: v for k, v in second.items() if k not in ("rows", "command")
     }
-    drop_timing = lambda text: [line.rsplit("|", 2)[0] for line in text.splitlines()]
+
+    def drop_timing(text: str) -> list[str]:
+        return [line.rsplit("|", 2)[0] for line in text.splitlines()]
+
     md1, md2 = (out / "sweep.md").read_text(), (again / "sweep.md").read_text()
     assert drop_timing(md1.replace(str(out), "OUT")) == drop_timing(md2.replace(str(again), "OUT"))
 
@@ -328,7 +333,7 @@ def test_zoo_smoke_on_development_photos(imagenet_sample: Path, tmp_path: Path):
     pytest.importorskip("torch")
     pytest.importorskip("efficientnet_lite_pytorch")
     out = tmp_path / "lite0"
-    code, stdout, stderr = _run(
+    code, _, stderr = _run(
         "sweep",
         "efficientnet-lite0",
         "--scope",

@@ -17,15 +17,15 @@ try:  # Starlette's TestClient runs on httpx2 (newer Starlette) or httpx (older)
 except ImportError:
     pytest.importorskip("httpx", reason="Starlette's TestClient needs httpx2 (or httpx)")
 
-from PIL import Image  # noqa: E402
-from starlette.testclient import TestClient  # noqa: E402
+from PIL import Image
+from starlette.testclient import TestClient
 
-from conftest import EXAMPLES  # noqa: E402
-from klaus.errors import KlausError  # noqa: E402
-from klaus.index.db import KlausIndexError, thumbs_dir  # noqa: E402
-from klaus.index.indexer import index_paths  # noqa: E402
-from klaus.web.app import create_app  # noqa: E402
-from test_index import make_bad_files  # noqa: E402
+from conftest import EXAMPLES
+from klaus.errors import KlausError
+from klaus.index.db import KlausIndexError, thumbs_dir
+from klaus.index.indexer import index_paths
+from klaus.web.app import create_app
+from test_index import make_bad_files
 
 MAX_UPLOAD = 2 * 1024 * 1024
 
@@ -119,7 +119,7 @@ def test_photo_page_thumbnail_and_file(client, library):
 
 
 def test_only_indexed_files_are_served(client, library):
-    db, lib = library
+    db, _ = library
     bad = photo_id(db, "notes.jpg")  # an error row: in the index, but not a photo
     for url in (f"/file/{bad}", f"/thumb/{bad}", "/file/999999", "/thumb/999999", "/photo/999999"):
         assert client.get(url).status_code == 404, url

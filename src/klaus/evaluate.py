@@ -112,7 +112,7 @@ def _from_list(path: Path, by_wnid: dict[str, int], classes: int) -> list[Sample
         if len(parts) != 2:
             raise KlausDataError(f"{path}:{number}: expected 'path label', got {line!r}")
         image, label = parts
-        samples.append(Sample(str((path.parent / image)), _parse_label(label, by_wnid, classes, f"{path}:{number}")))
+        samples.append(Sample(str(path.parent / image), _parse_label(label, by_wnid, classes, f"{path}:{number}")))
     return samples
 
 
@@ -194,7 +194,7 @@ def _readable_rows(probabilities: ProbabilityFn, samples: Sequence[Sample], batc
             rows = range(len(chunk))
         except KlausError:
             probs, rows = _one_by_one(probabilities, chunk, on_error)
-        for row, p in zip(rows, probs):
+        for row, p in zip(rows, probs, strict=True):
             yield start + row, p
         if on_batch:
             on_batch(len(chunk))

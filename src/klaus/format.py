@@ -569,7 +569,7 @@ def hierarchy_tree(labels: Sequence[LabelRow]) -> dict[str, tuple[str, str]]:
     for row in labels:
         if len(row.path) != len(row.hierarchy):
             raise ValueError(f"label {row.index}: path and hierarchy differ in length")
-        for depth, (wnid, name) in enumerate(zip(row.path, row.hierarchy)):
+        for depth, (wnid, name) in enumerate(zip(row.path, row.hierarchy, strict=True)):
             node = (name, row.path[depth - 1] if depth else "")
             if tree.setdefault(wnid, node) != node:
                 raise ValueError(f"label {row.index}: synset {wnid} has two names or parents")
@@ -619,7 +619,7 @@ def _labelset_rows(value: object, where: str) -> _LabelTables:
     except RecursionError:
         raise bad from None
     return _LabelTables(
-        [(idx, wnid, name, text) for (idx, wnid, name, _), text in zip(labels, words_text)],
+        [(idx, wnid, name, text) for (idx, wnid, name, _), text in zip(labels, words_text, strict=True)],
         [tuple(r) for r in sorted(synsets, key=lambda r: r[0])],
     )
 

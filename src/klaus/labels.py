@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache, cached_property
 from importlib import resources
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, overload
 
@@ -139,7 +140,7 @@ class WordNetTable:
 
     def descendant_classes(self, wnid: str) -> list[int]:
         self._synset(wnid)
-        return [label.index for label, anc in zip(self.labels, self._class_ancestors) if wnid in anc]
+        return [label.index for label, anc in zip(self.labels, self._class_ancestors, strict=True) if wnid in anc]
 
     def _synset(self, wnid: str) -> Synset:
         try:
@@ -234,7 +235,7 @@ def _check_path(label: Label, synsets: Mapping[str, Synset]) -> None:
     for step in label.path:
         if step not in synsets:
             raise KlausFormatError(f"{where}: path synset {step} is not in 'synsets'")
-    for parent, child in zip(label.path, label.path[1:]):
+    for parent, child in pairwise(label.path):
         if parent not in synsets[child].parents:
             raise KlausFormatError(f"{where}: {parent} is not a hypernym of {child}")
 

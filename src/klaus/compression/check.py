@@ -135,9 +135,9 @@ def _check_finite(model: onnx.ModelProto, where: str) -> None:
                     yield from tensors(g)
 
     for what, tensor in tensors(model.graph):
-        if tensor.data_type in FLOAT_TYPES and tensor.data_location != onnx.TensorProto.EXTERNAL:
-            if not np.all(np.isfinite(numpy_helper.to_array(tensor))):
-                raise KlausModelError(f"{where}: {what} holds NaN or infinite values")
+        stored = tensor.data_type in FLOAT_TYPES and tensor.data_location != onnx.TensorProto.EXTERNAL
+        if stored and not np.all(np.isfinite(numpy_helper.to_array(tensor))):
+            raise KlausModelError(f"{where}: {what} holds NaN or infinite values")
 
 
 def check_preprocess_fits(model: onnx.ModelProto, preprocess: Preprocess, where: str) -> None:

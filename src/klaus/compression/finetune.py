@@ -429,7 +429,7 @@ def finetune(
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     for step in range(options.steps):
         factor = 0.5 * (1 + math.cos(math.pi * step / options.steps))
-        for g, lr in zip(optimizer.param_groups, base_lrs):
+        for g, lr in zip(optimizer.param_groups, base_lrs, strict=True):
             g["lr"] = lr * factor
         pick = torch.from_numpy(order[step * options.batch : (step + 1) * options.batch])
         loss = _kl(torch, teacher_logp[pick], student(x_all[pick]))
@@ -444,7 +444,7 @@ def finetune(
                 progress(f"fine-tune step {step + 1}/{options.steps}: held-out KL {kl:.5f} (best {best_kl:.5f})")
     out = dict(quantized)
     with torch.no_grad():
-        for t, b in zip(params, best):
+        for t, b in zip(params, best, strict=True):
             t.copy_(b)
         for name in train:
             q = quantized[name]

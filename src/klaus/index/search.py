@@ -202,14 +202,14 @@ class Node:
 def tree(conn: sqlite3.Connection) -> dict[str, Node]:
     """The display tree of the model's classes (each class's root-to-leaf path), with top-1 counts."""
     nodes: dict[str, Node] = {}
-    for wnid, name, path_json, hierarchy_json in conn.execute(
+    for _wnid, _name, path_json, hierarchy_json in conn.execute(
         "SELECT wnid, name, path, hierarchy FROM classes ORDER BY idx"
     ):
         path, names = json.loads(path_json), json.loads(hierarchy_json)
         if not path or len(path) != len(names):  # a class outside WordNet: not in the tree, only searchable by name
             continue
         parent = ""
-        for step, step_name in zip(path, names):
+        for step, step_name in zip(path, names, strict=True):
             node = nodes.get(step)
             if node is None:
                 node = nodes[step] = Node(step, step_name, parent)
@@ -282,7 +282,7 @@ def photo(conn: sqlite3.Connection, photo_id: int) -> dict | None:
         "model",
         "model_sha256",
     )
-    out = dict(zip(keys, row))
+    out = dict(zip(keys, row, strict=True))
     out["predictions"] = [
         {
             "rank": r,

@@ -6,8 +6,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .db import KlausIndexError
 from ..names import shown, storable
+from .db import KlausIndexError
 
 PHOTO_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".tif", ".tiff", ".bmp"})
 HEIF_SUFFIXES = frozenset({".heic", ".heif"})

@@ -8,7 +8,6 @@ import os
 from ..format import write_atomic
 from ..sweep import SweepResult, SweepRow, frontier
 
-
 _LEGENDS = {
     "reference": "fp32 reference",
     "fp16": "fp16",

@@ -8,7 +8,6 @@ from pathlib import Path
 
 from ..errors import KlausWriteError
 
-
 OUTPUT_NAMES = ("sweep.md", "sweep.csv", "sweep.json", "sweep.png")
 
 

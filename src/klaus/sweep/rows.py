@@ -17,12 +17,11 @@ import onnx
 from .. import __version__, codecs, evaluate
 from ..compression import NAMED_RECIPES, compress_onnx, compress_to_budget
 from ..compression.budget import MIN_BUDGET_ELEMENTS
-from ..compression.mixed import Allocation
 from ..errors import KlausError, KlausModelError, naming
 from ..format import KlausModel, parse_model, serialize
 from ..runtime import Classifier
 from .data import CalibrationSet, EvalSet
-from .settings import MIXED_RECIPE, REFERENCE, Setting, uniform_recipe
+from .settings import MIXED_RECIPE, Setting, uniform_recipe
 from .source import SweepSource
 
 

@@ -14,7 +14,6 @@ from .. import onnxgraph
 from ..compression.recipe import FP16, LOSSLESS, NAMED_RECIPES, LayerRule, Recipe
 from ..errors import KlausModelError
 
-
 SCOPES: tuple[str, ...] = ("fc", "conv", "all")
 
 
