@@ -51,6 +51,7 @@ __all__ = [
     "INTERPOLATIONS",
     "Preprocess",
     "crop_boxes",
+    "decode_bytes",
     "load_image",
     "normalize",
     "open_image",
@@ -355,6 +356,28 @@ def pillow_quiet() -> Iterator[None]:
 
 
 _pillow_quiet = pillow_quiet  # the name the tensor code below uses
+
+
+# Bytes a pixel takes in Pillow's memory, by mode (every other mode: 4).
+_MODE_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
+
+
+def decode_bytes(img: Image.Image, target: int | None = None) -> int:
+    """About the most memory :func:`load_image` takes to decode the opened ``img`` for ``target``.
+
+    For admission control (`klaus serve` runs decoding jobs within a memory budget), from the
+    header alone: the decoded image at its draft scale (JPEG) in Pillow's bytes per pixel,
+    the converted result, and the conversion of one band (or of the whole image, if small).
+    """
+    width, height = img.size
+    if target is not None and img.format in _DRAFT_FORMATS:
+        ratio = min(width // target, height // target)
+        scale = next((s for s in (8, 4, 2) if ratio >= s), 1)  # as Pillow's JPEG draft chooses
+        width, height = -(-width // scale), -(-height // scale)
+    pixels = width * height
+    factor = _reduction((width, height), target)
+    result = (-(-width // factor)) * (-(-height // factor)) * 4
+    return pixels * _MODE_BYTES.get(img.mode, 4) + result + min(pixels, _BAND_PIXELS) * 4 * 3
 
 
 def _check_pixels(size: tuple[int, int], label: str, limit: int) -> None:

@@ -142,22 +142,29 @@ def search_command(query, db, min_prob, limit, as_json) -> int:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; the default is this machine only.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option("--max-upload-mb", type=click.IntRange(1, 200), default=20, show_default=True, help="Largest photo 'classify' accepts.")
+@click.option("--jobs", type=click.IntRange(1, 64), default=None,
+              help="Photos decoded at once for thumbnails and classify (default: one per core, at most 4).")
+@click.option("--queue", type=click.IntRange(0, 1024), default=None,
+              help="Requests that may wait for a decoding turn (default: 64); one more is answered 503 with Retry-After.")
 @json_option
-def serve_command(db, model, host, port, max_upload_mb, as_json) -> int:
+def serve_command(db, model, host, port, max_upload_mb, jobs, queue, as_json) -> int:
     """A local web gallery: browse by the WordNet tree, search, photo pages, classify a new photo.
 
-    The index and the model are checked before the server starts (one-line errors).
+    The index and the model are checked before the server starts (one-line errors). Decoding
+    runs within a memory budget, a few photos at a time (--jobs, --queue); images larger than
+    $KLAUS_MAX_PIXELS pixels are refused.
     """
     try:
         import uvicorn
 
-        from ..web.app import create_app
+        from ..web.app import DEFAULT_JOBS, DEFAULT_QUEUE, create_app
     except ImportError as exc:
         raise click.ClickException(
             f"klaus serve needs the 'web' extra ({exc.name} is missing): pip install 'klaus-classifier[web]'"
         ) from None
     db_path = _db_path(db)
-    app = create_app(db_path, model=model, max_upload=max_upload_mb * 1024 * 1024, host=host)
+    app = create_app(db_path, model=model, max_upload=max_upload_mb * 1024 * 1024, host=host, jobs=jobs or DEFAULT_JOBS,
+                     queue=DEFAULT_QUEUE if queue is None else queue)
     app.state.gallery.load_model()  # now: a bad model is a one-line error here, not a 503 later
     sock = _listen(host, port)
     port = sock.getsockname()[1]

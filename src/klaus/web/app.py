@@ -10,7 +10,11 @@ Safe by default:
   photo id;
 * an index deleted or damaged while the server runs gives 503 with its one-line reason;
 * uploads ("classify a new photo") are limited in size while they stream in, decoded
-  by :func:`klaus.preprocess.load_image` (bomb limit) and never stored;
+  by :func:`klaus.preprocess.load_image` (the pixel limit) and never stored;
+* decoding (thumbnails, uploads) runs in a bounded pool (:class:`WorkGate`): a few jobs at
+  once within a memory budget, a few more waiting, and 503 with ``Retry-After`` beyond
+  that; upload bodies held in memory have a budget of their own; the heap is given back to
+  the system after large work and whenever the pool falls idle;
 * every SQL statement is parameterized; nothing runs a shell;
 * pages carry a strict Content-Security-Policy (no inline script) and are rendered
   with Jinja2 autoescaping; the page script builds results with ``textContent``.
@@ -18,6 +22,7 @@ Safe by default:
 
 from __future__ import annotations
 
+import asyncio
 import io
 import mimetypes
 import os
@@ -25,8 +30,10 @@ import sqlite3
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -44,8 +51,9 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from ..errors import KlausError, KlausImageError, first_line
-from ..index.db import Database, KlausIndexError, error_message, int64, thumbs_dir
 from ..index import search as q
+from ..index.db import Database, KlausIndexError, error_message, int64, thumbs_dir
+from ..memory import release_free_heap
 from ..names import shown
 from .ondevice import routes as ondevice_routes
 
@@ -93,8 +101,133 @@ class SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
+#: Decoding jobs (thumbnails, classify) that run at once: one per core, at most 4.
+DEFAULT_JOBS = max(1, min(4, os.cpu_count() or 1))
+#: Requests that may wait for a decoding turn (they hold no thread while waiting; an upload's
+#: body counts against the upload budget); one more gets 503 with Retry-After.
+DEFAULT_QUEUE = 64
+#: Bytes of decoding that may be in flight (klaus.preprocess.decode_bytes of each job); a job
+#: larger than this (a photo near the pixel limit) runs alone.
+WORK_MEMORY_BUDGET = 384 << 20
+#: Added to a classify job's decoding: the model's activations for one photo.
+MODEL_RUN_BYTES = 64 << 20
+#: Upload bodies held in memory at once, at least (4 uploads of the largest size otherwise).
+MIN_UPLOAD_BUDGET = 64 << 20
+#: A job at least this large gives its freed heap back to the system when it ends.
+TRIM_BYTES = 32 << 20
+#: Seconds a job waits for its turn before it is answered 503; and the Retry-After it is told.
+MAX_WAIT_SECONDS = 30.0
+RETRY_AFTER_SECONDS = 2
+BUSY_HEADERS = {"Retry-After": str(RETRY_AFTER_SECONDS)}
+BUSY_MESSAGE = "the server is busy with other photos; try again in a moment"
+#: Multipart headers and boundaries around an uploaded photo.
+UPLOAD_SLACK = 64 * 1024
+
+
 class TooLarge(Exception):
     pass
+
+
+class Busy(Exception):
+    """No room for more work now: 503 with Retry-After."""
+
+
+@dataclass
+class _Waiter:
+    cost: int
+    future: asyncio.Future
+
+
+class WorkGate:
+    """The bounded pool heavy work runs in, as a gate the requests pass on the event loop.
+
+    At most ``jobs`` jobs run at once (each in a worker thread), and the estimated bytes of
+    the running jobs stay within ``budget`` (a job larger than the budget runs only when
+    nothing else does); at most ``queue`` requests wait, in arrival order (a large job at the
+    head is not overtaken, so it is not starved), holding no thread while they wait; one
+    more, or a wait longer than :data:`MAX_WAIT_SECONDS`, raises :class:`Busy`. When a large
+    job ends, or the last running one, the freed heap is returned to the system
+    (:func:`klaus.memory.release_free_heap`), so a burst of large photos does not leave the
+    server's memory at its peak. Used from one event loop only.
+    """
+
+    def __init__(self, jobs: int, queue: int, budget: int) -> None:
+        if jobs < 1 or queue < 0 or budget < 1:
+            raise ValueError("jobs and budget must be at least 1, queue at least 0")
+        self.jobs, self.queue, self.budget = jobs, queue, budget
+        self.running = 0
+        self._bytes = 0
+        self._line: deque[_Waiter] = deque()
+
+    def _fits(self, cost: int) -> bool:
+        return self.running < self.jobs and (self.running == 0 or self._bytes + cost <= self.budget)
+
+    def _admit(self, cost: int) -> None:
+        self.running += 1
+        self._bytes += cost
+
+    def _wake(self) -> None:
+        while self._line and self._fits(self._line[0].cost):
+            waiter = self._line.popleft()
+            if not waiter.future.done():
+                self._admit(waiter.cost)
+                waiter.future.set_result(None)
+
+    async def run(self, cost: int, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` in a worker thread as one job of about ``cost`` bytes; :class:`Busy` if no room."""
+        if not self._line and self._fits(cost):
+            self._admit(cost)
+        elif len(self._line) >= self.queue:
+            raise Busy()
+        else:
+            waiter = _Waiter(cost, asyncio.get_running_loop().create_future())
+            self._line.append(waiter)
+            try:
+                await asyncio.wait_for(asyncio.shield(waiter.future), MAX_WAIT_SECONDS)
+            except (TimeoutError, asyncio.CancelledError) as exc:  # waited too long, or the client went away
+                if waiter.future.done() and not waiter.future.cancelled():
+                    self._release(cost)  # admitted just as the wait ended: give the turn back
+                else:
+                    waiter.future.cancel()
+                    if waiter in self._line:
+                        self._line.remove(waiter)
+                    self._wake()
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                raise Busy() from None
+        try:
+            return await run_in_threadpool(fn, *args)
+        finally:
+            if self._release(cost) or cost >= TRIM_BYTES:
+                asyncio.get_running_loop().run_in_executor(None, release_free_heap)  # not awaited: no one waits for it
+
+    def _release(self, cost: int) -> bool:
+        """One job ended: wake whoever fits now; whether the pool is idle."""
+        self.running -= 1
+        self._bytes -= cost
+        self._wake()
+        return self.running == 0
+
+
+class ByteBudget:
+    """Bytes that may be held at once (upload bodies); :class:`Busy` beyond."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._held = 0
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def hold(self, size: int) -> Iterator[None]:
+        with self._lock:
+            if self._held and self._held + size > self.limit:
+                raise Busy()
+            self._held += size
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._held -= size
 
 
 class LimitedReceive:
@@ -120,7 +253,15 @@ class Gallery:
     (``klaus serve`` loads it at startup too).
     """
 
-    def __init__(self, db_path: str | os.PathLike[str], model: str | None, max_upload: int, engine=None) -> None:
+    def __init__(
+        self,
+        db_path: str | os.PathLike[str],
+        model: str | None,
+        max_upload: int,
+        engine=None,
+        jobs: int = DEFAULT_JOBS,
+        queue: int = DEFAULT_QUEUE,
+    ) -> None:
         from ..preprocess import pixel_limit
 
         self.max_pixels = pixel_limit()  # $KLAUS_MAX_PIXELS: a bad value stops the server before it starts
@@ -132,7 +273,8 @@ class Gallery:
         self._engine = engine
         self._model_checked = False
         self._engine_lock = threading.Lock()
-        self._classify_slots = threading.BoundedSemaphore(2)
+        self.gate = WorkGate(jobs, queue, WORK_MEMORY_BUDGET)
+        self.uploads = ByteBudget(max(MIN_UPLOAD_BUDGET, 4 * max_upload))
         self._tree: tuple[float, dict] | None = None
         self._tree_lock = threading.Lock()
         if engine is None and model is not None:
@@ -196,7 +338,7 @@ class Gallery:
             ).fetchone()
         if row is None or row[5] != "ok":
             raise HTTPException(404, "no such photo in the index")
-        return dict(zip(("path", "size", "mtime_ns", "sha256", "format", "status"), row))
+        return dict(zip(("path", "size", "mtime_ns", "sha256", "format", "status"), row, strict=True))
 
     def checked_path(self, row: dict) -> str:
         """The photo's path if the file is still the one indexed (size and mtime) and can be read.
@@ -227,63 +369,85 @@ class Gallery:
         if not stat.S_ISREG(st.st_mode) or st.st_size != row["size"] or int64(st.st_mtime_ns) != row["mtime_ns"]:
             raise HTTPException(409, "the photo's file changed since it was indexed; run 'klaus index' again")
 
-    def thumbnail(self, photo_id: int, size_name: str) -> Path | bytes:
-        """The cached thumbnail file (made on first request), or its bytes if the cache is not writable.
+    def thumbnail_job(self, photo_id: int, size_name: str) -> Path | ThumbJob:
+        """The cached thumbnail file, or the job that makes it (:meth:`make_thumbnail`).
 
         Cache entries are named by photo id, size and content hash only: never by a path.
         Like the photo itself, a thumbnail is only served while the photo's file is
         unchanged on disk (404 if it is gone, 409 if it changed), cached or not.
         """
+        from ..preprocess import decode_bytes, open_image
+
         side = THUMB_SIZES[size_name]
         row = self.photo_row(photo_id)
         path = self.checked_path(row)
         target = self.thumbs / f"{photo_id}-{side}-{(row['sha256'] or 'x')[:16]}.jpg"
         if target.is_file():
             return target
+        try:
+            with open_image(path, max_pixels=self.max_pixels) as header:
+                cost = decode_bytes(header, side)
+        except KlausImageError:
+            raise HTTPException(404, "the photo cannot be decoded any more") from None
+        return ThumbJob(path, side, target, cost)
+
+    def make_thumbnail(self, job: ThumbJob) -> Path | bytes:
+        """Decode the photo and write its thumbnail to the cache; its bytes if the cache is not writable."""
         from ..preprocess import load_image
 
         try:
-            image = load_image(path, target=side, max_pixels=self.max_pixels)
+            image = load_image(job.path, target=job.side, max_pixels=self.max_pixels)
         except KlausImageError:
             raise HTTPException(404, "the photo cannot be decoded any more") from None
-        image.thumbnail((side, side))
+        image.thumbnail((job.side, job.side))
         buffer = io.BytesIO()
         image.save(buffer, "JPEG", quality=85, optimize=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        del image
+        tmp = job.target.with_name(f".{job.target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
             self.thumbs.mkdir(parents=True, exist_ok=True)
             tmp.write_bytes(buffer.getvalue())
-            os.replace(tmp, target)
+            os.replace(tmp, job.target)
         except OSError:  # a read-only folder: serve it uncached
             return buffer.getvalue()
-        return target
+        return job.target
 
     # ------------------------------------------------------------ classify a new photo
 
+    def classify_cost(self, data: bytes) -> int:
+        """The bytes classifying ``data`` takes (decoding, from its header, and the model); the
+        model's problems are a 503, the photo's a 415 (UploadError)."""
+        from ..index.pipeline import decode_target
+        from ..preprocess import decode_bytes, open_image
+
+        engine = self._engine_or_503()
+        try:
+            with open_image(data, max_pixels=self.max_pixels) as header:
+                return decode_bytes(header, decode_target(engine.preprocess)) + MODEL_RUN_BYTES
+        except KlausImageError as exc:
+            raise _unreadable(exc) from None
+
+    def _engine_or_503(self):
+        try:
+            return self.engine()
+        except KlausError as exc:  # the model file went bad: the server's problem, not the photo's
+            raise UploadError(503, f"the model cannot be loaded: {shown(first_line(exc))}") from None
+
     def classify(self, data: bytes) -> dict[str, Any]:
+        """Top-5 of an uploaded photo, with its size, format and date (run as one job of the work pool)."""
         from ..index.engine import top5
         from ..index.pipeline import decode_target, header_info
         from ..preprocess import load_image, to_tensor
 
-        with self._classify_slots:
-            try:
-                engine = self.engine()
-            except KlausError as exc:  # the model file went bad: the server's problem, not the photo's
-                raise UploadError(503, f"the model cannot be loaded: {shown(first_line(exc))}") from None
-            start = time.perf_counter()
-            try:
-                image = load_image(data, target=decode_target(engine.preprocess), max_pixels=self.max_pixels)
-            except KlausImageError as exc:
-                message = str(exc)
-                raise UploadError(415, message[len("<bytes>: "):] if message.startswith("<bytes>: ") else message) from None
-            width, height, fmt, taken = header_info(data)
-            try:
-                probs = engine.run(to_tensor(image, engine.preprocess))[0]
-            except MemoryError:
-                raise UploadError(503, "out of memory running the model; try again later") from None
-            except Exception as exc:  # ONNX Runtime's own error types: the model cannot run on this machine
-                raise UploadError(503, f"the model failed ({shown(first_line(exc))})") from None
-            elapsed = (time.perf_counter() - start) * 1000.0
+        engine = self._engine_or_503()
+        start = time.perf_counter()
+        try:
+            image = load_image(data, target=decode_target(engine.preprocess), max_pixels=self.max_pixels)
+        except KlausImageError as exc:
+            raise _unreadable(exc) from None
+        width, height, fmt, taken = header_info(data)
+        probs = self._run(engine, to_tensor(image, engine.preprocess))
+        elapsed = (time.perf_counter() - start) * 1000.0
         predictions = []
         for rank, (index, prob) in enumerate(top5(probs), 1):
             label = engine.labels[index] if index < len(engine.labels) else None
@@ -295,6 +459,32 @@ class Gallery:
             })
         return {"predictions": predictions, "elapsed_ms": round(elapsed, 2), "width": width, "height": height,
                 "format": fmt, "taken": taken, "model": engine.identity}
+
+    @staticmethod
+    def _run(engine, batch):
+        """The model's probabilities for one photo; a failure of the model is a 503, not the photo's fault."""
+        try:
+            return engine.run(batch)[0]
+        except MemoryError:
+            raise UploadError(503, "out of memory running the model; try again later") from None
+        except Exception as exc:  # ONNX Runtime's own error types: the model cannot run on this machine
+            raise UploadError(503, f"the model failed ({shown(first_line(exc))})") from None
+
+
+@dataclass(frozen=True)
+class ThumbJob:
+    """A thumbnail to make: the photo, the longer side wanted, the cache file, the decoding bytes."""
+
+    path: str
+    side: int
+    target: Path
+    cost: int
+
+
+def _unreadable(exc: KlausImageError) -> UploadError:
+    """415 with the image's problem (without the "<bytes>: " an upload has for a name)."""
+    message = str(exc)
+    return UploadError(415, message[len("<bytes>: "):] if message.startswith("<bytes>: ") else message)
 
 
 def known_id(photo_id: int) -> int:
@@ -322,10 +512,14 @@ def create_app(
     host: str = "127.0.0.1",
     allowed_hosts: list[str] | None = None,
     engine=None,
+    jobs: int = DEFAULT_JOBS,
+    queue: int = DEFAULT_QUEUE,
 ) -> Starlette:
     """The ASGI app for ``db_path``; raises KlausIndexError at once if it is not a photo index,
-    KlausModelError if ``model`` is given and cannot be loaded (``engine``: one already loaded)."""
-    gallery = Gallery(db_path, model, max_upload, engine)
+    KlausModelError if ``model`` is given and cannot be loaded (``engine``: one already loaded).
+    ``jobs`` and ``queue``: the decoding jobs that run at once and that may wait (:class:`WorkGate`)."""
+    quiet_multipart()
+    gallery = Gallery(db_path, model, max_upload, engine, jobs=jobs, queue=queue)
     import jinja2
 
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(HERE / "templates")), autoescape=True)
@@ -384,11 +578,14 @@ def create_app(
             raise HTTPException(404, "no such photo in the index")
         return render(request, "photo.html", photo=info, name=Path(info["path"]).name)
 
-    def sync_thumb(request: Request) -> Response:
+    async def thumb(request: Request) -> Response:
+        """A photo's thumbnail: from the cache, or made as one job of the work pool (Busy: 503)."""
         size = request.query_params.get("size", "small")
         if size not in THUMB_SIZES:
             raise HTTPException(400, "size must be small or large")
-        thumb = gallery.thumbnail(request.path_params["photo_id"], size)
+        thumb = await run_in_threadpool(gallery.thumbnail_job, request.path_params["photo_id"], size)
+        if isinstance(thumb, ThumbJob):
+            thumb = await gallery.gate.run(thumb.cost, gallery.make_thumbnail, thumb)
         headers = {"Cache-Control": "private, max-age=86400"}
         if isinstance(thumb, bytes):
             return Response(thumb, media_type="image/jpeg", headers=headers)
@@ -429,7 +626,7 @@ def create_app(
     async def read_upload(request: Request) -> bytes:
         """The uploaded photo's bytes: a multipart field 'photo', or the raw body; size-limited while streaming."""
         declared = request.headers.get("content-length")
-        slack = 64 * 1024  # multipart headers and boundaries
+        slack = UPLOAD_SLACK
         if declared and declared.isdigit() and int(declared) > max_upload + slack:
             raise UploadError(413, f"photo too large (limit {max_upload // (1024 * 1024)} MB)")
         limited = Request(request.scope, LimitedReceive(request.receive, max_upload + slack))
@@ -451,10 +648,22 @@ def create_app(
             raise UploadError(400, "empty upload")
         return data
 
+    async def classify_upload(request: Request) -> dict[str, Any]:
+        """Read the upload, its bytes held within the upload budget, and classify it in the work pool.
+
+        Busy (503) before a byte is read if the budget is spent; UploadError for the photo's problems."""
+        declared = request.headers.get("content-length")
+        expected = int(declared) if declared and declared.isdigit() else max_upload
+        with gallery.uploads.hold(min(expected, max_upload + UPLOAD_SLACK)):
+            data = await read_upload(request)
+            cost = await run_in_threadpool(gallery.classify_cost, data)
+            return await gallery.gate.run(cost, gallery.classify, data)
+
     async def api_classify(request: Request) -> Response:
         try:
-            data = await read_upload(request)
-            result = await run_in_threadpool(gallery.classify, data)
+            result = await classify_upload(request)
+        except Busy:
+            return JSONResponse({"error": BUSY_MESSAGE}, status_code=503, headers=BUSY_HEADERS)
         except UploadError as exc:
             return JSONResponse({"error": str(exc)}, status_code=exc.status)
         except KlausError as exc:
@@ -466,8 +675,11 @@ def create_app(
         if request.method in ("GET", "HEAD"):
             return RedirectResponse("/#classify", status_code=303)
         try:
-            data = await read_upload(request)
-            result = await run_in_threadpool(gallery.classify, data)
+            result = await classify_upload(request)
+        except Busy:
+            busy = render(request, "classified.html", status=503, error=BUSY_MESSAGE, result=None)
+            busy.headers.update(BUSY_HEADERS)
+            return busy
         except UploadError as exc:
             return render(request, "classified.html", status=exc.status, error=str(exc), result=None)
         except KlausError as exc:
@@ -485,7 +697,7 @@ def create_app(
         Route("/browse/{wnid:str}", threaded(sync_browse)),
         Route("/search", threaded(sync_search)),
         Route("/photo/{photo_id:int}", threaded(sync_photo)),
-        Route("/thumb/{photo_id:int}", threaded(sync_thumb)),
+        Route("/thumb/{photo_id:int}", thumb),
         Route("/file/{photo_id:int}", threaded(sync_file)),
         Route("/classify", classify_page, methods=["GET", "POST"]),
         Route("/api/search", threaded(sync_api_search)),
@@ -502,6 +714,11 @@ def create_app(
             return render(request, "error.html", status=exc.status_code, status_code=exc.status_code, message=exc.detail)
         return Response(str(exc.detail), status_code=exc.status_code, media_type="text/plain")
 
+    async def busy(request: Request, exc: Busy) -> Response:
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"error": BUSY_MESSAGE}, status_code=503, headers=BUSY_HEADERS)
+        return Response(BUSY_MESSAGE, status_code=503, media_type="text/plain", headers=BUSY_HEADERS)
+
     async def unavailable(request: Request, exc: IndexUnavailable) -> Response:
         if request.url.path.startswith("/api/"):
             return JSONResponse({"error": str(exc)}, status_code=503)
@@ -509,10 +726,22 @@ def create_app(
 
     hosts = allowed_hosts if allowed_hosts is not None else _allowed_hosts(host)
     middleware = [Middleware(SecurityHeaders), Middleware(TrustedHostMiddleware, allowed_hosts=hosts)]
-    handlers = {HTTPException: http_error, IndexUnavailable: unavailable}
+    handlers = {HTTPException: http_error, IndexUnavailable: unavailable, Busy: busy}
     app = Starlette(routes=routes, middleware=middleware, exception_handlers=handlers)
     app.state.gallery = gallery
     return app
+
+
+def quiet_multipart() -> None:
+    """python-multipart logs odd request bodies (data after the last boundary, a missing
+    Content-Type) as warnings; with no logging set up, Python would print them on stderr."""
+    import logging
+
+    for name in ("python_multipart", "multipart"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(h, logging.NullHandler) for h in logger.handlers):
+            logger.addHandler(logging.NullHandler())
+        logger.propagate = False
 
 
 def _allowed_hosts(host: str) -> list[str]:
