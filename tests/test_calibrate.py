@@ -235,9 +235,10 @@ def _logits(model: onnx.ModelProto, skeleton: onnx.ModelProto, weights: dict[str
 def _bias_correction_inputs(model, photos, names, bits):
     skeleton, weights = onnxgraph.split_weights(model)
     roles = onnxgraph.tensor_roles(model)
-    stats = calibrate.input_statistics(model, photos, [roles[n].activation for n in names])
+    readings = {n: calibrate.Reading(roles[n].activation, roles[n].in_axis) for n in names}
+    stats = calibrate.layer_statistics(model, photos, readings)
     decoded = {n: kmeans.palettize(weights[n], bits).decode() for n in names}
-    means = {k: s.mean for k, s in stats.items()}
+    means = {k: s.mean for k, s in stats.items()}  # by layer
     biases = {roles[n].bias: weights[roles[n].bias] for n in names}
     return skeleton, weights, roles, decoded, means, biases
 
@@ -275,13 +276,14 @@ def test_correct_biases_reduces_mean_output_error(photos, bits):
 def test_correct_biases_skips_layers_without_bias_or_stats():
     roles = {
         "a": TensorRole("fc", 0, "n", op="Gemm", activation="x", bias=""),
-        "b": TensorRole("fc", 0, "n", op="Gemm", activation="unmeasured", bias="b.bias"),
+        "b": TensorRole("fc", 0, "n", op="Gemm", activation="x", bias="b.bias"),  # no mean measured for b
         "c": TensorRole("fc", 0, "n", op="Gemm", activation="x", bias="c.bias"),
     }
     w = np.ones((2, 3))
     decoded = {k: w + 0.5 for k in roles}
+    mean = np.array([1.0, 2.0, 3.0])
     out = calibrate.correct_biases(
-        {k: w for k in roles}, decoded, roles, {"x": np.array([1.0, 2.0, 3.0])}, {"b.bias": np.zeros(2), "c.bias": np.zeros(2)}
+        {k: w for k in roles}, decoded, roles, {"a": mean, "c": mean}, {"b.bias": np.zeros(2), "c.bias": np.zeros(2)}
     )
     assert set(out) == {"c.bias"}
     np.testing.assert_allclose(out["c.bias"], [-3.0, -3.0])  # 0.5 * (1 + 2 + 3) removed

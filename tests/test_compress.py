@@ -241,7 +241,7 @@ def test_depthwise_windows():
     _, floats = onnxgraph.split_weights(model)
     shapes = {n: w.shape for n, w in floats.items()}
     assert depthwise_windows(model, roles, shapes) == {
-        "s_act": calibrate.Window((3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
+        "dw.weight": calibrate.Window((3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
     }
     dw = next(n for n in model.graph.node if n.output[0] == "d")
     dw.attribute.append(onnx.helper.make_attribute("auto_pad", "SAME_UPPER"))

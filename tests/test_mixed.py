@@ -180,7 +180,7 @@ def test_sensitivity_is_measured_on_the_probe_tensors(calibration):
     model = make_tiny_onnx()
     _, weights = onnxgraph.split_weights(model)
     roles = onnxgraph.tensor_roles(model)
-    stats = calibrate.input_statistics(model, calibration, [roles["pw.weight"].activation])
+    stats = calibrate.layer_statistics(model, calibration, {"pw.weight": calibrate.Reading(roles["pw.weight"].activation)})
 
     def quantize(name, bits, step):
         return palettize(weights[name], bits, granularity="channel", axis=roles[name].out_axis, step=step)

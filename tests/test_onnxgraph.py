@@ -172,15 +172,56 @@ def test_gemm_out_axis_indexes_output_channels(trans_b, shape, axis):
     assert shape[role.out_axis] == 10  # the axis really is the output width
 
 
-def test_gemm_with_transposed_input_is_other():
+def test_gemm_with_transposed_input_contracts_its_axis_0():
     model = single_node_model("Gemm", np.ones((64, 10), np.float32), [64, 1], [1, 10], transA=1)
-    assert onnxgraph.tensor_roles(model)["W"].kind == "other"
+    role = onnxgraph.tensor_roles(model)["W"]
+    assert (role.kind, role.out_axis, role.in_axis, role.activation) == ("fc", 1, 0, "X")
+
+
+def weight_first_model(op: str, weight: np.ndarray, x_shape, y_shape, **attrs) -> onnx.ModelProto:
+    """One node computing ``op(W, X)``: the weight is the first operand."""
+    node = helper.make_node(op, ["W", "X"], ["Y"], name=f"/layer/{op}", **attrs)
+    graph = helper.make_graph(
+        [node], "one", [helper.make_tensor_value_info("X", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, y_shape)], [numpy_helper.from_array(weight, "W")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.mark.parametrize(
+    ("op", "w_shape", "x_shape", "y_shape", "attrs", "out_axis", "in_axis"),
+    [
+        ("MatMul", (10, 64), [2, 64, 7], [2, 10, 7], {}, 0, -2),
+        ("Gemm", (10, 64), [64, 3], [10, 3], {}, 0, 0),
+        ("Gemm", (64, 10), [3, 64], [10, 3], {"transA": 1, "transB": 1}, 1, 1),
+    ],
+)
+def test_weight_as_the_first_operand(op, w_shape, x_shape, y_shape, attrs, out_axis, in_axis):
+    """Y = W X: the role names the data input X and the axis of X the weight contracts; ONNX Runtime agrees
+    on the shapes (the weight's output axis is Y's channel count, its other axis X's ``in_axis``)."""
+    rng = np.random.default_rng(0)
+    model = weight_first_model(op, rng.standard_normal(w_shape).astype(np.float32), x_shape, y_shape, **attrs)
+    role = onnxgraph.tensor_roles(model)["W"]
+    assert (role.kind, role.activation, role.out_axis, role.in_axis) == ("fc", "X", out_axis, in_axis)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    y = run(model, x)
+    assert w_shape[out_axis] == 10 and w_shape[1 - out_axis] == x.shape[in_axis] == 64
+    assert y.shape == tuple(y_shape)
+
+
+def test_matmul_on_tokens_contracts_the_last_axis():
+    model = single_node_model("MatMul", np.ones((64, 10), np.float32), [1, 5, 64], [1, 5, 10])
+    role = onnxgraph.tensor_roles(model)["W"]
+    assert (role.out_axis, role.in_axis) == (1, -1)
 
 
 def test_matmul_weight_is_fc_on_axis_1():
     model = single_node_model("MatMul", np.ones((64, 10), np.float32), [1, 64], [1, 10])
     role = onnxgraph.tensor_roles(model)["W"]
-    assert role == TensorRole("fc", 1, "/layer/MatMul", op="MatMul", activation="X", output="Y", bias="")
+    assert role == TensorRole("fc", 1, "/layer/MatMul", op="MatMul", activation="X", output="Y", bias="", in_axis=-1)
 
 
 def test_conv_transpose_has_output_channels_on_axis_1():

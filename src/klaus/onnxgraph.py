@@ -43,6 +43,7 @@ class TensorRole:
     group: int = 1
     alpha: float = 1.0  # Gemm: output = alpha * A B + beta * C
     beta: float = 1.0
+    in_axis: int = 1  # the axis of ``activation`` that holds the channels the weight contracts
 
 
 def load_onnx(path: str) -> onnx.ModelProto:
@@ -212,28 +213,52 @@ def _float_attr(node: onnx.NodeProto, name: str, default: float) -> float:
 
 
 def tensor_roles(model: onnx.ModelProto) -> dict[str, TensorRole]:
-    """Classify every float initializer by the first op that consumes it as a weight."""
+    """Classify every float initializer by the first op that consumes it as a weight.
+
+    Conv and ConvTranspose weights are their second input. Gemm and MatMul take the weight on
+    either side: a 2-D initializer multiplying a data input, with ``in_axis`` naming the axis
+    of that input it contracts (Gemm's ``transA``/``transB`` decide both), so calibration
+    statistics of each layer are taken over the right channels.
+    """
     shapes = {t.name: tuple(t.dims) for t in float_initializers(model)}
     roles: dict[str, TensorRole] = {}
     for node in model.graph.node:
-        if len(node.input) < 2 or node.input[1] not in shapes or node.input[1] in roles:
-            continue
-        name, dims = node.input[1], shapes[node.input[1]]
-        bias = node.input[2] if len(node.input) > 2 and node.input[2] in shapes else ""
-        link = {"node": node.name, "op": node.op_type, "activation": node.input[0], "output": node.output[0], "bias": bias}
-        if node.op_type in ("Conv", "ConvTranspose") and len(dims) >= 3:
-            group = _attr(node, "group", 1)
-            depthwise = group > 1 and dims[1] == 1 and node.op_type == "Conv"
-            axis = 0 if node.op_type == "Conv" else 1
-            roles[name] = TensorRole("depthwise" if depthwise else "conv", axis, group=group, **link)
-        elif node.op_type == "Gemm" and len(dims) == 2 and not _attr(node, "transA", 0):
-            scale = {"alpha": _float_attr(node, "alpha", 1.0), "beta": _float_attr(node, "beta", 1.0)}
-            roles[name] = TensorRole("fc", 0 if _attr(node, "transB", 0) else 1, **link, **scale)
-        elif node.op_type == "MatMul" and len(dims) == 2:
-            roles[name] = TensorRole("fc", 1, **link)
+        role = _weight_role(node, shapes)
+        if role is not None and role[0] not in roles:
+            roles[role[0]] = role[1]
     for name in shapes:
         roles.setdefault(name, TensorRole("other", 0, ""))
     return roles
+
+
+def _weight_role(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> tuple[str, TensorRole] | None:
+    """(weight name, role) if ``node`` multiplies a data input by a float initializer."""
+    if len(node.input) < 2 or not node.output:
+        return None
+    first, second = node.input[0], node.input[1]
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] in shapes else ""
+    common = {"node": node.name, "op": node.op_type, "output": node.output[0], "bias": bias}
+    if node.op_type in ("Conv", "ConvTranspose") and second in shapes and len(shapes[second]) >= 3:
+        group = _attr(node, "group", 1)
+        depthwise = group > 1 and shapes[second][1] == 1 and node.op_type == "Conv"
+        axis = 0 if node.op_type == "Conv" else 1
+        return second, TensorRole("depthwise" if depthwise else "conv", axis, group=group, activation=first, **common)
+    if node.op_type == "Gemm":
+        scale = {"alpha": _float_attr(node, "alpha", 1.0), "beta": _float_attr(node, "beta", 1.0)}
+        trans_a, trans_b = _attr(node, "transA", 0), _attr(node, "transB", 0)
+        if second in shapes and len(shapes[second]) == 2 and first not in shapes:  # Y = A' W'
+            out_axis, in_axis = (0 if trans_b else 1), (0 if trans_a else 1)
+            return second, TensorRole("fc", out_axis, activation=first, in_axis=in_axis, **common, **scale)
+        if first in shapes and len(shapes[first]) == 2 and second not in shapes:  # Y = W' B'
+            out_axis, in_axis = (1 if trans_a else 0), (1 if trans_b else 0)
+            return first, TensorRole("fc", out_axis, activation=second, in_axis=in_axis, **common, **scale)
+        return None
+    if node.op_type == "MatMul":
+        if second in shapes and len(shapes[second]) == 2 and first not in shapes:  # (..., K) @ (K, N)
+            return second, TensorRole("fc", 1, activation=first, in_axis=-1, **common)
+        if first in shapes and len(shapes[first]) == 2 and second not in shapes:  # (M, K) @ (..., K, N)
+            return first, TensorRole("fc", 0, activation=second, in_axis=-2, **common)
+    return None
 
 
 def parse_skeleton(blob: bytes, where: str) -> onnx.ModelProto:

@@ -78,8 +78,19 @@ def probe_rows(count: int, views: int = 1) -> tuple[np.ndarray, np.ndarray]:
 
 
 def merged_stats(a: dict[str, InputStats], b: dict[str, InputStats]) -> dict[str, InputStats]:
-    """Statistics of two disjoint input sets combined (the sums add up)."""
-    return {name: a[name].merged(b[name]) if name in b else a[name] for name in a}
+    """Statistics of two disjoint input sets combined (the sums add up); layers that shared one
+    :class:`InputStats` share the merged one too."""
+    merged: dict[tuple[int, int], InputStats] = {}
+    out = {}
+    for name, stats in a.items():
+        if name not in b:
+            out[name] = stats
+            continue
+        key = (id(stats), id(b[name]))
+        if key not in merged:
+            merged[key] = stats.merged(b[name])
+        out[name] = merged[key]
+    return out
 
 
 class Search:
@@ -104,10 +115,10 @@ class Search:
         weights = self.weights
         self.layers, probes = mixed.candidate_options(
             weights, roles, stats, eligible,
-            lambda name, bits, step: quantize_tensor(weights[name], roles[name], bits, recipe, stats, step),
+            lambda name, bits, step: quantize_tensor(weights[name], roles[name], bits, recipe, stats.get(name), step),
             steps=mixed.DEFAULT_STEPS if uniform else (),
             probe_quantize=None if rest is None else (
-                lambda name, bits, step: quantize_tensor(weights[name], roles[name], bits, recipe, fit_stats, step)
+                lambda name, bits, step: quantize_tensor(weights[name], roles[name], bits, recipe, fit_stats.get(name), step)
             ),
         )
         if progress:

@@ -4,6 +4,11 @@ Only ONNX Runtime is needed: the activations a weight multiplies are exposed as
 extra graph outputs of the float model. Their per-channel means give the
 expected output shift a palettized weight causes, which the layer's bias then
 cancels (bias correction, Nagel et al. 2019; Banner et al. 2019).
+
+Statistics belong to the layer that reads an activation, not to the activation:
+a 1x1 and a 3x3 convolution reading the same tensor (a ResNet downsampling block),
+or a MatMul contracting the last axis of a (batch, tokens, channels) value, each
+get statistics of the shape their weight needs (:class:`Reading`, :func:`layer_statistics`).
 """
 
 from __future__ import annotations
@@ -94,9 +99,9 @@ class Window:
         return stacked.reshape(*stacked.shape[:3], -1)
 
 
-def channel_rows(value: np.ndarray) -> np.ndarray:
-    """An activation (channel axis 1) as contiguous float32 rows, one per batch item and position."""
-    return np.ascontiguousarray(np.moveaxis(value, 1, -1).reshape(-1, value.shape[1]), dtype=np.float32)
+def channel_rows(value: np.ndarray, axis: int = 1) -> np.ndarray:
+    """An activation as contiguous float32 rows of its ``axis`` channels, one per batch item and position."""
+    return np.ascontiguousarray(np.moveaxis(value, axis, -1).reshape(-1, value.shape[axis]), dtype=np.float32)
 
 
 def shrunk(matrix: np.ndarray, count: int) -> np.ndarray:
@@ -131,10 +136,10 @@ class InputStats:
             patches, self.patch_count + other.patch_count,
         )
 
-    def add(self, value: np.ndarray, window: Window | None = None) -> None:
-        """Add a batch of the activation (channel axis 1); with ``window``, its window statistics too."""
+    def add(self, value: np.ndarray, window: Window | None = None, axis: int = 1) -> None:
+        """Add a batch of the activation (channels on ``axis``); with ``window``, its window statistics too."""
         # float32 products per batch (BLAS sgemm), float64 accumulation across batches
-        rows = channel_rows(value)
+        rows = channel_rows(value, axis)
         self.total += rows.sum(axis=0, dtype=np.float64)
         self.sumsq += np.einsum("ij,ij->j", rows, rows, dtype=np.float64)
         if self.gram is not None:
@@ -205,6 +210,37 @@ class InputStats:
         return self._patch_factor
 
 
+@dataclass(frozen=True)
+class Reading:
+    """How one layer reads its input, and so which statistics its quantizer gets.
+
+    ``axis`` holds the channels the layer's weight contracts (1 for a convolution, -1 for
+    a MatMul on (batch, tokens, channels) values); ``gram`` asks for the channel Gram
+    matrix (GPTQ on a linear layer); ``window`` for a depthwise convolution's per-channel
+    window Gram matrices. Layers that read an activation the same way share one set of sums.
+    """
+
+    activation: str
+    axis: int = 1
+    gram: bool = False
+    window: Window | None = None
+
+
+def layer_statistics(
+    model: onnx.ModelProto, batch: np.ndarray, readings: Mapping[str, Reading], chunk: int = 16
+) -> dict[str, InputStats]:
+    """Per-channel statistics of the input of every layer in ``readings`` (keyed as it is, by weight name),
+    from one pass of the float model over ``batch``.
+
+    Two layers reading one tensor with different needs (a 1x1 and a 3x3 convolution, a
+    Gemm and a depthwise convolution) get statistics of their own shape; layers with equal
+    readings share one :class:`InputStats`. A graph with a fixed batch size is run in batches
+    of that size (the last one padded, its padding rows left out of the statistics).
+    """
+    collected = _collect(model, batch, [r for r in readings.values() if r.activation], chunk)
+    return {layer: collected[r] for layer, r in readings.items() if r.activation}
+
+
 def input_statistics(
     model: onnx.ModelProto,
     batch: np.ndarray,
@@ -213,27 +249,36 @@ def input_statistics(
     chunk: int = 16,
     windows: Mapping[str, Window] | None = None,
 ) -> dict[str, InputStats]:
-    """Per-channel statistics (channel axis 1) of named activations of the float model.
+    """Per-channel statistics (channel axis 1) of named activations of the float model, by activation.
 
-    ``windows`` names activations read by a depthwise convolution: their
-    per-channel window Gram matrices are collected too (:attr:`InputStats.patch_hessian`).
-    A graph with a fixed batch size is run in batches of that size (the last one
-    padded, its padding rows left out of the statistics).
+    ``gram_for`` names activations whose channel Gram matrix is collected; ``windows`` names
+    activations read by a depthwise convolution, whose per-channel window Gram matrices are
+    collected too (:attr:`InputStats.patch_hessian`). Builds use :func:`layer_statistics`.
     """
-    wanted = list(dict.fromkeys(a for a in activations if a))
+    grams, windows = set(gram_for), windows or {}
+    readings = [Reading(a, 1, a in grams, windows.get(a)) for a in dict.fromkeys(a for a in activations if a)]
+    return {r.activation: stats for r, stats in _collect(model, batch, readings, chunk).items()}
+
+
+def _collect(model: onnx.ModelProto, batch: np.ndarray, readings: Sequence[Reading], chunk: int) -> dict[Reading, InputStats]:
+    """One :class:`InputStats` per distinct reading, each activation fetched once per batch."""
+    distinct = list(dict.fromkeys(readings))
+    wanted = list(dict.fromkeys(r.activation for r in distinct))
     graph_inputs = {i.name for i in model.graph.input}
     session = make_session(with_outputs(model, wanted))
     input_name = session.get_inputs()[0].name
     fetch = [n for n in wanted if n not in graph_inputs]
-    grams = set(gram_for)
-    stats: dict[str, InputStats] = {}
+    stats: dict[Reading, InputStats] = {}
     for part, real in batches(batch, chunk, fixed_batch(model)):
-        outs = dict(zip(fetch, session.run(fetch, {input_name: part}))) if fetch else {}
+        outs = dict(zip(fetch, session.run(fetch, {input_name: part}), strict=True)) if fetch else {}
         outs.update({n: part for n in wanted if n in graph_inputs})
-        for name, value in outs.items():
-            value = value[:real] if real < len(part) else value
-            s = stats.setdefault(name, InputStats.empty(value.shape[1], name in grams))
-            s.add(value, windows.get(name) if windows else None)
+        for reading in distinct:
+            value = outs[reading.activation]
+            if real < len(part):  # padding of a fixed batch: batch items are rows of axis 0 (of the last axis
+                value = value[:real] if reading.axis != 0 else value[..., :real]  # when axis 0 holds channels)
+            if reading not in stats:
+                stats[reading] = InputStats.empty(value.shape[reading.axis], reading.gram)
+            stats[reading].add(value, reading.window, reading.axis)
     return stats
 
 
@@ -251,7 +296,7 @@ def weight_importance(role: TensorRole, shape: tuple[int, ...], energy: np.ndarr
         group_of = np.arange(out_ch) // (out_ch // role.group)
         per = energy.reshape(role.group, in_per_group)[group_of]  # (O, I/g)
         return np.broadcast_to(per.reshape(out_ch, in_per_group, *([1] * (len(shape) - 2))), shape)
-    if role.op == "Gemm" and len(shape) == 2:
+    if role.op in ("Gemm", "MatMul") and len(shape) == 2:
         axis_in = 1 - role.out_axis
         if energy.shape[0] != shape[axis_in]:
             return None
@@ -283,13 +328,14 @@ def correct_biases(
     means: Mapping[str, np.ndarray],
     biases: Mapping[str, np.ndarray],
 ) -> dict[str, np.ndarray]:
-    """New bias arrays that cancel each palettized weight's expected output shift."""
+    """New bias arrays that cancel each palettized weight's expected output shift (``means``: the mean
+    input of each layer, by weight name)."""
     corrected: dict[str, np.ndarray] = {}
     for name, approx in decoded.items():
         role = roles[name]
-        if not role.bias or role.activation not in means or role.bias not in biases:
+        if not role.bias or name not in means or role.bias not in biases:
             continue
-        shift = output_shift(approx.astype(np.float64) - originals[name], role, means[role.activation])
+        shift = output_shift(approx.astype(np.float64) - originals[name], role, means[name])
         if shift is None or shift.shape != biases[role.bias].shape or role.beta == 0:
             continue
         base = corrected.get(role.bias, biases[role.bias].astype(np.float64))

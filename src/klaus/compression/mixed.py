@@ -141,7 +141,7 @@ def candidate_options(
     probe_key = (8, PROBE_STEP) if PROBE_STEP in steps else (PROBE_BITS, None)
     for name in eligible:
         w, role = weights[name], roles[name]
-        st = stats.get(role.activation)
+        st = stats.get(name)
         cands = [Candidate(FLOAT, 2.0 * w.size, 0.0)]
         layer = LayerOptions(name, int(w.size), cands)
         for bits, step in [(b, None) for b in choices] + [(8, s) for s in steps]:

@@ -1,5 +1,6 @@
 """The plan of a build: which tensors get how many bits, and the calibration statistics
-their quantizers need (input energies, Gram matrices, depthwise window Hessians)."""
+their quantizers need (input energies, Gram matrices, depthwise window Hessians), one set
+per layer (:class:`~klaus.compression.calibrate.Reading`)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,14 @@ import numpy as np
 import onnx
 
 from .. import onnxgraph
-from .calibrate import InputStats, Window, input_statistics
+from .calibrate import InputStats, Reading, Window, layer_statistics
 from .recipe import Recipe
 
 
 def is_linear(role: onnxgraph.TensorRole, array: np.ndarray) -> bool:
-    """Layers whose input Hessian is a plain channel Gram matrix: Gemm and 1x1 Conv."""
-    if role.op == "Gemm":
-        return True
+    """Layers whose input Hessian is a plain channel Gram matrix: Gemm, MatMul and ungrouped 1x1 Conv."""
+    if role.op in ("Gemm", "MatMul"):
+        return role.kind == "fc"
     return role.op == "Conv" and role.group == 1 and all(d == 1 for d in array.shape[2:])
 
 
@@ -35,34 +36,43 @@ def calibration_stats(
     recipe: Recipe,
     calibration: np.ndarray,
 ) -> dict[str, InputStats]:
-    """Input statistics of every layer the recipe palettizes (Gram matrices only for GPTQ)."""
+    """Input statistics of every layer the recipe palettizes, by weight name (Gram matrices only for GPTQ)."""
     plan = planned_bits(weights, roles, recipe)
-    activations = [roles[n].activation for n in plan]
-    grams = [roles[n].activation for n in plan if recipe.method == "gptq" and is_linear(roles[n], weights[n])]
-    windows = depthwise_windows(model, roles, {n: weights[n].shape for n in plan}) if recipe.method == "gptq" else {}
-    return input_statistics(model, calibration, activations, grams, windows=windows)
+    return layer_statistics(model, calibration, layer_readings(model, weights, roles, recipe, list(plan)))
+
+
+def layer_readings(
+    model: onnx.ModelProto,
+    weights: dict[str, np.ndarray],
+    roles: dict[str, onnxgraph.TensorRole],
+    recipe: Recipe,
+    names: list[str],
+) -> dict[str, Reading]:
+    """How each named layer reads its input, and what its quantizer needs of it: for GPTQ a Gram
+    matrix (linear layers) or input windows (2-D depthwise convolutions); otherwise moments only."""
+    gptq = recipe.method == "gptq"
+    windows = depthwise_windows(model, roles, {n: weights[n].shape for n in names}) if gptq else {}
+    return {
+        n: Reading(roles[n].activation, roles[n].in_axis, gptq and is_linear(roles[n], weights[n]), windows.get(n))
+        for n in names
+    }
 
 
 def depthwise_windows(
     model: onnx.ModelProto, roles: dict[str, onnxgraph.TensorRole], shapes: dict[str, tuple[int, ...]]
 ) -> dict[str, Window]:
-    """The input window of every listed 2-D depthwise convolution, by its input activation.
-
-    An activation read by two convolutions with different windows gets none (it
-    falls back to weighted rounding) rather than a Hessian that fits only one of them.
-    """
+    """The input window of every listed 2-D depthwise convolution with explicit padding, by weight name."""
     nodes = {node.output[0]: node for node in model.graph.node if node.output}
-    found: dict[str, Window | None] = {}
+    found: dict[str, Window] = {}
     for name, shape in shapes.items():
         role = roles[name]
         node = nodes.get(role.output)
         if role.kind != "depthwise" or node is None or node.op_type != "Conv":
             continue
         window = _window(node, tuple(int(d) for d in shape[2:]))
-        if role.activation in found and found[role.activation] != window:
-            window = None
-        found[role.activation] = window
-    return {a: w for a, w in found.items() if w is not None}
+        if window is not None:
+            found[name] = window
+    return found
 
 
 def _window(node: onnx.NodeProto, kernel: tuple[int, ...]) -> Window | None:

@@ -32,7 +32,8 @@ def quantize_weights(
     for name, bits in planned_bits(weights, roles, recipe).items():
         if progress:
             progress(name)
-        out[name] = quantize_tensor(weights[name], roles[name], bits, recipe, stats, recipe.step_for(name))
+        st = stats.get(name) if stats else None
+        out[name] = quantize_tensor(weights[name], roles[name], bits, recipe, st, recipe.step_for(name))
     return out
 
 
@@ -41,10 +42,11 @@ def quantize_tensor(
     role: onnxgraph.TensorRole,
     bits: int,
     recipe: Recipe,
-    stats: dict[str, InputStats] | None,
+    st: InputStats | None,
     step: float | None = None,
 ) -> PalettizedTensor:
-    """One tensor as the recipe says: GPTQ where it has an input Hessian, else (weighted) k-means.
+    """One tensor as the recipe says: GPTQ where its layer's input statistics ``st`` hold a Hessian
+    of its shape, else (weighted) k-means.
 
     ``step`` replaces the k-means palette by uniform levels that far apart.
     """
@@ -52,8 +54,8 @@ def quantize_tensor(
         "granularity": recipe.granularity, "iterations": recipe.iterations, "rate_penalty": recipe.rate_penalty,
         "step": step,
     }
-    st = stats.get(role.activation) if stats else None
-    if recipe.method == "gptq" and st is not None and st.gram is not None and st.count > 0:
+    inputs = array.size // max(1, array.shape[role.out_axis]) if array.ndim else 0
+    if recipe.method == "gptq" and st is not None and st.gram is not None and st.count > 0 and st.gram.shape[0] == inputs:
         return palettize_gptq(array, bits, st.hessian, out_axis=role.out_axis, factor=st.factor(), **common)
     if recipe.method == "gptq" and st is not None and role.kind == "depthwise" and st.fits_windows(array.shape):
         return palettize_gptq(array, bits, st.patch_hessian, factor=st.patch_factor(), **common)
@@ -71,7 +73,7 @@ def palettized(
     progress: Progress | None,
     finetune: bool,
 ) -> tuple[dict[str, np.ndarray], dict[str, PalettizedTensor]]:
-    """Every float tensor as it will be stored (biases corrected) and the palettized ones."""
+    """Every float tensor as it will be stored (biases corrected) and the palettized ones; ``stats`` by weight name."""
     quantized = quantize_weights(weights, roles, recipe, stats, progress)
     if stats is not None:
         weights = {**weights, **bias_corrected(weights, quantized, roles, stats)}
