@@ -940,18 +940,19 @@ def test_bits_sets_fc_and_conv_and_the_help_says_so(lossless_klaus, tiny_files):
     assert {t["name"]: t["bits"] for t in tensors}["dw.weight"] == 4
 
 
-def test_layer_pattern_matching_nothing_is_warned(tiny_files, lossless_klaus):
+def test_layer_pattern_matching_nothing_is_an_error(tiny_files, lossless_klaus):
     out = tiny_files["dir"] / "rules.klaus"
     result = run("compress", str(lossless_klaus), "-o", str(out), "--layer", "nomatch*=4", "--layer", "fc.*=5")
-    assert result.exit_code == 0 and out.is_file()
-    warnings = [line for line in result.stderr.splitlines() if "warning" in line]
-    assert len(warnings) == 1
-    assert warnings[0].startswith("klaus: warning: --layer nomatch*=4:") and str(lossless_klaus) in warnings[0]
+    assert result.exit_code == 1 and not out.exists()
+    assert result.stderr.splitlines() == [
+        f"klaus: error: {lossless_klaus}: --layer nomatch*=4: 'nomatch*' matches no weight of the model "
+        f"('klaus inspect {lossless_klaus}' lists the names)"
+    ]
     # ONNX source: names after simplify/rename are what the rules see.
+    result = compress_tiny(tiny_files, out, "--layer", "stem.*=6")
+    assert result.exit_code == 0 and out.is_file()
     result = compress_tiny(tiny_files, out, "--layer", "stem.*=6", "--layer", "/stem/Conv*=4")
-    assert result.exit_code == 0
-    warnings = [line for line in result.stderr.splitlines() if "warning" in line]
-    assert len(warnings) == 1 and "'/stem/Conv*'" in warnings[0]
+    assert result.exit_code == 1 and "'/stem/Conv*' matches no weight" in result.stderr
 
 
 def test_unreadable_calibration_images_are_warned_once_each(tiny_files, lossless_klaus):

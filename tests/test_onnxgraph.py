@@ -498,7 +498,7 @@ def test_rename_weights_keeps_names_when_layers_are_ambiguous():
     assert len({n.name for n in model.graph.node}) == len(model.graph.node)
     before = [t.name for t in model.graph.initializer]
     renamed = onnxgraph.rename_weights(copy(model))
-    assert [t.name for t in renamed.graph.initializer] == before
+    assert [t.name for t in renamed.graph.initializer] == before[:4] + TINY_WEIGHTS[4:]  # the others are named
 
 
 def test_rename_weights_keeps_names_that_would_collide():
@@ -507,7 +507,84 @@ def test_rename_weights_keeps_names_that_would_collide():
     model.graph.initializer.append(numpy_helper.from_array(np.zeros(1, np.float32), "stem.weight"))
     before = [t.name for t in model.graph.initializer]
     renamed = onnxgraph.rename_weights(copy(model))
-    assert [t.name for t in renamed.graph.initializer] == before
+    assert [t.name for t in renamed.graph.initializer] == [before[0], *TINY_WEIGHTS[1:], "stem.weight"]
+    onnx.checker.check_model(renamed)
+
+
+@pytest.mark.parametrize(
+    ("node_name", "layer"),
+    [
+        ("/layer2/layer2.0/downsample/downsample.0/Conv", "layer2.0.downsample.0"),  # torch.onnx scopes
+        ("/features/features.1/block/block.0/block.0.0/Conv", "features.1.block.0.0"),
+        ("/stem/stem.0/Conv", "stem.0"),
+        ("/classifier/classifier.3/Gemm", "classifier.3"),
+        ("/_blocks.3/_expand_conv/Conv", "_blocks.3._expand_conv"),  # EfficientNet-Lite's
+        ("/block/block/Conv", "block.block"),  # a child named as its parent is kept
+        ("/features/0/conv/Conv", "features.0.conv"),
+    ],
+)
+def test_rename_weights_gives_module_paths_once(node_name, layer):
+    model = exporter_named_model()
+    next(n for n in model.graph.node if n.name == "/stem/Conv").name = node_name
+    renamed = onnxgraph.rename_weights(copy(model))
+    assert [t.name for t in renamed.graph.initializer][:2] == [f"{layer}.weight", f"{layer}.bias"]
+
+
+def test_rename_weights_keeps_meaningful_names():
+    """Names the exporter took from the model (``head.weight``) stay, even if the node name says otherwise."""
+    model = make_tiny_onnx()
+    for node in model.graph.node:
+        node.name = f"/elsewhere{node.name}"
+    renamed = onnxgraph.rename_weights(copy(model))
+    assert [t.name for t in renamed.graph.initializer] == TINY_WEIGHTS
+
+
+def test_rename_weights_names_a_matmul_after_the_bias_of_its_add():
+    """torch.onnx writes Linear on 3-D values as MatMul (an invented, transposed weight) + Add (the named bias)."""
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("MatMul", ["X", "onnx::MatMul_215"], ["m"], name="/layers/layers.0/qkv/MatMul"),
+        helper.make_node("Add", ["encoder.layers.0.qkv.bias", "m"], ["Y"], name="/layers/layers.0/qkv/Add"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "vit",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 5, 8])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 5, 6])],
+        [
+            numpy_helper.from_array(rng.standard_normal((8, 6)).astype(np.float32), "onnx::MatMul_215"),
+            numpy_helper.from_array(rng.standard_normal(6).astype(np.float32), "encoder.layers.0.qkv.bias"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    renamed = onnxgraph.rename_weights(copy(model))
+    assert [t.name for t in renamed.graph.initializer] == ["encoder.layers.0.qkv.weight", "encoder.layers.0.qkv.bias"]
+    onnx.checker.check_model(renamed)
+
+
+def test_rename_weights_reads_the_dynamo_exporters_names():
+    """torch.onnx's dynamo exporter keeps parameter names, folds batch norm into ``<weight>_bias``, and
+    names invented tensors ``val_N`` on nodes whose scope metadata holds the module path."""
+    model = make_tiny_onnx()
+    renames = {"stem.bias": "stem.weight_bias", "pw.weight": "val_13", "pw.bias": "val_14"}
+    for t in model.graph.initializer:
+        t.name = renames.get(t.name, t.name)
+    for node in model.graph.node:
+        node.input[:] = [renames.get(n, n) for n in node.input]
+        node.name = f"node_{node.op_type}_{len(node.name)}"
+    pw = next(n for n in model.graph.node if "val_13" in n.input)
+    pw.metadata_props.add(key="pkg.torch.onnx.name_scopes", value="['', 'features', 'features.pw', 'conv2d_3']")
+    renamed = onnxgraph.rename_weights(copy(model))
+    names = [t.name for t in renamed.graph.initializer]
+    assert names[:2] == ["stem.weight", "stem.bias"]
+    assert names[4:6] == ["features.pw.weight", "features.pw.bias"]
+
+
+def test_invented_names():
+    for name in ("onnx::Conv_911", "val_13", "_val_2", "123", "/features/Constant_output_0", ""):
+        assert onnxgraph.invented_name(name), name
+    for name in ("layer1.0.conv1.weight", "_fc.weight", "classifier.3.bias", "conv/kernel:0"):
+        assert not onnxgraph.invented_name(name), name
 
 
 def test_rename_weights_is_idempotent_on_good_names(tiny_onnx):

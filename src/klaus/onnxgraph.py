@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal, NoReturn
@@ -368,33 +369,127 @@ def _temporary_write_failed(folder: str, size: int, exc: BaseException) -> NoRet
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
+# Initializer names an exporter makes up: ``onnx::Conv_911`` (torch.onnx, batch norm folded), ``val_13`` /
+# ``_val_13`` (torch.onnx dynamo, onnxscript), plain numbers, and outputs of folded nodes (``/Constant_output_0``).
+_INVENTED = re.compile(r"^(onnx::.*|/.*|_?val_\d+|\d+|.*_output_\d+)$")
+
+
+def invented_name(name: str) -> bool:
+    """Whether an initializer name was made up by an exporter rather than given by the model's author."""
+    return not name or bool(_INVENTED.match(name))
+
 
 def rename_weights(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Name weights after the layer that uses them (``_blocks.3._expand_conv.weight``).
+    """Name layer weights as the model's author knows them: ``layer1.0.downsample.0.weight``.
 
-    Exporters that fold batch norm invent names like ``onnx::Conv_911``; layer
-    names make `klaus inspect` readable and ``--layer PATTERN=BITS`` usable.
+    A weight or bias keeps the initializer name its exporter gave it unless that name is made up
+    (:func:`invented_name`, or ``<weight>_bias`` for a bias onnxscript folded from batch norm). A
+    made-up name becomes the layer's module path plus ``.weight``/``.bias``, the path taken, in
+    this order, from the layer's own named bias (``encoder.layers.0.mlp.0.bias`` names the MatMul
+    its Add follows), its named weight, the dynamo exporter's scope metadata, or the node name
+    (``/layer1/layer1.0/conv1/Conv``: each scope repeats its parent's path, which is kept once).
+    A name two tensors would get, or that another initializer holds, is not given.
     """
-    suffix = {1: "weight", 2: "bias"}
-    initializers = {t.name: t for t in model.graph.initializer}
-    renames: dict[str, str] = {}
+    initializers = {t.name for t in model.graph.initializer}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    wanted: dict[str, str] = {}
     for node in model.graph.node:
         if node.op_type not in WEIGHTED_OPS:
-            continue  # Clip bounds, Reshape shapes etc. are not layer weights
-        layer = node.name.strip("/").rsplit("/", 1)[0].replace("/", ".") if "/" in node.name.strip("/") else node.name
-        for position, name in enumerate(node.input):
-            if position in suffix and name in initializers and name not in renames and layer:
-                renames[name] = f"{layer}.{suffix[position]}"
-    if len(set(renames.values())) != len(renames):
-        return model  # ambiguous layer names: keep the originals
-    taken = set(initializers) - set(renames)
-    if taken & set(renames.values()):
+            continue
+        weight, bias = _layer_tensors(node, initializers, consumers)
+        if not weight or weight in wanted:
+            continue  # a weight several layers use is named by the first
+        layer = _layer_path(node, weight, bias)
+        if not layer:
+            continue
+        wanted[weight] = f"{layer}.weight" if invented_name(weight) else weight
+        if bias and bias not in wanted:
+            wanted[bias] = f"{layer}.bias" if invented_name(bias) or bias == f"{weight}_bias" else bias
+    claims: dict[str, int] = {}
+    for new in wanted.values():
+        claims[new] = claims.get(new, 0) + 1
+    renames = {old: new for old, new in wanted.items() if new != old and claims[new] == 1}
+    while True:  # a name another initializer keeps is not given (which may leave that one's old name in use)
+        kept = initializers - set(renames)
+        blocked = [old for old, new in renames.items() if new in kept]
+        if not blocked:
+            break
+        for old in blocked:
+            del renames[old]
+    if not renames:
         return model
     for t in model.graph.initializer:
         t.name = renames.get(t.name, t.name)
+    for value in model.graph.input:  # models before IR 4 list their initializers as inputs too
+        value.name = renames.get(value.name, value.name)
     for node in model.graph.node:
         node.input[:] = [renames.get(n, n) for n in node.input]
     return model
+
+
+def _layer_tensors(
+    node: onnx.NodeProto, initializers: set[str], consumers: dict[str, list[onnx.NodeProto]]
+) -> tuple[str, str]:
+    """(weight, bias) initializer names of a layer node ("" where it has none). A MatMul's bias is the
+    initializer of the one Add its output feeds, as exporters write a Linear layer."""
+    inputs = list(node.input)
+    if node.op_type in ("Conv", "ConvTranspose"):
+        weight = inputs[1] if len(inputs) > 1 and inputs[1] in initializers else ""
+    else:
+        weight = next((n for n in inputs[:2] if n in initializers), "")
+    bias = inputs[2] if len(inputs) > 2 and inputs[2] in initializers else ""
+    if node.op_type == "MatMul" and node.output:
+        after = consumers.get(node.output[0], [])
+        if len(after) == 1 and after[0].op_type == "Add":
+            bias = next((n for n in after[0].input if n in initializers), "")
+    return weight, bias
+
+
+def _layer_path(node: onnx.NodeProto, weight: str, bias: str) -> str:
+    """The module path of a layer (see :func:`rename_weights`), or "" when nothing names it."""
+    if bias and not invented_name(bias) and bias.endswith(".bias"):
+        return bias[: -len(".bias")]
+    if not invented_name(weight) and weight.endswith(".weight"):
+        return weight[: -len(".weight")]
+    scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "")
+    if scopes:
+        path = _scope_path(scopes)
+        if path:
+            return path
+    name = node.name.strip("/")
+    if "/" not in name:
+        return name
+    path: list[str] = []
+    for part in name.split("/")[:-1]:  # the last part names the operator ("Conv", "MatMul_1")
+        path += _new_segments(path, part.split("."))
+    return ".".join(path)
+
+
+def _new_segments(path: list[str], scope: list[str]) -> list[str]:
+    """The segments a scope name adds to ``path``: torch.onnx names a Sequential's child by the
+    container and the index (``downsample.0`` under ``layer2.0.downsample``), so the longest head of
+    ``scope`` that repeats the tail of ``path`` is dropped (but at least one segment is added)."""
+    for k in range(min(len(path), len(scope) - 1), 0, -1):
+        if path[-k:] == scope[:k]:
+            return scope[k:]
+    return scope
+
+
+def _scope_path(scopes: str) -> str:
+    """The innermost module path of the dynamo exporter's ``pkg.torch.onnx.name_scopes`` list
+    (``['', 'features', 'features.1', 'features.1.fc1', 'conv2d_2']``: the last entry is the operator)."""
+    import ast
+
+    try:
+        entries = ast.literal_eval(scopes)
+    except (ValueError, SyntaxError):
+        return ""
+    if not isinstance(entries, list) or len(entries) < 2 or not all(isinstance(e, str) for e in entries):
+        return ""
+    return entries[-2]
 
 
 def to_onnx(model: KlausModel) -> onnx.ModelProto:

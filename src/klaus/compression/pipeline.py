@@ -7,7 +7,6 @@ budget the plan is chosen by :mod:`~klaus.compression.budget`.
 
 from __future__ import annotations
 
-import fnmatch
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -28,9 +27,9 @@ from .budget import compress_to_agreement, compress_to_budget
 from .calibrate import CalibrationOptions, load_imagenet_calibration
 from .check import check_classifier, check_fp16_range, check_inputs
 from .mixed import Allocation
-from .plan import calibration_stats
+from .plan import calibration_stats, check_layer_rules
 from .quantize import Progress, palettized
-from .recipe import LayerRule, Recipe, effective_recipe
+from .recipe import Recipe, effective_recipe
 from .write import ModelCard, assemble, card_of, write
 
 
@@ -247,18 +246,6 @@ def _check_lossless_source(source: KlausModel, src: str, lossless: bool, warn: W
         )
 
 
-def unmatched_rules(layers: Sequence[str], graph: onnx.ModelProto) -> list[tuple[str, str]]:
-    """(rule, pattern) of every ``--layer`` rule that matches no float weight of ``graph`` (a typo, or the
-    wrong names): otherwise a silent no-op."""
-    names = [t.name for t in graph.graph.initializer if t.data_type == onnx.TensorProto.FLOAT]
-    found = []
-    for text in layers:
-        pattern = LayerRule.parse(text).pattern
-        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
-            found.append((text, pattern))
-    return found
-
-
 def build(
     source: Source,
     recipe: Recipe,
@@ -327,8 +314,8 @@ def compress_file(
     """`klaus compress`: SRC built with ``recipe`` and written to OUT atomically.
 
     Everything the file must satisfy is checked before any work; ``layers`` are the ``--layer``
-    rules the recipe holds (one matching nothing is ``warn``-ed about, as is a calibration photo
-    that cannot be read); ``note`` receives the agreement a ``max_drop`` build reached. Errors
+    rules the recipe holds (one matching no weight is an error; a calibration photo that cannot be
+    read is ``warn``-ed about); ``note`` receives the agreement a ``max_drop`` build reached. Errors
     during the build name SRC (OUT for a file that cannot be written).
     """
     if recipe.finetune_steps and not calibration.sources:
@@ -338,9 +325,7 @@ def compress_file(
     start = time.perf_counter()
     source = open_source(src, options, lossless=lossless, warn=warn)
     check_inputs(source.graph, source.preprocess, source.labels, src, recipe)  # everything the file must satisfy
-    for text, pattern in unmatched_rules(layers, source.graph):
-        if warn:
-            warn(f"--layer {text}: {pattern!r} matches no tensor of {src} (see 'klaus inspect' for the names)")
+    check_layer_rules(layers, source.graph, src)
     batch = calibration_photos(calibration, source.preprocess, warn)
     try:
         built = build(

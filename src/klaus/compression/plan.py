@@ -4,12 +4,16 @@ per layer (:class:`~klaus.compression.calibrate.Reading`)."""
 
 from __future__ import annotations
 
+import fnmatch
+from collections.abc import Sequence
+
 import numpy as np
 import onnx
 
 from .. import onnxgraph
+from ..errors import KlausModelError
 from .calibrate import InputStats, Reading, Window, layer_statistics
-from .recipe import Recipe
+from .recipe import LayerRule, Recipe
 
 
 def is_linear(role: onnxgraph.TensorRole, array: np.ndarray) -> bool:
@@ -27,6 +31,19 @@ def planned_bits(weights: dict[str, np.ndarray], roles: dict[str, onnxgraph.Tens
         if bits is not None and array.ndim > 0 and array.size > 0:
             plan[name] = bits
     return plan
+
+
+def check_layer_rules(layers: Sequence[str], graph: onnx.ModelProto, where: str) -> None:
+    """Refuse a ``--layer PATTERN=BITS`` rule whose pattern matches no float weight of ``graph``: a typo or
+    a name the graph does not use would otherwise do nothing, silently, and be stored in the file."""
+    names = [t.name for t in graph.graph.initializer if t.data_type == onnx.TensorProto.FLOAT]
+    for text in layers:
+        pattern = LayerRule.parse(text).pattern
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            raise KlausModelError(
+                f"{where}: --layer {text}: {pattern!r} matches no weight of the model "
+                f"('klaus inspect {where}' lists the names)"
+            )
 
 
 def calibration_stats(
