@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/serve_load.py                 # 32 clients, 640 requests: a markdown table
     .venv/bin/python bench/serve_load.py --json
-    .venv/bin/python bench/serve_load.py --section       # the "Serving under load" part of BENCHMARKS.md
+    .venv/bin/python bench/serve_load.py --bombs         # also 6 uploads + 6 thumbnails of 100-169 Mpx images at once
+    .venv/bin/python bench/serve_load.py --section       # the "Serving under load" part of BENCHMARKS.md (with --bombs)
 
 Loopback only (127.0.0.1, a free port), a bounded number of requests and a time limit. The
 photos are generated into a temporary folder (smooth colour fields with grain, upscaled to
@@ -358,41 +359,151 @@ def measure(
         shutil.rmtree(work, ignore_errors=True)
 
 
-def section(f: Figures, command: str = COMMAND) -> str:
+@dataclass
+class BombFigures:
+    """Large images within the pixel limit, all at once: what the server's memory does."""
+
+    images: list[str]
+    requests: int
+    statuses: dict[str, int]
+    errors: list[str]
+    seconds: float
+    idle_rss: int
+    peak_rss: int
+    after_rss: int
+    stderr_lines: list[str]
+
+
+def make_bombs(folder: Path) -> list[Path]:
+    """Small files that decode to huge images: a 13000 x 13000 RGBA PNG and a 10000 x 10000 GIF."""
+    folder.mkdir(parents=True, exist_ok=True)
+    png, gif = folder / "rgba-13000.png", folder / "palette-10000.gif"
+    Image.new("RGBA", (13_000, 13_000), (40, 90, 160, 200)).save(png)
+    Image.new("P", (10_000, 10_000), 7).save(gif)
+    return [png, gif]
+
+
+def measure_bombs(*, uploads: int = 6, thumbs: int = 6, serve_args: tuple[str, ...] = ()) -> BombFigures:
+    """``uploads`` uploads and ``thumbs`` thumbnail requests of the images of :func:`make_bombs`, all at once."""
+    work = Path(tempfile.mkdtemp(prefix="klaus-serve-bombs-"))
+    try:
+        paths = make_bombs(work / "photos")
+        db = work / "library.db"
+        index(work / "photos", db)
+        server = Server.start(db, *serve_args)
+        try:
+            time.sleep(1.0)
+            pid = server.proc.pid
+            idle = status_field(pid, "VmRSS")
+            reset = reset_peak(pid)
+            sampler = Sampler(pid)
+            sampler.start()
+            out = Outcomes()
+            lock = threading.Lock()
+            data = paths[0].read_bytes()
+
+            def request(kind: str, number: int) -> None:
+                conn = server.connection(timeout=300)
+                try:
+                    if kind == "upload":
+                        conn.request("POST", "/api/classify", body=data, headers={"Content-Type": "image/png"})
+                    else:
+                        conn.request("GET", f"/thumb/{1 + number % len(paths)}?size={('small', 'large')[number % 2]}")
+                    response = conn.getresponse()
+                    body = response.read()
+                    with lock:
+                        out.statuses[f"{kind} {response.status}"] += 1
+                        out.requests += 1
+                        if response.status not in (200, 503) or (
+                            response.status == 503 and not response.getheader("Retry-After")
+                        ):
+                            out.errors.append(f"{kind}: {response.status} {body[:120]!r}")
+                except (OSError, http.client.HTTPException) as exc:
+                    with lock:
+                        out.errors.append(f"{kind}: {type(exc).__name__}: {exc}")
+                finally:
+                    conn.close()
+
+            start = time.monotonic()
+            threads = [threading.Thread(target=request, args=("upload", n)) for n in range(uploads)]
+            threads += [threading.Thread(target=request, args=("thumb", n)) for n in range(thumbs)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            seconds = time.monotonic() - start
+            sampled = sampler.stop()
+            peak = max(sampled, status_field(pid, "VmHWM") if reset else 0)
+            time.sleep(3.0)
+            after = status_field(pid, "VmRSS")
+        finally:
+            err = server.stop()
+        return BombFigures(
+            images=[f"{p.name} ({p.stat().st_size // 1024} KiB)" for p in paths],
+            requests=out.requests,
+            statuses=dict(sorted(out.statuses.items())),
+            errors=out.errors[:20],
+            seconds=round(seconds, 1),
+            idle_rss=idle,
+            peak_rss=peak,
+            after_rss=after,
+            stderr_lines=[line for line in err.splitlines() if line.strip()],
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def section(f: Figures, bombs: BombFigures | None = None, command: str = COMMAND) -> str:
     """The "Serving under load" part of BENCHMARKS.md's Reliability section."""
     ok = f.statuses
     thumbs = f"{ok.get('thumb 200', 0)} / {ok.get('thumb 503', 0)}"
     uploads = f"{ok.get('upload 200', 0)} / {ok.get('upload 503', 0)}"
-    rows = [
-        "| clients | requests | thumbnails 200 / 503 | uploads 200 / 503 | other answers | seconds | idle RSS | peak RSS | RSS 3 s after |",
+    lines = [
+        "### Serving under load",
+        "",
+        f"`{command}`: {f.photos} generated {f.photo_size} JPEGs (mean upload {f.upload_mib} MiB) indexed, then "
+        f"`klaus serve` with its defaults on loopback and {f.clients} clients at once, each on its own keep-alive "
+        "connection, sharing the requests: half thumbnails (a random photo, small or large, each built on its first "
+        "request), half uploads to `/api/classify` (raw bodies and multipart forms). RSS of the server process: idle "
+        "after one warm-up request of each kind, peak during the load (VmHWM reset after the warm-up, and 10 ms "
+        "samples), and 3 s after the last answer. A 503 is the server refusing work beyond its limits (a queue of 64 "
+        "waiting for the decoding pool, the upload-body budget) with `Retry-After`; these clients do not wait, they "
+        "send their next request at once.",
+        "",
+        "| clients | requests | thumbnails 200 / 503 | uploads 200 / 503 | other answers | seconds | idle RSS "
+        "| peak RSS | RSS 3 s after |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         f"| {f.clients} | {f.requests} | {thumbs} | {uploads} | {len(f.errors)} | {f.seconds} | {f.idle_rss / MIB:.0f} MiB "
         f"| **{f.peak_rss / MIB:.0f} MiB** | **{f.after_rss / MIB:.0f} MiB** |",
-    ]
-    verdict = (
+        "",
         f"Targets: peak RSS under 1 GiB — {'met' if f.peak_met else '**not met**'}; back within 100 MiB of idle "
         f"({(f.after_rss - f.idle_rss) / MIB:+.0f} MiB) — {'met' if f.return_met else '**not met**'}; "
         f"no answer but 200 or 503 with Retry-After — {'met' if not f.errors else '**not met**'}"
         f"{'' if not f.errors else ' (' + '; '.join(f.errors[:3]) + ')'}; server stderr: "
-        f"{'nothing' if not f.stderr_lines else f'{len(f.stderr_lines)} lines besides its start line'}."
-    )
-    return "\n".join(
-        [
-            "### Serving under load",
+        f"{'nothing' if not f.stderr_lines else f'{len(f.stderr_lines)} lines'}.",
+    ]
+    if bombs is not None:
+        b = bombs
+        n_uploads = b.statuses.get("upload 200", 0) + b.statuses.get("upload 503", 0)
+        n_thumbs = b.statuses.get("thumb 200", 0) + b.statuses.get("thumb 503", 0)
+        lines += [
             "",
-            f"`{command}`: {f.photos} generated {f.photo_size} JPEGs (mean upload {f.upload_mib} MiB) indexed, then "
-            f"`klaus serve` with its defaults on loopback and {f.clients} clients at once, each on its own keep-alive "
-            "connection, sharing the requests: half thumbnails (a random photo, small or large, each built on its first "
-            "request), half uploads to `/api/classify` (raw bodies and multipart forms). RSS of the server process: idle "
-            "after one warm-up request of each kind, peak during the load (VmHWM reset after the warm-up, and 10 ms samples), "
-            "and 3 s after the last answer. A 503 is the server refusing work beyond its pool (jobs running, a queue of 16, "
-            "a decoding memory budget) with `Retry-After`, which clients are expected to honour.",
+            f"Large images within the pixel limit, all at once (`{command} --bombs`): {' and '.join(b.images)} "
+            f"indexed, then {n_uploads} uploads of the PNG and {n_thumbs} thumbnail requests of both sent together. "
+            "Each PNG decode (676 MB as RGBA) is larger than the 384 MiB decoding budget, so it runs alone; a request "
+            "that would wait longer than 30 s is answered 503.",
             "",
-            *rows,
+            "| requests | answers | other answers | seconds | idle RSS | peak RSS | RSS 3 s after |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+            f"| {b.requests} | {', '.join(f'{k}: {n}' for k, n in b.statuses.items())} | {len(b.errors)} | {b.seconds} "
+            f"| {b.idle_rss / MIB:.0f} MiB | **{b.peak_rss / MIB:.0f} MiB** | **{b.after_rss / MIB:.0f} MiB** |",
             "",
-            verdict,
+            f"Peak under 1 GiB — {'met' if b.peak_rss < PEAK_TARGET else '**not met**'}; back within 100 MiB of idle "
+            f"({(b.after_rss - b.idle_rss) / MIB:+.0f} MiB) — "
+            f"{'met' if b.after_rss - b.idle_rss <= RETURN_TARGET else '**not met**'}; server stderr: "
+            f"{'nothing' if not b.stderr_lines else f'{len(b.stderr_lines)} lines'}.",
         ]
-    )
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -402,13 +513,16 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=640)
     parser.add_argument("--seconds", type=float, default=600.0, help="stop sending after this long")
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--section", action="store_true", help="the BENCHMARKS.md part (markdown)")
+    parser.add_argument("--bombs", action="store_true", help="also the large-image burst (always with --section)")
+    parser.add_argument("--section", action="store_true", help="the BENCHMARKS.md part (markdown), with the burst")
     args = parser.parse_args()
     figures = measure(photos=args.photos, clients=args.clients, requests=args.requests, seconds=args.seconds)
+    bombs = measure_bombs() if args.section or args.bombs else None
     if args.json:
-        print(json.dumps({**asdict(figures), "peak_met": figures.peak_met, "return_met": figures.return_met}, indent=2))
+        report = {**asdict(figures), "peak_met": figures.peak_met, "return_met": figures.return_met}
+        print(json.dumps({**report, "bombs": asdict(bombs) if bombs else None}, indent=2))
     else:
-        print(section(figures))
+        print(section(figures, bombs))
 
 
 if __name__ == "__main__":
