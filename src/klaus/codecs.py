@@ -25,7 +25,7 @@ from .errors import KlausFormatError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_DEPTHS = (1, 2, 4, 8)
-RAW_DTYPES = {"raw-f32": np.dtype("<f4"), "raw-f16": np.dtype("<f2")}
+RAW_DTYPES: dict[str, np.dtype[np.floating]] = {"raw-f32": np.dtype("<f4"), "raw-f16": np.dtype("<f2")}
 PALETTE_CODECS = ("palette-png",)
 CODECS = (*RAW_DTYPES, *PALETTE_CODECS)
 

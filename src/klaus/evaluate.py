@@ -189,6 +189,8 @@ def _readable_rows(probabilities: ProbabilityFn, samples: Sequence[Sample], batc
     """(sample index, probabilities) for every sample that could be read, in order."""
     for start in range(0, len(samples), batch):
         chunk = samples[start : start + batch]
+        probs: Iterable[np.ndarray]
+        rows: Iterable[int]
         try:
             probs = probabilities([s.path for s in chunk])
             rows = range(len(chunk))

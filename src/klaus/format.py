@@ -165,6 +165,8 @@ class TensorRecord:
         if self.codec in codecs.RAW_DTYPES:
             return codecs.decode_raw(self.payload, self.dims, self.codec)
         palette = self.palette_values()
+        if palette is None:
+            raise KlausFormatError(f"tensor {self.name!r}: codec {self.codec} without a palette")
         indices = self.indices()
         if int(indices.max(initial=0)) >= len(palette):
             raise KlausFormatError(f"tensor {self.name!r}: index map refers past its {len(palette)}-entry palette")
@@ -783,7 +785,7 @@ def _check_palette_fields(r: TensorRecord, what: str) -> None:
         raise KlausFormatError(f"{what}: a palettized tensor needs a non-empty shape")
     if not isinstance(r.palette, bytes) or len(r.palette) % 2 or not 2 <= len(r.palette) <= 2 << r.bits:
         raise KlausFormatError(f"{what}: palette must hold 1..2^bits fp16 values")
-    if not np.all(np.isfinite(r.palette_values())):
+    if not np.all(np.isfinite(np.frombuffer(r.palette, "<f2"))):
         raise KlausFormatError(f"{what}: palette holds NaN or infinite values")
     if r.scales is None:
         if r.scale_axis is not None:
@@ -793,5 +795,5 @@ def _check_palette_fields(r: TensorRecord, what: str) -> None:
         raise KlausFormatError(f"{what}: scale_axis {r.scale_axis!r} is not an axis of shape {list(r.dims)}")
     if not isinstance(r.scales, bytes) or len(r.scales) != 2 * r.dims[r.scale_axis]:
         raise KlausFormatError(f"{what}: scales must hold one fp16 value per slice of axis {r.scale_axis}")
-    if not np.all(np.isfinite(r.scale_values())):
+    if not np.all(np.isfinite(np.frombuffer(r.scales, "<f2"))):
         raise KlausFormatError(f"{what}: scales hold NaN or infinite values")

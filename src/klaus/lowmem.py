@@ -116,7 +116,10 @@ def build(
             indices = t.indices()
         except KlausFormatError as exc:
             raise KlausFormatError(f"{where}: tensor {t.name!r}: {exc}") from None
-        palette = t.palette_values().astype(np.float32)
+        values = t.palette_values()
+        if values is None:
+            raise KlausFormatError(f"{where}: tensor {t.name!r}: codec {t.codec} without a palette")
+        palette = values.astype(np.float32)
         if int(indices.max(initial=0)) >= len(palette):
             raise KlausFormatError(
                 f"{where}: tensor {t.name!r}: index map refers past its {len(palette)}-entry palette"
@@ -131,7 +134,7 @@ def build(
         position, axis, bias, concat_axis = plan
         node = graph.node[position]
         pieces, outputs = [], []
-        step = max(1, chunk_elements // max(1, t.size // t.dims[axis]))
+        step = max(1, (chunk_elements or t.size) // max(1, t.size // t.dims[axis]))
         for start in range(0, t.dims[axis], step):
             part = slice(start, min(start + step, t.dims[axis]))
             weight = fresh(f"w{start}")

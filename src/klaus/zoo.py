@@ -101,8 +101,8 @@ def export_onnx(name: str) -> onnx.ModelProto:
         warnings.simplefilter("ignore")  # exporter chatter about constant folding; the graph is checked below
         torch.onnx.export(
             net,
-            dummy,
-            buffer,
+            (dummy,),
+            buffer,  # type: ignore[arg-type]  # the legacy exporter (dynamo=False) writes to a file object too
             input_names=["input"],
             output_names=["logits"],
             dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},

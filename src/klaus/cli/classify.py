@@ -143,9 +143,13 @@ def evaluate(
             say(
                 f"vs reference: top-1 {acc.reference_top1 * 100:.2f}%, difference "
                 f"{(acc.top1 - acc.reference_top1) * 100:+.2f} points{se}, "
-                f"agreement {acc.agreement * 100:.2f}%, KL {acc.kl:.5f}"
+                f"agreement {_percent(acc.agreement)}, KL {acc.kl:.5f}"
             )
     return 1 if acc.failed else 0
+
+
+def _percent(fraction: float | None) -> str:
+    return "—" if fraction is None else f"{fraction * 100:.2f}%"
 
 
 COMMANDS = (classify, evaluate)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import onnx
@@ -190,7 +191,10 @@ class _Student:
         }
         for op, _, outs, a in self.nodes:
             if op == "Constant":
-                self.constants[outs[0]] = torch.from_numpy(np.array(numpy_helper.to_array(a["value"])))
+                value = a.get("value")
+                if not isinstance(value, onnx.TensorProto):
+                    raise KlausModelError(f"fine-tuning runs Constant nodes that hold a tensor, not {sorted(a)}")
+                self.constants[outs[0]] = torch.from_numpy(np.array(numpy_helper.to_array(value)))
         self.fixed = {
             n: torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
             for n, w in weights.items()
@@ -318,7 +322,7 @@ def choose_cut(
     instead of forward and backward at every step; in mobile CNNs the late,
     low-resolution layers hold most weights and are the cheap ones to run.
     """
-    position = {}
+    position: dict[str, int] = {}
     for i, node in enumerate(model.graph.node):
         for name in node.input:
             if name in quantized:
@@ -397,7 +401,7 @@ def finetune(
     trainable_biases = sorted({roles[n].bias for n in train if roles[n].bias and roles[n].bias in weights})
     fixed = {n: w for n, w in decoded.items() if n not in train}
     student = _Student(torch, model, fixed, train, trainable_biases, start, entry)
-    groups = [
+    groups: list[dict[str, Any]] = [
         {"params": list(student.palettes.values()), "lr": options.lr},
         {"params": list(student.log_scales.values()) if options.scales else [], "lr": options.lr},
         {"params": list(student.biases.values()) if options.bias_lr > 0 else [], "lr": options.bias_lr},

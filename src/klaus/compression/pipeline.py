@@ -223,7 +223,7 @@ def triple(value: tuple[float, float, float] | str, option: str) -> tuple[float,
         values = ()
     if len(values) != 3:
         raise KlausModelError(f"{option} needs three comma-separated numbers, got {value!r}")
-    return values  # type: ignore[return-value]
+    return values[0], values[1], values[2]
 
 
 def _check_lossless_source(source: KlausModel, src: str, lossless: bool, warn: Warn | None) -> None:

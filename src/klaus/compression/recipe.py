@@ -11,7 +11,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Any, Literal
 
 from ..errors import KlausModelError
 from ..onnxgraph import LayerKind
@@ -115,7 +115,7 @@ class Recipe:
                 return rule.step
         return None
 
-    def with_bits(self, bits: int | None = None, **overrides: object) -> Recipe:
+    def with_bits(self, bits: int | None = None, **overrides: Any) -> Recipe:
         """Same recipe with every palettized kind set to ``bits`` (plus any field overrides)."""
         base = self if bits is None else replace(self, fc_bits=bits, conv_bits=bits)
         return replace(base, **overrides) if overrides else base
@@ -195,7 +195,7 @@ def recipe_from_options(
     if name not in NAMED_RECIPES:
         raise KlausModelError(f"unknown recipe {name!r} (known: {', '.join(NAMED_RECIPES)})")
     recipe = NAMED_RECIPES[name]
-    changes: dict[str, object] = {}
+    changes: dict[str, Any] = {}
     if bits is not None:
         changes.update(fc_bits=bits, conv_bits=bits)
     if fc_bits is not None:
@@ -216,7 +216,7 @@ def recipe_from_options(
         changes["name"] = f"{recipe.name}+custom" if recipe.name != "custom" else "custom"
         if recipe.float_codec == "raw-f32" and any(k.endswith("bits") for k in changes):
             changes["float_codec"] = "raw-f16"
-    recipe = replace(recipe, **changes)  # type: ignore[arg-type]
+    recipe = replace(recipe, **changes)
     if min_elements is not None or weighted or finetune_steps:
         recipe = replace(
             recipe,

@@ -14,7 +14,7 @@ import itertools
 import os
 import threading
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 
 from .db import KlausIndexError
 from .engine import Engine, ModelBlob
@@ -95,7 +95,7 @@ def classify_dask(
     batch: int = 16,
     max_pixels: int | None = None,
     reports: list | None = None,
-) -> Iterator[list[Result]]:
+) -> Generator[list[Result], None, None]:
     """Yield result batches in task order while the cluster (a connected Client) works ahead.
 
     ``tasks`` is consumed lazily (:meth:`klaus.index.claims.WorkQueue.claimed` claims them as they are taken).

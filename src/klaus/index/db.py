@@ -290,6 +290,7 @@ class Database:
             "INSERT INTO models (name, sha256, labels_sha256, first_used) VALUES (?, ?, ?, ?)",
             (name, sha256, labels_sha256, now_iso()),
         )
+        assert cur.lastrowid is not None  # an INSERT sets it
         return int(cur.lastrowid)
 
     def meta(self, key: str) -> str | None:

@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -59,7 +60,7 @@ class BlobSpec:
     labels: tuple[LabelRow, ...]
     output: str
     name: str
-    session: Callable[[int | None], object]  # an ONNX Runtime session (threads), built on demand
+    session: Callable[[int | None], Any]  # an ONNX Runtime session (threads), built on demand
 
 
 def parse_blob(blob: ModelBlob) -> BlobSpec:

@@ -6,7 +6,7 @@ import os
 import sqlite3
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import ExitStack, closing, suppress
 from dataclasses import asdict, dataclass, field
 
@@ -53,7 +53,7 @@ def concept_rows(labels: Sequence) -> list[tuple[str, int]]:
     """(wnid, class) for every WordNet ancestor of every class (all parents), class wnid included."""
     from ..labels import ancestors
 
-    rows = []
+    rows: list[tuple[str, int]] = []
     for row in labels:
         if not row.wnid:
             continue
@@ -179,7 +179,7 @@ def index_paths(
                 if dask:
                     from .dask import classify_dask
 
-                    batches: Iterator[list[Result]] = classify_dask(
+                    batches: Generator[list[Result], None, None] = classify_dask(
                         queue.claimed(), blob, client, batch=batch, max_pixels=max_pixels, reports=dask_reports
                     )
                 else:

@@ -22,7 +22,7 @@ import re
 import stat
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -256,7 +256,7 @@ def classify_local(
     lanes: int = 1,
     mode: str = "threads",
     max_pixels: int | None = None,
-) -> Iterator[list[Result]]:
+) -> Generator[list[Result], None, None]:
     """Yield results in task order, a batch at a time.
 
     ``workers`` decode ahead while up to ``lanes`` model calls run at once (ONNX

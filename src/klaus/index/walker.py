@@ -16,7 +16,7 @@ HEIF_SUFFIXES = frozenset({".heic", ".heif"})
 def heif_available() -> bool:
     """Register pillow-heif's opener if it is installed (HEIC photos from phones)."""
     try:
-        from pillow_heif import register_heif_opener  # type: ignore[import-not-found]
+        from pillow_heif import register_heif_opener
     except ImportError:
         return False
     register_heif_opener()

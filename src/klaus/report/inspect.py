@@ -15,7 +15,7 @@ def summarize(path: str | os.PathLike[str]) -> dict[str, object]:
     """`klaus inspect --json`: the file's metadata, and per tensor its shape, codec, bits, stored bytes and
     the order-0 entropy bound of its indices, with totals."""
     model = read_model(path)
-    tensors = []
+    tensors: list[dict[str, Any]] = []
     for t in model.tensors:
         entropy = codecs.order0_entropy_bytes(t.indices()) if t.codec in codecs.PALETTE_CODECS else None
         tensors.append(

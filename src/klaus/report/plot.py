@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+from typing import Any
 
 from ..format import write_atomic
 from ..sweep import SweepResult, SweepRow, frontier
@@ -21,7 +22,7 @@ _LEGENDS = {
 }
 
 
-_STYLE = {
+_STYLE: dict[str, dict[str, Any]] = {
     "reference": {"marker": "*", "s": 220, "color": "black", "zorder": 4},
     "fp16": {"marker": "s", "s": 60, "color": "dimgray", "zorder": 3},
     "tensor": {"marker": "o", "s": 50, "color": "tab:blue", "zorder": 3},
@@ -68,6 +69,15 @@ _SIZE_TICKS = (
 )
 
 
+def _mib(r: SweepRow) -> float:
+    """A measured row's file size in MiB (the plot only has rows with a size and a top-1)."""
+    return (r.file_bytes or 0) / 2**20
+
+
+def _percent(r: SweepRow) -> float:
+    return (r.top1 or 0.0) * 100
+
+
 def _point_label(r: SweepRow) -> str:
     """The label next to a point: bits rows by their width (the marker says the method)."""
     if r.kind == "bits" and r.bits is not None:
@@ -90,11 +100,11 @@ def plot(result: SweepResult, path: str | os.PathLike[str]) -> None:
     ax = fig.add_subplot()
     done = [r for r in result.rows if r.file_bytes is not None and r.top1 is not None]
     for scheme in ("tensor", "channel", "calibrated", "uniform", "mixed"):
-        curve = sorted((r for r in done if _scheme(r) == scheme), key=lambda r: r.file_bytes)
+        curve = sorted((r for r in done if _scheme(r) == scheme), key=_mib)
         if len(curve) > 1:
             ax.plot(
-                [r.file_bytes / 2**20 for r in curve],
-                [r.top1 * 100 for r in curve],
+                [_mib(r) for r in curve],
+                [_percent(r) for r in curve],
                 color=_STYLE[scheme]["color"],
                 lw=1,
                 alpha=0.45,
@@ -103,8 +113,8 @@ def plot(result: SweepResult, path: str | os.PathLike[str]) -> None:
     best = frontier(done)
     if len(best) > 1:
         ax.plot(
-            [r.file_bytes / 2**20 for r in best],
-            [r.top1 * 100 for r in best],
+            [_mib(r) for r in best],
+            [_percent(r) for r in best],
             color="black",
             lw=1.4,
             ls="--",
@@ -114,8 +124,8 @@ def plot(result: SweepResult, path: str | os.PathLike[str]) -> None:
         )
     seen: set[str] = set()
     # Labels alternate above and below in size order, so neighbouring points stay readable.
-    for i, r in enumerate(sorted(done, key=lambda r: (r.file_bytes, r.setting))):
-        x, y = r.file_bytes / 2**20, r.top1 * 100
+    for i, r in enumerate(sorted(done, key=lambda r: (_mib(r), r.setting))):
+        x, y = _mib(r), _percent(r)
         scheme = _scheme(r) if _scheme(r) in _STYLE else "recipe"
         legend = _LEGENDS[scheme]
         ax.scatter([x], [y], label=None if legend in seen else legend, **_STYLE[scheme])
@@ -132,7 +142,7 @@ def plot(result: SweepResult, path: str | os.PathLike[str]) -> None:
         f"{result.model}: top-1 accuracy vs file size ({result.n} images, split {result.split}, {crops})", fontsize=10
     )
     if done:
-        sizes = [r.file_bytes / 2**20 for r in done if r.file_bytes > 0]
+        sizes = [_mib(r) for r in done if _mib(r) > 0]
         ax.set_xscale("log", base=2)
         ax.set_xlim(min(sizes) / 1.2, max(sizes) * 1.35)
         low_x, high_x = ax.get_xlim()
@@ -141,7 +151,7 @@ def plot(result: SweepResult, path: str | os.PathLike[str]) -> None:
             ax.xaxis.set_major_locator(FixedLocator(ticks))
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.xaxis.set_minor_formatter(NullFormatter())
-        low, high = min(r.top1 for r in done) * 100, max(r.top1 for r in done) * 100
+        low, high = min(_percent(r) for r in done), max(_percent(r) for r in done)
         pad = max(1.0, (high - low) * 0.15)
         ax.set_ylim(low - pad, high + pad)
         handles, names = ax.get_legend_handles_labels()

@@ -113,7 +113,7 @@ def load_eval_set(
             if exact and pixels is None:
                 exact = False
                 parts = [_normalize(p, source.preprocess) for p in parts]  # exact: each was verified
-            parts.append(pixels if exact else x)
+            parts.append(pixels if exact and pixels is not None else x)
         if on_image:
             on_image(1)
     if not parts:

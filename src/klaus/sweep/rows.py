@@ -247,7 +247,8 @@ def _describe_scope(settings: Sequence[Setting]) -> str:
     ]
     widths = ", ".join(str(b) for b in dict.fromkeys(s.bits for s in bits))
     others = "" if bits[0].scope == "all" else "other layers and "
-    floor = f"{others}tensors under {bits[0].recipe.min_elements} weights stay fp16"
+    smallest = next(s.recipe.min_elements for s in bits if s.recipe is not None)
+    floor = f"{others}tensors under {smallest} weights stay fp16"
     if {s.row_scheme for s in bits} == {"tensor"}:  # the original table, described as before
         return f"{layers} at {widths} bits, one k-means palette per tensor (plain 1-D k-means, no calibration); {floor}"
     return f"{layers} at {widths} bits, one row per method (below); {floor}"
@@ -309,6 +310,8 @@ def _compressed_row(
         model, allocation = _budgeted(setting, source, use_calib, calibration.crops if calibration is not None else 1)
     else:
         recipe = setting.recipe
+        if recipe is None:
+            raise KlausModelError(f"setting {setting.label!r} has no recipe")
         if setting.step is not None:
             recipe = uniform_recipe(recipe, setting.step, source.graph)
         model = compress_onnx(
@@ -361,7 +364,6 @@ def _budgeted(
     """A mixed row's model: the named recipe as it is now (not at import), fitted to the budget (``views`` crops per photo)."""
     if calibration is None or setting.budget_bytes is None:
         raise KlausModelError("a budgeted row needs calibration images (--calib)")
-    kwargs = {} if setting.min_elements is None else {"min_elements": setting.min_elements}
     return compress_to_budget(
         source.graph,
         NAMED_RECIPES[MIXED_RECIPE],
@@ -372,7 +374,7 @@ def _budgeted(
         output=source.output,
         calibration=calibration,
         views=views,
-        **kwargs,
+        min_elements=MIN_BUDGET_ELEMENTS if setting.min_elements is None else setting.min_elements,
     )
 
 
@@ -483,10 +485,13 @@ def _error_row(setting: Setting, evalset: EvalSet, error: str) -> SweepRow:
 def frontier(rows: Sequence[SweepRow]) -> list[SweepRow]:
     """The measured rows no smaller row beats: the best top-1 at each size, smallest file first."""
     done = sorted(
-        (r for r in rows if r.file_bytes is not None and r.top1 is not None), key=lambda r: (r.file_bytes, -r.top1)
+        ((r.file_bytes, r.top1, r) for r in rows if r.file_bytes is not None and r.top1 is not None),
+        key=lambda measured: (measured[0], -measured[1]),
     )
     best: list[SweepRow] = []
-    for r in done:
-        if not best or r.top1 > best[-1].top1:
+    best_top1 = 0.0
+    for _, top1, r in done:
+        if not best or top1 > best_top1:
             best.append(r)
+            best_top1 = top1
     return best
