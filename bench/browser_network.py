@@ -1,6 +1,6 @@
 """The network in the browser: ONNX Runtime Web session choices against native ONNX Runtime, same photos, same run.
 
-    python bench/browser_network.py [--only iso-t1,iso-t2,plain-t2,basic-t2,disabled-t2,fixed-t1,fixed-t2] [--photos N]
+    python bench/browser_network.py [--only iso-t1,iso-t2,plain-t2,basic-t2,disabled-t2,nospin-t2,fixed-t1,fixed-t2] [--photos N]
 
 The built assets (src/klaus/web/ondevice/) and a web container of the embedded model are served from this
 process (with COOP/COEP, so the page is cross-origin isolated and wasm threads work, or without them under
@@ -47,6 +47,12 @@ CASES: dict[str, tuple[str, bool, int, dict[str, object]]] = {
         True,
         2,
         {"graphOptimizationLevel": "disabled"},
+    ),
+    "nospin-t2": (
+        "isolated, 2 threads, 'all', intra-op threads do not spin (session.intra_op.allow_spinning 0)",
+        True,
+        2,
+        {"extra": {"session": {"intra_op": {"allow_spinning": "0"}}}},
     ),
     "fixed-t1": (
         "isolated, 1 thread, 'all', batch fixed at 1 (freeDimensionOverrides)",

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import IMAGENET_SAMPLE, ROOT, TINY_RECIPE, tiny_klaus
+from conftest import EXAMPLES, IMAGENET_SAMPLE, ROOT, TINY_RECIPE, tiny_klaus
 from klaus.format import read_model
 from klaus.preprocess import prepare
 from klaus.runtime import Classifier, default_model_path
@@ -409,6 +409,34 @@ def test_ten_crops_agree_with_klaus_classify(page, site, photos, classifier):
         ours = classify_in_page(page, site, photo, crops=10)["predictions"][0]["index"]
         same += ours == classifier.classify(str(photo), top=1, crops=10).predictions[0].index
     assert same >= 0.9 * len(chosen)
+
+
+def large_jpegs(tmp: Path) -> list[Path]:
+    """Photos Python decodes at reduced size (draft): 1/2 and 1/8 scale, one with an EXIF rotation."""
+    from PIL import Image
+
+    cat = Image.open(EXAMPLES / "cat.jpg").convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: rotate 90 degrees clockwise to view
+    out = []
+    for name, size, extra in (
+        ("rotated.jpg", (1600, 1200), {"exif": exif.tobytes()}),
+        ("huge.jpg", (12000, 12000), {}),
+    ):
+        path = tmp / name
+        cat.resize(size, Image.Resampling.BILINEAR).save(path, quality=85, **extra)
+        out.append(path)
+    return out
+
+
+def test_large_photos_are_decoded_at_reduced_size_as_python_does(page, site, classifier, tmp_path):
+    """ImageDecoder's scaled JPEG decode gives Pillow's draft pixels, so the probabilities agree as for the same
+    tensor; the 12000 x 12000 photo is never decoded at full size (about 30 MB instead of 600)."""
+    for photo in large_jpegs(tmp_path):
+        ours = classify_in_page(page, site, photo)["predictions"]
+        python = classifier.classify(str(photo), top=5).predictions
+        assert [p["index"] for p in ours] == [p.index for p in python], photo.name
+        assert max(abs(p["probability"] - q.probability) for p, q in zip(ours, python, strict=True)) <= 1e-4, photo.name
 
 
 # ------------------------------------------------------------------------------------------------ tampering

@@ -470,11 +470,14 @@ function megapixels(count, limit, up) {
 /** Decode a photo (Blob) into RGB for ``spec`` in a browser (window or worker): upright (EXIF orientation), no
  * colour management (as Pillow, which ignores ICC profiles), transparency over white.
  *
- * Scaling while decoding, so that a 12000 x 12000 photo never needs its full size in memory: a JPEG is decoded at
- * 1/2, 1/4 or 1/8 scale exactly when Python's draft decode would be (klaus.preprocess.load_image with a target
- * side), but the browser scales with its own filter where libjpeg scales in the DCT, so pixels of such photos differ
- * slightly from Python's; other formats above 16 Mpx get the same scale rule (Python decodes them at full size).
- * Photos over ``maxPixels`` are refused from their header, as Python refuses them. */
+ * Large photos are scaled while decoding, as Python's draft decode does (klaus.preprocess.load_image with a target
+ * side): a JPEG whose sides are both at least 2, 4 or 8 times the decode target is decoded at 1/2, 1/4 or 1/8 scale.
+ * Where the browser has WebCodecs' ImageDecoder (Chromium), that is libjpeg's DCT scaling at the size Pillow picks,
+ * which gives Pillow's pixels and never holds the full-size image (a 12000 x 12000 JPEG: about 30 MB, not 600).
+ * Elsewhere createImageBitmap's resize options do it: the browser's own filter, so such photos' pixels differ
+ * slightly from Python's, and the browser may decode the full size first. Other formats above 16 Mpx get the same
+ * scale rule through createImageBitmap (Python decodes them at full size). Photos over ``maxPixels`` are refused
+ * from their header, as Python refuses them. */
 export async function decodeImage(blob, spec, crops = 1, { label = 'photo', maxPixels = DEFAULT_MAX_PIXELS } = {}) {
   const head = new Uint8Array(await blob.slice(0, 1 << 18).arrayBuffer());
   if (!head.length) throw new Error(`${label}: empty file`);
@@ -489,6 +492,10 @@ export async function decodeImage(blob, spec, crops = 1, { label = 'photo', maxP
     if (scale > 1) {
       const w = Math.ceil(info.width / scale);
       const h = Math.ceil(info.height / scale);
+      if (info.format === 'JPEG') {
+        const scaled = await scaledJpeg(blob, w, h);
+        if (scaled) return scaled;
+      }
       const swap = info.orientation >= 5;
       Object.assign(options, { resizeWidth: swap ? h : w, resizeHeight: swap ? w : h, resizeQuality: 'high' });
     }
@@ -501,15 +508,39 @@ export async function decodeImage(blob, spec, crops = 1, { label = 'photo', maxP
     throw new Error(`${label}: not an image this browser can decode${kind ? ` (${kind})` : ''}`);
   }
   try {
-    const { width, height } = bitmap;
-    const canvas = new OffscreenCanvas(width, height);
-    const ctx = canvas.getContext('2d', { willReadFrequently: true, alpha: true });
-    ctx.drawImage(bitmap, 0, 0);
-    const rgba = ctx.getImageData(0, 0, width, height).data;
-    return { width, height, data: overWhite(rgba) };
+    return rgbOf(bitmap, bitmap.width, bitmap.height);
   } finally {
     bitmap.close();
   }
+}
+
+/** A JPEG decoded by WebCodecs' ImageDecoder at (width, height) in stored orientation (libjpeg's DCT scaling),
+ * drawn upright; null where the browser has no ImageDecoder for JPEG or it fails (the caller falls back). */
+async function scaledJpeg(blob, width, height) {
+  if (typeof ImageDecoder === 'undefined') return null;
+  let decoder = null;
+  let frame = null;
+  try {
+    if (!(await ImageDecoder.isTypeSupported('image/jpeg'))) return null;
+    decoder = new ImageDecoder({ data: blob.stream(), type: 'image/jpeg', desiredWidth: width, desiredHeight: height,
+      colorSpaceConversion: 'none', preferAnimation: false });
+    frame = (await decoder.decode()).image;
+    if (frame.codedWidth !== width || frame.codedHeight !== height) return null; // not scaled as asked
+    return rgbOf(frame, frame.displayWidth, frame.displayHeight); // drawImage applies the EXIF rotation
+  } catch {
+    return null;
+  } finally {
+    if (frame) frame.close();
+    if (decoder) decoder.close();
+  }
+}
+
+/** The RGB pixels of a drawable (ImageBitmap or VideoFrame) of the given display size. */
+function rgbOf(source, width, height) {
+  const canvas = new OffscreenCanvas(width, height);
+  const ctx = canvas.getContext('2d', { willReadFrequently: true, alpha: true });
+  ctx.drawImage(source, 0, 0);
+  return { width, height, data: overWhite(ctx.getImageData(0, 0, width, height).data) };
 }
 
 /** RGBA to RGB, transparent pixels composited over white with Pillow's alpha_composite arithmetic. */
