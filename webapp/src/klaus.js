@@ -56,7 +56,10 @@ export function defaultThreads() {
 }
 
 /** Fetch, verify and decode a web container in a Web Worker and build its ONNX Runtime Web session.
- * Resolves to {name, meta, preprocess, labels, classes, sha256, decodeMs, sessionMs, threads, ...}.
+ * Resolves to {name, meta, preprocess, labels, classes, sha256, decodeMs, sessionMs, threads, ...}: decodeMs is
+ * container bytes to decoded weights (hashes, every check, decoding), sessionMs from then until the session is
+ * ready (what is left of compiling ONNX Runtime's wasm, which starts as soon as the download ends, plus creating
+ * the session); ``timings`` splits both.
  * ``sessionOptions`` (plain values) override ONNX Runtime Web's session options, for benchmarks. */
 export async function load(url = './model.klausweb', { threads, onProgress, sessionOptions } = {}) {
   const worker = new Worker(new URL('./worker.js', import.meta.url), { type: 'module', name: 'klaus-model' });
