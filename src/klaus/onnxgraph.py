@@ -11,7 +11,7 @@ import os
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Literal, NoReturn
+from typing import Any, Literal, NoReturn
 
 import numpy as np
 import onnx
@@ -238,14 +238,14 @@ def _weight_role(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> tu
         return None
     first, second = node.input[0], node.input[1]
     bias = node.input[2] if len(node.input) > 2 and node.input[2] in shapes else ""
-    common = {"node": node.name, "op": node.op_type, "output": node.output[0], "bias": bias}
+    common: dict[str, Any] = {"node": node.name, "op": node.op_type, "output": node.output[0], "bias": bias}
     if node.op_type in ("Conv", "ConvTranspose") and second in shapes and len(shapes[second]) >= 3:
         group = _attr(node, "group", 1)
         depthwise = group > 1 and shapes[second][1] == 1 and node.op_type == "Conv"
         axis = 0 if node.op_type == "Conv" else 1
         return second, TensorRole("depthwise" if depthwise else "conv", axis, group=group, activation=first, **common)
     if node.op_type == "Gemm":
-        scale = {"alpha": _float_attr(node, "alpha", 1.0), "beta": _float_attr(node, "beta", 1.0)}
+        scale: dict[str, Any] = {"alpha": _float_attr(node, "alpha", 1.0), "beta": _float_attr(node, "beta", 1.0)}
         trans_a, trans_b = _attr(node, "transA", 0), _attr(node, "transB", 0)
         if second in shapes and len(shapes[second]) == 2 and first not in shapes:  # Y = A' W'
             out_axis, in_axis = (0 if trans_b else 1), (0 if trans_a else 1)
@@ -456,9 +456,9 @@ def _layer_path(node: onnx.NodeProto, weight: str, bias: str) -> str:
         return weight[: -len(".weight")]
     scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "")
     if scopes:
-        path = _scope_path(scopes)
-        if path:
-            return path
+        scoped = _scope_path(scopes)
+        if scoped:
+            return scoped
     name = node.name.strip("/")
     if "/" not in name:
         return name

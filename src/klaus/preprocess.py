@@ -200,7 +200,7 @@ def _show(value: object) -> str:
 
 
 def _check_int(name: str, value: object, lo: int, hi: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, Integral) or not lo <= value <= hi:
+    if isinstance(value, bool) or not isinstance(value, Integral) or not lo <= int(value) <= hi:
         raise ValueError(f"'{name}' must be an integer in {lo}..{hi}, got {_show(value)}")
 
 

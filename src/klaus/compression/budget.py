@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import Literal
 
 import numpy as np
 import onnx
@@ -93,6 +94,10 @@ def merged_stats(a: dict[str, InputStats], b: dict[str, InputStats]) -> dict[str
     return out
 
 
+# A build's pieces, kept for fine-tuning it later: its recipe, float tensors and palettized tensors.
+Fitted = tuple[Recipe, dict[str, np.ndarray], dict[str, PalettizedTensor]]
+
+
 class Search:
     """What a budgeted build needs once: statistics, every layer's candidates and their measured sensitivity."""
 
@@ -127,12 +132,12 @@ class Search:
         self.meta = dict(preprocess=preprocess, labels=labels, card=card, output=output, png=png)
         self.progress = progress
         self.overhead: float | None = None
-        self.fitted: tuple[Recipe, dict[str, np.ndarray], dict[str, PalettizedTensor]] | None = None
+        self.fitted: Fitted | None = None
 
     def probabilities(self, weights: dict[str, np.ndarray], inputs: np.ndarray) -> np.ndarray:
         return softmax(run_batches(onnxgraph.join_weights(self.skeleton, weights), inputs))
 
-    def build(self, allocation: Allocation, method: str | None = None) -> KlausModel:
+    def build(self, allocation: Allocation, method: Literal["kmeans", "gptq"] | None = None) -> KlausModel:
         """The allocation built without fine-tuning; its pieces are kept for :meth:`finished`."""
         plan = replace(mixed.budget_recipe(self.recipe, allocation), method=method or self.recipe.method)
         weights, quantized = palettized(
@@ -181,11 +186,13 @@ class Search:
         model, allocation, self.fitted = best
         return model, allocation
 
-    def finished(self, model: KlausModel, fitted: tuple) -> KlausModel:
+    def finished(self, model: KlausModel, fitted: Fitted | None) -> KlausModel:
         """``model`` fine-tuned from its build's pieces (``fitted``) if the recipe asks: palette, scale
         and bias values change, never their count or the indices, so the size stays within the budget."""
         if not self.recipe.finetune_steps:
             return model
+        if fitted is None:
+            raise ValueError("finished() needs the pieces of a build (call fit() first)")
         plan, weights, quantized = fitted
         quantized, weights = finetuned(self.model, weights, quantized, self.roles, plan, self.calibration, self.progress)
         return assemble(self.skeleton, weights, quantized, plan, self.calibration, **self.meta)

@@ -166,6 +166,8 @@ class InputStats:
         """E[w w^T] over a depthwise layer's input windows, per channel (C, k, k): its output error is
         sum_c d_c^T H_c d_c for weight errors d_c, so GPTQ applies channel by channel. Windows number
         in the thousands per photo, so no shrinkage is needed."""
+        if self.patch_gram is None:
+            raise ValueError("no input windows were gathered for this layer")
         return self.patch_gram / max(1, self.patch_count)
 
     @property
@@ -180,6 +182,8 @@ class InputStats:
     @property
     def sample_hessian(self) -> np.ndarray:
         """E[x x^T] over the calibration rows: the Hessian of a linear layer's squared output error."""
+        if self.gram is None:
+            raise ValueError("no Gram matrix was gathered for this layer")
         return self.gram / max(1, self.count)
 
     @property
@@ -351,7 +355,7 @@ def split_files(files: Sequence[Path], split: str, wnid_index: Mapping[str, int]
     if split == "all":
         return list(files)
     want = {"even": 0, "odd": 1}[split]
-    return [f for f in files if wnid_of(f) in wnid_index and wnid_index[wnid_of(f)] % 2 == want]
+    return [f for f in files if (wnid := wnid_of(f)) is not None and wnid in wnid_index and wnid_index[wnid] % 2 == want]
 
 
 @dataclass(frozen=True)

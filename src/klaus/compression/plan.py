@@ -97,9 +97,19 @@ def _window(node: onnx.NodeProto, kernel: tuple[int, ...]) -> Window | None:
     auto_pad = attrs.get("auto_pad", b"NOTSET")
     if len(kernel) != 2 or auto_pad not in (b"NOTSET", "NOTSET"):
         return None
+    strides, pads, dilations = (
+        _ints(attrs.get("strides", (1, 1))), _ints(attrs.get("pads", (0, 0, 0, 0))), _ints(attrs.get("dilations", (1, 1)))
+    )
+    if len(strides) != 2 or len(pads) != 4 or len(dilations) != 2:
+        return None  # not a 2-D window: weighted rounding instead of a window Hessian
     return Window(
         kernel=(kernel[0], kernel[1]),
-        strides=tuple(int(v) for v in attrs.get("strides", (1, 1))),
-        pads=tuple(int(v) for v in attrs.get("pads", (0, 0, 0, 0))),
-        dilations=tuple(int(v) for v in attrs.get("dilations", (1, 1))),
+        strides=(strides[0], strides[1]),
+        pads=(pads[0], pads[1], pads[2], pads[3]),
+        dilations=(dilations[0], dilations[1]),
     )
+
+
+def _ints(value: object) -> tuple[int, ...]:
+    """A node attribute's integer list as a tuple (empty if it is not a list)."""
+    return tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else ()

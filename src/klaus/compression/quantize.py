@@ -50,17 +50,23 @@ def quantize_tensor(
 
     ``step`` replaces the k-means palette by uniform levels that far apart.
     """
-    common = {
-        "granularity": recipe.granularity, "iterations": recipe.iterations, "rate_penalty": recipe.rate_penalty,
-        "step": step,
-    }
+    granularity, iterations, rate_penalty = recipe.granularity, recipe.iterations, recipe.rate_penalty
     inputs = array.size // max(1, array.shape[role.out_axis]) if array.ndim else 0
     if recipe.method == "gptq" and st is not None and st.gram is not None and st.count > 0 and st.gram.shape[0] == inputs:
-        return palettize_gptq(array, bits, st.hessian, out_axis=role.out_axis, factor=st.factor(), **common)
+        return palettize_gptq(
+            array, bits, st.hessian, out_axis=role.out_axis, factor=st.factor(), granularity=granularity,
+            iterations=iterations, rate_penalty=rate_penalty, step=step,
+        )
     if recipe.method == "gptq" and st is not None and role.kind == "depthwise" and st.fits_windows(array.shape):
-        return palettize_gptq(array, bits, st.patch_hessian, factor=st.patch_factor(), **common)
+        return palettize_gptq(
+            array, bits, st.patch_hessian, factor=st.patch_factor(), granularity=granularity, iterations=iterations,
+            rate_penalty=rate_penalty, step=step,
+        )
     importance = None if st is None or not recipe.weighted else weight_importance(role, array.shape, st.energy)
-    return palettize(array, bits, axis=role.out_axis, importance=importance, **common)
+    return palettize(
+        array, bits, axis=role.out_axis, importance=importance, granularity=granularity, iterations=iterations,
+        rate_penalty=rate_penalty, step=step,
+    )
 
 
 def palettized(

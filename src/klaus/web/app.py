@@ -726,7 +726,7 @@ def create_app(
 
     hosts = allowed_hosts if allowed_hosts is not None else _allowed_hosts(host)
     middleware = [Middleware(SecurityHeaders), Middleware(TrustedHostMiddleware, allowed_hosts=hosts)]
-    handlers = {HTTPException: http_error, IndexUnavailable: unavailable, Busy: busy}
+    handlers: dict[Any, Any] = {HTTPException: http_error, IndexUnavailable: unavailable, Busy: busy}
     app = Starlette(routes=routes, middleware=middleware, exception_handlers=handlers)
     app.state.gallery = gallery
     return app
