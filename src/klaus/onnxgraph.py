@@ -55,7 +55,11 @@ def load_onnx(path: str) -> onnx.ModelProto:
     except Exception as exc:  # protobuf raises DecodeError and friends
         raise KlausModelError(f"{path}: not a readable ONNX model ({exc})") from None
     if not model.graph.node:  # protobuf parses an empty (or nearly any short) file as an empty model
-        raise KlausModelError(f"{path}: not an ONNX model (empty file)" if not model.ByteSize() else f"{path}: ONNX model holds no graph nodes")
+        raise KlausModelError(
+            f"{path}: not an ONNX model (empty file)"
+            if not model.ByteSize()
+            else f"{path}: ONNX model holds no graph nodes"
+        )
     for init in model.graph.initializer:
         if init.data_location == onnx.TensorProto.EXTERNAL:
             raise KlausModelError(f"{path}: external-data ONNX models are not supported; merge the weights first")
@@ -166,12 +170,9 @@ def join_weights(skeleton: onnx.ModelProto, weights: dict[str, np.ndarray]) -> o
     model = onnx.ModelProto()
     model.CopyFrom(skeleton)
     model.graph.initializer.extend(
-        numpy_helper.from_array(np.ascontiguousarray(array, dtype=np.float32), name)
-        for name, array in weights.items()
+        numpy_helper.from_array(np.ascontiguousarray(array, dtype=np.float32), name) for name, array in weights.items()
     )
     return model
-
-
 
 
 def external_placeholder(name: str, array: np.ndarray) -> onnx.TensorProto:
@@ -181,7 +182,9 @@ def external_placeholder(name: str, array: np.ndarray) -> onnx.TensorProto:
     (decoded array, protobuf tensor, serialized bytes, ONNX Runtime's parse) at load.
     """
     placeholder = onnx.TensorProto(
-        name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape,
+        name=name,
+        data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype),
+        dims=array.shape,
         data_location=onnx.TensorProto.EXTERNAL,
     )
     for key, value in (("location", EXTERNAL_LOCATION), ("offset", "0"), ("length", str(array.nbytes))):
@@ -190,7 +193,9 @@ def external_placeholder(name: str, array: np.ndarray) -> onnx.TensorProto:
     return placeholder
 
 
-def join_external(skeleton: onnx.ModelProto, weights: dict[str, np.ndarray]) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+def join_external(
+    skeleton: onnx.ModelProto, weights: dict[str, np.ndarray]
+) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """Like join_weights, but with placeholders; returns the graph and the arrays to hand over."""
     model = onnx.ModelProto()
     model.CopyFrom(skeleton)
@@ -311,7 +316,9 @@ def simplify(model: onnx.ModelProto, where: str | None = None) -> onnx.ModelProt
         except Exception as exc:  # onnxruntime's InvalidArgument/Fail/InvalidGraph types
             if _loads(blob):  # so it was writing `out` that failed (ONNX Runtime says INVALID_PROTOBUF)
                 _temporary_write_failed(tmp, len(blob), exc)
-            raise KlausModelError(f"{where + ': ' if where else ''}ONNX Runtime cannot load the model ({first_line(exc)})") from None
+            raise KlausModelError(
+                f"{where + ': ' if where else ''}ONNX Runtime cannot load the model ({first_line(exc)})"
+            ) from None
         try:
             simplified = onnx.load(out)
         except Exception as exc:  # a truncated file: the write failed without ONNX Runtime saying so
@@ -331,7 +338,9 @@ def _temporary_folder() -> Iterator[str]:
     try:
         folder = tempfile.TemporaryDirectory(prefix="klaus-")
     except OSError as exc:
-        raise KlausWriteError(f"cannot write a temporary file in {tempfile.gettempdir()} ({exc.strerror or exc})") from None
+        raise KlausWriteError(
+            f"cannot write a temporary file in {tempfile.gettempdir()} ({exc.strerror or exc})"
+        ) from None
     with folder as tmp:
         yield tmp
 

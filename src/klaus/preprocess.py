@@ -179,15 +179,11 @@ class Preprocess:
         typo cannot silently fall back to a default.
         """
         if not isinstance(d, Mapping):
-            raise KlausFormatError(
-                f"invalid preprocess metadata: expected an object, got {type(d).__name__}"
-            )
+            raise KlausFormatError(f"invalid preprocess metadata: expected an object, got {type(d).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(repr(k) for k in d if k not in known)
         if unknown:
-            raise KlausFormatError(
-                f"invalid preprocess metadata: unknown field(s) {', '.join(unknown)}"
-            )
+            raise KlausFormatError(f"invalid preprocess metadata: unknown field(s) {', '.join(unknown)}")
         try:
             return cls(**d)
         except (TypeError, ValueError) as exc:
@@ -234,8 +230,7 @@ def _check_triple(name: str, value: object, *, positive: bool) -> tuple[float, f
 
 # What Pillow raises for unreadable data (UnidentifiedImageError is an OSError).
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError)
-_EXIF_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError,
-                KeyError, TypeError)
+_EXIF_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError, TypeError)
 _DRAFT_FORMATS = ("JPEG", "MPO")
 _SIXTEEN_BIT = ("I", "I;16", "I;16L", "I;16B", "I;16N")
 _ALPHA = ("RGBA", "LA", "PA", "RGBa", "La")
@@ -259,7 +254,9 @@ _BAND_PIXELS = 1 << 22
 # on, resizing the reduced image is indistinguishable from resizing the whole one in most cases).
 _REDUCING_GAP = 3
 _FILE_KINDS = (
-    (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
 )
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
 
@@ -281,7 +278,9 @@ def pixel_limit() -> int:
     except ValueError:
         value = 0
     if not 1 <= value <= DEFAULT_MAX_PIXELS:
-        raise KlausError(f"{MAX_PIXELS_ENV}={shown(text)}: expected a whole number of pixels from 1 to {DEFAULT_MAX_PIXELS}")
+        raise KlausError(
+            f"{MAX_PIXELS_ENV}={shown(text)}: expected a whole number of pixels from 1 to {DEFAULT_MAX_PIXELS}"
+        )
     return value
 
 
@@ -573,7 +572,9 @@ def _float_scale(img: Image.Image) -> float:
     step = max(1, _BAND_PIXELS // max(1, img.width))
     peak = 0.0
     for top in range(0, img.height, step):
-        band = np.nan_to_num(np.asarray(img.crop((0, top, img.width, min(img.height, top + step))), dtype=np.float64), nan=0.0)
+        band = np.nan_to_num(
+            np.asarray(img.crop((0, top, img.width, min(img.height, top + step))), dtype=np.float64), nan=0.0
+        )
         peak = max(peak, float(band.max(initial=0.0)))
     return 255.0 if peak <= 1.0 else 1.0
 
@@ -767,14 +768,18 @@ def _windows(img: Image.Image, boxes: list[Box], spec: Preprocess, crops: int) -
         full = np.asarray(img.resize((rw, rh), spec.resample))
         return np.stack([full[top:bottom, left:right] for left, top, right, bottom in boxes])
     sx, sy = img.width / rw, img.height / rh
-    return np.stack([
-        np.asarray(img.resize(
-            (right - left, bottom - top),
-            spec.resample,
-            box=(left * sx, top * sy, min(img.width, right * sx), min(img.height, bottom * sy)),
-        ))
-        for left, top, right, bottom in boxes
-    ])
+    return np.stack(
+        [
+            np.asarray(
+                img.resize(
+                    (right - left, bottom - top),
+                    spec.resample,
+                    box=(left * sx, top * sy, min(img.width, right * sx), min(img.height, bottom * sy)),
+                )
+            )
+            for left, top, right, bottom in boxes
+        ]
+    )
 
 
 def _window(img: Image.Image, box: Box, rw: int, rh: int, resample: Image.Resampling) -> np.ndarray | None:
@@ -892,7 +897,9 @@ def preprocess_for_input(shape: Sequence[object] | None, where: str) -> Preproce
         elif dims[3] == 3 and _fixed(dims[1]) and dims[1] == dims[2]:
             size, layout = int(dims[1]), "NHWC"  # type: ignore[call-overload]
     if size is not None and size > MAX_INPUT_SIZE:
-        raise KlausModelError(f"{where}: the graph takes {size}x{size} inputs, more than the {MAX_INPUT_SIZE}-pixel limit")
+        raise KlausModelError(
+            f"{where}: the graph takes {size}x{size} inputs, more than the {MAX_INPUT_SIZE}-pixel limit"
+        )
     return Preprocess(input_size=size or Preprocess().input_size, layout=layout)
 
 
@@ -910,4 +917,6 @@ def check_input_shape(shape: Sequence[object], preprocess: Preprocess, where: st
     wanted = [None, 3, s, s] if preprocess.layout == "NCHW" else [None, s, s, 3]
     made = f"(N, 3, {s}, {s})" if preprocess.layout == "NCHW" else f"(N, {s}, {s}, 3)"
     if len(fixed) != 4 or any(f is not None and f != w for f, w in zip(fixed[1:], wanted[1:], strict=True)):
-        raise KlausModelError(f"{where}: input {name!r} has shape {shape_text(shape)}, but the preprocessing makes {made}")
+        raise KlausModelError(
+            f"{where}: input {name!r} has shape {shape_text(shape)}, but the preprocessing makes {made}"
+        )

@@ -101,8 +101,22 @@ Fitted = tuple[Recipe, dict[str, np.ndarray], dict[str, PalettizedTensor]]
 class Search:
     """What a budgeted build needs once: statistics, every layer's candidates and their measured sensitivity."""
 
-    def __init__(self, model, recipe, calibration, *, preprocess, labels, card, output, png, min_elements, uniform, views,
-                 progress):
+    def __init__(
+        self,
+        model,
+        recipe,
+        calibration,
+        *,
+        preprocess,
+        labels,
+        card,
+        output,
+        png,
+        min_elements,
+        uniform,
+        views,
+        progress,
+    ):
         check_inputs(model, preprocess, labels, card.name)
         self.model, self.recipe, self.calibration = model, recipe, calibration
         self.skeleton, self.weights = onnxgraph.split_weights(model)
@@ -119,16 +133,25 @@ class Search:
             progress("candidates")
         weights = self.weights
         self.layers, probes = mixed.candidate_options(
-            weights, roles, stats, eligible,
+            weights,
+            roles,
+            stats,
+            eligible,
             lambda name, bits, step: quantize_tensor(weights[name], roles[name], bits, recipe, stats.get(name), step),
             steps=mixed.DEFAULT_STEPS if uniform else (),
-            probe_quantize=None if rest is None else (
-                lambda name, bits, step: quantize_tensor(weights[name], roles[name], bits, recipe, fit_stats.get(name), step)
+            probe_quantize=None
+            if rest is None
+            else (
+                lambda name, bits, step: quantize_tensor(
+                    weights[name], roles[name], bits, recipe, fit_stats.get(name), step
+                )
             ),
         )
         if progress:
             progress("sensitivities")
-        mixed.measure_scales(self.layers, weights, probes, lambda ws: self.probabilities(ws, probe), self.probabilities(weights, probe))
+        mixed.measure_scales(
+            self.layers, weights, probes, lambda ws: self.probabilities(ws, probe), self.probabilities(weights, probe)
+        )
         self.meta = dict(preprocess=preprocess, labels=labels, card=card, output=output, png=png)
         self.progress = progress
         self.overhead: float | None = None
@@ -194,7 +217,9 @@ class Search:
         if fitted is None:
             raise ValueError("finished() needs the pieces of a build (call fit() first)")
         plan, weights, quantized = fitted
-        quantized, weights = finetuned(self.model, weights, quantized, self.roles, plan, self.calibration, self.progress)
+        quantized, weights = finetuned(
+            self.model, weights, quantized, self.roles, plan, self.calibration, self.progress
+        )
         return assemble(self.skeleton, weights, quantized, plan, self.calibration, **self.meta)
 
 
@@ -218,8 +243,20 @@ def compress_to_budget(
 
     ``views`` consecutive calibration rows are crops of one photo (held out together).
     """
-    search = Search(model, recipe, calibration, preprocess=preprocess, labels=labels, card=card, output=output, png=png,
-                     min_elements=min_elements, uniform=uniform, views=views, progress=progress)
+    search = Search(
+        model,
+        recipe,
+        calibration,
+        preprocess=preprocess,
+        labels=labels,
+        card=card,
+        output=output,
+        png=png,
+        min_elements=min_elements,
+        uniform=uniform,
+        views=views,
+        progress=progress,
+    )
     built, allocation = search.fit(budget_bytes)
     return search.finished(built, search.fitted), allocation
 
@@ -257,9 +294,23 @@ def compress_to_agreement(
         raise KlausModelError(f"--max-drop must be in 0..100 percentage points, got {max_drop:g}")
     held = held_out_photos(len(calibration), HOLDOUT_EVERY, views)
     if held.sum() < 20:
-        raise KlausModelError(f"--max-drop needs at least {20 * HOLDOUT_EVERY} calibration inputs (got {len(calibration)})")
-    search = Search(model, recipe, calibration[~held], preprocess=preprocess, labels=labels, card=card, output=output,
-                     png=png, min_elements=min_elements, uniform=uniform, views=views, progress=progress)
+        raise KlausModelError(
+            f"--max-drop needs at least {20 * HOLDOUT_EVERY} calibration inputs (got {len(calibration)})"
+        )
+    search = Search(
+        model,
+        recipe,
+        calibration[~held],
+        preprocess=preprocess,
+        labels=labels,
+        card=card,
+        output=output,
+        png=png,
+        min_elements=min_elements,
+        uniform=uniform,
+        views=views,
+        progress=progress,
+    )
     check = calibration[held]
     reference = search.probabilities(search.weights, check).argmax(axis=1)
 

@@ -93,7 +93,8 @@ class Window:
         thin = 1 if positions is None else max(1, int(np.ceil(np.sqrt(ho * wo / positions))))
         taps = [
             xp[:, :, a * dh : a * dh + sh * (ho - 1) + 1 : sh * thin, b * dw : b * dw + sw * (wo - 1) + 1 : sw * thin]
-            for a in range(kh) for b in range(kw)
+            for a in range(kh)
+            for b in range(kw)
         ]
         stacked = np.stack(taps, axis=2)  # (N, C, taps, rows, cols), contiguous
         return stacked.reshape(*stacked.shape[:3], -1)
@@ -132,8 +133,12 @@ class InputStats:
         gram = None if self.gram is None or other.gram is None else self.gram + other.gram
         patches = None if self.patch_gram is None or other.patch_gram is None else self.patch_gram + other.patch_gram
         return InputStats(
-            self.total + other.total, self.sumsq + other.sumsq, gram, self.count + other.count,
-            patches, self.patch_count + other.patch_count,
+            self.total + other.total,
+            self.sumsq + other.sumsq,
+            gram,
+            self.count + other.count,
+            patches,
+            self.patch_count + other.patch_count,
         )
 
     def add(self, value: np.ndarray, window: Window | None = None, axis: int = 1) -> None:
@@ -264,7 +269,9 @@ def input_statistics(
     return {r.activation: stats for r, stats in _collect(model, batch, readings, chunk).items()}
 
 
-def _collect(model: onnx.ModelProto, batch: np.ndarray, readings: Sequence[Reading], chunk: int) -> dict[Reading, InputStats]:
+def _collect(
+    model: onnx.ModelProto, batch: np.ndarray, readings: Sequence[Reading], chunk: int
+) -> dict[Reading, InputStats]:
     """One :class:`InputStats` per distinct reading, each activation fetched once per batch."""
     distinct = list(dict.fromkeys(readings))
     wanted = list(dict.fromkeys(r.activation for r in distinct))
@@ -355,7 +362,9 @@ def split_files(files: Sequence[Path], split: str, wnid_index: Mapping[str, int]
     if split == "all":
         return list(files)
     want = {"even": 0, "odd": 1}[split]
-    return [f for f in files if (wnid := wnid_of(f)) is not None and wnid in wnid_index and wnid_index[wnid] % 2 == want]
+    return [
+        f for f in files if (wnid := wnid_of(f)) is not None and wnid in wnid_index and wnid_index[wnid] % 2 == want
+    ]
 
 
 @dataclass(frozen=True)
@@ -377,7 +386,12 @@ def load_imagenet_calibration(
         return None
     wnids = {row.wnid: row.index for row in imagenet_label_rows()}
     return load_calibration(
-        options.sources, preprocess, split=options.split, limit=options.limit, crops=options.crops, wnid_index=wnids,
+        options.sources,
+        preprocess,
+        split=options.split,
+        limit=options.limit,
+        crops=options.crops,
+        wnid_index=wnids,
         on_error=on_error,
     )
 

@@ -23,7 +23,9 @@ def is_linear(role: onnxgraph.TensorRole, array: np.ndarray) -> bool:
     return role.op == "Conv" and role.group == 1 and all(d == 1 for d in array.shape[2:])
 
 
-def planned_bits(weights: dict[str, np.ndarray], roles: dict[str, onnxgraph.TensorRole], recipe: Recipe) -> dict[str, int]:
+def planned_bits(
+    weights: dict[str, np.ndarray], roles: dict[str, onnxgraph.TensorRole], recipe: Recipe
+) -> dict[str, int]:
     """Bits of every tensor the recipe palettizes (non-empty tensors only), in graph order."""
     plan = {}
     for name, array in weights.items():
@@ -98,7 +100,9 @@ def _window(node: onnx.NodeProto, kernel: tuple[int, ...]) -> Window | None:
     if len(kernel) != 2 or auto_pad not in (b"NOTSET", "NOTSET"):
         return None
     strides, pads, dilations = (
-        _ints(attrs.get("strides", (1, 1))), _ints(attrs.get("pads", (0, 0, 0, 0))), _ints(attrs.get("dilations", (1, 1)))
+        _ints(attrs.get("strides", (1, 1))),
+        _ints(attrs.get("pads", (0, 0, 0, 0))),
+        _ints(attrs.get("dilations", (1, 1))),
     )
     if len(strides) != 2 or len(pads) != 4 or len(dilations) != 2:
         return None  # not a 2-D window: weighted rounding instead of a window Hessian

@@ -52,20 +52,45 @@ def quantize_tensor(
     """
     granularity, iterations, rate_penalty = recipe.granularity, recipe.iterations, recipe.rate_penalty
     inputs = array.size // max(1, array.shape[role.out_axis]) if array.ndim else 0
-    if recipe.method == "gptq" and st is not None and st.gram is not None and st.count > 0 and st.gram.shape[0] == inputs:
+    if (
+        recipe.method == "gptq"
+        and st is not None
+        and st.gram is not None
+        and st.count > 0
+        and st.gram.shape[0] == inputs
+    ):
         return palettize_gptq(
-            array, bits, st.hessian, out_axis=role.out_axis, factor=st.factor(), granularity=granularity,
-            iterations=iterations, rate_penalty=rate_penalty, step=step,
+            array,
+            bits,
+            st.hessian,
+            out_axis=role.out_axis,
+            factor=st.factor(),
+            granularity=granularity,
+            iterations=iterations,
+            rate_penalty=rate_penalty,
+            step=step,
         )
     if recipe.method == "gptq" and st is not None and role.kind == "depthwise" and st.fits_windows(array.shape):
         return palettize_gptq(
-            array, bits, st.patch_hessian, factor=st.patch_factor(), granularity=granularity, iterations=iterations,
-            rate_penalty=rate_penalty, step=step,
+            array,
+            bits,
+            st.patch_hessian,
+            factor=st.patch_factor(),
+            granularity=granularity,
+            iterations=iterations,
+            rate_penalty=rate_penalty,
+            step=step,
         )
     importance = None if st is None or not recipe.weighted else weight_importance(role, array.shape, st.energy)
     return palettize(
-        array, bits, axis=role.out_axis, importance=importance, granularity=granularity, iterations=iterations,
-        rate_penalty=rate_penalty, step=step,
+        array,
+        bits,
+        axis=role.out_axis,
+        importance=importance,
+        granularity=granularity,
+        iterations=iterations,
+        rate_penalty=rate_penalty,
+        step=step,
     )
 
 
@@ -118,9 +143,13 @@ def finetuned(
 ) -> tuple[dict[str, PalettizedTensor], dict[str, np.ndarray]]:
     """Palettes, scales and biases after distillation from the float model (klaus.finetune)."""
     stored = {n: stored_float(w, recipe.float_codec) for n, w in weights.items() if n not in quantized}
-    result = finetune(model, stored, quantized, roles, calibration, FinetuneOptions(steps=recipe.finetune_steps), progress)
+    result = finetune(
+        model, stored, quantized, roles, calibration, FinetuneOptions(steps=recipe.finetune_steps), progress
+    )
     if progress:
-        progress(f"fine-tuned: KL to the float model {result.kl_before:.5f} -> {result.kl_after:.5f} (calibration inputs)")
+        progress(
+            f"fine-tuned: KL to the float model {result.kl_before:.5f} -> {result.kl_after:.5f} (calibration inputs)"
+        )
     return result.quantized, {**weights, **result.biases}
 
 

@@ -66,13 +66,21 @@ HOME_DEPTH = 4  # levels of the concept tree on the home page
 HOME_CHILDREN = 8  # children shown per node there
 TREE_TTL_SECONDS = 10.0
 FORMAT_TYPES = {
-    "JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif",
-    "TIFF": "image/tiff", "BMP": "image/bmp", "HEIF": "image/heif",
+    "JPEG": "image/jpeg",
+    "MPO": "image/jpeg",
+    "PNG": "image/png",
+    "WEBP": "image/webp",
+    "GIF": "image/gif",
+    "TIFF": "image/tiff",
+    "BMP": "image/bmp",
+    "HEIF": "image/heif",
 }
 SECURITY_HEADERS = [
-    (b"content-security-policy",
-     b"default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
-     b"object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"),
+    (
+        b"content-security-policy",
+        b"default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
+        b"object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+    ),
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"no-referrer"),
     (b"x-frame-options", b"DENY"),
@@ -318,7 +326,9 @@ class Gallery:
         try:
             engine.run(to_tensor(Image.new("RGB", (side, side)), engine.preprocess))
         except Exception as exc:  # ONNX Runtime's own error types
-            raise KlausModelError(f"{shown(engine.blob.where)}: the model cannot classify a photo ({first_line(exc)})") from None
+            raise KlausModelError(
+                f"{shown(engine.blob.where)}: the model cannot classify a photo ({first_line(exc)})"
+            ) from None
         self._model_checked = True
 
     def tree(self) -> dict[str, q.Node]:
@@ -451,14 +461,26 @@ class Gallery:
         predictions = []
         for rank, (index, prob) in enumerate(top5(probs), 1):
             label = engine.labels[index] if index < len(engine.labels) else None
-            predictions.append({
-                "rank": rank, "index": index, "wnid": label.wnid if label else "",
-                "label": label.name if label else f"class {index}", "probability": round(prob, 6),
-                "hierarchy": list(label.hierarchy or (label.name,)) if label else [],
-                "path": list(label.path) if label else [],
-            })
-        return {"predictions": predictions, "elapsed_ms": round(elapsed, 2), "width": width, "height": height,
-                "format": fmt, "taken": taken, "model": engine.identity}
+            predictions.append(
+                {
+                    "rank": rank,
+                    "index": index,
+                    "wnid": label.wnid if label else "",
+                    "label": label.name if label else f"class {index}",
+                    "probability": round(prob, 6),
+                    "hierarchy": list(label.hierarchy or (label.name,)) if label else [],
+                    "path": list(label.path) if label else [],
+                }
+            )
+        return {
+            "predictions": predictions,
+            "elapsed_ms": round(elapsed, 2),
+            "width": width,
+            "height": height,
+            "format": fmt,
+            "taken": taken,
+            "model": engine.identity,
+        }
 
     @staticmethod
     def _run(engine, batch):
@@ -484,7 +506,7 @@ class ThumbJob:
 def _unreadable(exc: KlausImageError) -> UploadError:
     """415 with the image's problem (without the "<bytes>: " an upload has for a name)."""
     message = str(exc)
-    return UploadError(415, message[len("<bytes>: "):] if message.startswith("<bytes>: ") else message)
+    return UploadError(415, message[len("<bytes>: ") :] if message.startswith("<bytes>: ") else message)
 
 
 def known_id(photo_id: int) -> int:
@@ -535,8 +557,12 @@ def create_app(
         with gallery.db() as db:
             counts = db.counts()
         nodes = gallery.tree()
-        tops = [_expand(nodes, _chain(nodes, c), HOME_DEPTH) for r in q.roots(nodes)
-                for c in nodes[r].children if nodes[c].count > 0]
+        tops = [
+            _expand(nodes, _chain(nodes, c), HOME_DEPTH)
+            for r in q.roots(nodes)
+            for c in nodes[r].children
+            if nodes[c].count > 0
+        ]
         return render(request, "home.html", counts=counts, roots=tops, db=shown(gallery.db_path))
 
     def sync_browse(request: Request) -> Response:
@@ -550,21 +576,41 @@ def create_app(
             photos, total = q.photos_under(db.conn, wnid, limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE)
         children = [_chain(nodes, c) for c in node.children if nodes[c].count > 0]
         empty = sum(1 for c in node.children if nodes[c].count == 0)
-        return render(request, "browse.html", node=node, crumbs=_crumbs(nodes, wnid), children=children,
-                      empty_children=empty, photos=photos, total=total, page=page,
-                      pages=_pages(total), link=lambda p: f"/browse/{wnid}?page={p}")
+        return render(
+            request,
+            "browse.html",
+            node=node,
+            crumbs=_crumbs(nodes, wnid),
+            children=children,
+            empty_children=empty,
+            photos=photos,
+            total=total,
+            page=page,
+            pages=_pages(total),
+            link=lambda p: f"/browse/{wnid}?page={p}",
+        )
 
     def sync_search(request: Request) -> Response:
         text = request.query_params.get("q", "").strip()
         min_prob = min(1.0, max(0.0, _float(request.query_params.get("min"), q.DEFAULT_MIN_PROB)))
         page = _page(request)
-        context: dict[str, Any] = {"q": text, "min": min_prob, "hits": [], "total": 0, "concepts": [], "error": None,
-                                   "page": page, "pages": 0}
+        context: dict[str, Any] = {
+            "q": text,
+            "min": min_prob,
+            "hits": [],
+            "total": 0,
+            "concepts": [],
+            "error": None,
+            "page": page,
+            "pages": 0,
+        }
         if text:
             try:
                 with gallery.db() as db:
                     result = q.search(db.conn, text, min_prob=min_prob, limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE)
-                context.update(hits=result.hits, total=result.total, concepts=result.concepts, pages=_pages(result.total))
+                context.update(
+                    hits=result.hits, total=result.total, concepts=result.concepts, pages=_pages(result.total)
+                )
             except KlausIndexError as exc:
                 context["error"] = str(exc)
         context["link"] = lambda p: "/search?" + urlencode({"q": text, "min": min_prob, "page": p})
@@ -597,8 +643,9 @@ def create_app(
         media = FORMAT_TYPES.get(row["format"] or "", mimetypes.guess_type(path)[0] or "application/octet-stream")
         if not media.startswith("image/"):
             media = "application/octet-stream"
-        return FileResponse(path, media_type=media, headers={"Cache-Control": "private, max-age=3600",
-                                                             "Content-Disposition": "inline"})
+        return FileResponse(
+            path, media_type=media, headers={"Cache-Control": "private, max-age=3600", "Content-Disposition": "inline"}
+        )
 
     def sync_api_search(request: Request) -> Response:
         text = request.query_params.get("q", "").strip()
@@ -609,11 +656,14 @@ def create_app(
                 result = q.search(db.conn, text, min_prob=min_prob, limit=max(1, min(limit, 1000)))
         except KlausIndexError as exc:
             return JSONResponse({"error": str(exc)}, status_code=404)
-        return JSONResponse({
-            "query": text, "total": result.total,
-            "concepts": [{"wnid": c.wnid, "name": c.name, "classes": c.classes} for c in result.concepts],
-            "results": [h.to_dict(i) for i, h in enumerate(result.hits, 1)],
-        })
+        return JSONResponse(
+            {
+                "query": text,
+                "total": result.total,
+                "concepts": [{"wnid": c.wnid, "name": c.name, "classes": c.classes} for c in result.concepts],
+                "results": [h.to_dict(i) for i, h in enumerate(result.hits, 1)],
+            }
+        )
 
     def sync_api_photo(request: Request) -> Response:
         photo_id = known_id(request.path_params["photo_id"])
@@ -711,7 +761,9 @@ def create_app(
         if request.url.path.startswith("/api/"):
             return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
         if exc.status_code in (400, 403, 404, 405, 409):
-            return render(request, "error.html", status=exc.status_code, status_code=exc.status_code, message=exc.detail)
+            return render(
+                request, "error.html", status=exc.status_code, status_code=exc.status_code, message=exc.detail
+            )
         return Response(str(exc.detail), status_code=exc.status_code, media_type="text/plain")
 
     async def busy(request: Request, exc: Busy) -> Response:
