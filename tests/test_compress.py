@@ -298,7 +298,7 @@ def test_effective_recipe():
 
 def test_default_labels():
     tiny = make_tiny_onnx()
-    with pytest.raises(KlausModelError, match="10 outputs.*--labels"):
+    with pytest.raises(KlausModelError, match=r"10 outputs.*--labels"):
         onnxgraph.default_labels(tiny)
     rows = onnxgraph.default_labels(tiny, NAMES)
     assert [(r.index, r.name, r.wnid) for r in rows] == [(i, n, "") for i, n in enumerate(NAMES)]
@@ -341,7 +341,7 @@ def test_load_source_tells_formats_apart(tmp_path, tiny_klaus_path, tiny_onnx_pa
 def test_custom_operator_domains_are_refused():
     model = make_tiny_onnx()
     model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    with pytest.raises(KlausFormatError, match="com.microsoft"):
+    with pytest.raises(KlausFormatError, match=r"com\.microsoft"):
         _compress(TINY_RECIPE, model=model)
 
 

@@ -155,9 +155,9 @@ def test_cli_budget_and_max_drop_are_exclusive(tmp_path, tiny_onnx_path):
     names = tmp_path / "names.txt"
     names.write_text("\n".join(f"c{i}" for i in range(TINY_CLASSES)))
     args = ["compress", str(tiny_onnx_path), "-o", str(tmp_path / "b.klaus"), "--labels", str(names)]
-    both = CliRunner().invoke(main, args + ["--budget-mib", "1", "--max-drop", "1", "--calib", str(EXAMPLES)], prog_name="klaus")
+    both = CliRunner().invoke(main, [*args, "--budget-mib", "1", "--max-drop", "1", "--calib", str(EXAMPLES)], prog_name="klaus")
     assert both.exit_code == 1 and "not both" in both.stderr
-    nocal = CliRunner().invoke(main, args + ["--max-drop", "1"], prog_name="klaus")
+    nocal = CliRunner().invoke(main, [*args, "--max-drop", "1"], prog_name="klaus")
     assert nocal.exit_code == 1 and "--max-drop needs calibration" in nocal.stderr
 
 

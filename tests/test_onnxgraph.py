@@ -301,7 +301,7 @@ def test_custom_domain_import_is_rejected(tiny_onnx, domain):
 def test_custom_domain_node_is_rejected(tiny_onnx):
     model = copy(tiny_onnx)
     model.graph.node[1].domain = "com.microsoft"  # no matching opset import
-    with pytest.raises(KlausFormatError, match="node '/stem/Relu' uses operator domain 'com.microsoft'"):
+    with pytest.raises(KlausFormatError, match=r"node '/stem/Relu' uses operator domain 'com\.microsoft'"):
         onnxgraph.validate_skeleton(model, "m")
 
 
@@ -323,7 +323,7 @@ def test_custom_domain_node_inside_a_subgraph_is_rejected():
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    with pytest.raises(KlausFormatError, match="node 'inner' uses operator domain 'com.microsoft'"):
+    with pytest.raises(KlausFormatError, match=r"node 'inner' uses operator domain 'com\.microsoft'"):
         onnxgraph.validate_skeleton(model, "m")
     # the same If with a standard then-branch is fine
     then = next(a.g for a in model.graph.node[0].attribute if a.name == "then_branch")
@@ -377,7 +377,7 @@ def test_external_data_is_rejected(tiny_onnx):
 
 def test_check_model_turns_checker_errors_into_format_errors(tiny_onnx):
     skeleton, _ = onnxgraph.split_weights(tiny_onnx)  # weights missing: invalid graph
-    with pytest.raises(KlausFormatError, match="f.klaus: ONNX graph is invalid"):
+    with pytest.raises(KlausFormatError, match=r"f\.klaus: ONNX graph is invalid"):
         onnxgraph.check_model(skeleton, "f.klaus")
     onnxgraph.check_model(tiny_onnx, "f.klaus")  # and a valid model passes
 
@@ -603,7 +603,7 @@ def test_load_onnx_reads_a_model(tiny_onnx_path, tiny_onnx):
 
 def test_load_onnx_missing_file(tmp_path):
     path = tmp_path / "missing.onnx"
-    with pytest.raises(KlausModelError, match="missing.onnx: no such file"):
+    with pytest.raises(KlausModelError, match=r"missing\.onnx: no such file"):
         onnxgraph.load_onnx(str(path))
 
 
@@ -611,7 +611,7 @@ def test_load_onnx_missing_file(tmp_path):
 def test_load_onnx_garbage_file(tmp_path, content):
     path = tmp_path / "garbage.onnx"
     path.write_bytes(content)
-    with pytest.raises(KlausModelError, match="garbage.onnx: not a readable ONNX model"):
+    with pytest.raises(KlausModelError, match=r"garbage\.onnx: not a readable ONNX model"):
         onnxgraph.load_onnx(str(path))
 
 
@@ -689,7 +689,7 @@ def test_run_batches_of_a_fixed_batch_graph(batch, output):
     """ONNX Runtime refuses any other batch size; the rows come back as the free graph gives them."""
     x = np.random.default_rng(0).standard_normal((7, 3, TINY_SIZE, TINY_SIZE)).astype(np.float32)
     fixed = _with_batch(make_tiny_onnx(), batch)
-    with pytest.raises(Exception, match="[Ii]nvalid dimensions"):
+    with pytest.raises(Exception, match=r"[Ii]nvalid dimensions"):
         ort.InferenceSession(fixed.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})
     expected = run_batches(make_tiny_onnx(), x, output)
     got = run_batches(fixed, x, output, chunk=64)
@@ -723,5 +723,5 @@ def test_simplify_write_failure_is_a_write_error_not_a_bad_model(tiny_onnx, monk
         onnxgraph.simplify(tiny_onnx, "tiny.onnx")
     broken = make_tiny_onnx()
     broken.graph.node[1].input[0] = "nowhere"  # a model ONNX Runtime cannot load is still the model's fault
-    with pytest.raises(KlausModelError, match="^broken.onnx: ONNX Runtime cannot load the model"):
+    with pytest.raises(KlausModelError, match=r"^broken\.onnx: ONNX Runtime cannot load the model"):
         onnxgraph.simplify(broken, "broken.onnx")

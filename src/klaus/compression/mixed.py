@@ -177,7 +177,7 @@ def allocate(layers: list[LayerOptions], budget_bytes: float) -> Allocation:
     """Smallest total predicted KL whose bytes fit ``budget_bytes`` (bisection on lambda)."""
 
     def at(lam: float) -> Allocation:
-        return _allocation(layers, {l.name: l.best(lam) for l in layers})
+        return _allocation(layers, {layer.name: layer.best(lam) for layer in layers})
 
     lo, hi = 0.0, 1e-12
     while at(hi).predicted_bytes > budget_bytes and hi < 1e6:
@@ -223,7 +223,7 @@ def _allocation(layers: list[LayerOptions], chosen: dict[str, Candidate]) -> All
     return Allocation(
         chosen,
         sum(c.bytes for c in chosen.values()),
-        sum(l.scale * chosen[l.name].proxy for l in layers),
+        sum(layer.scale * chosen[layer.name].proxy for layer in layers),
         layers,
     )
 
