@@ -24,7 +24,9 @@ WEIGHTS = ("stem.weight", "dw.weight", "pw.weight", "fc.weight")
 # ---------------------------------------------------------------- helpers
 
 
-def _conv(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, stride: int = 1, pad: int = 0, group: int = 1) -> np.ndarray:
+def _conv(
+    x: np.ndarray, w: np.ndarray, b: np.ndarray | None, stride: int = 1, pad: int = 0, group: int = 1
+) -> np.ndarray:
     """Reference NCHW convolution in float64 (shift-and-add over kernel taps)."""
     x, w = x.astype(np.float64), w.astype(np.float64)
     n, _, h, wd = x.shape
@@ -228,7 +230,9 @@ def test_output_shift_unsupported_cases():
 # ---------------------------------------------------------------- correct_biases
 
 
-def _logits(model: onnx.ModelProto, skeleton: onnx.ModelProto, weights: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+def _logits(
+    model: onnx.ModelProto, skeleton: onnx.ModelProto, weights: dict[str, np.ndarray], x: np.ndarray
+) -> np.ndarray:
     return _session(onnxgraph.join_weights(skeleton, weights)).run(None, {"input": x})[0].astype(np.float64)
 
 
@@ -397,10 +401,15 @@ def test_window_patches_are_the_convolution_inputs(stride, pads, dilation):
     rng = np.random.default_rng(stride)
     x = rng.standard_normal((2, 5, 9, 8)).astype(np.float32)
     w = rng.standard_normal((5, 1, 3, 3)).astype(np.float32)
-    node = helper.make_node("Conv", ["x", "w"], ["y"], group=5, strides=[stride] * 2, pads=list(pads), dilations=[dilation] * 2)
+    node = helper.make_node(
+        "Conv", ["x", "w"], ["y"], group=5, strides=[stride] * 2, pads=list(pads), dilations=[dilation] * 2
+    )
     graph = helper.make_graph(
-        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [numpy_helper.from_array(w, "w")],
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, "w")],
     )
     y = _session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])).run(None, {"x": x})[0]
     window = calibrate.Window((3, 3), (stride, stride), pads, (dilation, dilation))

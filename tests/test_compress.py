@@ -58,8 +58,12 @@ def photos() -> np.ndarray:
 
 def _compress(recipe: Recipe, calibration: np.ndarray | None = None, model: onnx.ModelProto | None = None):
     return compression.compress_onnx(
-        model or make_tiny_onnx(), recipe, preprocess=TINY_PREPROCESS, labels=plain_label_rows(NAMES),
-        card=CARD, calibration=calibration,
+        model or make_tiny_onnx(),
+        recipe,
+        preprocess=TINY_PREPROCESS,
+        labels=plain_label_rows(NAMES),
+        card=CARD,
+        calibration=calibration,
     )
 
 
@@ -351,8 +355,11 @@ def test_preprocess_must_fit_the_graph_input():
 
     with pytest.raises(KlausModelError, match="224"):
         compression.compress_onnx(
-            make_tiny_onnx(), TINY_RECIPE, preprocess=Preprocess(input_size=224),
-            labels=plain_label_rows(NAMES), card=CARD,
+            make_tiny_onnx(),
+            TINY_RECIPE,
+            preprocess=Preprocess(input_size=224),
+            labels=plain_label_rows(NAMES),
+            card=CARD,
         )
     # A symbolic (dynamic) spatial size accepts any preprocessing.
     dynamic = make_tiny_onnx()
@@ -368,8 +375,11 @@ def test_duplicate_label_names_never_make_an_unreadable_file(tmp_path):
     path = tmp_path / "dup.klaus"
     try:
         model = compression.compress_onnx(
-            make_tiny_onnx(), TINY_RECIPE, preprocess=TINY_PREPROCESS,
-            labels=plain_label_rows(["same"] * TINY_CLASSES), card=CARD,
+            make_tiny_onnx(),
+            TINY_RECIPE,
+            preprocess=TINY_PREPROCESS,
+            labels=plain_label_rows(["same"] * TINY_CLASSES),
+            card=CARD,
         )
         compression.write(model, path)
     except KlausError:
@@ -393,12 +403,15 @@ def _set_weight(name: str, index: tuple, value: float):
         array = onnx.numpy_helper.to_array(init).copy()
         array[index] = value
         init.CopyFrom(onnx.numpy_helper.from_array(array, name))
+
     return change
 
 
 def _nan_constant(model: onnx.ModelProto) -> None:
     """A NaN hidden in a Constant node (what --no-simplify keeps in the graph)."""
-    shift = helper.make_node("Constant", [], ["shift"], value=onnx.numpy_helper.from_array(np.array([np.nan], np.float32)))
+    shift = helper.make_node(
+        "Constant", [], ["shift"], value=onnx.numpy_helper.from_array(np.array([np.nan], np.float32))
+    )
     add = helper.make_node("Add", ["logits_raw", "shift"], ["logits"])
     model.graph.node[-1].output[0] = "logits_raw"
     model.graph.node.extend([shift, add])
@@ -412,16 +425,33 @@ def _nan_constant(model: onnx.ModelProto) -> None:
         (_set_weight("dw.weight", (0, 0, 1, 1), -np.inf), KlausModelError, "'dw.weight' holds NaN or infinite"),
         (_nan_constant, KlausModelError, "Constant node 'shift' holds NaN"),
         (feature_map_output, KlausModelError, "(?, 64, 16, 16), not (N, classes)"),
-        (lambda m: setattr(m.graph.input[0].type.tensor_type, "elem_type", onnx.TensorProto.STRING), KlausModelError,
-         "string tensor"),
-        (lambda m: setattr(m.graph.input[0].type.tensor_type, "elem_type", onnx.TensorProto.FLOAT16), KlausModelError,
-         "float16 tensor, not a float32 image"),
-        (lambda m: m.graph.input.append(helper.make_tensor_value_info("mask", onnx.TensorProto.FLOAT, [1])),
-         KlausModelError, "2 inputs ('input', 'mask')"),
-        (lambda m: m.graph.input[0].type.tensor_type.shape.dim[1].__setattr__("dim_value", 1), KlausModelError,
-         "(?, 1, 32, 32), not an image tensor (N, 3, H, W)"),
-        (lambda m: m.graph.output.append(helper.make_tensor_value_info("s_act", onnx.TensorProto.FLOAT, ["b", 16, 16, 16])),
-         KlausModelError, "2 outputs"),
+        (
+            lambda m: setattr(m.graph.input[0].type.tensor_type, "elem_type", onnx.TensorProto.STRING),
+            KlausModelError,
+            "string tensor",
+        ),
+        (
+            lambda m: setattr(m.graph.input[0].type.tensor_type, "elem_type", onnx.TensorProto.FLOAT16),
+            KlausModelError,
+            "float16 tensor, not a float32 image",
+        ),
+        (
+            lambda m: m.graph.input.append(helper.make_tensor_value_info("mask", onnx.TensorProto.FLOAT, [1])),
+            KlausModelError,
+            "2 inputs ('input', 'mask')",
+        ),
+        (
+            lambda m: m.graph.input[0].type.tensor_type.shape.dim[1].__setattr__("dim_value", 1),
+            KlausModelError,
+            "(?, 1, 32, 32), not an image tensor (N, 3, H, W)",
+        ),
+        (
+            lambda m: m.graph.output.append(
+                helper.make_tensor_value_info("s_act", onnx.TensorProto.FLOAT, ["b", 16, 16, 16])
+            ),
+            KlausModelError,
+            "2 outputs",
+        ),
     ],
 )
 def test_check_classifier_refuses(change, error, fragment):
@@ -438,7 +468,9 @@ def test_check_classifier_refuses(change, error, fragment):
 def test_weights_beyond_fp16_are_refused_unless_stored_as_fp32():
     """A weight beyond fp16's range would turn infinite in an fp16 palette or tensor: refused up front, in one line."""
     model = _variant(_set_weight("fc.weight", (0, 0), 1e6))
-    with pytest.raises(KlausModelError, match=r"^tiny: weight 'fc.weight' holds values up to 1e\+06, beyond the ±65504 "):
+    with pytest.raises(
+        KlausModelError, match=r"^tiny: weight 'fc.weight' holds values up to 1e\+06, beyond the ±65504 "
+    ):
         _compress(TINY_RECIPE, model=model)
     with pytest.raises(KlausModelError, match="only --lossless"):  # palettized, though leftovers are fp32
         _compress(replace(LOSSLESS, fc_bits=4, min_elements=64), model=model)
@@ -462,7 +494,9 @@ def test_check_classifier_accepts_what_it_cannot_know():
 
 def test_check_classifier_layout_hint():
     model = make_tiny_onnx()  # NCHW (N, 3, 32, 32)
-    with pytest.raises(KlausModelError, match=r"not an image tensor \(N, H, W, 3\) \(for NCHW input use --layout NCHW\)"):
+    with pytest.raises(
+        KlausModelError, match=r"not an image tensor \(N, H, W, 3\) \(for NCHW input use --layout NCHW\)"
+    ):
         check_classifier(model, layout="NHWC", where="x")
 
 
@@ -510,12 +544,18 @@ def test_agreement_search_on_a_fixed_batch_graph():
     """--max-drop runs the calibration inputs through the graph (statistics, sensitivity probes,
     agreement on held-out inputs): a graph that takes exactly 3 rows gets them 3 at a time."""
     calibration = _smooth_images(101, 5)  # not a multiple of 3: the last batch is padded
-    kwargs = dict(preprocess=TINY_PREPROCESS, labels=plain_label_rows(NAMES), card=CARD, calibration=calibration,
-                  min_elements=64)
-    fixed, fixed_allocation, fixed_agree = compression.compress_to_agreement(_fixed_batch_tiny(3), DEFAULT, 5.0, **kwargs)
+    kwargs = dict(
+        preprocess=TINY_PREPROCESS, labels=plain_label_rows(NAMES), card=CARD, calibration=calibration, min_elements=64
+    )
+    fixed, fixed_allocation, fixed_agree = compression.compress_to_agreement(
+        _fixed_batch_tiny(3), DEFAULT, 5.0, **kwargs
+    )
     free, free_allocation, free_agree = compression.compress_to_agreement(make_tiny_onnx(), DEFAULT, 5.0, **kwargs)
     assert fixed_agree == free_agree
-    rows = [(r.pop("predicted_kl"), r) for r in fixed_allocation.table()], [(r.pop("predicted_kl"), r) for r in free_allocation.table()]
+    rows = (
+        [(r.pop("predicted_kl"), r) for r in fixed_allocation.table()],
+        [(r.pop("predicted_kl"), r) for r in free_allocation.table()],
+    )
     assert [r for _, r in rows[0]] == [r for _, r in rows[1]]
     np.testing.assert_allclose([kl for kl, _ in rows[0]], [kl for kl, _ in rows[1]], rtol=1e-5)
     _same_weights(fixed, free)

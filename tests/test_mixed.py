@@ -57,7 +57,9 @@ def test_rules_match_exact_names_only():
 
 
 def test_uniform_candidates_become_step_rules():
-    layer = mixed.LayerOptions("w", 1000, [mixed.Candidate(mixed.FLOAT, 2000.0, 0.0), mixed.Candidate(8, 300.0, 0.01, 0.25)], 1.0)
+    layer = mixed.LayerOptions(
+        "w", 1000, [mixed.Candidate(mixed.FLOAT, 2000.0, 0.0), mixed.Candidate(8, 300.0, 0.01, 0.25)], 1.0
+    )
     alloc = mixed.allocate([layer], 500.0)
     assert alloc.chosen["w"].step == 0.25 and alloc.table()[0]["bits"] == "u0.25"
     recipe = mixed.budget_recipe(RECIPE, alloc)
@@ -75,17 +77,29 @@ def _tiny_budget(budget: int, calibration: np.ndarray):
     labels = plain_label_rows([f"c{i}" for i in range(TINY_CLASSES)])
     card = compression.ModelCard("tiny")
     return compression.compress_to_budget(
-        make_tiny_onnx(), RECIPE, budget, preprocess=TINY_PREPROCESS, labels=labels, card=card, calibration=calibration,
+        make_tiny_onnx(),
+        RECIPE,
+        budget,
+        preprocess=TINY_PREPROCESS,
+        labels=labels,
+        card=card,
+        calibration=calibration,
         min_elements=64,
     )
 
 
 def test_budgeted_model_fits_and_tighter_budgets_use_fewer_bits(calibration):
-    loose_budget = len(kf.serialize(compression.compress_onnx(
-        make_tiny_onnx(), replace(RECIPE, fc_bits=None, conv_bits=None),
-        preprocess=TINY_PREPROCESS, labels=plain_label_rows([f"c{i}" for i in range(TINY_CLASSES)]),
-        card=compression.ModelCard("tiny"),
-    )))
+    loose_budget = len(
+        kf.serialize(
+            compression.compress_onnx(
+                make_tiny_onnx(),
+                replace(RECIPE, fc_bits=None, conv_bits=None),
+                preprocess=TINY_PREPROCESS,
+                labels=plain_label_rows([f"c{i}" for i in range(TINY_CLASSES)]),
+                card=compression.ModelCard("tiny"),
+            )
+        )
+    )
     tight_budget = loose_budget - 2048  # two pages less than keeping every weight at fp16
     model, alloc = _tiny_budget(tight_budget, calibration)
     assert len(kf.serialize(model)) <= tight_budget
@@ -106,7 +120,17 @@ def test_cli_budget_needs_calibration(tmp_path, tiny_onnx_path):
     names = tmp_path / "names.txt"
     names.write_text("\n".join(f"c{i}" for i in range(TINY_CLASSES)))
     result = CliRunner().invoke(
-        main, ["compress", str(tiny_onnx_path), "-o", str(tmp_path / "b.klaus"), "--labels", str(names), "--budget-mib", "0.01"],
+        main,
+        [
+            "compress",
+            str(tiny_onnx_path),
+            "-o",
+            str(tmp_path / "b.klaus"),
+            "--labels",
+            str(names),
+            "--budget-mib",
+            "0.01",
+        ],
         prog_name="klaus",
     )
     assert result.exit_code == 1
@@ -116,7 +140,12 @@ def test_cli_budget_needs_calibration(tmp_path, tiny_onnx_path):
 def _tiny_agreement(max_drop: float, calibration: np.ndarray):
     labels = plain_label_rows([f"c{i}" for i in range(TINY_CLASSES)])
     return compression.compress_to_agreement(
-        make_tiny_onnx(), RECIPE, max_drop, preprocess=TINY_PREPROCESS, labels=labels, card=compression.ModelCard("tiny"),
+        make_tiny_onnx(),
+        RECIPE,
+        max_drop,
+        preprocess=TINY_PREPROCESS,
+        labels=labels,
+        card=compression.ModelCard("tiny"),
         calibration=calibration,
     )
 
@@ -155,7 +184,9 @@ def test_cli_budget_and_max_drop_are_exclusive(tmp_path, tiny_onnx_path):
     names = tmp_path / "names.txt"
     names.write_text("\n".join(f"c{i}" for i in range(TINY_CLASSES)))
     args = ["compress", str(tiny_onnx_path), "-o", str(tmp_path / "b.klaus"), "--labels", str(names)]
-    both = CliRunner().invoke(main, [*args, "--budget-mib", "1", "--max-drop", "1", "--calib", str(EXAMPLES)], prog_name="klaus")
+    both = CliRunner().invoke(
+        main, [*args, "--budget-mib", "1", "--max-drop", "1", "--calib", str(EXAMPLES)], prog_name="klaus"
+    )
     assert both.exit_code == 1 and "not both" in both.stderr
     nocal = CliRunner().invoke(main, [*args, "--max-drop", "1"], prog_name="klaus")
     assert nocal.exit_code == 1 and "--max-drop needs calibration" in nocal.stderr
@@ -180,7 +211,9 @@ def test_sensitivity_is_measured_on_the_probe_tensors(calibration):
     model = make_tiny_onnx()
     _, weights = onnxgraph.split_weights(model)
     roles = onnxgraph.tensor_roles(model)
-    stats = calibrate.layer_statistics(model, calibration, {"pw.weight": calibrate.Reading(roles["pw.weight"].activation)})
+    stats = calibrate.layer_statistics(
+        model, calibration, {"pw.weight": calibrate.Reading(roles["pw.weight"].activation)}
+    )
 
     def quantize(name, bits, step):
         return palettize(weights[name], bits, granularity="channel", axis=roles[name].out_axis, step=step)

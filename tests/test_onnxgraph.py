@@ -33,7 +33,9 @@ def copy(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def single_node_model(op: str, weight: np.ndarray, x_shape, y_shape, bias: np.ndarray | None = None, **attrs) -> onnx.ModelProto:
+def single_node_model(
+    op: str, weight: np.ndarray, x_shape, y_shape, bias: np.ndarray | None = None, **attrs
+) -> onnx.ModelProto:
     inits = [numpy_helper.from_array(weight, "W")]
     inputs = ["X", "W"]
     if bias is not None:
@@ -151,7 +153,9 @@ def test_tensor_roles_of_the_tiny_model(tiny_onnx):
         "conv", 0, "/pw/Conv", op="Conv", activation="d_act", output="p", bias="pw.bias", group=1
     )
     # Gemm with transB=1: weight is (classes, in), output channels on axis 0
-    assert roles["fc.weight"] == TensorRole("fc", 0, "/fc/Gemm", op="Gemm", activation="f", output="logits", bias="fc.bias")
+    assert roles["fc.weight"] == TensorRole(
+        "fc", 0, "/fc/Gemm", op="Gemm", activation="f", output="logits", bias="fc.bias"
+    )
     for bias in ("stem.bias", "dw.bias", "pw.bias", "fc.bias"):
         assert roles[bias] == TensorRole("other", 0, "")
 
@@ -182,8 +186,11 @@ def weight_first_model(op: str, weight: np.ndarray, x_shape, y_shape, **attrs) -
     """One node computing ``op(W, X)``: the weight is the first operand."""
     node = helper.make_node(op, ["W", "X"], ["Y"], name=f"/layer/{op}", **attrs)
     graph = helper.make_graph(
-        [node], "one", [helper.make_tensor_value_info("X", TensorProto.FLOAT, x_shape)],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, y_shape)], [numpy_helper.from_array(weight, "W")],
+        [node],
+        "one",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, y_shape)],
+        [numpy_helper.from_array(weight, "W")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -313,13 +320,19 @@ def test_custom_domain_node_inside_a_subgraph_is_rejected():
         [helper.make_tensor_value_info("o", TensorProto.FLOAT, [1])],
     )
     other = helper.make_graph(
-        [helper.make_node("Identity", ["a"], ["o2"], name="ok")], "else", [], [helper.make_tensor_value_info("o2", TensorProto.FLOAT, [1])]
+        [helper.make_node("Identity", ["a"], ["o2"], name="ok")],
+        "else",
+        [],
+        [helper.make_tensor_value_info("o2", TensorProto.FLOAT, [1])],
     )
     node = helper.make_node("If", ["c"], ["y"], name="/if", then_branch=inner, else_branch=other)
     graph = helper.make_graph(
         [node],
         "g",
-        [helper.make_tensor_value_info("c", TensorProto.BOOL, []), helper.make_tensor_value_info("a", TensorProto.FLOAT, [1])],
+        [
+            helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, [1]),
+        ],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -334,12 +347,18 @@ def test_custom_domain_node_inside_a_subgraph_is_rejected():
 
 def test_custom_domain_node_inside_a_graphs_attribute_is_rejected():
     bad = helper.make_graph(
-        [helper.make_node("Evil", ["a"], ["o"], name="deep", domain="evil")], "b", [], [helper.make_tensor_value_info("o", TensorProto.FLOAT, [1])]
+        [helper.make_node("Evil", ["a"], ["o"], name="deep", domain="evil")],
+        "b",
+        [],
+        [helper.make_tensor_value_info("o", TensorProto.FLOAT, [1])],
     )
     node = helper.make_node("Identity", ["a"], ["y"], name="/holder")
     node.attribute.append(helper.make_attribute("branches", [bad]))
     graph = helper.make_graph(
-        [node], "g", [helper.make_tensor_value_info("a", TensorProto.FLOAT, [1])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])]
+        [node],
+        "g",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     assert node.attribute[0].type == onnx.AttributeProto.GRAPHS
@@ -351,7 +370,9 @@ def test_custom_domain_node_inside_a_graphs_attribute_is_rejected():
 def test_out_of_range_opset_is_rejected(tiny_onnx, version):
     model = copy(tiny_onnx)
     model.opset_import[0].version = version
-    with pytest.raises(KlausFormatError, match=f"opset {version}, supported {onnxgraph.MIN_OPSET}..{onnxgraph.MAX_OPSET}"):
+    with pytest.raises(
+        KlausFormatError, match=f"opset {version}, supported {onnxgraph.MIN_OPSET}..{onnxgraph.MAX_OPSET}"
+    ):
         onnxgraph.validate_skeleton(model, "m")
 
 
@@ -390,7 +411,10 @@ def foldable_model() -> onnx.ModelProto:
     model = make_tiny_onnx()
     graph = model.graph
     graph.initializer.extend(
-        [numpy_helper.from_array(np.array(2.0, np.float32), "two"), numpy_helper.from_array(np.array(0.5, np.float32), "half")]
+        [
+            numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+            numpy_helper.from_array(np.array(0.5, np.float32), "half"),
+        ]
     )
     graph.node[-1].output[0] = "raw_logits"
     graph.node.extend(
@@ -435,7 +459,12 @@ def test_simplify_keeps_the_tiny_model_intact(tiny_onnx):
     assert np.max(np.abs(run(simple, x) - run(tiny_onnx, x))) < 1e-5
     assert {t.name for t in simple.graph.initializer} == set(TINY_WEIGHTS)
     roles = onnxgraph.tensor_roles(simple)
-    assert [roles[n].kind for n in ("stem.weight", "dw.weight", "pw.weight", "fc.weight")] == ["conv", "depthwise", "conv", "fc"]
+    assert [roles[n].kind for n in ("stem.weight", "dw.weight", "pw.weight", "fc.weight")] == [
+        "conv",
+        "depthwise",
+        "conv",
+        "fc",
+    ]
 
 
 # ---------------------------------------------------------------- rename_weights
@@ -622,7 +651,14 @@ def test_load_onnx_directory(tmp_path):
 
 def test_load_onnx_refuses_external_data(tmp_path, tiny_onnx):
     path = tmp_path / "ext.onnx"
-    onnx.save_model(copy(tiny_onnx), path, save_as_external_data=True, all_tensors_to_one_file=True, location="ext.bin", size_threshold=0)
+    onnx.save_model(
+        copy(tiny_onnx),
+        path,
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="ext.bin",
+        size_threshold=0,
+    )
     assert (tmp_path / "ext.bin").exists()
     with pytest.raises(KlausModelError, match="external-data ONNX models are not supported"):
         onnxgraph.load_onnx(str(path))
@@ -678,7 +714,9 @@ def test_fixed_batch(tiny_onnx):
     assert onnxgraph.fixed_batch(_with_batch(make_tiny_onnx(), 1)) == 1
     assert onnxgraph.fixed_batch(_with_batch(make_tiny_onnx(), 4)) == 4
     old_ir = _with_batch(make_tiny_onnx(), 2)  # before IR 4, initializers are listed as inputs too
-    old_ir.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in old_ir.graph.initializer)
+    old_ir.graph.input.extend(
+        helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in old_ir.graph.initializer
+    )
     old_ir.graph.input.insert(0, old_ir.graph.input.pop())  # even listed first
     assert onnxgraph.fixed_batch(old_ir) == 2
 
@@ -719,7 +757,9 @@ def test_simplify_write_failure_is_a_write_error_not_a_bad_model(tiny_onnx, monk
         return real(blob, options, *args, **kwargs)
 
     monkeypatch.setattr(onnxruntime, "InferenceSession", failing)
-    with pytest.raises(KlausWriteError, match=r"^cannot write a temporary file in .*\(ONNX Runtime: .*INVALID_PROTOBUF"):
+    with pytest.raises(
+        KlausWriteError, match=r"^cannot write a temporary file in .*\(ONNX Runtime: .*INVALID_PROTOBUF"
+    ):
         onnxgraph.simplify(tiny_onnx, "tiny.onnx")
     broken = make_tiny_onnx()
     broken.graph.node[1].input[0] = "nowhere"  # a model ONNX Runtime cannot load is still the model's fault

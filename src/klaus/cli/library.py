@@ -24,7 +24,9 @@ def _db_path(db: str | None) -> str:
 
 
 db_option = click.option(
-    "--db", "db", metavar="FILE",
+    "--db",
+    "db",
+    metavar="FILE",
     help="The photo index (default: $KLAUS_DB, else ~/.local/share/klaus/library.db).",
 )
 
@@ -33,12 +35,32 @@ db_option = click.option(
 @click.argument("paths", nargs=-1, required=True, metavar="PATH...")
 @db_option
 @model_option
-@click.option("--workers", type=click.IntRange(1, 64), default=2, show_default=True,
-              help="Threads that read, hash and decode photos ahead of the model.")
-@click.option("--batch", type=click.IntRange(1, 256), default=16, show_default=True, help="Photos per transaction and per Dask task (the model runs them 4 per call).")
-@click.option("--threads", type=click.IntRange(1, 256), default=None,
-              help="ONNX Runtime threads per model call (default: 1, with one call per core in flight).")
-@click.option("--dask", "dask_address", metavar="ADDRESS", help="Decode and classify on this Dask scheduler (e.g. tcp://host:8786).")
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    default=2,
+    show_default=True,
+    help="Threads that read, hash and decode photos ahead of the model.",
+)
+@click.option(
+    "--batch",
+    type=click.IntRange(1, 256),
+    default=16,
+    show_default=True,
+    help="Photos per transaction and per Dask task (the model runs them 4 per call).",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(1, 256),
+    default=None,
+    help="ONNX Runtime threads per model call (default: 1, with one call per core in flight).",
+)
+@click.option(
+    "--dask",
+    "dask_address",
+    metavar="ADDRESS",
+    help="Decode and classify on this Dask scheduler (e.g. tcp://host:8786).",
+)
 @json_option
 def index_command(paths, db, model, workers, batch, threads, dask_address, as_json) -> int:
     """Classify the photos under PATH... into the index: new, changed and failed ones; skip the rest.
@@ -71,8 +93,15 @@ def index_command(paths, db, model, workers, batch, threads, dask_address, as_js
         _warn_each(summary.unstorable_errors, summary.unstorable, "files or folders left out")
 
     summary = index_paths(
-        paths, db_path, model=model, workers=workers, batch=batch, threads=threads, dask=dask_address,
-        progress=False if as_json else None, on_plan=on_plan,
+        paths,
+        db_path,
+        model=model,
+        workers=workers,
+        batch=batch,
+        threads=threads,
+        dask=dask_address,
+        progress=False if as_json else None,
+        on_plan=on_plan,
     )
     if as_json:
         emit(summary.to_dict())
@@ -80,7 +109,8 @@ def index_command(paths, db, model, workers, batch, threads, dask_address, as_js
     _warn_each(summary.errors, summary.failed, "unreadable photos")
     click.echo(
         f"{shown(db_path)}: indexed {summary.indexed}, skipped {summary.skipped}, failed {summary.failed}, "
-        f"gone {summary.gone}" + (f", left out {summary.unstorable}" if summary.unstorable else "")
+        f"gone {summary.gone}"
+        + (f", left out {summary.unstorable}" if summary.unstorable else "")
         + f" in {summary.seconds:.1f} s ({summary.images_per_second:.1f} images/s, {summary.model})"
     )
     return 0
@@ -104,8 +134,14 @@ def _probability(ctx: click.Context, param: click.Parameter, value: float) -> fl
 @click.command("search", context_settings=PRESERVE)
 @click.argument("query", nargs=-1, required=True, metavar="QUERY")
 @db_option
-@click.option("--min-prob", type=click.FloatRange(0.0, 1.0), default=0.2, show_default=True, callback=_probability,
-              help="Only photos with at least this much top-5 probability under the concept.")
+@click.option(
+    "--min-prob",
+    type=click.FloatRange(0.0, 1.0),
+    default=0.2,
+    show_default=True,
+    callback=_probability,
+    help="Only photos with at least this much top-5 probability under the concept.",
+)
 @click.option("--limit", type=click.IntRange(1), default=50, show_default=True, help="Show at most N photos.")
 @json_option
 def search_command(query, db, min_prob, limit, as_json) -> int:
@@ -139,13 +175,29 @@ def search_command(query, db, min_prob, limit, as_json) -> int:
 @click.command("serve", context_settings=PRESERVE)
 @db_option
 @model_option
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; the default is this machine only.")
+@click.option(
+    "--host", default="127.0.0.1", show_default=True, help="Address to bind; the default is this machine only."
+)
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
-@click.option("--max-upload-mb", type=click.IntRange(1, 200), default=20, show_default=True, help="Largest photo 'classify' accepts.")
-@click.option("--jobs", type=click.IntRange(1, 64), default=None,
-              help="Photos decoded at once for thumbnails and classify (default: one per core, at most 4).")
-@click.option("--queue", type=click.IntRange(0, 1024), default=None,
-              help="Requests that may wait for a decoding turn (default: 64); one more is answered 503 with Retry-After.")
+@click.option(
+    "--max-upload-mb",
+    type=click.IntRange(1, 200),
+    default=20,
+    show_default=True,
+    help="Largest photo 'classify' accepts.",
+)
+@click.option(
+    "--jobs",
+    type=click.IntRange(1, 64),
+    default=None,
+    help="Photos decoded at once for thumbnails and classify (default: one per core, at most 4).",
+)
+@click.option(
+    "--queue",
+    type=click.IntRange(0, 1024),
+    default=None,
+    help="Requests that may wait for a decoding turn (default: 64); one more is answered 503 with Retry-After.",
+)
 @json_option
 def serve_command(db, model, host, port, max_upload_mb, jobs, queue, as_json) -> int:
     """A local web gallery: browse by the WordNet tree, search, photo pages, classify a new photo.
@@ -163,8 +215,14 @@ def serve_command(db, model, host, port, max_upload_mb, jobs, queue, as_json) ->
             f"klaus serve needs the 'web' extra ({exc.name} is missing): pip install 'klaus-classifier[web]'"
         ) from None
     db_path = _db_path(db)
-    app = create_app(db_path, model=model, max_upload=max_upload_mb * 1024 * 1024, host=host, jobs=jobs or DEFAULT_JOBS,
-                     queue=DEFAULT_QUEUE if queue is None else queue)
+    app = create_app(
+        db_path,
+        model=model,
+        max_upload=max_upload_mb * 1024 * 1024,
+        host=host,
+        jobs=jobs or DEFAULT_JOBS,
+        queue=DEFAULT_QUEUE if queue is None else queue,
+    )
     app.state.gallery.load_model()  # now: a bad model is a one-line error here, not a 503 later
     sock = _listen(host, port)
     port = sock.getsockname()[1]

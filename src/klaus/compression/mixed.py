@@ -48,7 +48,13 @@ class Candidate:
 
     @property
     def quantizer(self) -> str:
-        return "fp16" if self.bits == FLOAT else f"uniform {self.step:g}" if self.step is not None else f"{self.bits}-bit k-means"
+        return (
+            "fp16"
+            if self.bits == FLOAT
+            else f"uniform {self.step:g}"
+            if self.step is not None
+            else f"{self.bits}-bit k-means"
+        )
 
 
 @dataclass
@@ -89,8 +95,14 @@ class Allocation:
         for layer in self.layers:
             chosen = self.chosen[layer.name]
             rows.append(
-                {"tensor": layer.name, "parameters": layer.size, "bits": chosen.spec, "quantizer": chosen.quantizer,
-                 "bytes": round(chosen.bytes), "predicted_kl": layer.scale * chosen.proxy}
+                {
+                    "tensor": layer.name,
+                    "parameters": layer.size,
+                    "bits": chosen.spec,
+                    "quantizer": chosen.quantizer,
+                    "bytes": round(chosen.bytes),
+                    "predicted_kl": layer.scale * chosen.proxy,
+                }
             )
         return rows
 
@@ -232,7 +244,9 @@ def budget_recipe(base: Recipe, allocation: Allocation) -> Recipe:
     """The base recipe with one exact rule per tensor (rules win over layer kinds)."""
     return Recipe(
         name=f"{base.name}+budget",
-        fc_bits=None, conv_bits=None, depthwise_bits=None,
+        fc_bits=None,
+        conv_bits=None,
+        depthwise_bits=None,
         rules=allocation.rules(),
         min_elements=0,
         float_codec=base.float_codec,
