@@ -55,13 +55,13 @@ MEDIAPIPE_WASM = (13.0e6, 3.95e6)  # tasks-vision wasm: raw, gzip
 
 
 class Relay:
-    """A TCP relay on 127.0.0.1 that counts the bytes each way (server -> browser is 'down')."""
+    """A TCP relay on 127.0.0.1 that counts the bytes each way and, per request path, the bytes of each response
+    (status line, headers and body as sent; 'down' is server -> browser)."""
 
     def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
-        self.down = 0
-        self.up = 0
         self._lock = threading.Lock()
+        self.reset()
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(64)
@@ -71,6 +71,7 @@ class Relay:
     def reset(self) -> None:
         with self._lock:
             self.down = self.up = 0
+            self.paths: dict[str, int] = {}  # request path -> response bytes
 
     def _accept(self) -> None:
         while True:
@@ -79,14 +80,14 @@ class Relay:
             except OSError:
                 return
             server = socket.create_connection(self.target)
-            threading.Thread(target=self._pump, args=(client, server, "up"), daemon=True).start()
-            threading.Thread(target=self._pump, args=(server, client, "down"), daemon=True).start()
+            conn = _Exchange(self)
+            threading.Thread(target=self._pump, args=(client, server, conn.request_bytes), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, conn.response_bytes), daemon=True).start()
 
-    def _pump(self, source: socket.socket, sink: socket.socket, way: str) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket, seen) -> None:
         try:
             while data := source.recv(65536):
-                with self._lock:
-                    setattr(self, way, getattr(self, way) + len(data))
+                seen(data)
                 sink.sendall(data)
         except OSError:
             pass
@@ -95,8 +96,58 @@ class Relay:
                 with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
 
+    def count(self, way: str, n: int, path: str | None = None) -> None:
+        with self._lock:
+            setattr(self, way, getattr(self, way) + n)
+            if path is not None:
+                self.paths[path] = self.paths.get(path, 0) + n
+
     def close(self) -> None:
         self.sock.close()
+
+
+class _Exchange:
+    """One keep-alive connection's HTTP/1.1 requests (GET/HEAD, no body) and responses (Content-Length bodies)."""
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+        self.pending: list[str] = []  # request paths awaiting their response
+        self.up = b""
+        self.down = b""
+        self.body_left = 0
+        self.path = "?"
+        self.lock = threading.Lock()
+
+    def request_bytes(self, data: bytes) -> None:
+        self.relay.count("up", len(data))
+        self.up += data
+        while b"\r\n\r\n" in self.up:
+            head, self.up = self.up.split(b"\r\n\r\n", 1)
+            parts = head.split(b"\r\n", 1)[0].split()
+            with self.lock:
+                self.pending.append(parts[1].decode("latin-1") if len(parts) > 1 else "?")
+
+    def response_bytes(self, data: bytes) -> None:
+        while data:
+            if self.body_left:
+                n = min(self.body_left, len(data))
+                self.relay.count("down", n, self.path)
+                self.body_left -= n
+                data = data[n:]
+                continue
+            self.down += data
+            data = b""
+            if b"\r\n\r\n" not in self.down:
+                return
+            head, rest = self.down.split(b"\r\n\r\n", 1)
+            self.down = b""
+            with self.lock:
+                self.path = self.pending.pop(0) if self.pending else "?"
+            self.relay.count("down", len(head) + 4, self.path)
+            match = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+            status = head.split(b" ", 2)[1] if head.count(b" ") >= 1 else b""
+            self.body_left = int(match.group(1)) if match and status not in (b"304", b"204") else 0
+            data = rest
 
 
 class Server:
@@ -171,15 +222,6 @@ def measure_wire_and_first(browser, server: Server, rounds: int) -> dict[str, ob
     }
     for i in range(rounds):
         context = browser.new_context()
-        sizes: dict[str, int] = {}
-
-        def finished(request, sizes=sizes) -> None:
-            if not request.url.startswith("http"):
-                return  # blob: URLs of the page's own thumbnails
-            s = request.sizes()
-            sizes[request.url] = sizes.get(request.url, 0) + s["responseBodySize"] + s["responseHeadersSize"]
-
-        context.on("requestfinished", finished)
         server.relay.reset()
         page = context.new_page()
         marks = first_result(context, server.app, cat)
@@ -191,7 +233,7 @@ def measure_wire_and_first(browser, server: Server, rounds: int) -> dict[str, ob
             page.wait_for_timeout(500)  # let the last revalidations finish
             out["wire_total"] = server.relay.down
             out["wire_up"] = server.relay.up
-            out["files"] = dict(sizes)
+            out["files"] = dict(server.relay.paths)
         context.set_offline(True)
         page.reload(wait_until="commit")
         marks = first_result(context, server.app, cat)
@@ -351,7 +393,7 @@ def wire_section(first: dict) -> list[str]:
         split[category(url)] += n
     counted = sum(split.values())
     total = first["wire_total"]
-    other = max(0, total - counted)  # service-worker revalidations and connection overhead Playwright does not see
+    other = max(0, total - counted)  # bytes the relay could not attribute to a request (none expected)
     runtime_app = split["runtime"] + split["app"] + other
     fp32, int8 = exported_fp32(), int8_onnx()
     fp32_br, int8_br = brotli_size(fp32), brotli_size(int8)
@@ -392,16 +434,16 @@ def wire_section(first: dict) -> list[str]:
             "tasks-vision wasm sizes as cited in the issue",
         ],
     ]
-    per_file = sorted(((url.rsplit("/app/", 1)[-1] or "./", n) for url, n in files.items()), key=lambda r: -r[1])
-    per_file = [(re.sub(r"\?cache=.*$", " (the service worker's registration)", name), n) for name, n in per_file]
+    per_file = sorted(((path.rsplit("/app/", 1)[-1] or "./", n) for path, n in files.items()), key=lambda r: -r[1])
     return [
         "### First visit: bytes on the wire",
         "",
         "An empty chromium profile opens `/app/`, picks `examples/cat.jpg` and waits for its top-5 and for the service "
         "worker's cache; the relay in front of `klaus serve` counts every byte the server sent (HTTP headers included; "
-        "the service worker revalidates what the page already loaded, so its install costs 304s). ONNX Runtime Web is "
-        "the runtime; the app is everything else: HTML, CSS, the bundled klaus.js and worker.js (ONNX Runtime Web's JS "
-        "API and the container decoder), concepts, icons, and the service worker's traffic.",
+        "the service worker revalidates what the page already loaded, so its install costs 304s), and splits them by "
+        "request: ONNX Runtime Web's wasm and .mjs are the runtime; the app is everything else (HTML, CSS, the bundled "
+        "klaus.js and worker.js with ONNX Runtime Web's JS API and the container decoder, concepts, icons, version.json "
+        "and the service worker's requests).",
         "",
         table(["what", "runtime", "model", "app", "total", "reproduce"], rows),
         "",
@@ -409,7 +451,7 @@ def wire_section(first: dict) -> list[str]:
         f"{TARGETS['model_mib']} MiB — {verdict(model_ok)} ({mib(split['model'])}). Requests from the browser: "
         f"{mb(first['wire_up'])}.",
         "",
-        "<details><summary>Per file (as sent: body + headers)</summary>",
+        "<details><summary>Per request path (status line, headers and body as sent, summed over its requests)</summary>",
         "",
         table(["file", "bytes"], [[f"`{name}`", f"{n:,}"] for name, n in per_file]),
         "",

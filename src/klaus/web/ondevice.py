@@ -67,8 +67,12 @@ MEDIA_TYPES = {
     ".map": "application/json",
     ".klausweb": "application/octet-stream",
 }
-# Files of the build that the app does not load, so the service worker does not keep them.
-NOT_CACHED = {"assets.json", "THIRD_PARTY_LICENSES.txt"}
+# Files the service worker does not keep: the listings, index.html (kept once, as "./"), the worker itself, and the
+# large icons, which only the browser fetches when it installs the app (online).
+NOT_CACHED = {
+    "assets.json", "THIRD_PARTY_LICENSES.txt", "index.html", "sw.js",
+    "icons/icon-512.png", "icons/icon-maskable-512.png", "icons/apple-touch-icon.png",
+}  # fmt: skip
 CSP = (
     "default-src 'self'; script-src 'self' 'wasm-unsafe-eval'; worker-src 'self'; connect-src 'self'; "
     "img-src 'self' blob: data:; style-src 'self'; manifest-src 'self'; object-src 'none'; base-uri 'none'; "
@@ -223,7 +227,7 @@ class Assets:
         return cls(root, files, hashlib.sha256(data).hexdigest())
 
     def app_files(self) -> list[str]:
-        """What the page loads: every asset but the precompressed twins and the listings."""
+        """What the service worker keeps: every asset the page loads (not the precompressed twins or NOT_CACHED)."""
         return sorted(p for p in self.files if not p.endswith((".br", ".gz")) and p not in NOT_CACHED)
 
     def file(self, path: str) -> Path:
