@@ -179,7 +179,7 @@ def first_result(context, url: str, photo: Path) -> dict[str, float]:
     """Open the app, pick one photo at once, wait for its top-5: the page's own marks (ms from navigation)."""
     page = context.pages[0] if context.pages else context.new_page()
     page.goto(url, wait_until="commit")
-    page.wait_for_function("() => Boolean(window.klaus)")  # app.js has attached its listeners
+    page.wait_for_function("() => Boolean(window.klaus)", timeout=120_000)  # app.js has attached its listeners
     page.set_input_files("#pick-files", str(photo))
     page.wait_for_selector("#photos .photo .prediction", timeout=120_000)
     marks = page.evaluate(
