@@ -6,10 +6,11 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 
 from klaus import codecs, evaluate, onnxgraph, zoo
 from klaus import format as kformat
-from klaus.compression import budget, calibrate
+from klaus.compression import budget, calibrate, mixed
 from klaus.compression.recipe import DEFAULT
 from klaus.labels import imagenet_label_rows
 from klaus.runtime import run_batches, softmax
@@ -19,9 +20,9 @@ DATA = "../shared/data/imagenet-sample"  # run from the repository root
 
 @dataclass
 class Setup:
-    model: object  # the float ONNX graph
+    model: onnx.ModelProto  # the float ONNX graph
     search: budget.Search
-    allocation: object
+    allocation: mixed.Allocation
     calibration: np.ndarray
     dev: np.ndarray
     reference: np.ndarray  # float probabilities on the dev inputs
@@ -40,8 +41,17 @@ def setup(budget_mib: float, data: str = DATA) -> Setup:
     model = zoo.export_onnx("efficientnet-lite0")
     start = time.time()
     search = budget.Search(
-        model, DEFAULT, calibration, preprocess=entry.preprocess, labels=labels, card=entry.card, output="logits",
-        png=codecs.PngOptions(), min_elements=budget.MIN_BUDGET_ELEMENTS, uniform=True, views=1,
+        model,
+        DEFAULT,
+        calibration,
+        preprocess=entry.preprocess,
+        labels=labels,
+        card=entry.card,
+        output="logits",
+        png=codecs.PngOptions(),
+        min_elements=budget.MIN_BUDGET_ELEMENTS,
+        uniform=True,
+        views=1,
         progress=None,
     )
     built, allocation = search.fit(int(budget_mib * 2**20))
@@ -59,4 +69,6 @@ def report(s: Setup, tag: str, built, start: float) -> None:
     kl = float(np.mean(evaluate.kl_divergence(s.reference, q)))
     agree = float(np.mean(q.argmax(1) == s.reference.argmax(1)) * 100)
     size = len(kformat.serialize(built)) / 2**20
-    print(f"{tag}: {size:.3f} MiB, dev KL {kl:.4f}, dev agreement {agree:.1f} %, {time.time() - start:.0f} s", flush=True)
+    print(
+        f"{tag}: {size:.3f} MiB, dev KL {kl:.4f}, dev agreement {agree:.1f} %, {time.time() - start:.0f} s", flush=True
+    )

@@ -16,11 +16,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import DATA  # noqa: E402
+from common import DATA
 
-from klaus import codecs, onnxgraph, zoo  # noqa: E402
+from klaus import codecs, onnxgraph, zoo
 from klaus.compression import calibrate
-from klaus.compression.gptq import palettize_gptq  # noqa: E402
+from klaus.compression.gptq import palettize_gptq
 from klaus.labels import imagenet_label_rows
 
 STEPS = (2.0, 1.4, 1.0, 0.7, 0.5)
@@ -43,7 +43,9 @@ def main() -> None:
     model = zoo.export_onnx("efficientnet-lite0")
     _, weights = onnxgraph.split_weights(model)
     roles = onnxgraph.tensor_roles(model)
-    big = [n for n, w in weights.items() if roles[n].op == "Conv" and roles[n].kind != "depthwise" and w.size >= 100_000]
+    big = [
+        n for n, w in weights.items() if roles[n].op == "Conv" and roles[n].kind != "depthwise" and w.size >= 100_000
+    ]
     acts = [roles[n].activation for n in big]
     stats = calibrate.input_statistics(model, calibrate.calibration_batch(files, entry.preprocess, 1), acts, acts)
     for name in big:

@@ -24,9 +24,18 @@ def build(s: common.Setup, calibration, budget_mib: float) -> None:
     entry = common.zoo.entry("efficientnet-lite0")
     start = time.time()
     search = budget.Search(
-        s.model, DEFAULT, calibration, preprocess=entry.preprocess, labels=imagenet_label_rows(),
-        card=entry.card, output="logits", png=codecs.PngOptions(), min_elements=budget.MIN_BUDGET_ELEMENTS,
-        uniform=True, views=1, progress=None,
+        s.model,
+        DEFAULT,
+        calibration,
+        preprocess=entry.preprocess,
+        labels=imagenet_label_rows(),
+        card=entry.card,
+        output="logits",
+        png=codecs.PngOptions(),
+        min_elements=budget.MIN_BUDGET_ELEMENTS,
+        uniform=True,
+        views=1,
+        progress=None,
     )
     built, _ = search.fit(int(budget_mib * 2**20))
     common.report(s, f"calibrated on {len(calibration)} photos", built, start)

@@ -20,12 +20,12 @@ from onnx import numpy_helper
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import report, setup  # noqa: E402
+from common import report, setup
 
-from klaus.compression.finetune import _run_node, graph_cuts  # noqa: E402
+from klaus.compression.finetune import _run_node, graph_cuts
 from klaus.compression.quantize import stored_float
 from klaus.compression.write import assemble
-from klaus.onnxgraph import attributes  # noqa: E402
+from klaus.onnxgraph import attributes
 
 ZETA, GAMMA = 1.1, -0.1  # AdaRound's rectified sigmoid stretch
 
@@ -59,12 +59,18 @@ def main(a) -> None:
     floats = search.weights
     nodes = list(model.graph.node)
     layer_at = {roles[n].output: n for n in quantized}
-    consts = {t.name: torch.from_numpy(np.array(numpy_helper.to_array(t))) for t in model.graph.initializer if t.name not in floats}
+    consts = {
+        t.name: torch.from_numpy(np.array(numpy_helper.to_array(t)))
+        for t in model.graph.initializer
+        if t.name not in floats
+    }
     for node in nodes:
         if node.op_type == "Constant":
             consts[node.output[0]] = torch.from_numpy(np.array(numpy_helper.to_array(attributes(node)["value"])))
     teacher = {n: tensor(w) for n, w in floats.items()}
-    student = {n: tensor(quantized[n].decode() if n in quantized else stored_float(w, "raw-f16")) for n, w in weights.items()}
+    student = {
+        n: tensor(quantized[n].decode() if n in quantized else stored_float(w, "raw-f16")) for n, w in weights.items()
+    }
 
     def run(block, x, value):
         env = {block[0]: x}
@@ -109,15 +115,23 @@ def main(a) -> None:
                     frac = np.clip((v - levels[low]) / (levels[low + 1] - levels[low]), 0.01, 0.99)
                 lows[n], gaps[n] = low, (tensor(levels[low]), tensor(levels[low + 1] - levels[low]))
                 scales[n] = tensor(np.broadcast_to(scale, q.indices.shape))
-                latent[n] = torch.tensor(-np.log((ZETA - GAMMA) / (frac - GAMMA) - 1), dtype=torch.float32, requires_grad=True)
-            biases = {roles[n].bias: student[roles[n].bias].clone().requires_grad_(True) for n in train if roles[n].bias in student}
+                latent[n] = torch.tensor(
+                    -np.log((ZETA - GAMMA) / (frac - GAMMA) - 1), dtype=torch.float32, requires_grad=True
+                )
+            biases = {
+                roles[n].bias: student[roles[n].bias].clone().requires_grad_(True)
+                for n in train
+                if roles[n].bias in student
+            }
             saved = {**{n: student[n] for n in train}, **{b: student[b] for b in biases}}
-            opt = torch.optim.Adam([{"params": list(latent.values()), "lr": a.lr}, {"params": list(biases.values()), "lr": 1e-4}])
+            opt = torch.optim.Adam(
+                [{"params": list(latent.values()), "lr": a.lr}, {"params": list(biases.values()), "lr": 1e-4}]
+            )
 
-            def h(n):
+            def h(n, latent=latent):
                 return torch.clamp(torch.sigmoid(latent[n]) * (ZETA - GAMMA) + GAMMA, 0, 1)
 
-            def soft(i):
+            def soft(i, latent=latent, gaps=gaps, scales=scales, biases=biases, h=h):
                 if i in latent:
                     return (gaps[i][0] + h(i) * gaps[i][1]) * scales[i]
                 return biases[i] if i in biases else student[i] if i in student else consts[i]
@@ -153,7 +167,10 @@ def main(a) -> None:
                     before = {**student, **saved}
                     gptq = float((batched(block, xq[rows], table(before)) - yf[rows]).pow(2).sum(1).mean())
                     kept = learned < gptq
-                    print(f"block {bi}: held-out output error GPTQ {gptq:.3f}, learned {learned:.3f} -> {'kept' if kept else 'rejected'}", flush=True)
+                    print(
+                        f"block {bi}: held-out output error GPTQ {gptq:.3f}, learned {learned:.3f} -> {'kept' if kept else 'rejected'}",
+                        flush=True,
+                    )
                     if not kept:
                         student.update(saved)
                         out.update({n: quantized[n] for n in latent})
@@ -174,7 +191,11 @@ if __name__ == "__main__":
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--crop", type=int, default=32)
     p.add_argument("--per-block", type=int, default=3)
-    p.add_argument("--min-size", type=int, default=0, help="train only blocks whose input is at least this many pixels high")
+    p.add_argument(
+        "--min-size", type=int, default=0, help="train only blocks whose input is at least this many pixels high"
+    )
     p.add_argument("--flip", action="store_true", help="add mirror images")
-    p.add_argument("--guard", action="store_true", help="train on 4/5 of the photos, keep a block only if the other 1/5 agree")
+    p.add_argument(
+        "--guard", action="store_true", help="train on 4/5 of the photos, keep a block only if the other 1/5 agree"
+    )
     main(p.parse_args())

@@ -66,7 +66,7 @@ def paired_statistics(
         if window is not None:
             pq = window.patches(np.asarray(q, dtype=np.float32), WINDOW_POSITIONS)
             pf = window.patches(np.asarray(f, dtype=np.float32), WINDOW_POSITIONS)
-            g = sum(np.matmul(a, b.transpose(0, 2, 1)).astype(np.float64) for a, b in zip(pf, pq))
+            g = sum(np.matmul(a, b.transpose(0, 2, 1)).astype(np.float64) for a, b in zip(pf, pq, strict=True))
             cross.patch_gram = g if cross.patch_gram is None else cross.patch_gram + g
             cross.patch_count += pq.shape[0] * pq.shape[3]
     return stats, cross
@@ -112,14 +112,19 @@ class NodeRunner:
         self.constants = {i.name: i for i in skeleton.graph.initializer}
         self.opsets = list(skeleton.opset_import)
 
-    def run(self, node: onnx.NodeProto, env: Mapping[str, np.ndarray], weights: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    def run(
+        self, node: onnx.NodeProto, env: Mapping[str, np.ndarray], weights: Mapping[str, np.ndarray]
+    ) -> list[np.ndarray]:
         from onnx import helper, numpy_helper
 
         from klaus.runtime import make_session
 
         data = [n for n in dict.fromkeys(node.input) if n and n not in weights and n not in self.constants]
-        inits = [numpy_helper.from_array(np.ascontiguousarray(weights[n], dtype=np.float32), n)
-                 for n in dict.fromkeys(node.input) if n in weights]
+        inits = [
+            numpy_helper.from_array(np.ascontiguousarray(weights[n], dtype=np.float32), n)
+            for n in dict.fromkeys(node.input)
+            if n in weights
+        ]
         inits += [self.constants[n] for n in dict.fromkeys(node.input) if n in self.constants]
         inputs = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(env[n].dtype), None) for n in data]
         outputs = [helper.make_empty_tensor_value_info(n) for n in node.output if n]
@@ -156,7 +161,7 @@ def sequential_palettize(
     """
     graph_input = skeleton.graph.input[0].name
     runner = NodeRunner(skeleton)
-    by_output = {}
+    by_output: dict[str, list[str]] = {}
     for name in planned:
         by_output.setdefault(roles[name].output, []).append(name)
     last_use: dict[str, int] = {}
@@ -195,7 +200,7 @@ def sequential_palettize(
             applied = (new_bias - current[role.bias]) * role.beta
             current[role.bias] = biases[role.bias] = new_bias
             outs_q[0] = outs_q[0] + applied.reshape(-1, *([1] * (outs_q[0].ndim - 2))).astype(outs_q[0].dtype)
-        for n, vf, vq in zip([o for o in node.output if o], outs_f, outs_q):
+        for n, vf, vq in zip([o for o in node.output if o], outs_f, outs_q, strict=False):
             env_f[n], env_q[n] = vf, vq
         for n in list(env_f):
             if last_use.get(n, -1) <= i and n not in keep:
