@@ -9,7 +9,8 @@ development photos. ``network`` is session.run as klaus.js reports it (``network
 decode + resize + network (``elapsed_ms``). Native ONNX Runtime is klaus.runtime.Classifier with the same
 number of intra-op threads on the same photos' tensors (``session.run``), measured in the same rounds.
 Cases run in rounds of 10 photos each, in turn (one page alive at a time, its model loaded afresh each round), so
-that drift in the machine's load hits them alike; decode / session are the last round's.
+that drift in the machine's load hits them alike; decode / session are medians over the rounds'
+loads (decodeMs: container bytes to weights; sessionMs: the rest of ONNX Runtime's wasm compile and the session).
 """
 
 from __future__ import annotations
@@ -150,6 +151,7 @@ def run(only: list[str] | None = None, photos: int = 50) -> str:
     tensors = [prepare(str(p), natives[1].preprocess) for p in chosen]
     times: dict[str, list[tuple[float, float]]] = {k: [] for k in [*keys, "native-t1", "native-t2"]}
     infos: dict[str, dict] = {}
+    loads: dict[str, list[tuple[float, float]]] = {k: [] for k in keys}
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         for clf in natives.values():
@@ -159,6 +161,7 @@ def run(only: list[str] | None = None, photos: int = 50) -> str:
             for key in keys:  # one page (one worker, one thread pool) alive at a time
                 _, isolated, threads, options = CASES[key]
                 page, infos[key] = open_case(browser, site, isolated, threads, options)
+                loads[key].append((infos[key]["decodeMs"], infos[key]["sessionMs"]))
                 for photo in chosen[:2]:  # warm-up: first runs allocate and tier up the wasm code
                     classify(page, photo.name)
                 times[key] += [classify(page, ph.name) for ph in block]
@@ -180,11 +183,11 @@ def run(only: list[str] | None = None, photos: int = 50) -> str:
         threads = info["threads"]
         rows.append([
             CASES[key][0], threads, "yes" if info["isolated"] else "no", f"{net:.1f}", f"{native[threads]:.1f}",
-            ratio(net, native[threads]), f"{e2e:.1f}", f"{info['decodeMs']:.0f} / {info['sessionMs']:.0f}",
+            ratio(net, native[threads]), f"{e2e:.1f}", f"{median([d for d, _ in loads[key]]):.0f} / {median([t for _, t in loads[key]]):.0f}",
             command("browser_network.py", "--only", key),
         ])  # fmt: skip
     headers = ["case", "threads", "isolated", "network ms (median)", "native ms, same threads", "ratio",
-               "end to end ms (median)", "decode / session ms", "command"]  # fmt: skip
+               "end to end ms (median)", "load: decode / session ms", "command"]  # fmt: skip
     return (
         f"ONNX Runtime Web in headless chromium vs native ONNX Runtime (klaus.runtime.Classifier) on {len(chosen)} "
         f"development photos, medians, measured in the same rounds.\n\n" + table(headers, rows)
