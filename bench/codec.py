@@ -38,7 +38,7 @@ def model_rows(path) -> tuple[list[list[object]], dict[str, float]]:
         g["payload"] += len(t.payload)
         g["side"] += len(t.palette or b"") + len(t.scales or b"")
         g["entropy"] += codecs.order0_entropy_bytes(t.indices())
-    total = defaultdict(float)
+    total: defaultdict[str, float] = defaultdict(float)
     rows = []
     for bits in sorted(groups):
         g = groups[bits]
@@ -69,7 +69,7 @@ def seed_rows() -> list[list[object]]:
 
     from klaus import codecs
 
-    rows = []
+    rows: list[list[object]] = []
     for name in ("layer-11.png", "layer-12.png"):
         path = SEED / name
         with Image.open(path) as image:
@@ -83,7 +83,8 @@ def seed_rows() -> list[list[object]]:
             payload = codecs.encode_png_indices(indices, 8, options)
             timings[label] = time.perf_counter() - start
             sizes[label] = len(payload)
-            assert np.array_equal(codecs.decode_png_indices(payload, *indices.shape, 8), indices)
+            height, width = indices.shape
+            assert np.array_equal(codecs.decode_png_indices(payload, height, width, 8), indices)
         shape = f"{indices.shape[0]}×{indices.shape[1]}"
         rows.append(
             [

@@ -195,9 +195,9 @@ def run_set(name: str, files: list[Path], args, clf, engine) -> dict:
                 seconds, cpu, top1 = naive(part, clf)
                 naive_s, naive_c = naive_s + seconds, naive_c + cpu
                 naive_top1.update((f.name, t) for f, t in zip(part, top1, strict=True))
-                seconds, cpu, top1 = pipeline(part, engine, args, Path(tmp) / "bench.db", Path(tmp) / f"slice{k}")
+                seconds, cpu, by_name = pipeline(part, engine, args, Path(tmp) / "bench.db", Path(tmp) / f"slice{k}")
                 pipe_s, pipe_c = pipe_s + seconds, pipe_c + cpu
-                pipe_top1.update(top1)
+                pipe_top1.update(by_name)
         naive_rates.append(len(files) / naive_s)
         pipe_rates.append(len(files) / pipe_s)
         naive_cpu.append(naive_c * 1000 / len(files))

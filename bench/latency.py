@@ -58,8 +58,10 @@ def run(only: list[str] | None = None, model=None, onnx_path=None, repeats: dict
     for batch in (1, 32):
         sessions = {"fp32": base}
         if f"klaus-b{batch}" in wanted:
+            assert default is not None
             sessions["klaus"] = default.session
         if f"low-b{batch}" in wanted:
+            assert low is not None
             sessions["low"] = low.session
         if len(sessions) == 1:
             continue
@@ -90,12 +92,14 @@ def run(only: list[str] | None = None, model=None, onnx_path=None, repeats: dict
         table(["runtime", "batch", "median ms", "ms / image", "vs fp32 ORT", "command"], rows),
     ]
     if "crops10" in wanted:
+        assert default is not None
+        clf = default
         times = interleaved_ms(
-            {1: lambda: default.probabilities([CAT], crops=1), 10: lambda: default.probabilities([CAT], crops=10)},
+            {"1": lambda: clf.probabilities([CAT], crops=1), "10": lambda: clf.probabilities([CAT], crops=10)},
             repeats=max(3, repeats[1] // 2),
             warmup=2,
         )
-        one, ten = median(times[1]), median(times[10])
+        one, ten = median(times["1"]), median(times["10"])
         out += [
             "",
             "10-crop path (`Classifier.probabilities([examples/cat.jpg], crops=…)`, default mode: decode, resize, "

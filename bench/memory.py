@@ -20,7 +20,9 @@ latency of each mode, measured in one process, interleaved.
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 
 import numpy as np
 
@@ -171,7 +173,9 @@ def alexnet_latency(onnx_path, klaus_path, repeats: int = 8) -> dict[str, float]
         "default": Classifier(klaus_path, threads=THREADS).session,
         "low": Classifier(klaus_path, threads=THREADS, memory="low").session,
     }
-    runners = {k: (lambda s=s: s.run(None, {"input": x})) for k, s in sessions.items()}
+    runners: dict[str, Callable[[], object]] = {
+        k: functools.partial(s.run, None, {"input": x}) for k, s in sessions.items()
+    }
     return {k: median(v) for k, v in interleaved_ms(runners, repeats, warmup=2).items()}
 
 

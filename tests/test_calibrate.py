@@ -64,7 +64,7 @@ def _channel_rows(a: np.ndarray) -> np.ndarray:
 def photos() -> np.ndarray:
     """40 natural 32x32 inputs: the four example photos, ten crops each."""
     batch = calibrate.load_calibration([EXAMPLES], TINY_PREPROCESS, crops=10)
-    assert batch.shape == (40, 3, TINY_SIZE, TINY_SIZE)
+    assert batch is not None and batch.shape == (40, 3, TINY_SIZE, TINY_SIZE)
     return batch
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import replace
+from typing import Literal
 
 import numpy as np
 import onnx
@@ -53,7 +54,9 @@ def _smooth_images(n: int, seed: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def photos() -> np.ndarray:
-    return calibrate.load_calibration([EXAMPLES], TINY_PREPROCESS, crops=10)
+    batch = calibrate.load_calibration([EXAMPLES], TINY_PREPROCESS, crops=10)
+    assert batch is not None
+    return batch
 
 
 def _compress(recipe: Recipe, calibration: np.ndarray | None = None, model: onnx.ModelProto | None = None):
@@ -155,7 +158,7 @@ def _rms_error(model, x, ref):
     return float(np.sqrt(np.mean((_logits(onnxgraph.to_onnx(model), x) - ref) ** 2)))
 
 
-def _bits_recipe(bits: int, method: str = "kmeans") -> Recipe:
+def _bits_recipe(bits: int, method: Literal["kmeans", "gptq"] = "kmeans") -> Recipe:
     return Recipe(name="t", fc_bits=bits, conv_bits=bits, depthwise_bits=None, min_elements=64, method=method)
 
 
@@ -183,18 +186,18 @@ def test_gptq_beats_plain_kmeans_on_held_out_inputs(smooth_sets, bits):
 def _random_crops(path, n: int, seed: int) -> np.ndarray:
     """Model inputs from random square crops (20-90 % of the shorter side, some mirrored) of one photo."""
     rng = np.random.default_rng(seed)
-    with Image.open(path) as img:
-        img = img.convert("RGB")
+    with Image.open(path) as opened:
+        img = opened.convert("RGB")
     patches = []
     for _ in range(n):
         side = int(rng.uniform(0.2, 0.9) * min(img.size))
-        x, y = rng.integers(0, img.width - side + 1), rng.integers(0, img.height - side + 1)
+        x, y = int(rng.integers(0, img.width - side + 1)), int(rng.integers(0, img.height - side + 1))
         patch = img.crop((x, y, x + side, y + side)).resize((TINY_SIZE, TINY_SIZE), Image.Resampling.BICUBIC)
         if rng.random() < 0.5:
             patch = patch.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         patches.append(np.asarray(patch, dtype=np.float32))
-    x = (np.stack(patches) - np.float32(127.0)) / np.float32(128.0)  # TINY_PREPROCESS normalization
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    batch = (np.stack(patches) - np.float32(127.0)) / np.float32(128.0)  # TINY_PREPROCESS normalization
+    return np.ascontiguousarray(batch.transpose(0, 3, 1, 2))
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import onnx
@@ -66,7 +67,9 @@ def test_choose_cut_is_the_latest_with_the_requested_tail_share() -> None:
         return sum(q.indices.size for n, q in quantized.items() if first_use[n] > position) / total
 
     for wanted in (0.2, 0.5, 0.8):
-        position, _ = finetune.choose_cut(model, quantized, wanted)
+        cut = finetune.choose_cut(model, quantized, wanted)
+        assert cut is not None
+        position, _ = cut
         assert share(position) >= wanted
         later = [p for p, _ in finetune.graph_cuts(model) if p > position]
         assert all(share(p) < wanted for p in later)
@@ -124,7 +127,7 @@ def test_compress_with_finetune_steps_writes_the_tuned_model() -> None:
     labels = plain_label_rows([f"c{i}" for i in range(model.graph.output[0].type.tensor_type.shape.dim[1].dim_value)])
     recipe = replace(TINY_RECIPE, fc_bits=2, conv_bits=3, depthwise_bits=3, granularity="channel")
     calibration = _inputs(30)
-    kwargs = dict(preprocess=TINY_PREPROCESS, labels=labels, card=card, calibration=calibration)
+    kwargs: dict[str, Any] = dict(preprocess=TINY_PREPROCESS, labels=labels, card=card, calibration=calibration)
     plain = compression.compress_onnx(model, recipe, **kwargs)
     tuned = compression.compress_onnx(model, replace(recipe, finetune_steps=30), **kwargs)
     assert '"finetune_steps":30' in tuned.meta["recipe"]

@@ -292,6 +292,7 @@ def start_server(db: Path, *extra: str, env: dict[str, str] | None = None) -> tu
         text=True,
         env={**os.environ, **(env or {})},
     )
+    assert proc.stdout is not None
     line = proc.stdout.readline()
     if not line:
         proc.kill()

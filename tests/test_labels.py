@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import runpy
+from collections.abc import Callable
 from importlib import resources
 from itertools import pairwise
 from pathlib import Path
@@ -125,7 +126,7 @@ def test_from_rows_rejects_bad_rows(row: tuple) -> None:
         L.LabelTable.from_rows([row])
 
 
-def _mutations() -> dict[str, object]:
+def _mutations() -> dict[str, Callable[[dict], None]]:
     def drop_classes(d: dict) -> None:
         del d["classes"]
 

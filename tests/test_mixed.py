@@ -239,7 +239,8 @@ class _FakeFit(budgeting.Search):
     """fit() against a stand-in build whose file size is the allocation's target plus a fixed error."""
 
     def __init__(self, error: float):
-        self.layers, self.overhead, self.fitted, self.error, self.targets = [], 0.0, None, error, []
+        self.layers, self.overhead, self.fitted, self.error = [], 0.0, None, error
+        self.targets: list[float] = []
 
     def build(self, allocation, method=None):
         self.targets.append(allocation)

@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import struct
+import threading
 import warnings
 import zlib
 from pathlib import Path
@@ -282,7 +283,7 @@ def test_one_crop_with_a_step_filter_resizes_the_whole_image(interpolation: str)
 def test_normalize_is_the_float_formula_bit_for_bit(order: str, layout: str) -> None:
     pixels = np.random.default_rng(5).integers(0, 256, (2, 5, 7, 3), dtype=np.uint8)
     spec = Preprocess(mean=(123.7, 116.3, 103.5), std=(58.4, 57.1, 57.4), channel_order=order, layout=layout)
-    x = pixels.astype(np.float32)
+    x: np.ndarray = pixels.astype(np.float32)
     if order == "BGR":
         x = x[..., ::-1]
     x = (x - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
@@ -376,7 +377,7 @@ def test_exif_orientation_is_applied(tmp_path: Path) -> None:
     p = _save(img, tmp_path / "rotated.jpg", quality=95, exif=exif.tobytes())
     loaded = load_image(p)
     assert loaded.size == (20, 40)
-    r, _, b = loaded.getpixel((15, 4))  # stored top-left is displayed top-right
+    r, _, b = _px(loaded, (15, 4))  # stored top-left is displayed top-right
     assert r > 200 and b < 60
 
 
@@ -400,7 +401,9 @@ def _no_warnings():
 
 def _px(img: Image.Image, xy: tuple[int, int] = (0, 0)) -> tuple[int, ...]:
     assert img.mode == "RGB"
-    return img.getpixel(xy)
+    value = img.getpixel(xy)
+    assert isinstance(value, tuple)
+    return value
 
 
 def test_grayscale_and_bilevel(tmp_path: Path) -> None:
@@ -474,7 +477,9 @@ def test_color_spaces_convert_back_to_rgb(mode: str) -> None:
         from PIL import ImageCms
 
         to_lab = ImageCms.buildTransform(ImageCms.createProfile("sRGB"), ImageCms.createProfile("LAB"), "RGB", "LAB")
-        img = ImageCms.applyTransform(Image.new("RGB", (4, 4), RED), to_lab)
+        converted = ImageCms.applyTransform(Image.new("RGB", (4, 4), RED), to_lab)
+        assert converted is not None
+        img = converted
     else:
         img = Image.new("RGB", (4, 4), RED).convert(mode)
     r, g, b = _px(kp._to_rgb(img))
@@ -606,10 +611,9 @@ def test_pillow_global_state_untouched(tmp_path: Path) -> None:
 # Sources that cannot seek (pipes, /dev/stdin, process substitution)
 
 
-def _piped(data: bytes) -> tuple[str, object]:
+def _piped(data: bytes) -> tuple[str, threading.Thread]:
     """A path naming the read end of a pipe that ``data`` is being written into (like ``<(cat x)``)."""
     import os
-    import threading
 
     read, write = os.pipe()
 
@@ -643,7 +647,7 @@ def test_a_pipe_is_read_into_memory_and_decodes_like_the_file(tmp_path: Path) ->
         def readable(self) -> bool:
             return True
 
-        def readinto(self, b) -> int:  # type: ignore[override]
+        def readinto(self, b) -> int:
             return self.inner.readinto(b)
 
     assert np.array_equal(np.asarray(load_image(io.BufferedReader(Unseekable()))), np.asarray(image))

@@ -136,7 +136,7 @@ def test_cached_inputs_equal_fresh_preprocessing(tiny_dir: Path):
         cached = np.concatenate(list(evalset.batches(images=2)))
         fresh = np.concatenate([prepare(s.path, spec, crops=10) for s in evalset.samples])
         assert cached.dtype == np.float32 and np.array_equal(cached, fresh)
-        assert evalset.inputs.dtype == np.uint8
+        assert evalset.inputs is not None and evalset.inputs.dtype == np.uint8
 
 
 def test_inputs_fall_back_to_float_when_pixels_would_not_round_trip(tiny_dir: Path, monkeypatch):
@@ -149,7 +149,7 @@ def test_inputs_fall_back_to_float_when_pixels_would_not_round_trip(tiny_dir: Pa
 
     monkeypatch.setattr(sweep_data, "_to_pixels", flaky)
     evalset = sw.load_eval_set(tiny_dir / "data.txt", source, limit=5)
-    assert evalset.inputs.dtype == np.float32 and len(calls) == 3
+    assert evalset.inputs is not None and evalset.inputs.dtype == np.float32 and len(calls) == 3
     fresh = np.concatenate([prepare(s.path, source.preprocess) for s in evalset.samples])
     assert np.array_equal(np.concatenate(list(evalset.batches(images=2))), fresh)
 

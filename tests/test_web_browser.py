@@ -60,6 +60,7 @@ def chromium() -> str:
         import playwright.sync_api  # noqa: F401
     except ImportError:
         require("the playwright Python package", False)
+    assert path is not None  # require() skipped (or failed under CI) without one
     return path
 
 

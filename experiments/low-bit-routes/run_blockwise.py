@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 from onnx import numpy_helper
 
@@ -55,7 +56,9 @@ def main(a) -> None:
     s = setup(a.budget)
     start = time.time()
     model, search, roles = s.model, s.search, s.search.roles
-    _, weights, quantized = search.fitted
+    assert search.fitted is not None  # setup() fitted the budget
+    fitted = search.fitted
+    _, weights, quantized = fitted
     floats = search.weights
     nodes = list(model.graph.node)
     layer_at = {roles[n].output: n for n in quantized}
@@ -66,7 +69,9 @@ def main(a) -> None:
     }
     for node in nodes:
         if node.op_type == "Constant":
-            consts[node.output[0]] = torch.from_numpy(np.array(numpy_helper.to_array(attributes(node)["value"])))
+            value = attributes(node)["value"]
+            assert isinstance(value, onnx.TensorProto)
+            consts[node.output[0]] = torch.from_numpy(np.array(numpy_helper.to_array(value)))
     teacher = {n: tensor(w) for n, w in floats.items()}
     student = {
         n: tensor(quantized[n].decode() if n in quantized else stored_float(w, "raw-f16")) for n, w in weights.items()
@@ -176,7 +181,7 @@ def main(a) -> None:
                         out.update({n: quantized[n] for n in latent})
         xq, xf = batched(block, xq, table(student)), yf
     stored = {n: (student[n].numpy() if n in student and n not in quantized else w) for n, w in weights.items()}
-    built = assemble(search.skeleton, stored, out, search.fitted[0], s.calibration, **search.meta)
+    built = assemble(search.skeleton, stored, out, fitted[0], s.calibration, **search.meta)
     report(s, f"block-wise learned rounding ({vars(a)})", built, start)
 
 
