@@ -34,6 +34,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from _common import CACHE, EXAMPLES, KLAUS, ROOT, SAMPLE, cached, command, embedded_model, median, table
 
@@ -160,8 +161,11 @@ class Server:
         self.proc = subprocess.Popen(
             [KLAUS, "serve", "--db", str(db), "--port", "0", "--json"], stdout=subprocess.PIPE, text=True
         )
+        assert self.proc.stdout is not None
         url = json.loads(self.proc.stdout.readline())["url"]
-        port = int(re.search(r":(\d+)/$", url).group(1))
+        found = re.search(r":(\d+)/$", url)
+        assert found is not None, url
+        port = int(found.group(1))
         self.relay = Relay(("127.0.0.1", port))
         self.app = f"http://127.0.0.1:{self.relay.port}/app/"
 
@@ -212,7 +216,7 @@ def category(url: str) -> str:
 
 def measure_wire_and_first(browser, server: Server, rounds: int) -> dict[str, object]:
     cat = EXAMPLES / "cat.jpg"
-    out: dict[str, object] = {
+    out: dict[str, Any] = {
         "cold": [],
         "warm": [],
         "decode": [],

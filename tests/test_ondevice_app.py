@@ -576,6 +576,7 @@ def test_web_problem_names_the_operator_domain_or_opset():
 
 def _load_script(name: str):
     spec = importlib.util.spec_from_file_location(name, WEBAPP / f"{name}.py")
+    assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

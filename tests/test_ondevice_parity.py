@@ -21,6 +21,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -419,10 +420,11 @@ def large_jpegs(tmp: Path) -> list[Path]:
     exif = Image.Exif()
     exif[0x0112] = 6  # stored sideways: rotate 90 degrees clockwise to view
     out = []
-    for name, size, extra in (
+    cases: list[tuple[str, tuple[int, int], dict[str, Any]]] = [
         ("rotated.jpg", (1600, 1200), {"exif": exif.tobytes()}),
         ("huge.jpg", (12000, 12000), {}),
-    ):
+    ]
+    for name, size, extra in cases:
         path = tmp / name
         cat.resize(size, Image.Resampling.BILINEAR).save(path, quality=85, **extra)
         out.append(path)
