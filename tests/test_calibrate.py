@@ -1,4 +1,4 @@
-"""Tests for klaus.calibrate: activation statistics, bias correction, calibration sets."""
+"""Tests for klaus.compression.calibrate: activation statistics, bias correction, calibration sets."""
 
 from __future__ import annotations
 

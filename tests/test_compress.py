@@ -1,4 +1,4 @@
-"""Tests for klaus.compress: the ONNX -> .klaus pipeline on the tiny real classifier."""
+"""Tests for the compression pipeline (klaus.compression: check, plan, quantize, write): ONNX -> .klaus on the tiny real classifier."""
 
 from __future__ import annotations
 

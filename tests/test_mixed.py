@@ -1,4 +1,4 @@
-"""Mixed precision under a byte budget (klaus.mixed and compression.compress_to_budget)."""
+"""Mixed precision under a byte budget (klaus.compression.mixed and klaus.compression.budget)."""
 
 from __future__ import annotations
 

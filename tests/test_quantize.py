@@ -1,4 +1,4 @@
-"""Tests for klaus.quantize: 1-D k-means, ECSQ, palettization, recipes, GPTQ rounding."""
+"""Tests for klaus.compression.kmeans, .gptq and .recipe: 1-D k-means, ECSQ, palettization, recipes, GPTQ rounding."""
 
 from __future__ import annotations
 

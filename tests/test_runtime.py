@@ -419,8 +419,8 @@ def test_classifying_with_a_klaus_model_imports_neither_onnx_nor_the_compression
         "import sys\n"
         "from klaus.runtime import Classifier\n"
         "result = Classifier().classify(sys.argv[1])\n"
-        "heavy = ('onnx', 'ml_dtypes', 'torch', 'click', 'tqdm', 'klaus.compress', 'klaus.compression', 'klaus.onnxgraph',"
-        " 'klaus.quantize', 'klaus.calibrate', 'klaus.lowmem')\n"
+        "heavy = ('onnx', 'ml_dtypes', 'torch', 'click', 'tqdm', 'klaus.compression', 'klaus.onnxgraph', 'klaus.sweep',"
+        " 'klaus.evaluate', 'klaus.lowmem')\n"
         "print(result.predictions[0].label)\n"
         "print(','.join(sorted(m for m in heavy if m in sys.modules)))\n"
     )

@@ -141,7 +141,7 @@ def finetuned(
     calibration: np.ndarray,
     progress: Progress | None,
 ) -> tuple[dict[str, PalettizedTensor], dict[str, np.ndarray]]:
-    """Palettes, scales and biases after distillation from the float model (klaus.finetune)."""
+    """Palettes, scales and biases after distillation from the float model (:mod:`klaus.compression.finetune`)."""
     stored = {n: stored_float(w, recipe.float_codec) for n, w in weights.items() if n not in quantized}
     result = finetune(
         model, stored, quantized, roles, calibration, FinetuneOptions(steps=recipe.finetune_steps), progress
