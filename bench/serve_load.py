@@ -4,6 +4,7 @@
     .venv/bin/python bench/serve_load.py --json
     .venv/bin/python bench/serve_load.py --bombs         # also 6 uploads + 6 thumbnails of 100-169 Mpx images at once
     .venv/bin/python bench/serve_load.py --section       # the "Serving under load" part of BENCHMARKS.md (with --bombs)
+    .venv/bin/python bench/serve_load.py --write         # ... and write it there
 
 Loopback only (127.0.0.1, a free port), a bounded number of requests and a time limit. The
 photos are generated into a temporary folder (smooth colour fields with grain, upscaled to
@@ -515,14 +516,20 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--bombs", action="store_true", help="also the large-image burst (always with --section)")
     parser.add_argument("--section", action="store_true", help="the BENCHMARKS.md part (markdown), with the burst")
+    parser.add_argument("--write", action="store_true", help="write that part into BENCHMARKS.md (implies --section)")
     args = parser.parse_args()
     figures = measure(photos=args.photos, clients=args.clients, requests=args.requests, seconds=args.seconds)
-    bombs = measure_bombs() if args.section or args.bombs else None
+    bombs = measure_bombs() if args.section or args.bombs or args.write else None
     if args.json:
         report = {**asdict(figures), "peak_met": figures.peak_met, "return_met": figures.return_met}
         print(json.dumps({**report, "bombs": asdict(bombs) if bombs else None}, indent=2))
     else:
         print(section(figures, bombs))
+    if args.write:
+        from reliability import write_part
+
+        write_part("### Serving under load", section(figures, bombs))
+        print("wrote the Serving under load part of BENCHMARKS.md", file=sys.stderr)
 
 
 if __name__ == "__main__":

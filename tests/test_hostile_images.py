@@ -331,3 +331,17 @@ def test_serve_thumbnails_and_uploads_of_large_images_print_nothing(large_png, t
     finally:
         err = stop_server(proc)
     assert "Warning" not in err and "Traceback" not in err, err
+
+
+def test_libtiff_errors_do_not_reach_stderr(tmp_path):
+    """libtiff prints its decoding errors on the process's stderr; only our one line may show."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (30, 90, 150)).save(buffer, "TIFF", compression="jpeg")
+    data = bytearray(buffer.getvalue())
+    sos = data.index(b"\xff\xda")
+    data[sos + 5] = 66  # the first scan component names a component the frame does not have
+    bad = tmp_path / "bad.tif"
+    bad.write_bytes(bytes(data))
+    proc = klaus("classify", str(bad))
+    assert proc.returncode == 1
+    one_error(proc, f"{bad}: corrupt image")

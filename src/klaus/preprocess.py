@@ -326,6 +326,7 @@ def _opened(source: Source, max_pixels: int | None) -> Iterator[tuple[Image.Imag
     limit = pixel_limit() if max_pixels is None else max_pixels
     if limit < 1:
         raise ValueError(f"max_pixels must be >= 1, got {limit}")
+    _quiet_libtiff()
     with ExitStack() as stack:
         fp, label = _open_source(source, stack)
         try:
@@ -355,6 +356,29 @@ def pillow_quiet() -> Iterator[None]:
 
 
 _pillow_quiet = pillow_quiet  # the name the tensor code below uses
+
+
+@functools.cache
+def _quiet_libtiff() -> None:
+    """libtiff prints its decoding errors ("JPEGLib: Invalid component ID 66 in SOS.") straight to
+    the process's stderr, where Pillow installs no handler of its own; Pillow then raises its own
+    error, which becomes our one line. Clear libtiff's global error handler, once, in the copy of
+    libtiff this process has loaded (found in /proc/self/maps; elsewhere nothing is done)."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            paths = {line.split(maxsplit=5)[-1].strip() for line in maps if "libtiff" in line}
+    except OSError:
+        return
+    import ctypes
+
+    for path in sorted(p for p in paths if os.path.basename(p).startswith("libtiff")):
+        try:
+            library = ctypes.CDLL(path)
+            library.TIFFSetErrorHandler.restype = ctypes.c_void_p
+            library.TIFFSetErrorHandler.argtypes = [ctypes.c_void_p]
+            library.TIFFSetErrorHandler(None)
+        except (OSError, AttributeError):
+            continue
 
 
 # Bytes a pixel takes in Pillow's memory, by mode (every other mode: 4).

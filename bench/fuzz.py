@@ -1,0 +1,274 @@
+"""The long fuzz run: hostile model files and images through `klaus` (the harness in tests/fuzz).
+
+    .venv/bin/python bench/fuzz.py                               # 10,000 model files + 1,000 images: a summary
+    .venv/bin/python bench/fuzz.py --models 300 --images 100     # a quicker look
+    .venv/bin/python bench/fuzz.py --write                       # also the "### Fuzzing" part of BENCHMARKS.md
+    .venv/bin/python bench/fuzz.py --case model:png.data:123:classify   # one case, rebuilt and run alone
+
+What it runs, in order:
+
+1. the import check: `klaus --version` and the commands' `--help` in fresh processes print
+   nothing on stderr (the forked runs below cannot see import-time output);
+2. the hand-built bombs (tests/fuzz: graphs of unbounded work, index maps that inflate to
+   gigabytes, an xz label set past the reader's cap, image headers declaring huge sizes), each
+   through `inspect`, `classify` and `export` in fresh `klaus` processes, timed as a user sees it;
+3. the random cases (``--models`` + ``--images``, seed ``--seed``) in the harness's fork mode
+   (children forked from workers that imported Klaus once: the same code, without the
+   interpreter start per case), 2 at a time;
+4. a sample of those cases (``--spawn-sample``) again in fresh processes, to check that both
+   ways give the same outcomes.
+
+Every case runs under an address-space limit of 4 GiB (a backstop), a 30 s wall-clock limit (a
+hang), and is over-memory if its peak RSS passes 1 GiB. Results go to
+bench/.cache/fuzz/results.jsonl (one JSON object per case); the inputs of failing cases to
+bench/.cache/fuzz/failures/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# tests/ first: "fuzz" is the harness package there, not this script.
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "bench")]
+
+from fuzz import corpus as fuzz_corpus  # noqa: E402
+from fuzz import images, models, runner  # noqa: E402
+
+CACHE = ROOT / "bench" / ".cache" / "fuzz"
+COMMAND = "python bench/fuzz.py"
+SEED = 20261207
+IMAGE_BOMBS = (*images.BOMBS, "large-100mpx")
+BOMB_SECONDS = 2.0
+MIB = 1 << 20
+
+
+def bomb_cases() -> list[runner.Case]:
+    """Every bomb through every command, and the unmodified seed model through each (the baseline)."""
+    cases = [runner.Case("model", "seed", 0, command) for command in runner.MODEL_COMMANDS]
+    cases += [runner.Case("model", f"bomb:{n}", 0, command) for n in models.BOMBS for command in runner.MODEL_COMMANDS]
+    return cases + [runner.Case("image", f"bomb:{name}", 0, "classify") for name in IMAGE_BOMBS]
+
+
+def shown_line(text: str) -> str:
+    """One stderr line for a Markdown table: control characters escaped, the cache folder shortened."""
+    from klaus.names import shown
+
+    return shown(text.strip().splitlines()[0] if text.strip() else "").replace(str(CACHE), "…").replace("|", "\\|")
+
+
+def progress(total: int, start: float):
+    counts: Counter = Counter()
+
+    def on_result(result: runner.Result) -> None:
+        counts[result.outcome] += 1
+        done = sum(counts.values())
+        if done % 250 == 0 or done == total:
+            rate = done / max(1e-9, time.monotonic() - start)
+            print(f"[fuzz] {done}/{total} cases, {rate:.1f}/s: {dict(counts)}", file=sys.stderr, flush=True)
+
+    return on_result
+
+
+def table(headers: list[str], rows: list[list[object]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def outcome_row(label: str, results: list[runner.Result]) -> list[object]:
+    counts = Counter(r.outcome for r in results)
+    clean = [r for r in results if r.outcome not in runner.BAD]
+    return [
+        label,
+        len(results),
+        *(counts.get(o, 0) for o in runner.OUTCOMES),
+        f"{max((r.seconds for r in clean), default=0):.2f} s",
+        f"{max((r.max_rss for r in clean), default=0) / MIB:.0f} MiB",
+    ]
+
+
+def met(ok: bool) -> str:
+    return "met" if ok else "**not met**"
+
+
+def part(args, results, sample, spawned, bombs, noise, minutes: float, load: tuple[float, float]) -> str:
+    """The "### Fuzzing" part of BENCHMARKS.md."""
+    model_results = [r for r in results if r.case.kind == "model"]
+    image_results = [r for r in results if r.case.kind == "image"]
+    everything = results + spawned + bombs
+    counts = Counter(r.outcome for r in everything)
+    forked = {r.case: r for r in results}
+    agree = sum(forked[r.case].outcome == r.outcome for r in spawned)
+    headers = ["inputs", "cases", *runner.OUTCOMES, "slowest clean run", "largest peak RSS"]
+    lines = [
+        "### Fuzzing",
+        "",
+        f"`{COMMAND}` (seed {args.seed}; {minutes:.0f} min on {os.cpu_count()} cores, 1-minute load average "
+        f"{load[0]:.1f} → {load[1]:.1f}). The harness (`tests/fuzz`) mutates `.klaus` files — raw bytes; SQLite rows "
+        "edited on a copy (meta values, the preprocessing JSON, the label set, tensor dims, codec, bits, palette, scales "
+        "and payload); PNG chunks inside index maps, including zlib streams that inflate to gigabytes; the ONNX graph "
+        "(bytes, structure, and graphs of unbounded work built with the `onnx` package) — with the checksums recomputed "
+        "for 85 % of the mutations so that they reach the checks behind them, and images (truncations, flipped bytes, "
+        "huge declared sizes in PNG, GIF, JPEG, BMP, TIFF and WebP headers, real 90–170 Mpx images, odd modes and EXIF, "
+        "junk, pipes, devices, names with line breaks). Model files go through `klaus inspect`, `klaus classify -m` and "
+        "`klaus export` (4 : 4 : 2), images through `klaus classify` (the small test model, a fifth with the embedded "
+        "EfficientNet-Lite0). Each case runs in a child process with a 4 GiB address-space limit (a backstop) and a 30 s "
+        "wall-clock limit; over-memory is a peak RSS above 1 GiB. Outcomes: success; clean error (exit status 1 and "
+        "exactly one stderr line `klaus: error: …`); traceback; hang; crash (a signal); over-memory; stray stderr "
+        "(anything else on stderr); bad exit (another status, or 1 with nothing said); harness error (the case could "
+        "not be built). The random cases run forked from workers that imported Klaus once (peak RSS includes the "
+        "worker's, about 150 MiB); a sample runs again as fresh `klaus` processes.",
+        "",
+        table(
+            headers,
+            [
+                outcome_row("model files", model_results),
+                outcome_row("images", image_results),
+                outcome_row("sample as fresh processes", spawned),
+                outcome_row("hand-built bombs (fresh processes)", bombs),
+            ],
+        ),
+        "",
+        f"The {len(spawned)} cases run again as fresh processes gave the same outcome as forked in {agree}. "
+        f"Import-time output of a fresh `klaus`: {'none' if not noise.strip() else repr(noise[:200])}.",
+        "",
+    ]
+    seed = {r.case.command: r for r in bombs if r.case.mutator == "seed"}
+    bomb_runs = [r for r in bombs if r.case.mutator != "seed"]
+    by_bomb: dict[str, list[runner.Result]] = {}
+    for r in bomb_runs:
+        by_bomb.setdefault(r.case.mutator.removeprefix("bomb:"), []).append(r)
+    rows = []
+    for name, rs in by_bomb.items():
+        outcome = ", ".join(f"{r.case.command}: {r.outcome}" for r in rs)
+        line = next((shown_line(r.stderr) for r in rs if r.stderr.strip()), "")
+        ratio = (
+            max(
+                r.seconds / seed[r.case.command].seconds
+                for r in rs
+                if r.case.command in seed and r.case.kind == "model"
+            )
+            if rs[0].case.kind == "model" and seed
+            else None
+        )
+        rows.append(
+            [
+                f"`{name}`",
+                outcome,
+                f"{max(r.seconds for r in rs):.2f} s" + (f" ({ratio:.2f}×)" if ratio else ""),
+                f"{max(r.max_rss for r in rs) / MIB:.0f} MiB",
+                line[:160] or "(nothing: success)",
+            ]
+        )
+    bombs_ok = all(r.outcome == ("success" if "large" in r.case.mutator else "clean-error") for r in bomb_runs)
+    bombs_fast = all(r.seconds < BOMB_SECONDS for r in bomb_runs if "large" not in r.case.mutator)
+    baseline = ", ".join(f"`{c}` {r.seconds:.2f} s ({r.outcome})" for c, r in seed.items())
+    lines += [
+        "Hand-built bombs, each through every command in fresh `klaus` processes. Wall time includes starting Python "
+        f"and Klaus: the unmodified seed model takes {baseline} in the same run, and the ratio in brackets is the "
+        "slowest bomb run over the seed's time for the same command.",
+        "",
+        table(["bomb", "outcomes", "slowest", "largest peak RSS", "stderr (first line)"], rows),
+        "",
+        f"Targets: 0 tracebacks — {met(counts['traceback'] == 0)}; 0 hangs (over 30 s) — {met(counts['hang'] == 0)}; "
+        f"0 runs over 1 GiB — {met(counts['over-memory'] == 0)}; 0 stray stderr lines — "
+        f"{met(counts['stray-stderr'] == 0)}; 0 crashes — {met(counts['crash'] == 0)}; every bomb refused in one line "
+        f"— {met(bombs_ok)}, in under {BOMB_SECONDS:g} s — {met(bombs_fast)}.",
+    ]
+    bad = [r for r in everything if r.outcome in runner.BAD]
+    by_mutator: dict[str, Counter] = {}
+    for r in results:
+        by_mutator.setdefault(r.case.mutator, Counter())[r.outcome] += 1
+    lines += [
+        "",
+        "By mutator (random cases):",
+        "",
+        table(
+            ["mutator", "cases", "success", "clean error", "other"],
+            [
+                [
+                    f"`{m}`",
+                    sum(c.values()),
+                    c["success"],
+                    c["clean-error"],
+                    sum(c.values()) - c["success"] - c["clean-error"],
+                ]
+                for m, c in sorted(by_mutator.items())
+            ],
+        ),
+    ]
+    if bad:
+        lines += ["", f"Failing cases ({len(bad)}; rebuild one with `{COMMAND} --case NAME`):", ""]
+        lines += [f"- {r.outcome}: `{r.case.name}` ({r.description}): `{shown_line(r.stderr)[:200]}`" for r in bad[:30]]
+    return "\n".join(lines)
+
+
+def run_one(name: str, corpus, work: Path) -> None:
+    """Rebuild one case by name, run it in a fresh process, and keep its input in bench/.cache/fuzz/case/."""
+    case = runner.Case.parse(name)
+    keep = CACHE / "case"
+    result = runner.run([case], corpus, work, workers=1, mode="spawn", keep=keep)[0]
+    print(json.dumps(result.to_dict(), indent=2))
+    if result.outcome in runner.BAD:
+        print(f"input kept in {keep}", file=sys.stderr)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", type=int, default=10_000)
+    parser.add_argument("--images", type=int, default=1_000)
+    parser.add_argument("--seed", type=int, default=SEED)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--spawn-sample", type=int, default=300)
+    parser.add_argument("--case", help="rebuild and run one case by name (as results.jsonl names it)")
+    parser.add_argument("--write", action="store_true", help="write the part into BENCHMARKS.md")
+    args = parser.parse_args()
+
+    corpus = fuzz_corpus.build(CACHE / "corpus")
+    work = CACHE / "work"
+    if args.case:
+        run_one(args.case, corpus, work)
+        return
+    load_before = os.getloadavg()[0]
+    start = time.monotonic()
+    noise = runner.import_noise()
+    print("[fuzz] bombs ...", file=sys.stderr, flush=True)
+    bombs = runner.run(bomb_cases(), corpus, work, workers=args.workers, mode="spawn", keep=CACHE / "failures")
+    cases = runner.plan(args.seed, args.models, args.images)
+    print(f"[fuzz] {len(cases)} random cases ...", file=sys.stderr, flush=True)
+    results = runner.run(
+        cases,
+        corpus,
+        work,
+        workers=args.workers,
+        mode="fork",
+        keep=CACHE / "failures",
+        on_result=progress(len(cases), time.monotonic()),
+    )
+    sample = random.Random(args.seed).sample(cases, min(args.spawn_sample, len(cases)))
+    print(f"[fuzz] {len(sample)} cases again in fresh processes ...", file=sys.stderr, flush=True)
+    spawned = runner.run(sample, corpus, work, workers=args.workers, mode="spawn", keep=CACHE / "failures")
+    minutes = (time.monotonic() - start) / 60
+    with open(CACHE / "results.jsonl", "w", encoding="utf-8") as out:
+        for mode, rs in (("spawn", bombs), ("fork", results), ("spawn", spawned)):
+            for r in rs:
+                out.write(json.dumps({**r.to_dict(), "mode": mode}) + "\n")
+    text = part(args, results, sample, spawned, bombs, noise, minutes, (load_before, os.getloadavg()[0]))
+    print(text)
+    if args.write:
+        from reliability import write_part
+
+        write_part("### Fuzzing", text)
+        print(f"wrote the Fuzzing part of {ROOT / 'BENCHMARKS.md'}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
