@@ -187,3 +187,55 @@ def test_gptq_refuses_no_hessian_of_another_shape():
     role = onnxgraph.TensorRole("conv", 0, "n", op="Conv", activation="a")
     q = quantize_tensor(w, role, 4, Recipe(method="gptq"), stats)
     assert q.decode().shape == w.shape
+
+
+def padded_window_model(seed: int = 0) -> onnx.ModelProto:
+    """A 7x7 depthwise convolution over a 2x2 map (ConvNeXt's last stage at a small input): most of its
+    taps only ever read padding."""
+    rng = np.random.default_rng(seed)
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((16, 3, 4, 4)) * 0.3).astype(np.float32), "stem.weight"),
+        numpy_helper.from_array((rng.standard_normal((16, 1, 7, 7)) * 0.3).astype(np.float32), "dw.weight"),
+        numpy_helper.from_array((rng.standard_normal(16) * 0.1).astype(np.float32), "dw.bias"),
+        numpy_helper.from_array((rng.standard_normal((CLASSES, 16)) * 0.3).astype(np.float32), "fc.weight"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["input", "stem.weight"], ["s"], name="/stem/Conv", strides=[4, 4]),
+        helper.make_node("Conv", ["s", "dw.weight", "dw.bias"], ["d"], name="/dw/Conv", pads=[3, 3, 3, 3], group=16),
+        helper.make_node("GlobalAveragePool", ["d"], ["g"], name="/pool"),
+        helper.make_node("Flatten", ["g"], ["f"], name="/flatten"),
+        helper.make_node("Gemm", ["f", "fc.weight"], ["logits"], name="/fc/Gemm", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "padded",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, SIZE, SIZE])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", CLASSES])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="klaus-tests")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_taps_that_read_only_padding_do_not_move_the_bias(batch):
+    """GPTQ zeroes a depthwise tap that never sees data (it moves no output); bias correction must not
+    count that change against the channel's mean input."""
+    model = padded_window_model()
+    card = compression.ModelCard("padded", "tests", "CC0-1.0", "klaus tests")
+    recipe = Recipe(name="t", fc_bits=None, conv_bits=None, depthwise_bits=8, min_elements=1, method="gptq")
+    built = compression.compress_onnx(
+        model,
+        recipe,
+        preprocess=Preprocess(input_size=SIZE),
+        labels=plain_label_rows([str(i) for i in range(CLASSES)]),
+        card=card,
+        calibration=batch,
+    )
+    decoded = {t.name: t for t in onnxgraph.to_onnx(built).graph.initializer}
+    original = {t.name: t for t in model.graph.initializer}
+    dw = numpy_helper.to_array(decoded["dw.weight"])
+    assert np.abs(dw[:, :, 0, :]).max() < 0.01 * np.abs(dw).max()  # the top row reads padding only: zeroed
+    bias_change = numpy_helper.to_array(decoded["dw.bias"]) - numpy_helper.to_array(original["dw.bias"])
+    assert np.abs(bias_change).max() < 0.01 * np.abs(numpy_helper.to_array(original["dw.bias"])).max()
