@@ -17,9 +17,10 @@ import contextlib
 import io
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -563,7 +564,8 @@ class ShuffleNetV2(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.maxpool(self.conv1(x))
-        x = self.stage4(self.stage3(self.stage2(x)))
+        for stage in ("stage2", "stage3", "stage4"):
+            x = self.get_submodule(stage)(x)
         x = self.conv5(self.grouped(x))
         return self.fc(x.mean([2, 3]))
 
@@ -572,7 +574,7 @@ class ShuffleNetV2(nn.Module):
 
 
 class BasicConv2d(nn.Module):
-    def __init__(self, cin: int, cout: int, **kwargs: int) -> None:
+    def __init__(self, cin: int, cout: int, **kwargs: Any) -> None:
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, bias=False, **kwargs)
         self.bn = nn.BatchNorm2d(cout, eps=0.001)
@@ -635,7 +637,7 @@ class GoogLeNet(nn.Module):
         self.fc = nn.Linear(w(last[1]) + w(last[3]) + w(last[5]) + w(last[6]), classes)
 
     @staticmethod
-    def _cin(name: str, spec: dict[str, tuple[int, ...]], w: Callable[[int], int]) -> int:
+    def _cin(name: str, spec: Mapping[str, Sequence[int]], w: Callable[[int], int]) -> int:
         """Input channels of an Inception module: the output of the one before (the scaled branch widths summed)."""
         names = list(spec)
         at = names.index(name)
@@ -647,9 +649,10 @@ class GoogLeNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = self.maxpool1(self.conv1(x))
         x = self.maxpool2(self.conv3(self.conv2(x)))
-        x = self.maxpool3(self.inception3b(self.inception3a(x)))
-        x = self.inception4e(self.inception4d(self.inception4c(self.inception4b(self.inception4a(x)))))
-        x = self.inception5b(self.inception5a(self.maxpool4(x)))
+        for name in ("inception3a", "inception3b", "maxpool3", "inception4a", "inception4b", "inception4c"):
+            x = self.get_submodule(name)(x)
+        for name in ("inception4d", "inception4e", "maxpool4", "inception5a", "inception5b"):
+            x = self.get_submodule(name)(x)
         return self.fc(self.dropout(torch.flatten(self.avgpool(x), 1)))
 
 
@@ -738,6 +741,7 @@ def _randomized(net: nn.Module, seed: int) -> nn.Module:
     with torch.no_grad():
         for module in net.modules():
             if isinstance(module, nn.BatchNorm2d):
+                assert module.running_mean is not None and module.running_var is not None
                 module.running_mean.copy_(torch.randn(module.num_features, generator=gen) * 0.1)
                 module.running_var.copy_(torch.rand(module.num_features, generator=gen) * 0.5 + 0.75)
                 module.weight.copy_(torch.rand(module.num_features, generator=gen) * 0.5 + 0.75)
@@ -793,7 +797,7 @@ def export(
     (None leaves it free). The dynamo exporter needs onnxscript."""
     path = Path(path)
     dummy = torch.randn(batch or 1, 3, size, size, generator=torch.Generator().manual_seed(1))
-    kwargs: dict[str, object] = {"input_names": ["input"], "output_names": ["logits"], "opset_version": opset}
+    kwargs: dict[str, Any] = {"input_names": ["input"], "output_names": ["logits"], "opset_version": opset}
     if batch is None:
         if dynamo:
             kwargs["dynamic_shapes"] = {"x": {0: torch.export.Dim("batch", min=1, max=1024)}}
@@ -803,6 +807,7 @@ def export(
         warnings.simplefilter("ignore")
         if dynamo:
             program = torch.onnx.export(net, (dummy,), dynamo=True, **kwargs)
+            assert program is not None
             program.save(str(path))
         else:
             torch.onnx.export(net, (dummy,), str(path), dynamo=False, **kwargs)

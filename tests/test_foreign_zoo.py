@@ -84,8 +84,8 @@ def zoo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     rng = np.random.default_rng(0)
     photos = sorted(EXAMPLES.glob("*.jpg"))
     for i in range(CALIB_PHOTOS):
-        with Image.open(photos[i % len(photos)]) as image:
-            image = image.convert("RGB")
+        with Image.open(photos[i % len(photos)]) as opened:
+            image = opened.convert("RGB")
             w, h = image.size
             side = int(min(w, h) * rng.uniform(0.4, 0.9))
             x, y = int(rng.uniform(0, w - side)), int(rng.uniform(0, h - side))
