@@ -14,6 +14,7 @@ import struct
 import zlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -141,7 +142,14 @@ def large(rng: random.Random, folder: Path, corpus: Corpus) -> tuple[Path, str]:
     mode, suffix = rng.choice([("L", ".png"), ("RGBA", ".png"), ("P", ".gif"), ("1", ".png"), ("RGB", ".png")])
     side = rng.choice((9_500, 11_000, 13_000))
     path = folder / f"large{suffix}"
-    color = {"L": 90, "RGBA": (10, 20, 30, 128), "P": 7, "1": 1, "RGB": (200, 10, 10)}[mode]
+    colors: dict[str, int | tuple[int, ...]] = {
+        "L": 90,
+        "RGBA": (10, 20, 30, 128),
+        "P": 7,
+        "1": 1,
+        "RGB": (200, 10, 10),
+    }
+    color = colors[mode]
     Image.new(mode, (side, side), color).save(path)
     return path, f"{mode} {side}x{side} {suffix[1:]} ({path.stat().st_size} bytes)"
 
@@ -214,7 +222,7 @@ def odd(rng: random.Random, folder: Path, corpus: Corpus) -> tuple[Path, str]:
     else:
         image, suffix = rgb.convert("RGBa").convert("RGBA"), ".png"
     path = folder / f"odd{suffix}"
-    options: dict[str, object] = {}
+    options: dict[str, Any] = {}
     if exif is not None:
         options["exif"] = exif
     if kind == "icc":

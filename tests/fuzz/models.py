@@ -20,6 +20,7 @@ import zlib
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -306,7 +307,8 @@ def labels_json(rng: random.Random, path: Path, corpus: Corpus) -> str:
             synsets.extend(chain)
             labels[0][1] = chain[-1][0]
         elif kind == "shape":
-            data = rng.choice([[], {"labels": labels}, {"labels": labels, "synsets": synsets, "more": 1}, "x", None])
+            shapes: list[Any] = [[], {"labels": labels}, {"labels": labels, "synsets": synsets, "more": 1}, "x", None]
+            data = rng.choice(shapes)
         elif kind == "truncated":
             payload = xz(_dumps(data).encode()[: rng.randrange(1, 200)])
         elif kind == "not-utf8":
