@@ -123,6 +123,19 @@ def test_a_sample_in_fresh_processes(corpus, tmp_path):
     check(spawned)
 
 
+#: Cases a long run (bench/fuzz.py) found failing, rebuilt from their names: kept as regression tests.
+REGRESSIONS = (
+    "model:graph.bytes:1593309638:export",  # the ONNX checker's UnicodeDecodeError (a name not UTF-8) as a traceback
+    "model:graph.bytes:3738277604:export",
+    "model:tensor.dims:2194405953:classify",  # a bias of the wrong size: ONNX Runtime's own ERROR line on stderr
+)
+
+
+def test_cases_a_long_run_found(corpus, tmp_path):
+    cases = [runner.Case.parse(name) for name in REGRESSIONS]
+    check(runner.run(cases, corpus, tmp_path / "work", workers=2, mode="fork"))
+
+
 def test_nothing_is_printed_at_import():
     assert runner.import_noise() == ""
 

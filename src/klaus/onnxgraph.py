@@ -286,6 +286,8 @@ def validate_skeleton(model: onnx.ModelProto, where: str) -> None:
 def check_model(model: onnx.ModelProto, where: str) -> None:
     try:
         onnx.checker.check_model(model)
+    except UnicodeDecodeError:  # the checker's message quotes a name that is not UTF-8
+        raise KlausFormatError(f"{where}: ONNX graph is invalid (a name or string in it is not UTF-8)") from None
     except onnx.checker.ValidationError as exc:
         detail = " ".join(str(exc).split()) or "invalid graph"  # the checker's message spans lines
         if len(detail) > 300:
