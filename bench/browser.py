@@ -352,6 +352,7 @@ def run(only: list[str] | None = None, photos: int = PHOTOS, rounds: int = ROUND
     from playwright.sync_api import sync_playwright
 
     wanted = set(only or KEYS)
+    load_before = os.getloadavg()[0]
     server = Server()
     parts = ["## On the phone (browser)", ""]
     try:
@@ -380,7 +381,22 @@ def run(only: list[str] | None = None, photos: int = PHOTOS, rounds: int = ROUND
         parts += first_section(first, rounds)
     if per_photo:
         parts += photo_section(per_photo, photos)
+    parts += load_note(load_before, os.getloadavg()[0])
     return "\n".join(parts).rstrip()
+
+
+def load_note(before: float, after: float) -> list[str]:
+    """A warning when other work shared the CPUs: absolute times are then inflated, the interleaved ratios less so."""
+    cores = os.cpu_count() or 1
+    if max(before, after) <= cores:
+        return []
+    return [
+        f"This run shared the machine with other work (1-minute load average {before:.1f} → {after:.1f} on {cores} "
+        "cores), so the absolute times above (first results, decode, session, per-photo ms) are inflated and 2 threads "
+        "can be slower than 1; the per-photo ratios, browser and native measured photo by photo in turn, are the "
+        "comparable figures. The time targets need a run on an idle machine to be judged.",
+        "",
+    ]
 
 
 def _chromium_version() -> str:
