@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Any
 
 import click
 
 from ..names import printable, shown, storable
-from .common import PRESERVE, budget_option, calib_options, emit, fail, json_option, say, warn
+from .common import PRESERVE, budget_option, calib_options, emit, fail, json_option, note, say, warn
 
 bits_type = click.IntRange(1, 8)
 
@@ -85,25 +84,51 @@ bits_type = click.IntRange(1, 8)
     help="ONNX input: crop side in pixels (default: the graph's fixed input size, else 224).",
 )
 @click.option(
-    "--crop-ratio",
-    type=click.FloatRange(0.1, 1.0),
-    default=0.875,
-    show_default=True,
-    help="ONNX input: crop side / resized shorter side.",
+    "--preprocess",
+    "preset",
+    type=click.Choice(["lite", "torchvision", "inception"]),
+    default=None,
+    help="ONNX input: the preprocessing convention of the model's family, the defaults of the options below. "
+    "lite (default): (x - 127) / 128, bicubic (EfficientNet-Lite); torchvision: mean 0.485,0.456,0.406, "
+    "std 0.229,0.224,0.225, bilinear; inception: x / 127.5 - 1, bilinear. All crop 87.5 % of the shorter side.",
 )
 @click.option(
-    "--resize", "resize_rule", type=click.Choice(["shorter", "stretch"]), default="shorter", show_default=True
+    "--crop-ratio",
+    type=click.FloatRange(0.1, 1.0),
+    default=None,
+    help="ONNX input: crop side / resized shorter side (default: the preset's, 0.875: 224 of 256).",
+)
+@click.option(
+    "--resize",
+    "resize_rule",
+    type=click.Choice(["shorter", "stretch"]),
+    default=None,
+    help="ONNX input: how the photo is scaled before the center crop: shorter = its shorter side to "
+    "input-size / crop-ratio, keeping the aspect ratio (default); stretch = both sides to the input size.",
 )
 @click.option(
     "--interpolation",
     type=click.Choice(["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"]),
-    default="bicubic",
-    show_default=True,
+    default=None,
+    help="ONNX input: the resampling filter of that resize, as Pillow implements it (default: the preset's).",
 )
-@click.option("--mean", default="127,127,127", show_default=True, help="ONNX input: per-channel mean in 0..255 units.")
-@click.option("--std", default="128,128,128", show_default=True, help="ONNX input: per-channel std in 0..255 units.")
-@click.option("--channel-order", type=click.Choice(["RGB", "BGR"]), default="RGB", show_default=True)
-@click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), default="NCHW", show_default=True)
+@click.option("--mean", default=None, help="ONNX input: per-channel mean in 0..255 units (default: the preset's).")
+@click.option("--std", default=None, help="ONNX input: per-channel std in 0..255 units (default: the preset's).")
+@click.option(
+    "--channel-order",
+    type=click.Choice(["RGB", "BGR"]),
+    default="RGB",
+    show_default=True,
+    help="ONNX input: the order of the color channels the network expects (BGR: Caffe and OpenCV-trained models).",
+)
+@click.option(
+    "--layout",
+    type=click.Choice(["NCHW", "NHWC"]),
+    default="NCHW",
+    show_default=True,
+    help="ONNX input: the image tensor's axes: NCHW (PyTorch and most ONNX exports) or NHWC "
+    "(TensorFlow and tf2onnx exports).",
+)
 @click.option(
     "--labels",
     "labels_file",
@@ -134,11 +159,12 @@ def compress(
     zopfli: bool,
     simplify: bool,
     input_size: int | None,
-    crop_ratio: float,
-    resize_rule: str,
-    interpolation: str,
-    mean: str,
-    std: str,
+    preset: str | None,
+    crop_ratio: float | None,
+    resize_rule: str | None,
+    interpolation: str | None,
+    mean: str | None,
+    std: str | None,
     channel_order: str,
     layout: str,
     labels_file: str | None,
@@ -195,6 +221,7 @@ def compress(
     )
     options = OnnxOptions(
         input_size=input_size,
+        preset=preset,
         resize=resize_rule,
         crop_ratio=crop_ratio,
         interpolation=interpolation,
@@ -221,6 +248,7 @@ def compress(
         png=codecs.PngOptions(level=png_level or None, zopfli=zopfli),
         warn=warn,
         note=lambda message: say(f"klaus: {message}", err=True),
+        hint=note,
     )
     print_build(report, as_json)
     return 0
@@ -280,7 +308,13 @@ def zoo_list(as_json: bool) -> int:
 
 @zoo.command("build", context_settings=PRESERVE)
 @click.argument("name")
-@click.option("-o", "--output", "out", metavar="OUT", help="Default: NAME.klaus (NAME-lossless.klaus with --lossless).")
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    metavar="OUT",
+    help="Default: NAME.klaus in the current folder (NAME-lossless.klaus with --lossless).",
+)
 @click.option("--lossless", is_flag=True, help="fp32 reference build.")
 @click.option("--recipe", "recipe_name", default="default", show_default=True)
 @click.option("--onnx", "onnx_out", metavar="FILE", help="Also save the exported fp32 ONNX graph here.")
@@ -325,12 +359,40 @@ def zoo_build(
 @click.command(context_settings=PRESERVE)
 @json_option
 def recipes(as_json: bool) -> int:
-    """The named compression recipes."""
+    """The named compression recipes (--recipe NAME)."""
     from ..compression.recipe import NAMED_RECIPES
 
-    for r in NAMED_RECIPES.values():
-        emit(r.describe()) if as_json else say(f"{r.name:<12} {json.dumps(r.describe())}")
+    if as_json:
+        for r in NAMED_RECIPES.values():
+            emit(r.describe())
+        return 0
+    for line in recipe_table(list(NAMED_RECIPES.values())):
+        say(line)
     return 0
+
+
+def recipe_table(recipes: list[Any]) -> list[str]:
+    """The recipes as a table for people: bits per layer kind, the size floor, how palettes are found,
+    and how the weights left float are stored."""
+    headers = ("recipe", "fc", "conv", "depthwise", "min weights", "palettes", "method", "float weights")
+    rows = []
+    for r in recipes:
+        palettized = any((r.fc_bits, r.conv_bits, r.depthwise_bits, r.rules))
+        method = {"gptq": "GPTQ + bias correction (with --calib)", "kmeans": "k-means"}[r.method]
+        rows.append(
+            (
+                r.name,
+                *(str(b) if b else "float" for b in (r.fc_bits, r.conv_bits, r.depthwise_bits)),
+                str(r.min_elements) if palettized else "—",
+                f"per {r.granularity}" if palettized else "—",
+                (method + (", weighted" if r.weighted else "")) if palettized else "—",
+                {"raw-f16": "fp16", "raw-f32": "fp32"}.get(r.float_codec, r.float_codec),
+            )
+        )
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
+    return [
+        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in (headers, *rows)
+    ]
 
 
 COMMANDS = (compress, zoo, recipes)

@@ -16,6 +16,7 @@ from .common import (
     crops_option,
     emit,
     error_text,
+    fail,
     json_option,
     low_memory_option,
     model_option,
@@ -41,18 +42,21 @@ def classify(
     as_json: bool,
     images: tuple[str, ...],
 ) -> int:
-    """Top labels of each IMAGE with their WordNet hierarchy.
+    """Top labels of each IMAGE with their WordNet hierarchy ('-' reads one from standard input).
 
     Images larger than $KLAUS_MAX_PIXELS pixels (default and most: 178956970) are refused.
     """
     from ..preprocess import pixel_limit
 
     pixel_limit()  # a bad $KLAUS_MAX_PIXELS is one error now, not one per image
+    if images.count("-") > 1:
+        fail("'-' (the photo on standard input) can be given once")
     classifier = common.classifier(model, threads, low_memory)
     failures = 0
     for path in images:
         try:
-            result = classifier.classify(path, top=top, crops=int(crops))
+            source = sys.stdin.buffer if path == "-" else path
+            result = classifier.classify(source, top=top, crops=int(crops))
         except KlausError as exc:
             failures += 1
             if as_json:
@@ -131,6 +135,8 @@ def evaluate(
             on_batch=bar.update,
             on_error=on_error,
         )
+    if acc.n == 0:  # every photo failed (each said why): there is no accuracy to report
+        fail(f"{data}: none of its {acc.failed} photos could be read, so there is nothing to evaluate")
     if as_json:
         emit(acc.to_dict())
     else:

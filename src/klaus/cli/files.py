@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from ..names import shown
@@ -12,14 +14,19 @@ from .common import PRESERVE, emit, fail, json_option, say
 @click.argument("model_path", metavar="MODEL")
 @json_option
 def inspect(model_path: str, as_json: bool) -> int:
-    """Per-tensor shape, codec, bits, stored bytes and the order-0 entropy bound of its indices."""
-    from ..report.inspect import summarize, summary_lines
+    """Per-tensor shape, codec, bits, stored bytes and the order-0 entropy bound of its indices.
 
-    summary = summarize(model_path)
+    An ONNX MODEL is listed as 'klaus compress' sees it: each weight's name (what --layer rules
+    match), shape and layer, and what the default recipe stores for it.
+    """
+    from ..report.inspect import is_onnx, onnx_summary_lines, summarize, summarize_onnx, summary_lines
+
+    onnx_file = os.path.isfile(model_path) and is_onnx(model_path)
+    summary = summarize_onnx(model_path) if onnx_file else summarize(model_path)
     if as_json:
         emit(summary)
         return 0
-    for line in summary_lines(summary):
+    for line in onnx_summary_lines(summary) if onnx_file else summary_lines(summary):
         say(line)
     return 0
 

@@ -101,19 +101,57 @@ Warn = Callable[[str], None]
 
 
 @dataclass(frozen=True)
+class PreprocessPreset:
+    """How a family of models turns a photo into its input (``--preprocess NAME``): normalization in
+    0..255 units, the resize filter and rule, and the center crop's share of the resized shorter side."""
+
+    name: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str
+    crop_ratio: float = 0.875
+    resize: str = "shorter"
+    description: str = ""
+
+
+PRESETS = {
+    p.name: p
+    for p in (
+        PreprocessPreset(
+            "lite", (127.0, 127.0, 127.0), (128.0, 128.0, 128.0), "bicubic",
+            description="EfficientNet-Lite (the TensorFlow reference): (x - 127) / 128, bicubic, 87.5 % crop",
+        ),
+        PreprocessPreset(
+            "torchvision", (123.675, 116.28, 103.53), (58.395, 57.12, 57.375), "bilinear",
+            description="torchvision's ImageNet models: mean 0.485,0.456,0.406 and std 0.229,0.224,0.225 (of 255), "
+            "bilinear resize to 256, 224 crop",
+        ),
+        PreprocessPreset(
+            "inception", (127.5, 127.5, 127.5), (127.5, 127.5, 127.5), "bilinear",
+            description="Inception, TF-slim and Keras 'tf' mode: x / 127.5 - 1, bilinear, central 87.5 % crop",
+        ),
+    )
+}  # fmt: skip
+DEFAULT_PRESET = "lite"  # what an ONNX file gets unless told: the embedded model's family
+
+
+@dataclass(frozen=True)
 class OnnxOptions:
     """How an ONNX source becomes a `.klaus` file's preprocessing, labels and card (compress's options).
 
-    ``input_size`` None takes the graph's fixed input size, else 224; without ``labels_file`` a
-    1000-way classifier gets ImageNet-1k's labels; ``name`` and ``source`` default to the file's name.
+    ``input_size`` None takes the graph's fixed input size, else 224; ``resize``, ``crop_ratio``,
+    ``interpolation``, ``mean`` and ``std`` left None come from ``preset`` (:data:`PRESETS`; None
+    is :data:`DEFAULT_PRESET`); without ``labels_file`` a 1000-way classifier gets ImageNet-1k's
+    labels; ``name`` and ``source`` default to the file's name.
     """
 
     input_size: int | None = None
-    resize: str = "shorter"
-    crop_ratio: float = 0.875
-    interpolation: str = "bicubic"
-    mean: tuple[float, float, float] | str = (127.0, 127.0, 127.0)  # or "127,127,127", as --mean is written
-    std: tuple[float, float, float] | str = (128.0, 128.0, 128.0)
+    preset: str | None = None
+    resize: str | None = None
+    crop_ratio: float | None = None
+    interpolation: str | None = None
+    mean: tuple[float, float, float] | str | None = None  # or "127,127,127", as --mean is written
+    std: tuple[float, float, float] | str | None = None
     channel_order: str = "RGB"
     layout: str = "NCHW"
     labels_file: str | None = None  # one class name per line (klaus.labels.read_label_names)
@@ -169,32 +207,54 @@ class BuildReport:
         return report
 
 
+def preset_of(options: OnnxOptions) -> PreprocessPreset:
+    """The :class:`PreprocessPreset` ``options`` name (the default one when they name none)."""
+    name = options.preset or DEFAULT_PRESET
+    if name not in PRESETS:
+        raise KlausModelError(f"unknown preprocessing preset {name!r} (known: {', '.join(PRESETS)})")
+    return PRESETS[name]
+
+
 def open_source(
-    src: str, options: OnnxOptions = OnnxOptions(), *, lossless: bool = False, warn: Warn | None = None
+    src: str,
+    options: OnnxOptions = OnnxOptions(),
+    *,
+    lossless: bool = False,
+    warn: Warn | None = None,
+    note: Warn | None = None,
 ) -> Source:
     """SRC (an ONNX classifier, or a lossless `.klaus`) as a build's :class:`Source`; errors name ``src``.
 
     A `.klaus` keeps its own preprocessing, labels and card. One that is not lossless is refused
     with ``lossless`` (its decoded weights are no float reference) and otherwise ``warn``-ed about.
-    An ONNX graph is checked before ONNX Runtime sees it, then simplified and its weights renamed.
+    An ONNX graph is checked before ONNX Runtime sees it, then simplified and its weights renamed;
+    ``note`` hears when a PyTorch export gets the default (EfficientNet-Lite) preprocessing without
+    being told, since torchvision's models expect their own.
     """
     source = load_source(src)
     if isinstance(source, KlausModel):
-        if options.labels_file:
+        if options.labels_file or options.preset:
+            option = "--labels" if options.labels_file else "--preprocess"
             raise KlausModelError(
-                "--labels applies to ONNX input; a .klaus source keeps its own labels and preprocessing"
+                f"{option} applies to ONNX input; a .klaus source keeps its own labels and preprocessing"
             )
         _check_lossless_source(source, src, lossless, warn)
         return Source(to_onnx(source), source.preprocess, tuple(source.labels), card_of(source), source.meta["output"])
     check_classifier(source, layout=options.layout, where=src)  # before ONNX Runtime sees it (simplify)
+    preset = preset_of(options)
+    if note and options.preset is None and options.mean is None and options.std is None and _from_pytorch(source):
+        note(
+            f"{src} was exported from PyTorch; torchvision's ImageNet models expect --preprocess torchvision "
+            f"(it gets --preprocess {DEFAULT_PRESET}: {preset.description})"
+        )
     try:
         preprocess = Preprocess(
             input_size=options.input_size or graph_input_size(source, options.layout) or 224,
-            resize=options.resize,
-            crop_ratio=options.crop_ratio,
-            interpolation=options.interpolation,
-            mean=triple(options.mean, "--mean"),
-            std=triple(options.std, "--std"),
+            resize=options.resize or preset.resize,
+            crop_ratio=options.crop_ratio if options.crop_ratio is not None else preset.crop_ratio,
+            interpolation=options.interpolation or preset.interpolation,
+            mean=triple(options.mean if options.mean is not None else preset.mean, "--mean"),
+            std=triple(options.std if options.std is not None else preset.std, "--std"),
             channel_order=options.channel_order,
             layout=options.layout,
         )
@@ -211,6 +271,12 @@ def open_source(
         "klaus compress",
     )
     return Source(graph, preprocess, labels, card)
+
+
+def _from_pytorch(graph: onnx.ModelProto) -> bool:
+    """Whether torch.onnx wrote the graph (its producer name): such a model most likely expects
+    torchvision's normalization, not EfficientNet-Lite's."""
+    return graph.producer_name.strip().lower() == "pytorch"
 
 
 def triple(value: tuple[float, float, float] | str, option: str) -> tuple[float, float, float]:
@@ -310,12 +376,14 @@ def compress_file(
     png: codecs.PngOptions = codecs.PngOptions(),
     warn: Warn | None = None,
     note: Warn | None = None,
+    hint: Warn | None = None,
 ) -> BuildReport:
     """`klaus compress`: SRC built with ``recipe`` and written to OUT atomically.
 
     Everything the file must satisfy is checked before any work; ``layers`` are the ``--layer``
     rules the recipe holds (one matching no weight is an error; a calibration photo that cannot be
-    read is ``warn``-ed about); ``note`` receives the agreement a ``max_drop`` build reached. Errors
+    read is ``warn``-ed about); ``note`` receives the agreement a ``max_drop`` build reached, ``hint``
+    advice about the preprocessing (:func:`open_source`). Errors
     during the build name SRC (OUT for a file that cannot be written).
     """
     if recipe.finetune_steps and not calibration.sources:
@@ -323,7 +391,7 @@ def compress_file(
             "--finetune-steps needs calibration photos (--calib DIR): the float model teaches on them"
         )
     start = time.perf_counter()
-    source = open_source(src, options, lossless=lossless, warn=warn)
+    source = open_source(src, options, lossless=lossless, warn=warn, note=hint)
     check_inputs(source.graph, source.preprocess, source.labels, src, recipe)  # everything the file must satisfy
     check_layer_rules(layers, source.graph, src)
     batch = calibration_photos(calibration, source.preprocess, warn)
