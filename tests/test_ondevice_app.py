@@ -409,6 +409,12 @@ def test_export_web_works_from_a_plain_static_server(web, tmp_path, native_top1)
         walk(page, [EXAMPLES / "cat.jpg"], 1)
         assert card(page, "cat.jpg").locator(".prediction .label").first.inner_text() == native_top1["cat.jpg"]
         assert [p for p in web.problems if "favicon" not in p] == []
+        # The static server sends no COOP/COEP; the service worker adds them to what it serves (wasm threads).
+        assert page.evaluate("crossOriginIsolated") is False
+        page.wait_for_function("() => navigator.serviceWorker.controller !== null", timeout=30_000)
+        page.reload()
+        page.evaluate("window.klaus.ready.then(() => true)")
+        assert page.evaluate("crossOriginIsolated") is True
     finally:
         _stop(proc)
 
