@@ -197,3 +197,49 @@ def test_built_models_are_git_ignored_except_the_embedded_one():
 
     assert ignored("efficientnet-lite0-lossless.klaus") and ignored("out/some/model.klaus")
     assert not ignored("src/klaus/data/efficientnet-lite0.klaus")
+
+
+# ---------------------------------------------------------------- progress
+
+
+def on_a_terminal(*args: str | Path, cwd: Path) -> str:
+    """What `klaus ARGS` writes to a terminal (a pseudo-terminal 120 columns wide), stdout and stderr together."""
+    import fcntl
+    import os
+    import pty
+    import select
+    import struct
+    import sys
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    command = [sys.executable, "-m", "klaus.cli", *map(str, args)]
+    proc = subprocess.Popen(command, stdin=slave, stdout=slave, stderr=slave, cwd=cwd, close_fds=True)
+    os.close(slave)
+    out = b""
+    while True:
+        ready, _, _ = select.select([master], [], [], 120)
+        if not ready:
+            break
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    assert proc.wait(timeout=60) == 0, out.decode(errors="replace")
+    return out.decode(errors="replace")
+
+
+def test_compress_shows_its_stages_on_a_terminal_only(tiny):
+    args = ["compress", tiny["onnx"], "-o", tiny["dir"] / "p.klaus", "--labels", tiny["labels"]]
+    args += ["--min-elements", "64", "--calib", EXAMPLES]
+    shown = on_a_terminal(*args, cwd=tiny["dir"])
+    stages = [s for s in ("compress: calibration", "compress: quantize", "compress: write") if s in shown]
+    assert stages == ["compress: calibration", "compress: quantize", "compress: write"], shown
+    assert "compress:" not in on_a_terminal(*args, "--json", cwd=tiny["dir"])
+    piped = run(*args)
+    assert piped.exit_code == 0 and "compress:" not in piped.stderr

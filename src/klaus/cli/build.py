@@ -8,7 +8,18 @@ from typing import Any
 import click
 
 from ..names import printable, shown, storable
-from .common import PRESERVE, budget_option, calib_options, emit, fail, json_option, note, say, warn
+from .common import (
+    PRESERVE,
+    StageProgress,
+    budget_option,
+    calib_options,
+    emit,
+    fail,
+    json_option,
+    note,
+    say,
+    warn,
+)
 
 bits_type = click.IntRange(1, 8)
 
@@ -235,21 +246,23 @@ def compress(
         source=source_,
         license=license_,
     )
-    report = compress_file(
-        src,
-        out,
-        recipe,
-        options=options,
-        layers=layers,
-        calibration=CalibrationOptions(calib, calib_split, calib_limit, int(calib_crops)),
-        budget_mib=budget_mib,
-        max_drop=max_drop,
-        lossless=lossless,
-        png=codecs.PngOptions(level=png_level or None, zopfli=zopfli),
-        warn=warn,
-        note=lambda message: say(f"klaus: {message}", err=True),
-        hint=note,
-    )
+    with StageProgress("compress", quiet=as_json) as stages:
+        report = compress_file(
+            src,
+            out,
+            recipe,
+            options=options,
+            layers=layers,
+            calibration=CalibrationOptions(calib, calib_split, calib_limit, int(calib_crops)),
+            budget_mib=budget_mib,
+            max_drop=max_drop,
+            lossless=lossless,
+            png=codecs.PngOptions(level=png_level or None, zopfli=zopfli),
+            warn=warn,
+            note=lambda message: say(f"klaus: {message}", err=True),
+            hint=note,
+            stages=stages,
+        )
     print_build(report, as_json)
     return 0
 
@@ -278,9 +291,11 @@ def print_build(report: Any, as_json: bool) -> None:
     if not report.calibrated and report.recipe.name.startswith("default"):
         say("klaus: note: no --calib images, so GPTQ and bias correction were skipped (plain k-means)", err=True)
     if report.allocation is not None:
-        for row in report.allocation.table():
+        rows = report.allocation.table()
+        width = max([44, *(len(str(row["tensor"])) for row in rows)])  # long names keep the columns aligned
+        for row in rows:
             say(
-                f"  {row['tensor']:<44} {row['parameters']:>9} weights  {row['quantizer']:>14}  "
+                f"  {row['tensor']:<{width}} {row['parameters']:>9} weights  {row['quantizer']:>14}  "
                 f"{row['bytes']:>9} bytes  predicted KL {row['predicted_kl']:.5f}"
             )
     size = report.bytes
@@ -340,18 +355,20 @@ def zoo_build(
     from ..compression.calibrate import CalibrationOptions
     from ..compression.recipe import recipe_from_options
 
-    report = z.build_file(
-        name,
-        out,
-        recipe_from_options(recipe_name, lossless=lossless),
-        calibration=CalibrationOptions(calib, calib_split, calib_limit, int(calib_crops)),
-        budget_mib=budget_mib,
-        max_drop=max_drop,
-        onnx_out=onnx_out,
-        lossless=lossless,
-        warn=warn,
-        note=lambda message: say(f"klaus: {message}", err=True),
-    )
+    with StageProgress("zoo build", quiet=as_json) as stages:
+        report = z.build_file(
+            name,
+            out,
+            recipe_from_options(recipe_name, lossless=lossless),
+            calibration=CalibrationOptions(calib, calib_split, calib_limit, int(calib_crops)),
+            budget_mib=budget_mib,
+            max_drop=max_drop,
+            onnx_out=onnx_out,
+            lossless=lossless,
+            warn=warn,
+            note=lambda message: say(f"klaus: {message}", err=True),
+            stages=stages,
+        )
     print_build(report, as_json)
     return 0
 

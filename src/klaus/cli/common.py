@@ -158,3 +158,53 @@ def classifier(model: str | None, threads: int | None = None, low_memory: bool =
     from ..runtime import Classifier
 
     return Classifier(model, threads=threads, memory="low" if low_memory else "default")
+
+
+class StageProgress:
+    """A long command's progress on stderr (:class:`klaus.compression.pipeline.Stages`): one line with the
+    command, the stage (export, calibration, search, quantize, write), the steps done in it, the time it
+    has taken and the item at hand. Drawn only on a terminal, never with --json or when stderr is piped."""
+
+    def __init__(self, command: str, quiet: bool = False, stream: Any = None) -> None:
+        self.command = command
+        self.stream = stream if stream is not None else sys.stderr
+        self.quiet = quiet or not _is_terminal(self.stream)
+        self.bar: Any = None
+
+    def stage(self, name: str) -> None:
+        if self.quiet:
+            return
+        from tqdm import tqdm
+
+        self.close()
+        self.bar = tqdm(
+            desc=f"{self.command}: {name}",
+            unit="step",
+            file=self.stream,
+            leave=False,
+            dynamic_ncols=True,
+            bar_format="{desc} [{elapsed}, {n_fmt} steps{postfix}]",
+        )
+
+    def step(self, detail: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(printable(detail)[:60], refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __enter__(self) -> StageProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False

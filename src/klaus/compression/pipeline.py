@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import onnx
@@ -98,6 +99,16 @@ def load_source(path: str | os.PathLike[str]) -> KlausModel | onnx.ModelProto:
 # ---------------------------------------------------------------- a build from a file, as `klaus compress` makes it
 
 Warn = Callable[[str], None]
+
+
+class Stages(Protocol):
+    """Where a long build reports how far it is: :meth:`stage` when one of ``export``, ``calibration``,
+    ``search``, ``quantize`` and ``write`` begins, :meth:`step` for each piece of work inside it (a tensor
+    palettized, a search step). The CLI draws it on a terminal (klaus.cli.common.StageProgress)."""
+
+    def stage(self, name: str) -> None: ...
+
+    def step(self, detail: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -321,9 +332,11 @@ def build(
     budget_mib: float | None = None,
     max_drop: float | None = None,
     png: codecs.PngOptions = codecs.PngOptions(),
+    progress: Progress | None = None,
 ) -> Built:
     """:func:`compress_onnx`, or a budgeted build when ``budget_mib`` or ``max_drop`` is given
-    (:mod:`~klaus.compression.budget`; both need ``calibration``, ``views`` rows per photo)."""
+    (:mod:`~klaus.compression.budget`; both need ``calibration``, ``views`` rows per photo);
+    ``progress`` hears each tensor palettized and each search step."""
     common = {
         "preprocess": source.preprocess,
         "labels": source.labels,
@@ -333,7 +346,7 @@ def build(
     }
     calibrated = calibration is not None
     if budget_mib is None and max_drop is None:
-        model = compress_onnx(source.graph, recipe, calibration=calibration, **common)  # type: ignore[arg-type]
+        model = compress_onnx(source.graph, recipe, calibration=calibration, progress=progress, **common)  # type: ignore[arg-type]
         return Built(model, effective_recipe(recipe, calibrated), calibrated)
     option = "--budget-mib" if budget_mib is not None else "--max-drop"
     if budget_mib is not None and max_drop is not None:
@@ -347,6 +360,7 @@ def build(
             int(budget_mib * 2**20),
             calibration=calibration,
             views=views,
+            progress=progress,
             **common,  # type: ignore[arg-type]
         )
         return Built(model, effective_recipe(recipe, calibrated), calibrated, allocation)
@@ -357,6 +371,7 @@ def build(
         max_drop,
         calibration=calibration,
         views=views,
+        progress=progress,
         **common,  # type: ignore[arg-type]
     )
     return Built(model, effective_recipe(recipe, calibrated), calibrated, allocation, agreement)
@@ -377,14 +392,16 @@ def compress_file(
     warn: Warn | None = None,
     note: Warn | None = None,
     hint: Warn | None = None,
+    stages: Stages | None = None,
 ) -> BuildReport:
     """`klaus compress`: SRC built with ``recipe`` and written to OUT atomically.
 
     Everything the file must satisfy is checked before any work; ``layers`` are the ``--layer``
     rules the recipe holds (one matching no weight is an error; a calibration photo that cannot be
     read is ``warn``-ed about); ``note`` receives the agreement a ``max_drop`` build reached, ``hint``
-    advice about the preprocessing (:func:`open_source`). Errors
-    during the build name SRC (OUT for a file that cannot be written).
+    advice about the preprocessing (:func:`open_source`); ``stages`` how far the build is
+    (calibration, search or quantize, write). Errors during the build name SRC (OUT for a file that
+    cannot be written).
     """
     if recipe.finetune_steps and not calibration.sources:
         raise KlausModelError(
@@ -394,7 +411,11 @@ def compress_file(
     source = open_source(src, options, lossless=lossless, warn=warn, note=hint)
     check_inputs(source.graph, source.preprocess, source.labels, src, recipe)  # everything the file must satisfy
     check_layer_rules(layers, source.graph, src)
+    if stages and calibration.sources:
+        stages.stage("calibration")
     batch = calibration_photos(calibration, source.preprocess, warn)
+    if stages:
+        stages.stage("quantize" if budget_mib is None and max_drop is None else "search")
     try:
         built = build(
             source,
@@ -404,11 +425,14 @@ def compress_file(
             budget_mib=budget_mib,
             max_drop=max_drop,
             png=png,
+            progress=stages.step if stages else None,
         )
     except KlausWriteError as exc:  # a budget search builds file images (SQLite VACUUM) along the way
         raise KlausWriteError(f"{out}: {exc}") from None
     except KlausError as exc:
         raise KlausModelError(naming(one_line(str(exc)), src)) from None
+    if stages:
+        stages.stage("write")
     return write_build(built, out, start, note)
 
 
