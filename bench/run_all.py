@@ -14,6 +14,7 @@ import os
 import time
 import traceback
 
+import foreign_zoo
 import reliability
 from _common import ROOT, machine, table
 
@@ -71,8 +72,10 @@ def main() -> None:
             "",
         ]
     path = ROOT / "BENCHMARKS.md"
-    # The Reliability section is measured by long runs of their own (bench/fuzz.py, bench/serve_load.py): kept.
-    kept = reliability.section(path.read_text(encoding="utf-8")) if path.exists() else ""
+    # The Foreign architectures and Reliability sections are measured by long runs of their own
+    # (bench/foreign_zoo.py --write; bench/fuzz.py, bench/serve_load.py): kept.
+    old = path.read_text(encoding="utf-8") if path.exists() else ""
+    kept = foreign_zoo.section(old) + reliability.section(old)
     path.write_text("\n".join(parts).rstrip() + "\n" + (f"\n{kept.rstrip()}\n" if kept else ""), encoding="utf-8")
     print(f"wrote {ROOT / 'BENCHMARKS.md'}")
 

@@ -26,6 +26,7 @@ MODULES = (
     "codec",
     "compression_time",
     "browser",
+    "foreign_zoo",
     "run_all",
 )
 
@@ -106,3 +107,16 @@ def test_index_throughput_tables():
         "**not met**; 12 MP JPEGs: median **5.00×** (target: 3.0× the naive loop) — met. "
         "In this run the naive loop's model call on all 2 cores took 1.00 ms"
     )
+
+
+def test_foreign_zoo_section_is_replaced_in_place_and_kept_before_reliability(tmp_path):
+    foreign_zoo = importlib.import_module("foreign_zoo")
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text("# Benchmarks\n\n### Latency\n\nx\n\n## Reliability\n\nfuzz\n", encoding="utf-8")
+    foreign_zoo.write_section("### Default recipe versus ORT int8 (test)\n\n| a |\n", path)
+    foreign_zoo.write_section("### Default recipe versus ORT int8 (test)\n\n| b |\n", path)
+    text = path.read_text(encoding="utf-8")
+    assert text.count(foreign_zoo.HEADING) == 1 and "| b |" in text and "| a |" not in text
+    assert text.index(foreign_zoo.HEADING) < text.index("## Reliability") and text.endswith("fuzz\n")
+    kept = foreign_zoo.section(text)
+    assert kept.startswith(foreign_zoo.HEADING) and "## Reliability" not in kept and "| b |" in kept
