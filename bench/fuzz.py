@@ -4,6 +4,7 @@
     .venv/bin/python bench/fuzz.py --models 300 --images 100     # a quicker look
     .venv/bin/python bench/fuzz.py --write                       # also the "### Fuzzing" part of BENCHMARKS.md
     .venv/bin/python bench/fuzz.py --case model:png.data:123:classify   # one case, rebuilt and run alone
+    .venv/bin/python bench/fuzz.py --render --write              # the part again from the last run's results
 
 What it runs, in order:
 
@@ -30,6 +31,7 @@ import argparse
 import json
 import os
 import random
+import re
 import sys
 import time
 from collections import Counter
@@ -99,7 +101,7 @@ def met(ok: bool) -> str:
     return "met" if ok else "**not met**"
 
 
-def part(args, results, sample, spawned, bombs, noise, minutes: float, load: tuple[float, float]) -> str:
+def part(seed: int, results, spawned, bombs, noise: str, minutes: float, load: tuple[float, float]) -> str:
     """The "### Fuzzing" part of BENCHMARKS.md."""
     model_results = [r for r in results if r.case.kind == "model"]
     image_results = [r for r in results if r.case.kind == "image"]
@@ -111,7 +113,7 @@ def part(args, results, sample, spawned, bombs, noise, minutes: float, load: tup
     lines = [
         "### Fuzzing",
         "",
-        f"`{COMMAND}` (seed {args.seed}; {minutes:.0f} min on {os.cpu_count()} cores, 1-minute load average "
+        f"`{COMMAND}` (seed {seed}; {minutes:.0f} min on {os.cpu_count()} cores, 1-minute load average "
         f"{load[0]:.1f} → {load[1]:.1f}). The harness (`tests/fuzz`) mutates `.klaus` files — raw bytes; SQLite rows "
         "edited on a copy (meta values, the preprocessing JSON, the label set, tensor dims, codec, bits, palette, scales "
         "and payload); PNG chunks inside index maps, including zlib streams that inflate to gigabytes; the ONNX graph "
@@ -206,9 +208,32 @@ def part(args, results, sample, spawned, bombs, noise, minutes: float, load: tup
         ),
     ]
     if bad:
-        lines += ["", f"Failing cases ({len(bad)}; rebuild one with `{COMMAND} --case NAME`):", ""]
-        lines += [f"- {r.outcome}: `{r.case.name}` ({r.description}): `{shown_line(r.stderr)[:200]}`" for r in bad[:30]]
+        groups: dict[tuple[str, str], list[runner.Result]] = {}
+        for r in bad:
+            groups.setdefault((r.outcome, signature(r.stderr)), []).append(r)
+        lines += [
+            "",
+            f"What failed ({len(bad)} runs, grouped by their first stderr line with times, paths and node names taken "
+            f"out; rebuild a case with `{COMMAND} --case NAME`):",
+            "",
+            table(
+                ["runs", "outcome", "first stderr line", "for example"],
+                [
+                    [len(rs), outcome, f"`{line}`", f"`{rs[0].case.name}` ({rs[0].description})"]
+                    for (outcome, line), rs in sorted(groups.items(), key=lambda item: -len(item[1]))
+                ],
+            ),
+        ]
     return "\n".join(lines)
+
+
+def signature(stderr: str) -> str:
+    """A failure's first stderr line with what varies between runs of the same fault taken out."""
+    line = shown_line(stderr)
+    line = re.sub(r"^(\\x1b\[[0-9;]*m)?\d{4}-\d\d-\d\d \S+ ", "", line)  # ONNX Runtime's colour and timestamp
+    line = re.sub(r"\S*/\S+", "…", line)  # paths
+    line = re.sub(r"Name:'[^']*'", "Name:'…'", line)
+    return line.split(" Status Message")[0][:140]
 
 
 def run_one(name: str, corpus, work: Path) -> None:
@@ -221,6 +246,28 @@ def run_one(name: str, corpus, work: Path) -> None:
         print(f"input kept in {keep}", file=sys.stderr)
 
 
+def render(write: bool) -> None:
+    """The part from bench/.cache/fuzz/results.jsonl and run.json (the last run), printed and optionally written."""
+    info = json.loads((CACHE / "run.json").read_text(encoding="utf-8"))
+    bombs, results, spawned = [], [], []
+    for line in (CACHE / "results.jsonl").read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        mode = row.pop("mode")
+        result = runner.Result(**{**row, "case": runner.Case.parse(row["case"])})
+        if mode == "fork":
+            results.append(result)
+        elif result.case.mutator == "seed" or result.case.mutator.startswith("bomb:"):
+            bombs.append(result)
+        else:
+            spawned.append(result)
+    text = part(info["seed"], results, spawned, bombs, info["noise"], info["minutes"], tuple(info["load"]))
+    print(text)
+    if write:
+        from reliability import write_part
+
+        write_part("### Fuzzing", text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", type=int, default=10_000)
@@ -230,8 +277,14 @@ def main() -> None:
     parser.add_argument("--spawn-sample", type=int, default=300)
     parser.add_argument("--case", help="rebuild and run one case by name (as results.jsonl names it)")
     parser.add_argument("--write", action="store_true", help="write the part into BENCHMARKS.md")
+    parser.add_argument(
+        "--render", action="store_true", help="the part again from the last run's results, without running"
+    )
     args = parser.parse_args()
 
+    if args.render:
+        render(args.write)
+        return
     corpus = fuzz_corpus.build(CACHE / "corpus")
     work = CACHE / "work"
     if args.case:
@@ -261,7 +314,9 @@ def main() -> None:
         for mode, rs in (("spawn", bombs), ("fork", results), ("spawn", spawned)):
             for r in rs:
                 out.write(json.dumps({**r.to_dict(), "mode": mode}) + "\n")
-    text = part(args, results, sample, spawned, bombs, noise, minutes, (load_before, os.getloadavg()[0]))
+    info = {"seed": args.seed, "minutes": minutes, "load": [load_before, os.getloadavg()[0]], "noise": noise}
+    (CACHE / "run.json").write_text(json.dumps(info), encoding="utf-8")
+    text = part(args.seed, results, spawned, bombs, noise, minutes, (load_before, os.getloadavg()[0]))
     print(text)
     if args.write:
         from reliability import write_part
