@@ -213,7 +213,9 @@ def run(archs: list[str], full: bool, photos: int, calib: int, nsfw: bool) -> st
         )
     )
     lines += ["", *[f"- {r}" for r in rows if isinstance(r, str)]]
-    only = f" --only {','.join(archs)}" if archs else ""
+    import foreign_models as fm
+
+    only = f" --only {','.join(archs)}" if archs != list(fm.ARCHITECTURES) else ""
     lines += ["", f"Command: `python bench/foreign_zoo.py {flags}{only}`", ""]
     return "\n".join(lines)
 
