@@ -236,7 +236,7 @@ def test_sweep_of_a_foreign_model(export: Export, exported, zoo_dir: Path) -> No
     """Every row of a sweep, ORT's int8 baseline included; a fixed batch of 2 evaluates 3 photos in padded groups."""
     src = exported(export)
     out = zoo_dir / f"sweep-{export.id}"
-    args = ["--data", zoo_dir / "examples.txt", "--limit", "3", "--bits", "4", "--scope", "all"]
+    args: list[str | Path] = ["--data", zoo_dir / "examples.txt", "--limit", "3", "--bits", "4", "--scope", "all"]
     args += ["--min-elements", MIN_ELEMENTS, "--methods", "tensor,calibrated,uniform"]
     args += ["--calib", zoo_dir / "calib", "--calib-limit", "24", "--out", out, "--json"]
     rows = [json.loads(line) for line in run("sweep", src, *args).splitlines()]
