@@ -28,13 +28,7 @@ IMAGE_BOMBS = (*images.BOMBS, "large-100mpx")
 
 #: Failures whose fix belongs to other work in progress: (what, how to recognize it). A run whose
 #: only failures are these is an expected failure naming them; any other failure fails the test.
-KNOWN: list[tuple[str, object]] = [
-    (
-        "ONNX Runtime prints its own ERROR line when a kernel fails at run time (the session's "
-        "log_severity_level is 3, which lets ERROR through; klaus.runtime.make_session)",
-        lambda r: "[E:onnxruntime:" in r.stderr,
-    ),
-]
+KNOWN: list[tuple[str, object]] = []
 
 
 def _known(result: runner.Result) -> str | None:
@@ -153,9 +147,21 @@ def bomb_results(corpus, tmp_path_factory) -> dict[str, list[runner.Result]]:
     return grouped
 
 
+# Bombs made of operators classifiers use: the file is valid, so inspect and export read it; running it
+# hits the run-time memory cap (klaus.limits) and is one error line.
+RUN_TIME_BOMBS = ("graph:pad-100000", "graph:expand-100000")
+
+
+def _expected(name: str, result: runner.Result) -> str:
+    if name == "large-100mpx":
+        return "success"
+    if name in RUN_TIME_BOMBS and result.case.command != "classify":
+        return "success"
+    return "clean-error"
+
+
 @pytest.mark.parametrize("name", [*models.BOMBS, *IMAGE_BOMBS])
 def test_bomb_is_refused_in_one_line(bomb_results, name):
     results = bomb_results[name]
-    expected = "success" if name == "large-100mpx" else "clean-error"
     check(results)
-    assert [r.outcome for r in results] == [expected] * len(results), _report(results)
+    assert [r.outcome for r in results] == [_expected(name, r) for r in results], _report(results)

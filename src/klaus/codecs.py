@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import struct
+import warnings
 import zlib
 from dataclasses import dataclass
 
@@ -210,9 +211,11 @@ def decode_png_indices(data: bytes, rows: int, cols: int, bits: int) -> np.ndarr
         raise KlausFormatError(f"index map has bit depth {depth}, too small for {bits}-bit indices")
     stored = _stored_png(width, height, depth, _inflate_image_data(idat, rows, cols, depth))
     try:
-        with Image.open(io.BytesIO(stored), formats=["PNG"]) as image:
-            image.load()
-            pixels = np.asarray(image)
+        with warnings.catch_warnings():  # the size is the declared tensor's, already within bounds
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(stored), formats=["PNG"]) as image:
+                image.load()
+                pixels = np.asarray(image)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise KlausFormatError(f"index map PNG cannot be decoded ({exc})") from None
     # Pillow scales 1/2/4-bit gray to 0..255; undo it exactly.

@@ -393,7 +393,7 @@ def read_model(path: str | os.PathLike[str]) -> KlausModel:
         if size > MAX_FILE_BYTES:
             raise KlausFormatError(f"{where}: file is {size} bytes, larger than the {MAX_FILE_BYTES}-byte limit")
         with open(path, "rb") as f:
-            data = f.read(MAX_FILE_BYTES + 1)
+            data = f.read(size + 1)  # a file that grew since stat is caught by the header check
     except FileNotFoundError:
         raise KlausFormatError(f"{where}: no such file") from None
     except IsADirectoryError:

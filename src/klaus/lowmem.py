@@ -319,7 +319,7 @@ def make_session(
     if optimized_model_path:
         options.optimized_model_filepath = optimized_model_path
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
+    options.log_severity_level = 4
     options.add_session_config_entry("session.disable_prepacking", "1")
     # A memory pattern pre-allocates one block for every planned intermediate, the decoded
     # weights included; without it each decode buffer is reused from the arena as it frees.

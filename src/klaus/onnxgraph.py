@@ -312,7 +312,7 @@ def simplify(model: onnx.ModelProto, where: str | None = None) -> onnx.ModelProt
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         options.optimized_model_filepath = out
-        options.log_severity_level = 3
+        options.log_severity_level = 4
         try:
             ort.InferenceSession(blob, options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime's InvalidArgument/Fail/InvalidGraph types
@@ -353,7 +353,7 @@ def _loads(blob: bytes) -> bool:
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    options.log_severity_level = 3
+    options.log_severity_level = 4
     try:
         ort.InferenceSession(blob, options, providers=["CPUExecutionProvider"])
     except Exception:

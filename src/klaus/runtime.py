@@ -131,7 +131,7 @@ def make_session(
     if arrays:
         options.add_external_initializers(list(arrays), [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays.values()])
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: failures arrive as exceptions, which become one line
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
