@@ -9,7 +9,7 @@ from typing import Any
 import onnx
 
 from .. import codecs, onnxgraph
-from ..errors import KlausModelError
+from ..errors import KlausFormatError, KlausModelError
 from ..format import looks_like_klaus, read_model
 from ..names import shown
 
@@ -20,7 +20,10 @@ def summarize(path: str | os.PathLike[str]) -> dict[str, object]:
     model = read_model(path)
     tensors: list[dict[str, Any]] = []
     for t in model.tensors:
-        entropy = codecs.order0_entropy_bytes(t.indices()) if t.codec in codecs.PALETTE_CODECS else None
+        try:
+            entropy = codecs.order0_entropy_bytes(t.indices()) if t.codec in codecs.PALETTE_CODECS else None
+        except KlausFormatError as exc:  # the index map itself is checked when decoded: name file and tensor
+            raise KlausFormatError(f"{path}: tensor {t.name!r}: {exc}") from None
         tensors.append(
             {
                 "name": t.name,
