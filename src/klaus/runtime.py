@@ -200,7 +200,7 @@ def run_session(session, input_name: str, batch: np.ndarray, fixed: int | None, 
     """The first output for ``batch``, at most ``rows`` rows a call so activations stay small
     whatever the caller's batch; a graph whose batch size is ``fixed`` is fed exactly that many
     rows a call, the last group padded (:func:`klaus.onnxwire.batches`)."""
-    if len(batch) <= (fixed or rows) and (not fixed or len(batch) == fixed):
+    if len(batch) == fixed or (not fixed and len(batch) <= rows):  # one call, no padding
         return session.run(None, {input_name: batch})[0]
     parts = batches(batch, rows, fixed)
     return np.concatenate([session.run(None, {input_name: p})[0][:real] for p, real in parts])
