@@ -131,8 +131,9 @@ def profile(files: list[Path], clf, engine) -> dict:
     """Per-photo milliseconds of each step, one thread (the model calls as each contender makes them)."""
     import hashlib
 
+    from klaus.images import load_image
     from klaus.index.pipeline import MODEL_BATCH, decode_target, header_info, read_photo
-    from klaus.preprocess import load_image, normalize, to_pixels
+    from klaus.preprocess import normalize, to_pixels
 
     spec = engine.preprocess
     files = files[:100]

@@ -1,6 +1,6 @@
 """Images as a hostile or careless folder holds them, through the CLI as a user runs it.
 
-One image-opening function (klaus.preprocess.load_image / open_image) serves classify,
+One image-opening function (klaus.images.load_image / open_image) serves classify,
 index and serve: one pixel limit ($KLAUS_MAX_PIXELS), Pillow's bomb check as our one-line
 error and never a DecompressionBombWarning on stderr, devices refused, named pipes never
 waited on, and file names with line breaks or control characters escaped in every line.
@@ -23,10 +23,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import klaus.preprocess as kp
+import klaus.images as ki
 from conftest import EXAMPLES
 from klaus.errors import KlausError, KlausImageError
-from klaus.preprocess import DEFAULT_MAX_PIXELS, load_image, pixel_limit
+from klaus.images import DEFAULT_MAX_PIXELS, load_image, pixel_limit
 from test_index import klaus_cmd
 
 CAT = EXAMPLES / "cat.jpg"
@@ -91,12 +91,12 @@ def large_png(tmp_path_factory) -> Path:
 
 
 def test_pixel_limit_comes_from_the_environment(monkeypatch):
-    monkeypatch.delenv(kp.MAX_PIXELS_ENV, raising=False)
+    monkeypatch.delenv(ki.MAX_PIXELS_ENV, raising=False)
     assert pixel_limit() == DEFAULT_MAX_PIXELS
-    monkeypatch.setenv(kp.MAX_PIXELS_ENV, " 5000 ")
+    monkeypatch.setenv(ki.MAX_PIXELS_ENV, " 5000 ")
     assert pixel_limit() == 5000
     for bad in ("abc", "0", "-3", "1e6", str(DEFAULT_MAX_PIXELS + 1)):
-        monkeypatch.setenv(kp.MAX_PIXELS_ENV, bad)
+        monkeypatch.setenv(ki.MAX_PIXELS_ENV, bad)
         with pytest.raises(KlausError, match=rf"^KLAUS_MAX_PIXELS={bad}: expected a whole number of pixels from 1 to"):
             pixel_limit()
 
@@ -169,19 +169,19 @@ def test_large_images_are_reduced_while_decoding(monkeypatch):
     converted band by band; the bands give exactly what converting the whole image gives."""
     rng = np.random.default_rng(3)
     rgba = Image.fromarray(rng.integers(0, 256, (600, 900, 4), dtype=np.uint8), "RGBA")
-    whole = kp._to_rgb(rgba).reduce(5)
-    monkeypatch.setattr(kp, "_BAND_PIXELS", 900 * 7)  # bands of 5 rows (a multiple of the factor)
-    assert np.array_equal(np.asarray(kp._banded_rgb(rgba, 5)), np.asarray(whole))
+    whole = ki.to_rgb(rgba).reduce(5)
+    monkeypatch.setattr(ki, "_BAND_PIXELS", 900 * 7)  # bands of 5 rows (a multiple of the factor)
+    assert np.array_equal(np.asarray(ki._banded_rgb(rgba, 5)), np.asarray(whole))
     wide = Image.fromarray(rng.integers(0, 65536, (300, 1000), dtype=np.uint16))
-    monkeypatch.setattr(kp, "_BAND_PIXELS", 300 * 8)  # column bands
-    assert np.array_equal(np.asarray(kp._banded_rgb(wide, 1)), np.asarray(kp._to_rgb(wide)))
+    monkeypatch.setattr(ki, "_BAND_PIXELS", 300 * 8)  # column bands
+    assert np.array_equal(np.asarray(ki._banded_rgb(wide, 1)), np.asarray(ki.to_rgb(wide)))
     floats = Image.fromarray((rng.random((200, 100)) * 0.9).astype(np.float32))
     floats.putpixel((50, 199), 0.95)
-    monkeypatch.setattr(kp, "_BAND_PIXELS", 100 * 10)
-    assert np.array_equal(np.asarray(kp._banded_rgb(floats, 2)), np.asarray(kp._to_rgb(floats).reduce(2)))
-    assert kp._reduction((6000, 4000), 256) == 4000 // 768
-    assert kp._reduction((4000, 4000), 256) == 1  # 16 Mpx: decoded as is
-    assert kp._reduction((20000, 1000), 256) == 1
+    monkeypatch.setattr(ki, "_BAND_PIXELS", 100 * 10)
+    assert np.array_equal(np.asarray(ki._banded_rgb(floats, 2)), np.asarray(ki.to_rgb(floats).reduce(2)))
+    assert ki._reduction((6000, 4000), 256) == 4000 // 768
+    assert ki._reduction((4000, 4000), 256) == 1  # 16 Mpx: decoded as is
+    assert ki._reduction((20000, 1000), 256) == 1
 
 
 def test_large_png_decodes_to_a_reduced_upright_image(tmp_path):

@@ -17,8 +17,8 @@ import numpy as np
 
 from .errors import KlausDataError, KlausError
 from .format import LabelRow
+from .images import IMAGE_SUFFIXES
 from .labels import WNID_PREFIX
-from .preprocess import IMAGE_SUFFIXES
 from .runtime import Classifier, kl_divergence
 
 

@@ -15,11 +15,12 @@ import numpy as np
 from . import onnxwire
 from .errors import KlausError, KlausFormatError, KlausModelError, first_line, naming
 from .format import KlausModel, LabelRow, allowed_ops, looks_like_klaus, read_model
+from .images import load_image
 from .labels import labels_for
 from .limits import MEMORY_ENV, max_run_bytes
 from .memory import release_free_heap
 from .onnxwire import batches
-from .preprocess import Preprocess, check_input_shape, load_image, preprocess_for_input, to_tensor
+from .preprocess import Preprocess, check_input_shape, preprocess_for_input, to_tensor
 
 if TYPE_CHECKING:
     import onnx

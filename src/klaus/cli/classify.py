@@ -46,7 +46,7 @@ def classify(
 
     Images larger than $KLAUS_MAX_PIXELS pixels (default and most: 178956970) are refused.
     """
-    from ..preprocess import pixel_limit
+    from ..images import pixel_limit
 
     pixel_limit()  # a bad $KLAUS_MAX_PIXELS is one error now, not one per image
     if images.count("-") > 1:

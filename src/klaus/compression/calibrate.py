@@ -22,9 +22,10 @@ import numpy as np
 import onnx
 
 from ..errors import KlausDataError, KlausError
+from ..images import IMAGE_SUFFIXES
 from ..labels import imagenet_label_rows, wnid_of
 from ..onnxgraph import TensorRole, batches, fixed_batch, with_outputs
-from ..preprocess import IMAGE_SUFFIXES, Preprocess, prepare
+from ..preprocess import Preprocess, prepare
 from ..runtime import make_session
 from .gptq import DEFAULT_DAMP, HessianFactor, hessian_factor, hessian_factors
 

@@ -10,8 +10,8 @@ from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import ExitStack, closing, suppress
 from dataclasses import asdict, dataclass, field
 
+from ..images import pixel_limit
 from ..names import printable
-from ..preprocess import pixel_limit
 from .claims import WorkQueue
 from .db import Database, KlausIndexError, now_iso, sqlite_errors, thumbs_dir
 from .engine import Engine, ModelBlob

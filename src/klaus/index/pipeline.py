@@ -2,7 +2,7 @@
 
 One photo is read once: its bytes are hashed (SHA-256), their header gives the size,
 format and EXIF date, and Pillow decodes them at reduced size (JPEG DCT scaling via
-:func:`klaus.preprocess.load_image`'s ``target``) and resamples the model's window
+:func:`klaus.images.load_image`'s ``target``) and resamples the model's window
 (:func:`klaus.preprocess.to_pixels`, uint8). The model thread normalizes a few photos'
 pixels at a time into one float batch, just before each ONNX Runtime call, exactly as
 :func:`klaus.preprocess.to_tensor` would. Pillow, hashlib, numpy and ONNX Runtime all
@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import KlausImageError, KlausModelError, first_line
-from ..preprocess import Preprocess, load_image, normalize, open_image, to_pixels
+from ..images import load_image, open_image
+from ..preprocess import Preprocess, normalize, to_pixels
 
 #: Larger files are recorded as errors without being read.
 MAX_FILE_BYTES = 1 << 30
@@ -165,7 +166,7 @@ def _strip_label(message: str) -> str:
 def header_info(data: bytes) -> tuple[int | None, int | None, str | None, str | None]:
     """Upright width and height, Pillow format name and EXIF date (ISO 8601) from the header.
 
-    Opened like every image (:func:`klaus.preprocess.open_image`): Pillow's warnings about
+    Opened like every image (:func:`klaus.images.open_image`): Pillow's warnings about
     large images or corrupt EXIF blocks never reach stderr.
     """
     try:

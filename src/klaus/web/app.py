@@ -10,7 +10,7 @@ Safe by default:
   photo id;
 * an index deleted or damaged while the server runs gives 503 with its one-line reason;
 * uploads ("classify a new photo") are limited in size while they stream in, decoded
-  by :func:`klaus.preprocess.load_image` (the pixel limit) and never stored;
+  by :func:`klaus.images.load_image` (the pixel limit) and never stored;
 * decoding (thumbnails, uploads) runs in a bounded pool (:class:`WorkGate`): a few jobs at
   once within a memory budget, a few more waiting, and 503 with ``Retry-After`` beyond
   that; upload bodies held in memory have a budget of their own; the heap is given back to
@@ -114,7 +114,7 @@ DEFAULT_JOBS = max(1, min(4, os.cpu_count() or 1))
 #: Requests that may wait for a decoding turn (they hold no thread while waiting; an upload's
 #: body counts against the upload budget); one more gets 503 with Retry-After.
 DEFAULT_QUEUE = 64
-#: Bytes of decoding that may be in flight (klaus.preprocess.decode_bytes of each job); a job
+#: Bytes of decoding that may be in flight (klaus.images.decode_bytes of each job); a job
 #: larger than this (a photo near the pixel limit) runs alone.
 WORK_MEMORY_BUDGET = 384 << 20
 #: Added to a classify job's decoding: the model's activations for one photo.
@@ -270,7 +270,7 @@ class Gallery:
         jobs: int = DEFAULT_JOBS,
         queue: int = DEFAULT_QUEUE,
     ) -> None:
-        from ..preprocess import pixel_limit
+        from ..images import pixel_limit
 
         self.max_pixels = pixel_limit()  # $KLAUS_MAX_PIXELS: a bad value stops the server before it starts
         self.db_path = Path(db_path)
@@ -386,7 +386,7 @@ class Gallery:
         Like the photo itself, a thumbnail is only served while the photo's file is
         unchanged on disk (404 if it is gone, 409 if it changed), cached or not.
         """
-        from ..preprocess import decode_bytes, open_image
+        from ..images import decode_bytes, open_image
 
         side = THUMB_SIZES[size_name]
         row = self.photo_row(photo_id)
@@ -403,7 +403,7 @@ class Gallery:
 
     def make_thumbnail(self, job: ThumbJob) -> Path | bytes:
         """Decode the photo and write its thumbnail to the cache; its bytes if the cache is not writable."""
-        from ..preprocess import load_image
+        from ..images import load_image
 
         try:
             image = load_image(job.path, target=job.side, max_pixels=self.max_pixels)
@@ -427,8 +427,8 @@ class Gallery:
     def classify_cost(self, data: bytes) -> int:
         """The bytes classifying ``data`` takes (decoding, from its header, and the model); the
         model's problems are a 503, the photo's a 415 (UploadError)."""
+        from ..images import decode_bytes, open_image
         from ..index.pipeline import decode_target
-        from ..preprocess import decode_bytes, open_image
 
         engine = self._engine_or_503()
         try:
@@ -445,9 +445,10 @@ class Gallery:
 
     def classify(self, data: bytes) -> dict[str, Any]:
         """Top-5 of an uploaded photo, with its size, format and date (run as one job of the work pool)."""
+        from ..images import load_image
         from ..index.engine import top5
         from ..index.pipeline import decode_target, header_info
-        from ..preprocess import load_image, to_tensor
+        from ..preprocess import to_tensor
 
         engine = self._engine_or_503()
         start = time.perf_counter()
