@@ -1,7 +1,7 @@
 """`klaus serve` under load, at a small scale: every answer is 200 or 503 with Retry-After, and the
 server still answers afterwards (bench/serve_load.py measures memory and time at full scale).
 
-Plus the work pool itself (klaus.web.app.WorkGate): jobs at once, a memory budget, a queue in
+Plus the work pool itself (klaus.web.pool.WorkGate): jobs at once, a memory budget, a queue in
 arrival order, and 503 beyond it.
 """
 
@@ -18,6 +18,7 @@ pytest.importorskip("starlette", reason="needs the 'web' extra")
 
 from conftest import ROOT
 from klaus.web import app as web
+from klaus.web import pool
 
 sys.path.insert(0, str(ROOT / "bench"))
 import serve_load
@@ -83,7 +84,7 @@ def test_odd_multipart_bodies_print_nothing_on_the_servers_stderr(library):
 
 
 def test_work_gate_runs_jobs_within_limits_in_arrival_order(monkeypatch):
-    monkeypatch.setattr(web, "release_free_heap", lambda: None)
+    monkeypatch.setattr(pool, "release_free_heap", lambda: None)
     order: list[str] = []
     running: list[str] = []
     peak = {"jobs": 0}
@@ -100,7 +101,7 @@ def test_work_gate_runs_jobs_within_limits_in_arrival_order(monkeypatch):
         return name
 
     async def scenario() -> list[object]:
-        gate = web.WorkGate(jobs=2, queue=3, budget=100)
+        gate = pool.WorkGate(jobs=2, queue=3, budget=100)
         tasks = [asyncio.create_task(gate.run(10, job, "a", 0.2)), asyncio.create_task(gate.run(10, job, "b", 0.2))]
         await asyncio.sleep(0.05)
         # Larger than the budget: waits until nothing runs, and is not overtaken by "d".
@@ -109,7 +110,7 @@ def test_work_gate_runs_jobs_within_limits_in_arrival_order(monkeypatch):
         tasks.append(asyncio.create_task(gate.run(10, job, "d", 0.01)))
         tasks.append(asyncio.create_task(gate.run(10, job, "e", 0.01)))
         await asyncio.sleep(0.01)
-        with pytest.raises(web.Busy):  # three are waiting: the queue is full
+        with pytest.raises(pool.Busy):  # three are waiting: the queue is full
             await gate.run(10, job, "refused", 0.01)
         results = await asyncio.gather(*tasks)
         assert gate.running == 0
@@ -120,14 +121,14 @@ def test_work_gate_runs_jobs_within_limits_in_arrival_order(monkeypatch):
 
 
 def test_work_gate_wait_is_bounded(monkeypatch):
-    monkeypatch.setattr(web, "MAX_WAIT_SECONDS", 0.1)
-    monkeypatch.setattr(web, "release_free_heap", lambda: None)
+    monkeypatch.setattr(pool, "MAX_WAIT_SECONDS", 0.1)
+    monkeypatch.setattr(pool, "release_free_heap", lambda: None)
 
     async def scenario() -> None:
-        gate = web.WorkGate(jobs=1, queue=4, budget=100)
+        gate = pool.WorkGate(jobs=1, queue=4, budget=100)
         first = asyncio.create_task(gate.run(1, time.sleep, 0.5))
         await asyncio.sleep(0.02)
-        with pytest.raises(web.Busy):
+        with pytest.raises(pool.Busy):
             await gate.run(1, time.sleep, 0.01)
         await first
         assert gate.running == 0
@@ -137,8 +138,8 @@ def test_work_gate_wait_is_bounded(monkeypatch):
 
 
 def test_upload_bytes_have_a_budget():
-    budget = web.ByteBudget(100)
-    with budget.hold(60), budget.hold(40), pytest.raises(web.Busy), budget.hold(1):
+    budget = pool.ByteBudget(100)
+    with budget.hold(60), budget.hold(40), pytest.raises(pool.Busy), budget.hold(1):
         pass
     with budget.hold(500):  # one upload larger than the budget is let in when nothing else is held
         pass
@@ -152,14 +153,14 @@ def test_busy_thumbnail_is_503_with_retry_after(library, monkeypatch):
     app = web.create_app(db, allowed_hosts=["testserver"], jobs=1, queue=0)
 
     async def refuse(cost, fn, *args):
-        raise web.Busy()
+        raise pool.Busy()
 
     monkeypatch.setattr(app.state.gallery.gate, "run", refuse)
     with TestClient(app) as client:
         response = client.get("/thumb/3?size=small")
-        assert response.status_code == 503 and response.headers["retry-after"] == str(web.RETRY_AFTER_SECONDS)
+        assert response.status_code == 503 and response.headers["retry-after"] == str(pool.RETRY_AFTER_SECONDS)
         response = client.post("/api/classify", content=uploads[0], headers={"Content-Type": "image/jpeg"})
-        assert response.status_code == 503 and response.headers["retry-after"] == str(web.RETRY_AFTER_SECONDS)
+        assert response.status_code == 503 and response.headers["retry-after"] == str(pool.RETRY_AFTER_SECONDS)
         assert "busy" in response.json()["error"]
         response = client.post("/classify", files={"photo": ("p.jpg", uploads[0], "image/jpeg")})
-        assert response.status_code == 503 and response.headers["retry-after"] == str(web.RETRY_AFTER_SECONDS)
+        assert response.status_code == 503 and response.headers["retry-after"] == str(pool.RETRY_AFTER_SECONDS)

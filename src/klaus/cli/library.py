@@ -209,7 +209,8 @@ def serve_command(db, model, host, port, max_upload_mb, jobs, queue, as_json) ->
     try:
         import uvicorn
 
-        from ..web.app import DEFAULT_JOBS, DEFAULT_QUEUE, create_app
+        from ..web.app import create_app
+        from ..web.pool import DEFAULT_JOBS, DEFAULT_QUEUE
     except ImportError as exc:
         raise click.ClickException(
             f"klaus serve needs the 'web' extra ({exc.name} is missing): pip install 'klaus-classifier[web]'"
