@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import codecs, limits, onnxwire
+from . import codecs, limits, onnxwire, shapes
 from .errors import KlausFormatError, KlausWriteError
 from .preprocess import Preprocess
 
@@ -482,6 +482,7 @@ def _read_tables(conn: sqlite3.Connection, where: str) -> KlausModel:
     _check_graph_fits(onnxwire.read_skeleton(graph, where, allowed_ops()), meta, labels, where)
     tensors = _read_tensors(conn, where)
     _check_weight_count(tensors, where)
+    shapes.check(graph, where, {t.name: t.dims for t in tensors}, preprocess.input_size, preprocess.layout)
     return KlausModel(meta, preprocess, labels, graph, tensors, source_path=where)
 
 

@@ -12,7 +12,7 @@ from typing import IO, TYPE_CHECKING
 
 import numpy as np
 
-from . import onnxwire
+from . import onnxwire, shapes
 from .errors import KlausError, KlausFormatError, KlausModelError, first_line, naming
 from .format import KlausModel, LabelRow, allowed_ops, looks_like_klaus, read_model
 from .images import load_image
@@ -261,6 +261,7 @@ class Classifier:
                 )
             blob = load_onnx(str(model)).SerializeToString()
             onnxwire.read_skeleton(blob, self.where, allowed_ops())  # the policy a .klaus graph obeys
+            shapes.check(blob, self.where, input_size=preprocess.input_size if preprocess else None)
             self.session = make_session(blob, threads, where=self.where, capped=True)
             del blob
             self.name = Path(str(model)).stem

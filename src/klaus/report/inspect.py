@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import onnx
-
-from .. import codecs, onnxgraph
+from .. import codecs
 from ..errors import KlausFormatError, KlausModelError
 from ..format import looks_like_klaus, read_model
 from ..names import shown
+
+if TYPE_CHECKING:
+    import onnx
 
 
 def summarize(path: str | os.PathLike[str]) -> dict[str, object]:
@@ -110,6 +111,7 @@ def summarize_onnx(path: str | os.PathLike[str]) -> dict[str, object]:
     and naming them as it does, so these are the names ``--layer`` rules match -- with their shapes, the
     layer each one feeds, and what the default recipe stores for each (with ``--calib``, GPTQ and bias
     correction; without, plain k-means)."""
+    from .. import onnxgraph  # the onnx package and the compression planner: for ONNX files only
     from ..compression.check import check_classifier
     from ..compression.plan import planned_bits
     from ..compression.recipe import DEFAULT
