@@ -24,6 +24,7 @@ arena remains the bound for those at run time. The walk reads the serialized gra
 
 from __future__ import annotations
 
+import heapq
 import math
 import struct
 from collections.abc import Callable, Mapping, Sequence
@@ -275,16 +276,15 @@ def _topological(nodes: Sequence[Node]) -> list[Node]:
         for name in set(node.inputs):
             if name in maker and maker[name] != i:
                 readers.setdefault(maker[name], []).append(i)
-    ready = [i for i, count in enumerate(waiting) if count == 0]
-    ready.reverse()
+    ready = [i for i, count in enumerate(waiting) if count == 0]  # a heap: the earliest node in the file first
     order: list[Node] = []
     while ready:
-        i = ready.pop()
+        i = heapq.heappop(ready)
         order.append(nodes[i])
         for reader in readers.get(i, ()):
             waiting[reader] -= 1
             if waiting[reader] == 0:
-                ready.append(reader)
+                heapq.heappush(ready, reader)
     return order
 
 
