@@ -260,8 +260,10 @@ class Classifier:
                     f"{model}: low-memory mode needs a .klaus model (an ONNX file's weights are not palettized)"
                 )
             blob = load_onnx(str(model)).SerializeToString()
-            onnxwire.read_skeleton(blob, self.where, allowed_ops())  # the policy a .klaus graph obeys
-            shapes.check(blob, self.where, input_size=preprocess.input_size if preprocess else None)
+            skeleton = onnxwire.read_skeleton(blob, self.where, allowed_ops())  # the policy a .klaus graph obeys
+            feed = skeleton.data_inputs[0].shape if skeleton.data_inputs else None
+            fitted = preprocess or preprocess_for_input(feed, self.where)  # a too-large input: that line first
+            shapes.check(blob, self.where, input_size=fitted.input_size, layout=fitted.layout)
             self.session = make_session(blob, threads, where=self.where, capped=True)
             del blob
             self.name = Path(str(model)).stem
