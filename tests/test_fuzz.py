@@ -10,6 +10,7 @@ huge sizes) is refused in one line. bench/fuzz.py is the long run, with the figu
 from __future__ import annotations
 
 import random
+import subprocess
 import sys
 from pathlib import Path
 
@@ -158,3 +159,24 @@ def test_bomb_is_refused_in_one_line(bomb_results, name):
     results = bomb_results[name]
     check(results)
     assert [r.outcome for r in results] == [_expected(name)] * len(results), _report(results)
+
+
+def test_inspect_and_a_refused_export_load_only_what_they_use(corpus, tmp_path):
+    """Reading a model file needs the format modules and numpy: `inspect` of a `.klaus` file, and an
+    `export` that refuses a bomb, import neither `onnx` nor the sweep, compression or ONNX Runtime."""
+    bomb = tmp_path / "pad.klaus"
+    models.bomb("graph:pad-100000", corpus, bomb)
+    probe = (
+        "import sys\n"
+        "from klaus.cli import main\n"
+        "try:\n"
+        "    main(sys.argv[1:])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "heavy = ('onnx', 'onnxruntime', 'klaus.onnxgraph', 'klaus.sweep', 'klaus.compression', 'klaus.runtime')\n"
+        "print('loaded:', ' '.join(m for m in heavy if m in sys.modules))\n"
+    )
+    for args in (["inspect", str(corpus.tiny)], ["export", str(bomb), "-o", str(tmp_path / "out.onnx")]):
+        run = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=60)
+        assert run.stdout.splitlines()[-1] == "loaded: ", (args, run.stdout[-300:], run.stderr)
+    assert "pad-100000/pad' (Pad) makes a 1x3x" in run.stderr and len(run.stderr.splitlines()) == 1

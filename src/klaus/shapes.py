@@ -107,6 +107,8 @@ UNKNOWN = Value(None)
 
 @dataclass
 class Node:
+    """One NodeProto as the walk needs it: attributes as ints, floats, strings, lists or tensor Values."""
+
     name: str
     op: str
     inputs: list[str] = field(default_factory=list)
@@ -116,7 +118,9 @@ class Node:
 
 @dataclass(frozen=True)
 class Footprint:
-    """The walk's result: the largest activation, the peak of those alive at once, the weights."""
+    """The walk's result, in bytes: the largest activation and the node making it, the peak of those
+    alive at once and the node reaching it, the weights; the input shape walked, how many of the nodes
+    had an output of known shape, and each value's shape (None: unknown)."""
 
     largest: int
     largest_node: str
@@ -234,6 +238,8 @@ def _node(data: memoryview) -> Node:
 
 @dataclass
 class _Graph:
+    """The top-level graph of a ModelProto: its default-domain opset, nodes, initializers, inputs, outputs."""
+
     opset: int = 0
     nodes: list[Node] = field(default_factory=list)
     initializers: dict[str, Value] = field(default_factory=dict)
@@ -458,6 +464,8 @@ def _slice_dims(
 
 
 class _Walk:
+    """The shapes known so far, by value name, and the operator rules that extend them node by node."""
+
     def __init__(self, graph: _Graph) -> None:
         self.opset = graph.opset
         self.values: dict[str, Value] = {}
