@@ -473,13 +473,19 @@ def placeholder_tensor(name: str, dims: Sequence[int], data_type: int = FLOAT) -
     The placeholder carries name, type and shape only, so the serialized graph stays the size of
     the skeleton and no weight exists in protobuf form.
     """
+    return external_tensor(name, dims, EXTERNAL_LOCATION, 0, data_type)
+
+
+def external_tensor(name: str, dims: Sequence[int], location: str, offset: int, data_type: int = FLOAT) -> bytes:
+    """A serialized float32 TensorProto whose values ONNX Runtime reads from the file ``location``
+    (relative to the model file) at byte ``offset``: name, type, shape and where, no data."""
     out = bytearray()
     for d in dims:
         out += _key(TENSOR_DIMS, VARINT) + encode_varint(int(d))
     out += _key(TENSOR_DATA_TYPE, VARINT) + encode_varint(data_type)
     out += _length_field(TENSOR_NAME, name.encode("utf-8"))
     size = 4 * _product(dims)
-    for key, value in (("location", EXTERNAL_LOCATION), ("offset", "0"), ("length", str(size))):
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(size))):
         entry = _length_field(ENTRY_KEY, key.encode()) + _length_field(ENTRY_VALUE, value.encode())
         out += _length_field(TENSOR_EXTERNAL_DATA, entry)
     out += _key(TENSOR_DATA_LOCATION, VARINT) + encode_varint(DATA_LOCATION_EXTERNAL)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,7 +16,7 @@ import numpy as np
 
 from . import onnxwire, shapes
 from .errors import KlausError, KlausFormatError, KlausModelError, first_line, naming
-from .format import KlausModel, LabelRow, allowed_ops, looks_like_klaus, read_model
+from .format import KlausModel, LabelRow, TensorRecord, allowed_ops, looks_like_klaus, read_model
 from .images import load_image
 from .labels import labels_for
 from .limits import MEMORY_ENV, max_run_bytes
@@ -29,6 +31,12 @@ DEFAULT_MODEL_NAME = "efficientnet-lite0.klaus"
 RUN_ROWS = 32  # images or crops per ONNX Runtime call: bounds activation memory, costs no throughput
 MEMORY_MODES = ("default", "low")  # "low": weights stay uint8 indices + palette in memory (klaus.lowmem)
 ImageSource = str | os.PathLike | bytes | IO[bytes]
+# A `.klaus` session's decoded weights pass through a private temporary directory (:func:`klaus_session`).
+STAGED_GRAPH, STAGED_WEIGHTS = "model.onnx", "weights"
+PAGE_BYTES = 4096  # each staged tensor starts on a page boundary
+# Tensors smaller than this go to ONNX Runtime from memory: it keeps small tensors (biases, scales) mapped from
+# the file as they are, which would keep the deleted file alive for as long as the session.
+STAGED_MIN_BYTES = 64 * 1024
 
 
 def _is_sqlite(path: str | os.PathLike[str]) -> bool:
@@ -105,7 +113,7 @@ def run_batches(model: onnx.ModelProto, inputs: np.ndarray, output: str | None =
 
 
 def make_session(
-    model: onnx.ModelProto | bytes,
+    model: onnx.ModelProto | bytes | Path,
     threads: int | None = None,
     arrays: dict[str, np.ndarray] | None = None,
     where: str | None = None,
@@ -117,7 +125,9 @@ def make_session(
     With ``capped`` the session allocates from the process's one capped arena
     (:func:`klaus.limits.max_run_bytes`): what a model file runs cannot take unbounded memory.
 
-    ``arrays`` gives the values of placeholder initializers (:func:`klaus.onnxwire.placeholder_tensor`);
+    ``model`` is a graph in memory or the path of an ONNX file (whose external data, if any, lies
+    beside it: :func:`klaus_session`). ``arrays`` gives the values of placeholder initializers
+    (:func:`klaus.onnxwire.placeholder_tensor`);
     ``where`` (the model file) is named in the error if ONNX Runtime refuses the graph. Without
     ``spinning``, idle ONNX Runtime threads sleep between calls instead of busy-waiting, which
     leaves the cores to the threads that decode photos while a batch is being assembled.
@@ -139,9 +149,9 @@ def make_session(
     if not spinning:
         options.inter_op_num_threads = 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    blob = model if isinstance(model, bytes) else model.SerializeToString()
+    source = str(model) if isinstance(model, Path) else model if isinstance(model, bytes) else model.SerializeToString()
     try:
-        return ort.InferenceSession(blob, sess_options=options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
         raise KlausModelError(
             f"{where + ': ' if where else ''}ONNX Runtime cannot load the model ({first_line(exc)})"
@@ -181,18 +191,141 @@ def run_failure(where: str, exc: BaseException) -> KlausModelError:
 def klaus_session(model: KlausModel, threads: int | None = None, spinning: bool = True):
     """An ONNX Runtime session for a `.klaus` model, built from the stored graph bytes.
 
-    The skeleton (validated by the reader) gets one placeholder initializer per stored tensor
-    (:func:`klaus.onnxwire.with_initializers`), and the decoded weights go to ONNX Runtime as
-    arrays: no `onnx` import, no protobuf copy of any weight. Each tensor is decoded once, straight
-    into the float32 array handed over.
+    The decoded weights reach ONNX Runtime the way a plain ONNX file's weights do (:func:`stage`);
+    where no temporary file can be written (no writable directory, a full disk), they go to ONNX
+    Runtime from memory instead, which holds them twice while the session is built.
+    """
+    staged = stage(model)
+    if staged is None:
+        return _session_from_memory(model, threads, spinning)
+    with staged:
+        return staged.session(threads, spinning)
+
+
+class StagedModel:
+    """A `.klaus` model's graph and decoded weights in a private temporary directory, for ONNX Runtime
+    to read as an ONNX file with external data; deleted on :meth:`close` (or leaving a ``with`` block).
+
+    ONNX Runtime then holds the only copy of each weight in memory, and frees it as it re-lays the
+    weights out for its kernels, while the caller may drop the compressed model before the session
+    is built: the weights are never in memory twice, and the peak stays at or below that of ONNX
+    Runtime opening the fp32 `.onnx` file.
+    """
+
+    def __init__(self, directory: Path, graph: Path, small: dict[str, np.ndarray], where: str) -> None:
+        self.directory = directory
+        self.graph = graph
+        self.small = small  # the tensors under STAGED_MIN_BYTES, handed over from memory
+        self.where = where
+
+    def session(self, threads: int | None = None, spinning: bool = True):
+        return make_session(self.graph, threads, self.small, where=self.where, spinning=spinning, capped=True)
+
+    def close(self) -> None:
+        self.small = {}
+        _remove_staging(self.directory)
+
+    def __enter__(self) -> StagedModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def stage(model: KlausModel) -> StagedModel | None:
+    """``model`` written for ONNX Runtime (:class:`StagedModel`), or None where no temporary file can be
+    written. Each tensor is decoded and written, then dropped before the next is decoded, so the
+    process holds one decoded tensor at a time; no `onnx` import, no protobuf copy of any weight.
+    A tensor that fails its decode checks is a :class:`KlausFormatError` naming the file and the tensor.
     """
     where = model.source_path or model.name
-    arrays: dict[str, np.ndarray] = {}
-    for t in model.tensors:
-        try:
-            arrays[t.name] = np.ascontiguousarray(t.decode(), dtype=np.float32).reshape(t.dims)
-        except KlausError as exc:
-            raise KlausFormatError(f"{where}: tensor {t.name!r}: {exc}") from None
+    _fix_mmap_threshold()
+    try:
+        directory = Path(tempfile.mkdtemp(prefix="klaus-"))
+    except OSError:
+        return None
+    small: dict[str, np.ndarray] = {}
+    try:
+        graph = _write_staged(model, directory, small, where)
+    except OSError:  # the temporary directory is full or not writable
+        _remove_staging(directory)
+        return None
+    except BaseException:
+        _remove_staging(directory)
+        raise
+    return StagedModel(directory, graph, small, where)
+
+
+def _remove_staging(directory: Path) -> None:
+    """Delete a staging directory: the two files Klaus writes there, then the directory itself."""
+    with contextlib.suppress(OSError):
+        for name in (STAGED_GRAPH, STAGED_WEIGHTS):
+            (directory / name).unlink(missing_ok=True)
+        directory.rmdir()
+
+
+_MMAP_THRESHOLD_SET: list[bool] = []
+M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES = -3, 128 * 1024  # glibc's mallopt parameter and its default value
+
+
+def _fix_mmap_threshold() -> None:
+    """Keep glibc's mmap threshold at its default (glibc only; a no-op elsewhere), once per process.
+
+    glibc raises the threshold to the size of each large block freed (up to 32 MiB), and blocks under
+    it then come from the heap. Decoding frees many multi-MiB arrays, after which the session's own
+    buffers land in the heap, where freed space is not returned and the peak grows by several MiB
+    (by chance: it depends on the order of frees). Setting the threshold fixes it, so blocks of
+    128 KiB and more are mapped and unmapped on their own and memory freed goes back at once.
+    """
+    if _MMAP_THRESHOLD_SET:
+        return
+    _MMAP_THRESHOLD_SET.append(True)
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+    except (OSError, AttributeError):
+        pass
+
+
+def _decoded(tensor: TensorRecord, where: str) -> np.ndarray:
+    """A stored tensor as the contiguous little-endian float32 array ONNX Runtime reads."""
+    try:
+        return np.ascontiguousarray(tensor.decode(), dtype="<f4").reshape(tensor.dims)
+    except KlausError as exc:
+        raise KlausFormatError(f"{where}: tensor {tensor.name!r}: {exc}") from None
+
+
+def _write_staged(model: KlausModel, directory: Path, small: dict[str, np.ndarray], where: str) -> Path:
+    """Write ``model``'s graph and decoded weights (each tensor page-aligned) into ``directory``; the
+    graph's path. Tensors under :data:`STAGED_MIN_BYTES` go into ``small`` instead."""
+    tensors = []
+    with open(directory / STAGED_WEIGHTS, "xb") as out:
+        offset = 0
+        for record in model.tensors:
+            array = _decoded(record, where)
+            if array.nbytes < STAGED_MIN_BYTES:
+                small[record.name] = array
+                tensors.append(onnxwire.placeholder_tensor(record.name, record.dims))
+                continue
+            offset += -offset % PAGE_BYTES
+            out.seek(offset)
+            out.write(array.data)
+            tensors.append(onnxwire.external_tensor(record.name, record.dims, STAGED_WEIGHTS, offset))
+            offset += array.nbytes
+            del array
+    graph = directory / STAGED_GRAPH
+    with open(graph, "xb") as out:
+        out.write(onnxwire.with_initializers(model.graph, tensors))
+    return graph
+
+
+def _session_from_memory(model: KlausModel, threads: int | None, spinning: bool):
+    """:func:`klaus_session` without a temporary directory: the decoded arrays go to ONNX Runtime
+    as external initializers, which it copies."""
+    where = model.source_path or model.name
+    _fix_mmap_threshold()
+    arrays = {t.name: _decoded(t, where) for t in model.tensors}
     blob = onnxwire.with_initializers(model.graph, [onnxwire.placeholder_tensor(t.name, t.dims) for t in model.tensors])
     return make_session(blob, threads, arrays, where=where, spinning=spinning, capped=True)
 
@@ -246,11 +379,19 @@ class Classifier:
             self.where = loaded.source_path or loaded.name  # the file, for messages
             self.name = loaded.name
             self.output = loaded.meta["output"]
-            self.session = self._klaus_session(loaded, threads, memory)
             self.preprocess = preprocess or loaded.preprocess
             self.labels = tuple(labels or loaded.labels)
-            del loaded  # ONNX Runtime holds its own copy of the weights now
-            release_free_heap()
+            staged = stage(loaded) if memory == "default" else None
+            if staged is None:
+                self.session = self._klaus_session(loaded, threads, memory)
+                del loaded  # ONNX Runtime holds its own copy of the weights now
+                release_free_heap()
+            else:
+                del loaded  # the decoded weights are in the staged file: the compressed ones are not needed
+                release_free_heap()
+                with staged:
+                    self.session = staged.session(threads)
+                release_free_heap()
         else:
             from .onnxgraph import load_onnx  # a plain ONNX file: parsed (and checked) by the onnx package
 
