@@ -389,6 +389,11 @@ function walkPng(data) {
 
 /** The index map of a rows x cols tensor, validated as codecs.decode_png_indices does; one byte per index. */
 export async function decodePngIndices(data, rows, cols, bits) {
+  return (await pngIndices(data, rows, cols, bits)).indices;
+}
+
+/** {indices, max}: the index map (one byte per index, checked against 2^bits) and its largest index. */
+async function pngIndices(data, rows, cols, bits) {
   const png = walkPng(data);
   if (png.height !== rows || png.width !== cols) throw new Error(`index map is ${png.width}x${png.height}, expected ${cols}x${rows}`);
   if (png.depth < bits) throw new Error(`index map has bit depth ${png.depth}, too small for ${bits}-bit indices`);
@@ -401,46 +406,68 @@ export async function decodePngIndices(data, rows, cols, bits) {
     throw new Error(`index map PNG data is corrupt or holds the wrong number of scanline bytes, expected ${expected} (${err.message})`);
   }
   const out = new Uint8Array(rows * cols);
-  let prev = new Uint8Array(stride);
-  let line = new Uint8Array(stride);
-  for (let y = 0; y < rows; y++) {
-    const at = y * (1 + stride);
-    const kind = raw[at];
-    const src = raw.subarray(at + 1, at + 1 + stride);
-    unfilter(kind, src, prev, line);
-    unpack(line, png.depth, cols, out, y * cols);
-    [prev, line] = [line, prev];
+  if (png.depth === 8) {
+    // One byte per index: each scanline is unfiltered straight into its row of the output, the row above it
+    // being the previous output row.
+    const zero = new Uint8Array(stride);
+    for (let y = 0; y < rows; y++) {
+      const at = y * (1 + stride);
+      unfilter(raw[at], raw, at + 1, out, y * cols, y ? out : zero, y ? (y - 1) * cols : 0, stride);
+    }
+  } else {
+    let prev = new Uint8Array(stride);
+    let line = new Uint8Array(stride);
+    for (let y = 0; y < rows; y++) {
+      const at = y * (1 + stride);
+      unfilter(raw[at], raw, at + 1, line, 0, prev, 0, stride);
+      unpack(line, png.depth, cols, out, y * cols);
+      [prev, line] = [line, prev];
+    }
   }
-  const limit = 1 << bits;
-  for (let i = 0; i < out.length; i++) if (out[i] >= limit) throw new Error(`index map holds indices >= 2^${bits}`);
-  return out;
+  const max = largest(out);
+  if (max >= 1 << bits) throw new Error(`index map holds indices >= 2^${bits}`);
+  return { indices: out, max };
 }
 
-function unfilter(kind, src, prev, line) {
-  const n = src.length;
+function largest(values) {
+  let max = 0;
+  for (let i = 0; i < values.length; i++) if (values[i] > max) max = values[i];
+  return max;
+}
+
+/** PNG's filter ``kind`` undone for one scanline of ``n`` bytes: src[s..] filtered, prev[p..] the line above
+ * (zeros for the first), the result to line[d..]. Uint8Array stores take the sum modulo 256. */
+function unfilter(kind, src, s, line, d, prev, p, n) {
   switch (kind) {
     case 0:
-      line.set(src);
+      line.set(src.subarray(s, s + n), d);
       break;
     case 1:
-      for (let i = 0; i < n; i++) line[i] = (src[i] + (i ? line[i - 1] : 0)) & 0xff;
+      line[d] = src[s];
+      for (let i = 1; i < n; i++) line[d + i] = src[s + i] + line[d + i - 1];
       break;
     case 2:
-      for (let i = 0; i < n; i++) line[i] = (src[i] + prev[i]) & 0xff;
+      for (let i = 0; i < n; i++) line[d + i] = src[s + i] + prev[p + i];
       break;
     case 3:
-      for (let i = 0; i < n; i++) line[i] = (src[i] + (((i ? line[i - 1] : 0) + prev[i]) >> 1)) & 0xff;
+      line[d] = src[s] + (prev[p] >> 1);
+      for (let i = 1; i < n; i++) line[d + i] = src[s + i] + ((line[d + i - 1] + prev[p + i]) >> 1);
       break;
     case 4:
-      for (let i = 0; i < n; i++) {
-        const a = i ? line[i - 1] : 0;
-        const b = prev[i];
-        const c = i ? prev[i - 1] : 0;
-        const p = a + b - c;
-        const pa = Math.abs(p - a);
-        const pb = Math.abs(p - b);
-        const pc = Math.abs(p - c);
-        line[i] = (src[i] + (pa <= pb && pa <= pc ? a : pb <= pc ? b : c)) & 0xff;
+      // Paeth: with left a, up b, up-left c and p = a + b - c: |p - a| = |b - c|, |p - b| = |a - c|,
+      // |p - c| = |(b - c) + (a - c)|. The first byte has a = c = 0, so it predicts b.
+      line[d] = src[s] + prev[p];
+      for (let i = 1; i < n; i++) {
+        const a = line[d + i - 1];
+        const b = prev[p + i];
+        const c = prev[p + i - 1];
+        const da = b - c;
+        const db = a - c;
+        const dc = da + db;
+        const pa = da < 0 ? -da : da;
+        const pb = db < 0 ? -db : db;
+        const pc = dc < 0 ? -dc : dc;
+        line[d + i] = src[s + i] + (pa <= pb && pa <= pc ? a : pb <= pc ? b : c);
       }
       break;
     default:
@@ -449,11 +476,6 @@ function unfilter(kind, src, prev, line) {
 }
 
 function unpack(line, depth, cols, out, at) {
-  if (depth === 8) {
-    out.set(line.subarray(0, cols), at);
-    return;
-  }
-  const perByte = 8 / depth;
   const mask = (1 << depth) - 1;
   let x = 0;
   for (let byte = 0; x < cols; byte++) {
@@ -1027,11 +1049,9 @@ export async function decodeTensor(t) {
   }
   const rows = t.dims[0];
   const cols = t.size / rows;
-  const indices = await decodePngIndices(t.payload, rows, cols, t.bits);
+  const { indices, max } = await pngIndices(t.payload, rows, cols, t.bits);
   const palette = halves(t.palette);
-  let top = 0;
-  for (let i = 0; i < indices.length; i++) if (indices[i] > top) top = indices[i];
-  if (top >= palette.length) throw new Error(`index map refers past its ${palette.length}-entry palette`);
+  if (max >= palette.length) throw new Error(`index map refers past its ${palette.length}-entry palette`);
   const out = new Float32Array(t.size);
   if (t.scales === null) {
     for (let i = 0; i < out.length; i++) out[i] = palette[indices[i]];
@@ -1043,18 +1063,22 @@ export async function decodeTensor(t) {
   const scales = halves(t.scales);
   const inner = t.dims.slice(t.scaleAxis + 1).reduce((a, b) => a * b, 1);
   const axis = t.dims[t.scaleAxis];
-  const table = new Float32Array(axis * palette.length);
-  for (let c = 0; c < axis; c++) for (let k = 0; k < palette.length; k++) table[c * palette.length + k] = palette[k] * scales[c];
   const entries = palette.length;
-  let i = 0;
-  while (i < out.length) {
+  const table = new Float32Array(axis * entries);
+  for (let c = 0; c < axis; c++) for (let k = 0; k < entries; k++) table[c * entries + k] = palette[k] * scales[c];
+  expand(indices, table, entries, axis, inner, out);
+  return out;
+}
+
+/** out[i] = table[slice * entries + indices[i]], the slice of the scale axis that element i lies in. */
+function expand(indices, table, entries, axis, inner, out) {
+  for (let i = 0; i < out.length; ) {
     for (let c = 0; c < axis; c++) {
       const base = c * entries;
       const end = i + inner;
       for (; i < end; i++) out[i] = table[base + indices[i]];
     }
   }
-  return out;
 }
 
 /** Every tensor decoded: Map name -> {dims, values}. Errors name the file and the tensor. */

@@ -103,13 +103,15 @@ async function warmUp(threads) {
 const ops = {
   async load({ url, threads, sessionOptions = {} }, progress) {
     const where = fileName(url);
+    const isolated = self.crossOriginIsolated === true;
+    const n = isolated ? Math.max(1, Math.min(threads | 0 || 1, 16)) : 1;
+    // ONNX Runtime's wasm is fetched, compiled and started (its threads too) while the container downloads and
+    // its weights are decoded: its first start costs more than the decoding, so it begins first.
+    const warm = warmUp(n);
     const t0 = now();
     const bytes = await download(url, where, progress);
     const t1 = now();
     progress({ phase: 'verify', loaded: bytes.length, total: bytes.length });
-    const isolated = self.crossOriginIsolated === true;
-    const n = isolated ? Math.max(1, Math.min(threads | 0 || 1, 16)) : 1;
-    const warm = warmUp(n); // compiles ONNX Runtime's wasm while the weights are decoded
     const sha256 = await sha256Hex(bytes);
     const th = now();
     const model = await readContainer(bytes, where);
@@ -123,6 +125,8 @@ const ops = {
     progress({ phase: 'session' });
     const warmMs = await warm;
     const tw = now();
+    // ONNX Runtime Web's own session defaults otherwise: bench/browser_network.py measures the alternatives (batch
+    // fixed at 1, memory arena and pattern, other optimization levels, no spinning; BENCHMARKS.md, On the phone).
     let session;
     try {
       session = await ort.InferenceSession.create(graph, {
