@@ -10,6 +10,10 @@ loads a model, classifies ``examples/cat.jpg`` and reports its peak resident set
 child across fork and exec, so a child of a big benchmark process reports the
 parent's size.) Baseline: the same
 network as a plain fp32 ONNX file in ONNX Runtime (``bench/minimal_fp32.py``).
+Each figure is the median of ``ROUNDS`` fresh processes per runtime, the runtimes
+taking turns round by round (the range of the peaks is given beside it): the same
+process, run twice, can peak several MiB apart, depending on where glibc happens
+to place ONNX Runtime's buffers.
 Rows: EfficientNet-Lite0 (the embedded model), and an FC-heavy AlexNet-shaped
 network (5 convs, then FC 9216→W→W→1000 with W = 4096 as in AlexNet, or 2048
 as in the original Klaus app's mobile network), random seeded weights,
@@ -45,6 +49,7 @@ from _common import (
 )
 
 KEYS = ("effnet", "alexnet-4096", "alexnet-2048")
+ROUNDS = 5
 CHILD = """
 import json, sys
 model, image, memory = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -63,6 +68,27 @@ print(json.dumps({"peak_bytes": kib("VmHWM"), "current_bytes": kib("VmRSS")}))
 
 def rss_child(args: list[str]) -> dict[str, int]:
     return json.loads(run_command(args).stdout.strip().splitlines()[-1])
+
+
+def median_rss(children: dict[str, Callable[[], dict[str, int]]], rounds: int = ROUNDS) -> dict[str, dict[str, float]]:
+    """Per child: median peak and after bytes over ``rounds`` runs, interleaved, and the lowest and highest peak."""
+    runs: dict[str, list[dict[str, int]]] = {k: [] for k in children}
+    for _ in range(rounds):
+        for key, child in children.items():
+            runs[key].append(child())
+    return {
+        key: {
+            "peak_bytes": median([r["peak_bytes"] for r in rs]),
+            "current_bytes": median([r["current_bytes"] for r in rs]),
+            "peak_low": min(r["peak_bytes"] for r in rs),
+            "peak_high": max(r["peak_bytes"] for r in rs),
+        }
+        for key, rs in runs.items()
+    }
+
+
+def peak_cell(r: dict[str, float]) -> str:
+    return f"{mib(r['peak_bytes'])} ({mib(r['peak_low'])}–{mib(r['peak_high'])})"
 
 
 def klaus_rss(model, memory: str) -> dict[str, int]:
@@ -185,13 +211,13 @@ def alexnet_latency(onnx_path, klaus_path, repeats: int = 8) -> dict[str, float]
 def run(only: list[str] | None = None) -> str:
     wanted = list(only or KEYS)
     rows = []
-    floor = klaus_rss("-", "imports")
+    floor = median_rss({"imports": lambda: klaus_rss("-", "imports")})["imports"]
     rows.append(
         [
             "imports only (numpy, onnxruntime, Pillow, klaus.runtime)",
             "—",
             "—",
-            mib(floor["peak_bytes"]),
+            peak_cell(floor),
             "—",
             mib(floor["current_bytes"]),
             "—",
@@ -209,19 +235,21 @@ def run(only: list[str] | None = None) -> str:
             onnx_path, klaus_path = alexnet_files(fc)
             networks.append((f"alexnet-{fc}", f"AlexNet-shaped, FC {fc}", onnx_path, klaus_path))
     for key, label, onnx_path, klaus_path in networks:
-        base = fp32_rss(onnx_path)
-        results = {
-            "fp32 ORT (baseline)": base,
-            "Klaus default": klaus_rss(klaus_path, "default"),
-            "Klaus `--low-memory`": klaus_rss(klaus_path, "low"),
-        }
+        results = median_rss(
+            {
+                "fp32 ORT (baseline)": functools.partial(fp32_rss, onnx_path),
+                "Klaus default": functools.partial(klaus_rss, klaus_path, "default"),
+                "Klaus `--low-memory`": functools.partial(klaus_rss, klaus_path, "low"),
+            }
+        )
+        base = results["fp32 ORT (baseline)"]
         for mode, r in results.items():
             rows.append(
                 [
                     label,
                     mode,
                     f"{onnx_path.stat().st_size / 2**20:.1f} / {klaus_path.stat().st_size / 2**20:.1f}",
-                    mib(r["peak_bytes"]),
+                    peak_cell(r),
                     ratio(r["peak_bytes"], base["peak_bytes"]),
                     mib(r["current_bytes"]),
                     ratio(r["current_bytes"], base["current_bytes"]),
@@ -249,7 +277,9 @@ def run(only: list[str] | None = None) -> str:
     out = [
         "### Memory (peak RSS of a fresh process classifying one photo)",
         "",
-        "MiB = 2^20 bytes. Peak = `VmHWM` (includes loading: reading and decoding the file, building the session); "
+        f"MiB = 2^20 bytes; each figure is the median of {ROUNDS} fresh processes per runtime, taking turns "
+        "(the peak's lowest–highest in brackets). Peak = `VmHWM` (includes loading: reading and decoding the file, "
+        "building the session); "
         "after = `VmRSS` once the photo is classified, model still loaded (what a long-running process keeps). "
         '"model\'s share" = after minus the first row (a process that only imports the libraries): the memory the '
         "loaded model itself keeps.",
@@ -259,7 +289,7 @@ def run(only: list[str] | None = None) -> str:
                 "network",
                 "runtime",
                 "file MiB (onnx / klaus)",
-                "peak MiB",
+                "peak MiB (range)",
                 "peak vs fp32",
                 "after MiB",
                 "after vs fp32",
