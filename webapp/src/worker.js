@@ -125,14 +125,17 @@ const ops = {
     progress({ phase: 'session' });
     const warmMs = await warm;
     const tw = now();
-    // ONNX Runtime Web's own session defaults otherwise: bench/browser_network.py measures the alternatives (batch
-    // fixed at 1, memory arena and pattern, other optimization levels, no spinning; BENCHMARKS.md, On the phone).
+    // Idle intra-op threads sleep instead of spinning: between photos the worker decodes and resizes the next one,
+    // and a spinning thread would take a core from it (and a phone's battery). ONNX Runtime Web's own session
+    // defaults otherwise. bench/browser_network.py measures the alternatives (spinning, batch fixed at 1, memory
+    // arena and pattern, other optimization levels; BENCHMARKS.md, On the phone).
     let session;
     try {
       session = await ort.InferenceSession.create(graph, {
         executionProviders: ['wasm'],
         graphOptimizationLevel: 'all',
         logSeverityLevel: 3,
+        extra: { session: { intra_op: { allow_spinning: '0' } } },
         ...sessionOptions,
       });
     } catch (err) {
