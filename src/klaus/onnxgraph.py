@@ -503,12 +503,12 @@ def _scope_path(scopes: str) -> str:
     return entries[-2]
 
 
-def to_onnx(model: KlausModel) -> onnx.ModelProto:
-    """Decode every tensor and rebuild a self-contained ONNX model."""
+def to_onnx(model: KlausModel, weights: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
+    """Rebuild a self-contained ONNX model from ``model`` and its decoded ``weights`` (decoded here if not given)."""
     where = model.source_path or model.name
     skeleton = parse_skeleton(model.graph, where)
     validate_skeleton(skeleton, where)
-    full = join_weights(skeleton, model.decoded_weights())
+    full = join_weights(skeleton, model.decoded_weights() if weights is None else weights)
     check_model(full, where)
     return full
 

@@ -65,10 +65,11 @@ def _export_onnx(model_path: str, out: str, as_json: bool) -> None:
     from ..names import check_output
 
     check_output(out, model_path)
-    model = read_model(model_path)  # a file Klaus refuses is refused before the onnx package loads
+    model = read_model(model_path)  # a file Klaus refuses, or an index map that fails to decode,
+    weights = model.decoded_weights()  # is refused before the onnx package loads
     from .. import onnxgraph
 
-    size = onnxgraph.save(onnxgraph.to_onnx(model), out)
+    size = onnxgraph.save(onnxgraph.to_onnx(model, weights), out)
     if as_json:
         emit({"path": out, "bytes": size})
     else:
