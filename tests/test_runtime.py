@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
 import re
 import stat
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -545,3 +547,28 @@ def test_no_part_of_the_staged_file_outlives_the_session_build(tmp_path, monkeyp
     assert all(sessions)
     mapped = [line for line in Path("/proc/self/maps").read_text().splitlines() if str(tmp_path) in line]
     assert mapped == []
+
+
+@pytest.mark.skipif(os.name != "posix", reason="process ids are probed on POSIX only")
+def test_staging_left_by_a_killed_process_is_removed_by_the_next_session_build(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)
+    old = time.time() - runtime.STALE_STAGING_SECONDS - 60
+
+    def leftover(pid: int, age: float) -> Path:
+        directory = tmp_path / f"{runtime.STAGING_PREFIX}{pid}-x{len(list(tmp_path.iterdir()))}"
+        directory.mkdir()
+        for name in (runtime.STAGED_GRAPH, runtime.STAGED_WEIGHTS):
+            (directory / name).write_bytes(b"\0" * 16)
+        os.utime(directory, (age, age))
+        return directory
+
+    stale = leftover(dead_pid, old)
+    recent = leftover(dead_pid, time.time())  # its process may still be about to use it
+    alive = leftover(os.getppid(), old)  # a live process's staging is never touched
+    other = tmp_path / "klaus-weights-notes"
+    other.mkdir()
+    runtime.klaus_session(tiny_klaus())
+    assert not stale.exists()
+    assert sorted(tmp_path.iterdir()) == sorted([recent, alive, other])

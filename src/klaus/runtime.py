@@ -37,6 +37,9 @@ PAGE_BYTES = 4096  # each staged tensor starts on a page boundary
 # Tensors smaller than this go to ONNX Runtime from memory: it keeps small tensors (biases, scales) mapped from
 # the file as they are, which would keep the deleted file alive for as long as the session.
 STAGED_MIN_BYTES = 64 * 1024
+# Staging directories are named klaus-weights-<pid>-<random>; one whose process is gone and that is older than
+# this is left over from a process killed while building a session, and the next session build removes it.
+STAGING_PREFIX, STALE_STAGING_SECONDS = "klaus-weights-", 600
 
 
 def _is_sqlite(path: str | os.PathLike[str]) -> bool:
@@ -241,9 +244,10 @@ def stage(model: KlausModel) -> StagedModel | None:
     where = model.source_path or model.name
     _fix_mmap_threshold()
     try:
-        directory = Path(tempfile.mkdtemp(prefix="klaus-"))
+        directory = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-"))
     except OSError:
         return None
+    _remove_stale_staging(directory.parent)
     small: dict[str, np.ndarray] = {}
     try:
         graph = _write_staged(model, directory, small, where)
@@ -254,6 +258,42 @@ def stage(model: KlausModel) -> StagedModel | None:
         _remove_staging(directory)
         raise
     return StagedModel(directory, graph, small, where)
+
+
+def _remove_stale_staging(root: Path) -> None:
+    """Remove the staging directories in ``root`` that processes of this user killed while building a
+    session left behind (their process is gone and they are older than :data:`STALE_STAGING_SECONDS`).
+    POSIX only: elsewhere a process id cannot be probed without side effects."""
+    if os.name != "posix":
+        return
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return
+    now = time.time()
+    for entry in entries:
+        pid = entry.name.removeprefix(STAGING_PREFIX).split("-", 1)[0]
+        if not entry.name.startswith(STAGING_PREFIX) or not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+            if not entry.is_dir(follow_symlinks=False) or info.st_uid != os.getuid():
+                continue
+            if now - info.st_mtime < STALE_STAGING_SECONDS or _process_exists(int(pid)):
+                continue
+        except OSError:
+            continue
+        _remove_staging(Path(entry.path))
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
 
 
 def _remove_staging(directory: Path) -> None:
