@@ -5,7 +5,7 @@
 // JPEG/PNG decoders, and how a large photo is scaled while decoding): see decodeImage.
 
 export const MAX_INPUT_SIZE = 4096;
-export const DEFAULT_MAX_PIXELS = 178956970; // klaus.preprocess.DEFAULT_MAX_PIXELS (Pillow's bomb limit)
+export const DEFAULT_MAX_PIXELS = 178956970; // klaus.images.DEFAULT_MAX_PIXELS (Pillow's bomb limit)
 const MAX_RESIZED_PIXELS = 4096 * 4096;
 
 // ------------------------------------------------------------------------------------------------ filters
@@ -470,7 +470,7 @@ function megapixels(count, limit, up) {
 /** Decode a photo (Blob) into RGB for ``spec`` in a browser (window or worker): upright (EXIF orientation), no
  * colour management (as Pillow, which ignores ICC profiles), transparency over white.
  *
- * Large photos are scaled while decoding, as Python's draft decode does (klaus.preprocess.load_image with a target
+ * Large photos are scaled while decoding, as Python's draft decode does (klaus.images.load_image with a target
  * side): a JPEG whose sides are both at least 2, 4 or 8 times the decode target is decoded at 1/2, 1/4 or 1/8 scale.
  * Where the browser has WebCodecs' ImageDecoder (Chromium), that is libjpeg's DCT scaling at the size Pillow picks,
  * which gives Pillow's pixels and never holds the full-size image (a 12000 x 12000 JPEG: about 30 MB, not 600).
