@@ -209,7 +209,15 @@ def decode_png_indices(data: bytes, rows: int, cols: int, bits: int) -> np.ndarr
         raise KlausFormatError(f"index map is {width}x{height}, expected {cols}x{rows}")
     if depth < bits:
         raise KlausFormatError(f"index map has bit depth {depth}, too small for {bits}-bit indices")
-    stored = _stored_png(width, height, depth, _inflate_image_data(idat, rows, cols, depth))
+    scanlines = _inflate_image_data(idat, rows, cols, depth)
+    if depth == 8:
+        lines = np.frombuffer(scanlines, np.uint8).reshape(rows, 1 + cols)
+        if not lines[:, 0].any():  # every row unfiltered (filter type 0): the bytes are the indices
+            values = np.ascontiguousarray(lines[:, 1:])
+            if int(values.max(initial=0)) >= (1 << bits):
+                raise KlausFormatError(f"index map holds indices >= 2^{bits}")
+            return values
+    stored = _stored_png(width, height, depth, scanlines)
     try:
         with warnings.catch_warnings():  # the size is the declared tensor's, already within bounds
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
