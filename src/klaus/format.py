@@ -16,6 +16,7 @@ versions feed the same label checks and the same content digest.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import lzma
 import math
@@ -358,19 +359,26 @@ class _LabelTables:
 
     labels: list[tuple]
     synsets: list[tuple]
+    words: list[object] | None = None  # v2: each row's words as parsed from the labelset, so not parsed twice
 
 
 def _check_content(tables: _LabelTables, meta: dict[str, str], where: str) -> None:
     for table, rows in (("labels", tables.labels), ("synsets", tables.synsets)):
-        if any(type(v) not in (str, int) for row in rows for v in row):
+        if not set(map(type, itertools.chain.from_iterable(rows))) <= {str, int}:
             raise KlausFormatError(f"{where}: {table} table holds a value that is neither text nor an integer")
     digest = content_digest(sorted(meta.items()), tables.labels, tables.synsets)
     if digest != meta[CONTENT_KEY]:
         raise KlausFormatError(f"{where}: metadata or label checksum mismatch (file is corrupt)")
 
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def _dumps(value: object) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    """Canonical JSON text: ``json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)``,
+    through one shared encoder (a reader encodes a thousand label rows, and building an encoder per call
+    costs more than encoding one)."""
+    return _CANONICAL.encode(value)
 
 
 # ---------------------------------------------------------------- reading
@@ -624,6 +632,7 @@ def _labelset_rows(value: object, where: str) -> _LabelTables:
     return _LabelTables(
         [(idx, wnid, name, text) for (idx, wnid, name, _), text in zip(labels, words_text, strict=True)],
         [tuple(r) for r in sorted(synsets, key=lambda r: r[0])],
+        [r[3] for r in labels],
     )
 
 
@@ -640,9 +649,9 @@ def _read_labels(tables: _LabelTables, where: str) -> tuple[LabelRow, ...]:
             raise KlausFormatError(f"{where}: {what} has a bad wnid or name")
         path = _path_to_root(tree, wnid, where, paths) if wnid else ()
         hierarchy = tuple(tree[w][0] for w in path)
-        rows.append(
-            LabelRow(idx, wnid, name, _str_list(_loads(words, where, what), where, what + " words"), path, hierarchy)
-        )
+        # v2's words were parsed with the labelset, and their text is their canonical JSON: parsing it gives them back
+        parsed = _loads(words, where, what) if tables.words is None else tables.words[expected]
+        rows.append(LabelRow(idx, wnid, name, _str_list(parsed, where, what + " words"), path, hierarchy))
     names = [r.name for r in rows]
     if len(set(names)) != len(names):
         duplicate = next(n for n in names if names.count(n) > 1)
