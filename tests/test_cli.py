@@ -908,9 +908,23 @@ def test_compress_from_a_lossy_klaus(tiny_files, lossless_klaus):
     assert result.exit_code == 0 and "warning" not in result.stderr
 
 
+def test_every_command_module_is_listed_for_lazy_registration():
+    """`klaus` imports a command's module when the command runs: each command must be listed with its module."""
+    import importlib
+
+    from klaus.cli import COMMAND_MODULES
+
+    for module in sorted(set(COMMAND_MODULES.values())):
+        for command in importlib.import_module(f"klaus.cli.{module}").COMMANDS:
+            assert COMMAND_MODULES.get(command.name) == module, command.name
+    assert run("--help").exit_code == 0 and all(name in run("--help").stdout for name in COMMAND_MODULES)
+
+
 def test_bits_sets_fc_and_conv_and_the_help_says_so(lossless_klaus, tiny_files):
     """--bits N does not touch depthwise layers (the recipe protects them); the help must say exactly that."""
-    bits_help = next(p.help for p in main.commands["compress"].params if p.name == "bits")
+    from klaus.cli.build import compress
+
+    bits_help = next(p.help for p in compress.params if p.name == "bits")
     assert "Depthwise convolutions keep the recipe's width" in bits_help and "--depthwise-bits" in bits_help
     shown = "".join(run("compress", "--help").stdout.split())  # as printed (wrapped) by --help
     assert "".join(bits_help.split()) in shown
