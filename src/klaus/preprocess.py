@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from numbers import Integral, Real
@@ -387,7 +388,8 @@ def _pillow_vertical_first() -> Callable[[int, int, int, int], bool] | None:
         "horizontal first": lambda w, h, rw, rh: False,
         "vertical first past 2x": lambda w, h, rw, rh: h - rh > 0 and h - rh > 2 * (w - rw),
     }
-    noise = np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)
+    # Python's seeded generator, not numpy's: numpy.random takes ~10 ms to import (and loads OpenSSL)
+    noise = np.frombuffer(random.Random(0).randbytes(64 * 64), np.uint8).reshape(64, 64)
     cubic = Image.Resampling.BICUBIC
     observed = []
     for h, rh in ((61, 40), (60, 40)):  # width 40 -> 30: the height shrinks by 21, then by 20
