@@ -13,7 +13,6 @@ import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache, cached_property
-from importlib import resources
 from itertools import pairwise
 from pathlib import Path
 from typing import Any, overload
@@ -277,6 +276,8 @@ def _normalize(text: str) -> str:
 
 @cache
 def _imagenet() -> WordNetTable:
+    from importlib import resources  # imported here: a few ms that reading a .klaus file does not need
+
     resource = resources.files("klaus") / "data" / "imagenet_wordnet.json"
     try:
         data = resource.read_bytes()
