@@ -244,8 +244,9 @@ class StagedModel:
 
 def stage(model: KlausModel) -> StagedModel | None:
     """``model`` written for ONNX Runtime (:class:`StagedModel`), or None where no temporary file can be
-    written. Each tensor is decoded and written, then dropped before the next is decoded, so the
-    process holds one decoded tensor at a time; no `onnx` import, no protobuf copy of any weight.
+    written. Tensors are decoded two at a time, within a budget of decoded bytes (:func:`_decoded_in_order`),
+    written in file order and each dropped once written, so the process holds at most a few MiB of decoded
+    weights, or one tensor larger than that; no `onnx` import, no protobuf copy of any weight.
     A tensor that fails its decode checks is a :class:`KlausFormatError` naming the file and the tensor.
     """
     where = model.source_path or model.name
