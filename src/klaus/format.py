@@ -673,7 +673,7 @@ def _read_synsets(rows: Sequence[tuple], where: str) -> dict[str, tuple[str, str
     tree: dict[str, tuple[str, str]] = {}
     for wnid, name, parent in rows:
         if (
-            not all(isinstance(v, str) for v in (wnid, name, parent))
+            not (isinstance(wnid, str) and isinstance(name, str) and isinstance(parent, str))
             or not _WNID.match(wnid)
             or not wnid
             or not _WNID.match(parent)
