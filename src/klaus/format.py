@@ -15,6 +15,7 @@ versions feed the same label checks and the same content digest.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import lzma
@@ -32,17 +33,6 @@ from pathlib import Path
 import numpy as np
 
 from . import codecs, limits, onnxwire, shapes
-
-# SHA-256 from CPython's own module rather than hashlib's OpenSSL: loading OpenSSL's libcrypto adds 3.5 MiB
-# to the resident set of every process that reads a model (more than the peak's margin over plain ONNX
-# Runtime opening the fp32 file), and the files a reader hashes are a few MiB.
-try:
-    from _sha256 import sha256  # CPython 3.11
-except ImportError:  # pragma: no cover - the module's name elsewhere
-    try:
-        from _sha2 import sha256  # CPython 3.12+
-    except ImportError:
-        from hashlib import sha256  # other Pythons
 from .errors import KlausFormatError, KlausWriteError
 from .preprocess import Preprocess
 
@@ -148,7 +138,7 @@ class TensorRecord:
             object.__setattr__(self, "sha256", self.digest())
 
     def digest(self) -> str:
-        h = sha256()
+        h = hashlib.sha256()
         for blob in (self.payload, self.palette or b"", self.scales or b""):
             h.update(blob)
         return h.hexdigest()
@@ -305,7 +295,7 @@ def serialize(model: KlausModel) -> bytes:
         meta[CONTENT_KEY] = content_digest(sorted(meta.items()), labels, synsets)
         conn.executemany("INSERT INTO meta VALUES (?, ?)", sorted(meta.items()))
         conn.execute("INSERT INTO labelset VALUES (0, ?, ?)", (LABELSET_CODEC, encode_labelset(labels, synsets)))
-        graph = (GRAPH_CODEC, xz_compress(model.graph), sha256(model.graph).hexdigest())
+        graph = (GRAPH_CODEC, xz_compress(model.graph), hashlib.sha256(model.graph).hexdigest())
         conn.execute("INSERT INTO graph VALUES (0, ?, ?, ?)", graph)
         conn.executemany(
             "INSERT INTO tensors VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -358,7 +348,7 @@ def xz_compress(data: bytes) -> bytes:
 def content_digest(meta: Sequence[tuple], labels: Sequence[tuple], synsets: Sequence[tuple]) -> str:
     """SHA-256 over the small tables (meta except itself, labels, synsets), canonical JSON."""
     rows = [[list(r) for r in meta if r[0] != CONTENT_KEY], [list(r) for r in labels], [list(r) for r in synsets]]
-    return sha256(_dumps(rows).encode("utf-8")).hexdigest()
+    return hashlib.sha256(_dumps(rows).encode("utf-8")).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -733,7 +723,7 @@ def _read_graph_v2(conn: sqlite3.Connection, where: str) -> bytes:
 
 
 def _check_graph(blob: bytes, digest: object, where: str) -> bytes:
-    if sha256(blob).hexdigest() != digest:
+    if hashlib.sha256(blob).hexdigest() != digest:
         raise KlausFormatError(f"{where}: graph checksum mismatch (file is corrupt)")
     return blob
 

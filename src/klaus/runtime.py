@@ -5,10 +5,10 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
@@ -353,110 +353,23 @@ def _decoded_in_order(records: Sequence[TensorRecord], where: str) -> Iterator[t
     decoding one tensor at a time for any model whose large tensors exceed the budget (an AlexNet-shaped
     fully connected layer), and a few MiB above it otherwise.
     """
-    pending: deque[tuple[TensorRecord, int, _Decode]] = deque()
+    pending: deque[tuple[TensorRecord, int, Future[np.ndarray]]] = deque()
     upcoming = iter(records)
     following = next(upcoming, None)
     in_flight = 0
-    _set_malloc_arenas(1)
-    workers = _DecodeWorkers(DECODE_THREADS, where)
-    try:
-        while following is not None or pending:
-            while following is not None and (not pending or in_flight + 4 * following.size <= DECODE_BUDGET_BYTES):
-                pending.append((following, 4 * following.size, workers.submit(following)))
-                in_flight += 4 * following.size
-                following = next(upcoming, None)
-            record, nbytes, job = pending.popleft()
-            yield record, job.result()
-            del job
-            in_flight -= nbytes
-    finally:
-        workers.close()
-        _set_malloc_arenas(_default_malloc_arenas())
-
-
-class _Decode:
-    """One tensor's decode, handed to :class:`_DecodeWorkers`; :meth:`result` waits for it."""
-
-    def __init__(self, record: TensorRecord) -> None:
-        self.record = record
-        self.done = threading.Event()
-        self.array: np.ndarray | None = None
-        self.error: BaseException | None = None
-
-    def result(self) -> np.ndarray:
-        self.done.wait()
-        if self.error is not None:
-            raise self.error
-        assert self.array is not None
-        array, self.array = self.array, None
-        return array
-
-
-class _DecodeWorkers:
-    """A few threads decoding tensors in the order submitted (a thread pool without importing
-    ``concurrent.futures``, whose ``logging`` import costs 4 ms of every `klaus classify`)."""
-
-    def __init__(self, count: int, where: str) -> None:
-        self.where = where
-        self.jobs: deque[_Decode | None] = deque()
-        self.ready = threading.Condition()
-        self.cancelled = False
-        self.threads = [threading.Thread(target=self._work, name="klaus-decode", daemon=True) for _ in range(count)]
-        for thread in self.threads:
-            thread.start()
-
-    def submit(self, record: TensorRecord) -> _Decode:
-        job = _Decode(record)
-        with self.ready:
-            self.jobs.append(job)
-            self.ready.notify()
-        return job
-
-    def close(self) -> None:
-        """Stop the threads: jobs not started are dropped, a job under way finishes first."""
-        with self.ready:
-            self.cancelled = True
-            self.jobs.extend([None] * len(self.threads))
-            self.ready.notify_all()
-        for thread in self.threads:
-            thread.join()
-
-    def _work(self) -> None:
-        while True:
-            with self.ready:
-                self.ready.wait_for(lambda: bool(self.jobs))
-                job = self.jobs.popleft()
-                if job is None or self.cancelled:
-                    return
-            try:
-                job.array = _decoded(job.record, self.where)
-            except BaseException as exc:  # handed to the caller, which raises it
-                job.error = exc
-            job.done.set()
-
-
-M_ARENA_MAX = -8  # glibc's mallopt parameter
-
-
-def _set_malloc_arenas(count: int) -> None:
-    """Cap the number of glibc malloc arenas (glibc only; a no-op elsewhere).
-
-    The decoding threads run under a cap of one, so they allocate from the main heap: a thread of its
-    own arena would keep about a MiB of it resident after the decode (measured on the embedded model),
-    which ``malloc_trim`` does not give back, and the session's peak would grow by as much.
-    """
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, count)
-    except (OSError, AttributeError):
-        pass
-
-
-def _default_malloc_arenas() -> int:
-    """glibc's arena cap when nothing set it: $MALLOC_ARENA_MAX, else 8 per core on a 64-bit system."""
-    value = os.environ.get("MALLOC_ARENA_MAX", "")
-    return int(value) if value.isdigit() and int(value) > 0 else 8 * (os.cpu_count() or 1)
+    with ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="klaus-decode") as workers:
+        try:
+            while following is not None or pending:
+                while following is not None and (not pending or in_flight + 4 * following.size <= DECODE_BUDGET_BYTES):
+                    pending.append((following, 4 * following.size, workers.submit(_decoded, following, where)))
+                    in_flight += 4 * following.size
+                    following = next(upcoming, None)
+                record, nbytes, job = pending.popleft()
+                yield record, job.result()
+                del job
+                in_flight -= nbytes
+        finally:  # a failed or abandoned decode: the tensors not started are dropped
+            workers.shutdown(wait=True, cancel_futures=True)
 
 
 def _write_staged(model: KlausModel, directory: Path, small: dict[str, np.ndarray], where: str) -> Path:
