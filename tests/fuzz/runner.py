@@ -193,10 +193,17 @@ def preload() -> None:
     from PIL import Image
 
     Image.init()
+    import importlib
+
     import klaus.cli
     import klaus.codecs
     import klaus.format
-    import klaus.report  # noqa: F401
+    import klaus.report
+
+    # The command modules load when their command runs: imported here once, so forked children
+    # never compile and write their bytecode side by side.
+    for module in sorted(set(klaus.cli.COMMAND_MODULES.values())):
+        importlib.import_module(f"klaus.cli.{module}")
 
 
 def _corpus():
