@@ -692,13 +692,17 @@ def test_written_files_get_the_umask_mode(tiny_files, lossless_klaus, umask):
 
 
 def _limited_run(limit_bytes: int, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """The installed command under a file size limit (`ulimit -f`): writes past it fail with EFBIG."""
+    """The installed command under a file size limit (`ulimit -f`): writes past it fail with EFBIG.
+
+    It writes no bytecode: Python's importlib does not check for a short write, so a module first
+    imported under the limit would leave a truncated ``.pyc`` for every later process."""
 
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, resource.RLIM_INFINITY))
 
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     return subprocess.run(
-        [*klaus_command(), *args], capture_output=True, text=True, timeout=120, cwd=cwd, preexec_fn=limit
+        [*klaus_command(), *args], capture_output=True, text=True, timeout=120, cwd=cwd, preexec_fn=limit, env=env
     )
 
 
