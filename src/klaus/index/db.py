@@ -188,8 +188,7 @@ class Database:
 
     def _check_or_create(self) -> None:
         where = shown(self.path)
-        app_id = self.conn.execute("PRAGMA application_id").fetchone()[0]
-        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        app_id, version = self._header()
         if app_id not in (0, APPLICATION_ID):
             raise KlausIndexError(f"{where}: not a klaus photo index (SQLite application id {app_id:#x})")
         if version < 0:  # no klaus ever wrote one; the migrations start at 0
@@ -222,6 +221,17 @@ class Database:
                 self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             if version == 0:
                 self.conn.execute("INSERT OR REPLACE INTO meta VALUES ('created', ?)", (now_iso(),))
+
+    def _header(self) -> tuple[int, int]:
+        """The file's SQLite application id and schema version, read in one snapshot: another process
+        creating the index commits both at once, and two separate reads could see one without the other."""
+        self.conn.execute("BEGIN")
+        try:
+            app_id = self.conn.execute("PRAGMA application_id").fetchone()[0]
+            version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        finally:
+            self.conn.execute("COMMIT")
+        return app_id, version
 
     def _check_foreign(self, version: int, app_id: int) -> None:
         where = shown(self.path)
