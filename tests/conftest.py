@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
 
 from klaus import compression
 from klaus.compression.recipe import LOSSLESS, Recipe
@@ -127,3 +128,15 @@ def imagenet_sample() -> Path:
     if not IMAGENET_SAMPLE.is_dir():
         pytest.skip(f"development data not present ({IMAGENET_SAMPLE}); CI has it")
     return IMAGENET_SAMPLE
+
+
+def save_image(img: Image.Image, path: Path, fmt: str | None = None, **kw) -> Path:
+    """``img`` written to ``path`` (format from the suffix unless ``fmt``); the path."""
+    img.save(path, fmt, **kw)
+    return path
+
+
+def noise_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A seeded RGB noise image: resampling differences show in every pixel."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))

@@ -15,21 +15,12 @@ import pytest
 from PIL import Image, ImageFile
 
 import klaus.images as ki
+from conftest import noise_image, save_image
 from klaus.errors import KlausImageError
 from klaus.images import DEFAULT_MAX_PIXELS, load_image
 from klaus.preprocess import Preprocess, prepare
 
 RED = (255, 0, 0)
-
-
-def _save(img: Image.Image, path: Path, fmt: str | None = None, **kw) -> Path:
-    img.save(path, fmt, **kw)
-    return path
-
-
-def _noise(width: int, height: int, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
 def _png_header_only(path: Path, width: int, height: int) -> Path:
@@ -50,7 +41,7 @@ def _png_header_only(path: Path, width: int, height: int) -> Path:
 
 
 def test_sources_path_str_bytes_fileobj(tmp_path: Path) -> None:
-    p = _save(Image.new("RGB", (32, 16), RED), tmp_path / "red.png")
+    p = save_image(Image.new("RGB", (32, 16), RED), tmp_path / "red.png")
     for source in (p, str(p), p.read_bytes(), bytearray(p.read_bytes()), io.BytesIO(p.read_bytes())):
         img = load_image(source)
         assert (img.mode, img.size, img.getpixel((0, 0))) == ("RGB", (32, 16), RED)
@@ -59,7 +50,7 @@ def test_sources_path_str_bytes_fileobj(tmp_path: Path) -> None:
 
 
 def test_result_is_detached_from_file(tmp_path: Path) -> None:
-    p = _save(Image.new("RGB", (8, 8), RED), tmp_path / "red.png")
+    p = save_image(Image.new("RGB", (8, 8), RED), tmp_path / "red.png")
     img = load_image(p)
     p.unlink()
     assert img.getpixel((7, 7)) == RED
@@ -70,7 +61,7 @@ def test_exif_orientation_is_applied(tmp_path: Path) -> None:
     img.paste(RED, (0, 0, 10, 10))  # marker in the stored top-left corner
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90 CW to display"
-    p = _save(img, tmp_path / "rotated.jpg", quality=95, exif=exif.tobytes())
+    p = save_image(img, tmp_path / "rotated.jpg", quality=95, exif=exif.tobytes())
     loaded = load_image(p)
     assert loaded.size == (20, 40)
     r, _, b = _px(loaded, (15, 4))  # stored top-left is displayed top-right
@@ -78,7 +69,7 @@ def test_exif_orientation_is_applied(tmp_path: Path) -> None:
 
 
 def test_corrupt_exif_does_not_prevent_loading(tmp_path: Path) -> None:
-    p = _save(
+    p = save_image(
         Image.new("RGB", (40, 20), RED), tmp_path / "bad_exif.jpg", exif=b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\xff\xff"
     )
     with _no_warnings():  # Pillow's "Corrupt EXIF data" would print stray lines on stderr
@@ -103,10 +94,10 @@ def _px(img: Image.Image, xy: tuple[int, int] = (0, 0)) -> tuple[int, ...]:
 
 
 def test_grayscale_and_bilevel(tmp_path: Path) -> None:
-    assert _px(load_image(_save(Image.new("L", (8, 8), 100), tmp_path / "g.png"))) == (100, 100, 100)
+    assert _px(load_image(save_image(Image.new("L", (8, 8), 100), tmp_path / "g.png"))) == (100, 100, 100)
     bilevel = Image.new("1", (8, 8), 0)
     bilevel.putpixel((1, 0), 1)
-    img = load_image(_save(bilevel, tmp_path / "b.png"))
+    img = load_image(save_image(bilevel, tmp_path / "b.png"))
     assert _px(img) == (0, 0, 0) and _px(img, (1, 0)) == (255, 255, 255)
 
 
@@ -114,20 +105,20 @@ def test_palette_with_and_without_transparency(tmp_path: Path) -> None:
     pal = Image.new("P", (8, 8), 1)
     pal.putpalette([0, 0, 0, 0, 255, 0] + [0] * 762)
     pal.putpixel((0, 0), 0)
-    assert _px(load_image(_save(pal, tmp_path / "p.png")), (1, 1)) == (0, 255, 0)
-    img = load_image(_save(pal, tmp_path / "pt.png", transparency=0))
+    assert _px(load_image(save_image(pal, tmp_path / "p.png")), (1, 1)) == (0, 255, 0)
+    img = load_image(save_image(pal, tmp_path / "pt.png", transparency=0))
     assert _px(img) == (255, 255, 255)  # transparent black index -> white
     assert _px(img, (1, 1)) == (0, 255, 0)
-    gif = load_image(_save(pal, tmp_path / "pt.gif", transparency=0))
+    gif = load_image(save_image(pal, tmp_path / "pt.gif", transparency=0))
     assert _px(gif) == (255, 255, 255)
 
 
 def test_alpha_is_composited_over_white(tmp_path: Path) -> None:
-    assert _px(load_image(_save(Image.new("RGBA", (8, 8), (0, 0, 0, 0)), tmp_path / "t.png"))) == (255, 255, 255)
-    assert _px(load_image(_save(Image.new("RGBA", (8, 8), (255, 0, 0, 255)), tmp_path / "o.png"))) == RED
-    half = _px(load_image(_save(Image.new("RGBA", (8, 8), (0, 0, 0, 128)), tmp_path / "h.png")))
+    assert _px(load_image(save_image(Image.new("RGBA", (8, 8), (0, 0, 0, 0)), tmp_path / "t.png"))) == (255, 255, 255)
+    assert _px(load_image(save_image(Image.new("RGBA", (8, 8), (255, 0, 0, 255)), tmp_path / "o.png"))) == RED
+    half = _px(load_image(save_image(Image.new("RGBA", (8, 8), (0, 0, 0, 128)), tmp_path / "h.png")))
     assert all(abs(c - 127) <= 1 for c in half)
-    assert _px(load_image(_save(Image.new("LA", (8, 8), (0, 0)), tmp_path / "la.png"))) == (255, 255, 255)
+    assert _px(load_image(save_image(Image.new("LA", (8, 8), (0, 0)), tmp_path / "la.png"))) == (255, 255, 255)
 
 
 @pytest.mark.parametrize("mode", ["PA", "RGBa", "La"])
@@ -137,7 +128,7 @@ def test_other_alpha_modes_over_white(mode: str) -> None:
 
 
 def test_cmyk_jpeg_adobe_inverted(tmp_path: Path) -> None:
-    p = _save(Image.new("RGB", (16, 16), RED).convert("CMYK"), tmp_path / "cmyk.jpg", quality=95)
+    p = save_image(Image.new("RGB", (16, 16), RED).convert("CMYK"), tmp_path / "cmyk.jpg", quality=95)
     with Image.open(p) as raw:
         assert raw.mode == "CMYK" and "adobe" in raw.info  # Pillow writes inverted Adobe CMYK
     r, g, b = _px(load_image(p), (8, 8))
@@ -146,12 +137,12 @@ def test_cmyk_jpeg_adobe_inverted(tmp_path: Path) -> None:
 
 def test_16bit_png_is_scaled_not_clipped(tmp_path: Path) -> None:
     arr = np.array([[0, 257, 32768, 65535]] * 2, dtype=np.uint16)
-    p = _save(Image.fromarray(arr), tmp_path / "16.png")
+    p = save_image(Image.fromarray(arr), tmp_path / "16.png")
     with Image.open(p) as raw:
         assert raw.mode.startswith("I")
     img = load_image(p)
     assert [_px(img, (x, 0))[0] for x in range(4)] == [0, 1, 128, 255]
-    full = load_image(_save(Image.fromarray(np.full((4, 4), 65535, np.uint16)), tmp_path / "w.png"))
+    full = load_image(save_image(Image.fromarray(np.full((4, 4), 65535, np.uint16)), tmp_path / "w.png"))
     assert _px(full) == (255, 255, 255)
 
 
@@ -162,7 +153,7 @@ def test_16bit_modes(mode: str) -> None:
 
 
 def test_float_images(tmp_path: Path) -> None:
-    unit = load_image(_save(Image.new("F", (4, 4), 0.5), tmp_path / "f.tif"))
+    unit = load_image(save_image(Image.new("F", (4, 4), 0.5), tmp_path / "f.tif"))
     assert _px(unit) == (128, 128, 128)
     assert _px(ki.to_rgb(Image.new("F", (4, 4), 200.0))) == (200, 200, 200)
 
@@ -194,7 +185,7 @@ def test_animated_gif_uses_first_frame(tmp_path: Path) -> None:
 
 
 def test_draft_decodes_large_jpeg_at_reduced_size(tmp_path: Path) -> None:
-    p = _save(_noise(4000, 3000), tmp_path / "large.jpg", quality=80)
+    p = save_image(noise_image(4000, 3000), tmp_path / "large.jpg", quality=80)
     small = load_image(p, target=256)
     assert min(small.size) >= 256
     assert small.size[0] <= 1000 and small.size[1] <= 750
@@ -219,7 +210,7 @@ def _error(source: object, **kw) -> str:
 def test_truncated_jpeg_and_png(tmp_path: Path) -> None:
     for name in ("cut.jpg", "cut.png"):
         data = io.BytesIO()
-        _noise(200, 150).save(data, "JPEG" if name.endswith("jpg") else "PNG")
+        noise_image(200, 150).save(data, "JPEG" if name.endswith("jpg") else "PNG")
         p = tmp_path / name
         p.write_bytes(data.getvalue()[: len(data.getvalue()) // 2])
         message = _error(p)
@@ -270,7 +261,7 @@ def test_large_photo_within_our_limit_prints_no_pillow_warning(tmp_path: Path, m
     # A photo above Pillow's warning threshold but within max_pixels: Pillow warns on
     # open and again when a large region is cropped. Scaled down: warning above 6000 px.
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 6000)
-    p = _save(_noise(120, 90), tmp_path / "large.png")
+    p = save_image(noise_image(120, 90), tmp_path / "large.png")
     with _no_warnings():
         batch = prepare(p, Preprocess(input_size=64))
     assert batch.shape == (1, 3, 64, 64)
@@ -279,7 +270,7 @@ def test_large_photo_within_our_limit_prints_no_pillow_warning(tmp_path: Path, m
 
 
 def test_low_max_pixels(tmp_path: Path) -> None:
-    p = _save(Image.new("RGB", (64, 48), RED), tmp_path / "small.png")
+    p = save_image(Image.new("RGB", (64, 48), RED), tmp_path / "small.png")
     assert _error(p, max_pixels=1000) == f"{p}: image too large (64x48 = 3072 px > 1000 px limit)"
     assert load_image(p, max_pixels=64 * 48).size == (64, 48)
     with pytest.raises(KlausImageError, match="too large"):
@@ -289,7 +280,7 @@ def test_low_max_pixels(tmp_path: Path) -> None:
 def test_pillow_global_state_untouched(tmp_path: Path) -> None:
     before = Image.MAX_IMAGE_PIXELS
     _error(_png_header_only(tmp_path / "bomb.png", 20000, 20000))
-    load_image(_save(Image.new("RGB", (8, 8)), tmp_path / "ok.png"))
+    load_image(save_image(Image.new("RGB", (8, 8)), tmp_path / "ok.png"))
     assert before == Image.MAX_IMAGE_PIXELS
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
     assert DEFAULT_MAX_PIXELS == 178_956_970
@@ -317,7 +308,7 @@ def _piped(data: bytes) -> tuple[str, threading.Thread]:
 @pytest.mark.skipif(not Path("/dev/fd").is_dir(), reason="needs /dev/fd")
 def test_a_pipe_is_read_into_memory_and_decodes_like_the_file(tmp_path: Path) -> None:
     noise = np.random.default_rng(0).integers(0, 256, (200, 300, 3), dtype=np.uint8)
-    photo = _save(Image.fromarray(noise), tmp_path / "photo.png")
+    photo = save_image(Image.fromarray(noise), tmp_path / "photo.png")
     data = photo.read_bytes()
     assert len(data) > 65536  # more than a pipe's buffer: the whole stream is read
     path, thread = _piped(data)

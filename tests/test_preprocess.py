@@ -10,21 +10,12 @@ import pytest
 from PIL import Image
 
 import klaus.preprocess as kp
+from conftest import noise_image, save_image
 from klaus.errors import KlausFormatError
 from klaus.images import load_image
 from klaus.preprocess import Preprocess, crop_boxes, prepare, resized_size, to_tensor
 
 RED = (255, 0, 0)
-
-
-def _save(img: Image.Image, path: Path, fmt: str | None = None, **kw) -> Path:
-    img.save(path, fmt, **kw)
-    return path
-
-
-def _noise(width: int, height: int, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
 # --------------------------------------------------------------------------
@@ -111,7 +102,7 @@ def test_direct_construction_validates_with_value_error() -> None:
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 def test_tensor_shape_and_dtype(crops: int, layout: str) -> None:
     spec = Preprocess(layout=layout)
-    x = to_tensor(_noise(640, 480), spec, crops)
+    x = to_tensor(noise_image(640, 480), spec, crops)
     expected = (crops, 3, 224, 224) if layout == "NCHW" else (crops, 224, 224, 3)
     assert x.shape == expected
     assert x.dtype == np.float32
@@ -137,7 +128,7 @@ def test_bgr_order_and_per_channel_mean_std() -> None:
 
 def test_invalid_crops() -> None:
     with pytest.raises(ValueError, match="crops"):
-        to_tensor(_noise(300, 300), Preprocess(), crops=5)
+        to_tensor(noise_image(300, 300), Preprocess(), crops=5)
     with pytest.raises(ValueError, match="crops"):
         crop_boxes(300, 300, Preprocess(), crops=0)
 
@@ -174,7 +165,7 @@ def test_ten_crops_of_asymmetric_image() -> None:
 
 @pytest.mark.parametrize("size", [(640, 480), (333, 500)])
 def test_ten_crops_equal_resize_then_crop(size: tuple[int, int]) -> None:
-    img = _noise(*size)
+    img = noise_image(*size)
     spec = Preprocess(layout="NHWC")
     full = np.asarray(img.resize(resized_size(*size, spec, 10), Image.Resampling.BICUBIC))
     expected = []
@@ -213,7 +204,7 @@ WINDOW_SIZES = [
 def test_one_crop_is_resize_then_crop_within_one_level(size: tuple[int, int], interpolation: str) -> None:
     """The single center crop resamples only its window: the same pixels as resizing the
     whole image then cropping, but for a rare rounding difference of one level."""
-    img = _noise(*size, seed=size[0])
+    img = noise_image(*size, seed=size[0])
     spec = Preprocess(interpolation=interpolation)
     expected = _resize_then_crop(img, spec)
     got = kp.to_pixels(img, spec)
@@ -225,7 +216,7 @@ def test_one_crop_is_resize_then_crop_within_one_level(size: tuple[int, int], in
 
 def test_one_crop_is_exact_when_the_scale_is_a_binary_fraction() -> None:
     # 640 x 480 -> 341 x 256: the vertical scale 1.875 is exact in float32, so is the window
-    img = _noise(640, 480, seed=3)
+    img = noise_image(640, 480, seed=3)
     np.testing.assert_array_equal(kp.to_pixels(img, Preprocess())[0], _resize_then_crop(img, Preprocess()))
 
 
@@ -241,13 +232,13 @@ def test_pillow_pass_order_is_known_and_followed(monkeypatch: pytest.MonkeyPatch
     assert rule is not None, "this Pillow orders its resize passes in an unknown way: one-crop windows are slow"
     # An unknown order falls back to resizing the whole image: exactly resize-then-crop.
     monkeypatch.setattr(kp, "_pillow_vertical_first", lambda: None)
-    img = _noise(333, 500)
+    img = noise_image(333, 500)
     np.testing.assert_array_equal(kp.to_pixels(img, Preprocess())[0], _resize_then_crop(img, Preprocess()))
 
 
 @pytest.mark.parametrize("interpolation", ["nearest", "box"])
 def test_one_crop_with_a_step_filter_resizes_the_whole_image(interpolation: str) -> None:
-    img = _noise(333, 500)
+    img = noise_image(333, 500)
     spec = Preprocess(interpolation=interpolation)
     np.testing.assert_array_equal(kp.to_pixels(img, spec)[0], _resize_then_crop(img, spec))
 
@@ -277,7 +268,7 @@ def test_normalize_is_the_float_formula_bit_for_bit(order: str, layout: str) -> 
 
 @pytest.mark.parametrize("crops", [1, 10])
 def test_to_tensor_is_normalized_pixels(crops: int) -> None:
-    img, spec = _noise(400, 300), Preprocess()
+    img, spec = noise_image(400, 300), Preprocess()
     np.testing.assert_array_equal(to_tensor(img, spec, crops), kp.normalize(kp.to_pixels(img, spec, crops), spec))
 
 
@@ -304,7 +295,7 @@ def test_one_crop_of_a_strip_never_makes_a_huge_first_pass(monkeypatch: pytest.M
 
 
 def test_window_resampling_fallback_matches_closely(monkeypatch: pytest.MonkeyPatch) -> None:
-    img = _noise(640, 480)
+    img = noise_image(640, 480)
     exact = to_tensor(img, Preprocess(), crops=10)
     monkeypatch.setattr(kp, "MAX_RESIZED_PIXELS", 1)
     approx = to_tensor(img, Preprocess(), crops=10)
@@ -325,7 +316,7 @@ def test_to_tensor_accepts_non_rgb_image() -> None:
 
 @pytest.mark.parametrize("size", [(4000, 3000), (300, 4001), (2100, 2100)])
 def test_prepare_with_draft(tmp_path: Path, size: tuple[int, int]) -> None:
-    p = _save(_noise(*size), tmp_path / "x.jpg")
+    p = save_image(noise_image(*size), tmp_path / "x.jpg")
     x = prepare(p, Preprocess(), crops=10)
     assert x.shape == (10, 3, 224, 224) and x.dtype == np.float32
     np.testing.assert_array_equal(x, prepare(p, Preprocess(), crops=10))  # deterministic
