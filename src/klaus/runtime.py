@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import tempfile
 import time
@@ -312,10 +313,10 @@ def _remove_staging(directory: Path) -> None:
         directory.rmdir()
 
 
-_MMAP_THRESHOLD_SET: list[bool] = []
 M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES = -3, 128 * 1024  # glibc's mallopt parameter and its default value
 
 
+@functools.cache
 def _fix_mmap_threshold() -> None:
     """Keep glibc's mmap threshold at its default (glibc only; a no-op elsewhere), once per process.
 
@@ -325,9 +326,6 @@ def _fix_mmap_threshold() -> None:
     (by chance: it depends on the order of frees). Setting the threshold fixes it, so blocks of
     128 KiB and more are mapped and unmapped on their own and memory freed goes back at once.
     """
-    if _MMAP_THRESHOLD_SET:
-        return
-    _MMAP_THRESHOLD_SET.append(True)
     try:
         import ctypes
 
@@ -493,8 +491,8 @@ class Classifier:
         self._fixed_batch = fixed_batch_of(self.session)
 
     def _klaus_session(self, loaded: KlausModel, threads: int | None, memory: str):
-        if memory == "default":
-            return klaus_session(loaded, threads)
+        if memory == "default":  # staging has already failed: the weights go from memory
+            return _session_from_memory(loaded, threads, spinning=True)
         from . import lowmem
 
         try:
