@@ -202,22 +202,31 @@ def _stored_png(width: int, height: int, depth: int, scanlines: bytes) -> bytes:
 
 def decode_png_indices(data: bytes, rows: int, cols: int, bits: int) -> np.ndarray:
     """Validate the PNG against the shape and bit width the tensor table declares, then decode."""
-    from PIL import Image
-
     width, height, depth, idat = _walk_png(data)
     if (height, width) != (rows, cols):
         raise KlausFormatError(f"index map is {width}x{height}, expected {cols}x{rows}")
     if depth < bits:
         raise KlausFormatError(f"index map has bit depth {depth}, too small for {bits}-bit indices")
     scanlines = _inflate_image_data(idat, rows, cols, depth)
-    if depth == 8:
-        lines = np.frombuffer(scanlines, np.uint8).reshape(rows, 1 + cols)
-        if not lines[:, 0].any():  # every row unfiltered (filter type 0): the bytes are the indices
-            values = np.ascontiguousarray(lines[:, 1:])
-            if int(values.max(initial=0)) >= (1 << bits):
-                raise KlausFormatError(f"index map holds indices >= 2^{bits}")
-            return values
-    stored = _stored_png(width, height, depth, scanlines)
+    values = _unfiltered_bytes(scanlines, rows, cols) if depth == 8 else None
+    if values is None:
+        values = _unfiltered_by_pillow(_stored_png(width, height, depth, scanlines), depth)
+    if int(values.max(initial=0)) >= (1 << bits):
+        raise KlausFormatError(f"index map holds indices >= 2^{bits}")
+    return values
+
+
+def _unfiltered_bytes(scanlines: bytes, rows: int, cols: int) -> np.ndarray | None:
+    """An 8-bit map's indices read straight from its scanlines when every row is unfiltered (filter
+    type 0, as most maps are), skipping Pillow; None when some row needs unfiltering."""
+    lines = np.frombuffer(scanlines, np.uint8).reshape(rows, 1 + cols)
+    return None if lines[:, 0].any() else np.ascontiguousarray(lines[:, 1:])
+
+
+def _unfiltered_by_pillow(stored: bytes, depth: int) -> np.ndarray:
+    """The indices of a stored-deflate PNG (:func:`_stored_png`) as uint8, Pillow undoing the row filters."""
+    from PIL import Image
+
     try:
         with warnings.catch_warnings():  # the size is the declared tensor's, already within bounds
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -231,8 +240,6 @@ def decode_png_indices(data: bytes, rows: int, cols: int, bits: int) -> np.ndarr
     values = pixels.astype(np.uint8) if depth == 1 else pixels // step
     if depth not in (1, 8) and np.any(pixels % step):
         raise KlausFormatError("index map PNG holds values that are not valid indices")
-    if int(values.max(initial=0)) >= (1 << bits):
-        raise KlausFormatError(f"index map holds indices >= 2^{bits}")
     return values.astype(np.uint8, copy=False)
 
 
