@@ -8,7 +8,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper, shape_inference
 
-from klaus import shapes
+from klaus import onnxwire, shapes
 from klaus.errors import KlausFormatError
 from klaus.format import read_model
 from klaus.runtime import default_model_path
@@ -201,3 +201,9 @@ def test_sizes_that_come_from_the_image_are_left_unknown_not_refused():
 def test_bytes_that_are_not_a_graph_are_one_error():
     with pytest.raises(KlausFormatError, match=r"^x\.klaus: graph is not a valid ONNX protobuf"):
         shapes.check(b"\xff\xff\xff", "x.klaus")
+
+
+def test_every_operator_the_policy_allows_has_a_shape_rule():
+    """The walk and the operator policy name the same operators: one the policy lets in without a
+    rule would go uncounted, one with a rule the policy refuses is dead code."""
+    assert set(shapes._RULES) == set(onnxwire.CLASSIFIER_OPS)
