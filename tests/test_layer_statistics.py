@@ -28,6 +28,21 @@ SIZE = 8
 CLASSES = 10
 
 
+def _classifier(nodes: list, inits: list, name: str) -> onnx.ModelProto:
+    """A checked opset-17 model of ``nodes``: image input (batch, 3, SIZE, SIZE), logits (batch, CLASSES)."""
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, SIZE, SIZE])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", CLASSES])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="klaus-tests")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
 def shared_input_model(seed: int = 0) -> onnx.ModelProto:
     rng = np.random.default_rng(seed)
 
@@ -64,17 +79,7 @@ def shared_input_model(seed: int = 0) -> onnx.ModelProto:
         helper.make_node("MatMul", ["v", "mm2.weight"], ["m"], name="/mm2/MatMul"),  # (N, 64, 16) @ (16, 10)
         helper.make_node("ReduceMean", ["m"], ["logits"], name="/pool/ReduceMean", axes=[1], keepdims=0),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "shared",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, SIZE, SIZE])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", CLASSES])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="klaus-tests")
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
+    return _classifier(nodes, inits, "shared")
 
 
 LAYERS = ("stem.weight", "pw.weight", "full.weight", "dw.weight", "grp.weight", "mm1.weight", "mm2.weight")
@@ -206,17 +211,7 @@ def padded_window_model(seed: int = 0) -> onnx.ModelProto:
         helper.make_node("Flatten", ["g"], ["f"], name="/flatten"),
         helper.make_node("Gemm", ["f", "fc.weight"], ["logits"], name="/fc/Gemm", transB=1),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "padded",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, SIZE, SIZE])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", CLASSES])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="klaus-tests")
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
+    return _classifier(nodes, inits, "padded")
 
 
 def test_taps_that_read_only_padding_do_not_move_the_bias(batch):
