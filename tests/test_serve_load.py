@@ -8,6 +8,7 @@ arrival order, and 503 beyond it.
 from __future__ import annotations
 
 import asyncio
+import shutil
 import sys
 import threading
 import time
@@ -17,6 +18,7 @@ import pytest
 pytest.importorskip("starlette", reason="needs the 'web' extra")
 
 from conftest import ROOT
+from klaus.index.db import thumbs_dir
 from klaus.web import app as web
 from klaus.web import pool
 
@@ -150,6 +152,7 @@ def test_busy_thumbnail_is_503_with_retry_after(library, monkeypatch):
     from starlette.testclient import TestClient
 
     db, uploads = library
+    shutil.rmtree(thumbs_dir(db), ignore_errors=True)  # the load test may have cached this thumbnail already
     app = web.create_app(db, allowed_hosts=["testserver"], jobs=1, queue=0)
 
     async def refuse(cost, fn, *args):
