@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from klaus import compression
 from klaus.compression.recipe import LOSSLESS, Recipe
 from klaus.labels import plain_label_rows
 from klaus.preprocess import Preprocess
+from klaus.staging import CACHE_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -95,6 +97,13 @@ def tiny_klaus(recipe: Recipe = TINY_RECIPE, calibration: np.ndarray | None = No
     return compression.compress_onnx(
         model, recipe, preprocess=TINY_PREPROCESS, labels=plain_label_rows(names), card=card, calibration=calibration
     )
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _weights_cache_of_the_test_run(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The test run's own weights cache (:mod:`klaus.staging`), never the user's; the klaus commands
+    the tests start inherit it."""
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("weights-cache"))
 
 
 @pytest.fixture

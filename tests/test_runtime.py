@@ -4,14 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import os
-import re
-import stat
 import subprocess
 import sys
-import tempfile
-import time
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -19,7 +13,7 @@ import onnxruntime as ort
 import pytest
 
 from conftest import EXAMPLES, TINY_CLASSES, TINY_PREPROCESS, make_tiny_onnx, tiny_klaus
-from klaus import compression, format, onnxwire, runtime
+from klaus import compression, format
 from klaus.compression.recipe import FP16
 from klaus.errors import KlausFormatError, KlausImageError, KlausModelError
 from klaus.labels import plain_label_rows
@@ -434,141 +428,3 @@ def test_classifying_with_a_klaus_model_imports_neither_onnx_nor_the_compression
     label, imported = out.splitlines()[0], out.splitlines()[1:]
     assert label == "tiger cat"
     assert imported == [""]
-
-
-def _tiny_batch() -> np.ndarray:
-    side = TINY_PREPROCESS.input_size
-    return np.random.default_rng(0).standard_normal((2, 3, side, side)).astype(np.float32)
-
-
-def _external_data(model_fields: bytes) -> dict[str, tuple[str, int, int]]:
-    """name -> (location, offset, length) of each initializer in serialized ModelProto fields."""
-    out = {}
-    for _, _, graph in onnxwire.fields(model_fields):
-        assert isinstance(graph, memoryview)
-        for n, _, tensor in onnxwire.fields(graph):
-            assert n == onnxwire.GRAPH_INITIALIZER and isinstance(tensor, memoryview)
-            name, entries = "", {}
-            for tn, _, value in onnxwire.fields(tensor):
-                if tn == onnxwire.TENSOR_NAME:
-                    name = bytes(value).decode()
-                elif tn == onnxwire.TENSOR_EXTERNAL_DATA:
-                    assert isinstance(value, memoryview)
-                    key, val = (bytes(v).decode() for _, _, v in onnxwire.fields(value))
-                    entries[key] = val
-            out[name] = (entries["location"], int(entries["offset"]), int(entries["length"]))
-    return out
-
-
-def test_staged_weights_are_the_decoded_tensors_page_aligned_in_a_private_directory(tmp_path, monkeypatch):
-    """ONNX Runtime reads a `.klaus` model's weights from the staged file: each tensor exactly as
-    decoded, at a page boundary, in a directory only the user can read, deleted on close."""
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    monkeypatch.setattr(runtime, "STAGED_MIN_BYTES", 0)  # every tensor of the tiny model goes to the file
-    model = tiny_klaus()
-    staged = runtime.stage(model)
-    assert staged is not None and staged.small == {}
-    assert staged.directory.parent == tmp_path
-    assert stat.S_IMODE(staged.directory.stat().st_mode) == 0o700
-    weights = (staged.directory / runtime.STAGED_WEIGHTS).read_bytes()
-    graph = staged.graph.read_bytes()
-    assert graph.startswith(model.graph)
-    placements = _external_data(graph[len(model.graph) :])
-    assert sorted(placements) == sorted(t.name for t in model.tensors)
-    for t in model.tensors:
-        location, offset, length = placements[t.name]
-        expected = np.ascontiguousarray(t.decode(), dtype="<f4").reshape(t.dims)
-        assert (location, offset % runtime.PAGE_BYTES, length) == (runtime.STAGED_WEIGHTS, 0, expected.nbytes)
-        stored = np.frombuffer(weights, "<f4", count=expected.size, offset=offset).reshape(t.dims)
-        np.testing.assert_array_equal(stored, expected)
-    staged.close()
-    assert list(tmp_path.iterdir()) == []
-
-
-@pytest.mark.parametrize("min_bytes", [0, runtime.STAGED_MIN_BYTES, 1 << 40])
-def test_a_klaus_session_leaves_no_temporary_files_and_matches_the_in_memory_one(tmp_path, monkeypatch, min_bytes):
-    """The same outputs whether the weights reach ONNX Runtime from the staged file, from memory, or both."""
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    monkeypatch.setattr(runtime, "STAGED_MIN_BYTES", min_bytes)
-    model = tiny_klaus()
-    staged = runtime.klaus_session(model)
-    from_memory = runtime._session_from_memory(model, None, True)
-    assert list(tmp_path.iterdir()) == []
-    x = _tiny_batch()
-    name = staged.get_inputs()[0].name
-    np.testing.assert_array_equal(staged.run(None, {name: x})[0], from_memory.run(None, {name: x})[0])
-    classifier = Classifier(model)
-    assert list(tmp_path.iterdir()) == []
-    np.testing.assert_array_equal(classifier.session.run(None, {name: x})[0], staged.run(None, {name: x})[0])
-
-
-def test_without_a_writable_temporary_directory_the_weights_go_from_memory(tmp_path, monkeypatch):
-    model = tiny_klaus()
-    x = _tiny_batch()
-    expected = runtime.klaus_session(model).run(None, {"input": x})[0]
-
-    def no_directory(*args, **kwargs):
-        raise PermissionError("read-only")
-
-    monkeypatch.setattr(tempfile, "mkdtemp", no_directory)
-    assert runtime.stage(model) is None
-    np.testing.assert_array_equal(runtime.klaus_session(model).run(None, {"input": x})[0], expected)
-    monkeypatch.undo()
-
-    def disk_full(*args, **kwargs):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    monkeypatch.setattr(runtime, "_write_staged", disk_full)
-    assert runtime.stage(model) is None
-    assert list(tmp_path.iterdir()) == []  # the partly written directory is gone
-    np.testing.assert_array_equal(Classifier(model).session.run(None, {"input": x})[0], expected)
-
-
-def test_a_tensor_that_fails_to_decode_names_the_file_and_leaves_no_temporary_files(tmp_path, monkeypatch):
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
-    (tmp_path / "tmp").mkdir()
-    model = tiny_klaus()
-    bad = next(t for t in model.tensors if t.palette is not None)
-    broken = dataclasses.replace(bad, palette=bad.palette[:2], sha256="")  # a one-entry palette: indices point past it
-    tensors = tuple(broken if t is bad else t for t in model.tensors)
-    model = dataclasses.replace(model, tensors=tensors, source_path="broken.klaus")
-    with pytest.raises(KlausFormatError, match=rf"^broken.klaus: tensor {re.escape(repr(bad.name))}: "):
-        runtime.klaus_session(model)
-    assert list((tmp_path / "tmp").iterdir()) == []
-
-
-@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux's /proc/self/maps")
-def test_no_part_of_the_staged_file_outlives_the_session_build(tmp_path, monkeypatch):
-    """ONNX Runtime maps the weights it uses as stored; none may stay mapped from the deleted file,
-    which would keep all of it (on a tmpfs, in memory) for as long as the session."""
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    sessions = [runtime.klaus_session(tiny_klaus()), Classifier().session]
-    assert all(sessions)
-    mapped = [line for line in Path("/proc/self/maps").read_text().splitlines() if str(tmp_path) in line]
-    assert mapped == []
-
-
-@pytest.mark.skipif(os.name != "posix", reason="process ids are probed on POSIX only")
-def test_staging_left_by_a_killed_process_is_removed_by_the_next_session_build(tmp_path, monkeypatch):
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead_pid = int(gone.stdout)
-    old = time.time() - runtime.STALE_STAGING_SECONDS - 60
-
-    def leftover(pid: int, age: float) -> Path:
-        directory = tmp_path / f"{runtime.STAGING_PREFIX}{pid}-x{len(list(tmp_path.iterdir()))}"
-        directory.mkdir()
-        for name in (runtime.STAGED_GRAPH, runtime.STAGED_WEIGHTS):
-            (directory / name).write_bytes(b"\0" * 16)
-        os.utime(directory, (age, age))
-        return directory
-
-    stale = leftover(dead_pid, old)
-    recent = leftover(dead_pid, time.time())  # its process may still be about to use it
-    alive = leftover(os.getppid(), old)  # a live process's staging is never touched
-    other = tmp_path / "klaus-weights-notes"
-    other.mkdir()
-    runtime.klaus_session(tiny_klaus())
-    assert not stale.exists()
-    assert sorted(tmp_path.iterdir()) == sorted([recent, alive, other])

@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import os
-import tempfile
 import time
-from collections import deque
-from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
@@ -17,14 +12,15 @@ from typing import IO, TYPE_CHECKING
 import numpy as np
 
 from . import onnxwire, shapes
-from .errors import KlausError, KlausFormatError, KlausModelError, first_line, naming
-from .format import KlausModel, LabelRow, TensorRecord, allowed_ops, looks_like_klaus, read_model
+from .errors import KlausModelError, first_line, naming
+from .format import KlausModel, LabelRow, allowed_ops, looks_like_klaus, read_model
 from .images import load_image
 from .labels import labels_for
 from .limits import MEMORY_ENV, max_run_bytes
 from .memory import release_free_heap
 from .onnxwire import batches
 from .preprocess import Preprocess, check_input_shape, preprocess_for_input, to_tensor
+from .staging import StagedModel, decoded, fix_mmap_threshold, stage
 
 if TYPE_CHECKING:
     import onnx
@@ -33,17 +29,6 @@ DEFAULT_MODEL_NAME = "efficientnet-lite0.klaus"
 RUN_ROWS = 32  # images or crops per ONNX Runtime call: bounds activation memory, costs no throughput
 MEMORY_MODES = ("default", "low")  # "low": weights stay uint8 indices + palette in memory (klaus.lowmem)
 ImageSource = str | os.PathLike | bytes | IO[bytes]
-# A `.klaus` session's decoded weights pass through a private temporary directory (:func:`klaus_session`).
-STAGED_GRAPH, STAGED_WEIGHTS = "model.onnx", "weights"
-PAGE_BYTES = 4096  # each staged tensor starts on a page boundary
-# Tensors smaller than this go to ONNX Runtime from memory: it keeps small tensors (biases, scales) mapped from
-# the file as they are, which would keep the deleted file alive for as long as the session.
-STAGED_MIN_BYTES = 64 * 1024
-# Tensors decode two at a time (:func:`_decoded_in_order`), their float32 bytes in flight bounded.
-DECODE_THREADS, DECODE_BUDGET_BYTES = 2, 8 * 1024 * 1024
-# Staging directories are named klaus-weights-<pid>-<random>; one whose process is gone and that is older than
-# this is left over from a process killed while building a session, and the next session build removes it.
-STAGING_PREFIX, STALE_STAGING_SECONDS = "klaus-weights-", 600
 
 
 def _is_sqlite(path: str | os.PathLike[str]) -> bool:
@@ -130,14 +115,15 @@ def make_session(
     where: str | None = None,
     spinning: bool = True,
     capped: bool = False,
+    folder: Path | None = None,
 ):
     """An ONNX Runtime CPU session; deterministic settings, no custom ops.
 
     With ``capped`` the session allocates from the process's one capped arena
     (:func:`klaus.limits.max_run_bytes`): what a model file runs cannot take unbounded memory.
 
-    ``model`` is a graph in memory or the path of an ONNX file (whose external data, if any, lies
-    beside it: :func:`klaus_session`). ``arrays`` gives the values of placeholder initializers
+    ``model`` is a graph in memory or the path of an ONNX file; the files its external data refers
+    to lie in ``folder`` (:func:`klaus_session`), or beside the file. ``arrays`` gives the values of placeholder initializers
     (:func:`klaus.onnxwire.placeholder_tensor`);
     ``where`` (the model file) is named in the error if ONNX Runtime refuses the graph. Without
     ``spinning``, idle ONNX Runtime threads sleep between calls instead of busy-waiting, which
@@ -152,6 +138,8 @@ def make_session(
         options.add_session_config_entry("session.use_env_allocators", "1")
     if arrays:
         options.add_external_initializers(list(arrays), [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays.values()])
+    if folder is not None:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 4  # fatal only: failures arrive as exceptions, which become one line
     if threads:
@@ -200,205 +188,30 @@ def run_failure(where: str, exc: BaseException) -> KlausModelError:
 
 
 def klaus_session(model: KlausModel, threads: int | None = None, spinning: bool = True):
-    """An ONNX Runtime session for a `.klaus` model, built from the stored graph bytes.
-
-    The decoded weights reach ONNX Runtime the way a plain ONNX file's weights do (:func:`stage`);
-    where no temporary file can be written (no writable directory, a full disk), they go to ONNX
-    Runtime from memory instead, which holds them twice while the session is built.
-    """
+    """An ONNX Runtime session for a `.klaus` model, its decoded weights read the way a plain ONNX
+    file's are (:func:`klaus.staging.stage`); where no weights file can be written (no writable
+    directory, a full disk), they go to ONNX Runtime from memory instead, which holds them twice
+    while the session is built."""
     staged = stage(model)
     if staged is None:
         return _session_from_memory(model, threads, spinning)
     with staged:
-        return staged.session(threads, spinning)
+        return staged_session(staged, threads, spinning)
 
 
-class StagedModel:
-    """A `.klaus` model's graph and decoded weights in a private temporary directory, for ONNX Runtime
-    to read as an ONNX file with external data; deleted on :meth:`close` (or leaving a ``with`` block).
-
-    ONNX Runtime then holds the only copy of each weight in memory, and frees it as it re-lays the
-    weights out for its kernels, while the caller may drop the compressed model before the session
-    is built: the weights are never in memory twice, and the peak stays at or below that of ONNX
-    Runtime opening the fp32 `.onnx` file.
-    """
-
-    def __init__(self, directory: Path, graph: Path, small: dict[str, np.ndarray], where: str) -> None:
-        self.directory = directory
-        self.graph = graph
-        self.small = small  # the tensors under STAGED_MIN_BYTES, handed over from memory
-        self.where = where
-
-    def session(self, threads: int | None = None, spinning: bool = True):
-        return make_session(self.graph, threads, self.small, where=self.where, spinning=spinning, capped=True)
-
-    def close(self) -> None:
-        self.small = {}
-        _remove_staging(self.directory)
-
-    def __enter__(self) -> StagedModel:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def stage(model: KlausModel) -> StagedModel | None:
-    """``model`` written for ONNX Runtime (:class:`StagedModel`), or None where no temporary file can be
-    written. Tensors are decoded two at a time, within a budget of decoded bytes (:func:`_decoded_in_order`),
-    written in file order and each dropped once written, so the process holds at most a few MiB of decoded
-    weights, or one tensor larger than that; no `onnx` import, no protobuf copy of any weight.
-    A tensor that fails its decode checks is a :class:`KlausFormatError` naming the file and the tensor.
-    """
-    where = model.source_path or model.name
-    _fix_mmap_threshold()
-    try:
-        directory = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-"))
-    except OSError:
-        return None
-    _remove_stale_staging(directory.parent)
-    small: dict[str, np.ndarray] = {}
-    try:
-        graph = _write_staged(model, directory, small, where)
-    except OSError:  # the temporary directory is full or not writable
-        _remove_staging(directory)
-        return None
-    except BaseException:
-        _remove_staging(directory)
-        raise
-    return StagedModel(directory, graph, small, where)
-
-
-def _remove_stale_staging(root: Path) -> None:
-    """Remove the staging directories in ``root`` that processes of this user killed while building a
-    session left behind (their process is gone and they are older than :data:`STALE_STAGING_SECONDS`).
-    POSIX only: elsewhere a process id cannot be probed without side effects."""
-    if os.name != "posix":
-        return
-    try:
-        entries = list(os.scandir(root))
-    except OSError:
-        return
-    now = time.time()
-    for entry in entries:
-        pid = entry.name.removeprefix(STAGING_PREFIX).split("-", 1)[0]
-        if not entry.name.startswith(STAGING_PREFIX) or not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            info = entry.stat(follow_symlinks=False)
-            if not entry.is_dir(follow_symlinks=False) or info.st_uid != os.getuid():
-                continue
-            if now - info.st_mtime < STALE_STAGING_SECONDS or _process_exists(int(pid)):
-                continue
-        except OSError:
-            continue
-        _remove_staging(Path(entry.path))
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True
-    return True
-
-
-def _remove_staging(directory: Path) -> None:
-    """Delete a staging directory: the two files Klaus writes there, then the directory itself."""
-    with contextlib.suppress(OSError):
-        for name in (STAGED_GRAPH, STAGED_WEIGHTS):
-            (directory / name).unlink(missing_ok=True)
-        directory.rmdir()
-
-
-M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES = -3, 128 * 1024  # glibc's mallopt parameter and its default value
-
-
-@functools.cache
-def _fix_mmap_threshold() -> None:
-    """Keep glibc's mmap threshold at its default (glibc only; a no-op elsewhere), once per process.
-
-    glibc raises the threshold to the size of each large block freed (up to 32 MiB), and blocks under
-    it then come from the heap. Decoding frees many multi-MiB arrays, after which the session's own
-    buffers land in the heap, where freed space is not returned and the peak grows by several MiB
-    (by chance: it depends on the order of frees). Setting the threshold fixes it, so blocks of
-    128 KiB and more are mapped and unmapped on their own and memory freed goes back at once.
-    """
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
-    except (OSError, AttributeError):
-        pass
-
-
-def _decoded(tensor: TensorRecord, where: str) -> np.ndarray:
-    """A stored tensor as the contiguous little-endian float32 array ONNX Runtime reads."""
-    try:
-        return np.ascontiguousarray(tensor.decode(), dtype="<f4").reshape(tensor.dims)
-    except KlausError as exc:
-        raise KlausFormatError(f"{where}: tensor {tensor.name!r}: {exc}") from None
-
-
-def _decoded_in_order(records: Sequence[TensorRecord], where: str) -> Iterator[tuple[TensorRecord, np.ndarray]]:
-    """Each record with its decoded array, in file order, decoded :data:`DECODE_THREADS` at a time.
-
-    zlib, Pillow and numpy release the GIL, so two threads decode a model in about two thirds of the
-    time one takes. The float32 bytes of the tensors decoded but not yet handed back stay within
-    :data:`DECODE_BUDGET_BYTES`, except that a larger tensor is decoded alone: the peak is that of
-    decoding one tensor at a time for any model whose large tensors exceed the budget (an AlexNet-shaped
-    fully connected layer), and a few MiB above it otherwise.
-    """
-    pending: deque[tuple[TensorRecord, int, Future[np.ndarray]]] = deque()
-    upcoming = iter(records)
-    following = next(upcoming, None)
-    in_flight = 0
-    with ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="klaus-decode") as workers:
-        try:
-            while following is not None or pending:
-                while following is not None and (not pending or in_flight + 4 * following.size <= DECODE_BUDGET_BYTES):
-                    pending.append((following, 4 * following.size, workers.submit(_decoded, following, where)))
-                    in_flight += 4 * following.size
-                    following = next(upcoming, None)
-                record, nbytes, job = pending.popleft()
-                yield record, job.result()
-                del job
-                in_flight -= nbytes
-        finally:  # a failed or abandoned decode: the tensors not started are dropped
-            workers.shutdown(wait=True, cancel_futures=True)
-
-
-def _write_staged(model: KlausModel, directory: Path, small: dict[str, np.ndarray], where: str) -> Path:
-    """Write ``model``'s graph and decoded weights (each tensor page-aligned) into ``directory``; the
-    graph's path. Tensors under :data:`STAGED_MIN_BYTES` go into ``small`` instead."""
-    tensors = []
-    with open(directory / STAGED_WEIGHTS, "xb") as out:
-        offset = 0
-        for record, array in _decoded_in_order(model.tensors, where):
-            if array.nbytes < STAGED_MIN_BYTES:
-                small[record.name] = array
-                tensors.append(onnxwire.placeholder_tensor(record.name, record.dims))
-                continue
-            offset += -offset % PAGE_BYTES
-            out.seek(offset)
-            out.write(array.data)
-            tensors.append(onnxwire.external_tensor(record.name, record.dims, STAGED_WEIGHTS, offset))
-            offset += array.nbytes
-            del array
-    graph = directory / STAGED_GRAPH
-    with open(graph, "xb") as out:
-        out.write(onnxwire.with_initializers(model.graph, tensors))
-    return graph
+def staged_session(staged: StagedModel, threads: int | None = None, spinning: bool = True):
+    """The session of a staged model: its graph from memory, its weights from the staged file."""
+    return make_session(
+        staged.graph, threads, staged.small, where=staged.where, spinning=spinning, capped=True, folder=staged.folder
+    )
 
 
 def _session_from_memory(model: KlausModel, threads: int | None, spinning: bool):
-    """:func:`klaus_session` without a temporary directory: the decoded arrays go to ONNX Runtime
-    as external initializers, which it copies."""
+    """:func:`klaus_session` without a weights file: the decoded arrays go to ONNX Runtime as
+    external initializers, which it copies."""
     where = model.source_path or model.name
-    _fix_mmap_threshold()
-    arrays = {t.name: _decoded(t, where) for t in model.tensors}
+    fix_mmap_threshold()
+    arrays = {t.name: decoded(t, where) for t in model.tensors}
     blob = onnxwire.with_initializers(model.graph, [onnxwire.placeholder_tensor(t.name, t.dims) for t in model.tensors])
     return make_session(blob, threads, arrays, where=where, spinning=spinning, capped=True)
 
@@ -463,7 +276,7 @@ class Classifier:
                 del loaded  # the decoded weights are in the staged file: the compressed ones are not needed
                 release_free_heap()
                 with staged:
-                    self.session = staged.session(threads)
+                    self.session = staged_session(staged, threads)
                 release_free_heap()
         else:
             from .onnxgraph import load_onnx  # a plain ONNX file: parsed (and checked) by the onnx package
