@@ -1142,6 +1142,73 @@ def test_too_deep_synset_chain(tmp_path, rich_v1_path):
     )
 
 
+_ROOT, _MID, _LEAF = (
+    ("n00001740", "entity", ""),
+    ("n00002137", "abstraction", "n00001740"),
+    ("n01440764", "tench", "n00002137"),
+)
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [
+        [_ROOT, _MID, _LEAF],
+        [],
+        [_ROOT, ("n01440764\n", "tench", "n00001740")],  # the per-row pattern's $ allows a final newline
+        [_ROOT, ("n0144076\u0664", "tench", "n00001740")],  # \d is any Unicode digit
+        [_ROOT, ("n014407641", "x", ""), ("n0144076", "y", "")],  # lengths that add up to whole wnids
+        [_ROOT, _MID, _MID],
+        [_ROOT, ("n01440764", "tench", "n0000174")],
+        [_ROOT, ("n01440764", 7, "")],
+        [_ROOT, ("", "nothing", "")],
+    ],
+    ids=[
+        "good",
+        "empty",
+        "newline",
+        "unicode-digit",
+        "split-lengths",
+        "duplicate",
+        "bad-parent",
+        "int-name",
+        "no-wnid",
+    ],
+)
+def test_synset_rows_checked_at_once_agree_with_the_row_by_row_check(rows):
+    """The whole-column check is a shortcut: it gives the row-by-row tree or defers to that check."""
+    at_once = fmt._synset_tree_at_once(rows)
+    try:
+        one_by_one: object = fmt._synset_tree(rows, "f")
+    except KlausFormatError:
+        one_by_one = None
+    assert at_once is None or at_once == one_by_one
+
+
+def test_imagenet_synsets_are_checked_at_once():
+    tree = fmt.hierarchy_tree(imagenet_label_rows())
+    rows = [(w, *tree[w]) for w in sorted(tree)]
+    assert fmt._synset_tree_at_once(rows) == fmt._synset_tree(rows, "f") == tree
+
+
+@pytest.mark.parametrize(
+    "words",
+    [
+        ["tench", "Tinca tinca"],
+        [],
+        ['a "quoted" \\ word', "tab\there", "\x00\x1f\x7f", "ünï", "\u2028\u2029", "😀", "\ud800"],
+        "tench",
+        [1, "a"],
+        [["x"]],
+        {"b": 1, "a": [2]},
+        None,
+        1.5,
+    ],
+)
+def test_label_words_text_is_their_canonical_json(words):
+    """A v2 row's words become v1's cell text for the content digest; the joined form is the encoder's text."""
+    assert fmt._words_json(words) == json.dumps(words, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 # ---------------------------------------------------------------- graph
 
 

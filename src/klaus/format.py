@@ -28,6 +28,8 @@ import struct
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring
+from operator import itemgetter
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +106,8 @@ REQUIRED_META = (
 OUTPUT_KINDS = ("logits", "probabilities")
 _WNID = re.compile(r"^(n\d{8})?$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_WNID_RUN = re.compile(r"(?:n\d{8})*")  # wnids written one after another
+_FIRST = itemgetter(0)
 
 
 @dataclass(frozen=True)
@@ -149,7 +153,9 @@ class TensorRecord:
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.dims, dtype=np.int64))
+        """Elements in the tensor (``math.prod``: a reader asks for it a few times per tensor, and
+        numpy's reduction costs several microseconds a call on a shape of a few numbers)."""
+        return int(math.prod(self.dims))
 
     def palette_values(self) -> np.ndarray | None:
         return None if self.palette is None else np.frombuffer(self.palette, "<f2")
@@ -347,7 +353,8 @@ def xz_compress(data: bytes) -> bytes:
 
 def content_digest(meta: Sequence[tuple], labels: Sequence[tuple], synsets: Sequence[tuple]) -> str:
     """SHA-256 over the small tables (meta except itself, labels, synsets), canonical JSON."""
-    rows = [[list(r) for r in meta if r[0] != CONTENT_KEY], [list(r) for r in labels], [list(r) for r in synsets]]
+    # JSON writes a tuple as a list, so the label and synset rows are encoded as they are, not copied
+    rows = [[list(r) for r in meta if r[0] != CONTENT_KEY], list(labels), list(synsets)]
     return hashlib.sha256(_dumps(rows).encode("utf-8")).hexdigest()
 
 
@@ -568,12 +575,6 @@ def _loads(text: object, where: str, what: str) -> object:
         raise KlausFormatError(f"{where}: {what} is not valid JSON") from None
 
 
-def _str_list(value: object, where: str, what: str) -> tuple[str, ...]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise KlausFormatError(f"{where}: {what} must be a JSON list of strings")
-    return tuple(value)
-
-
 def hierarchy_tree(labels: Sequence[LabelRow]) -> dict[str, tuple[str, str]]:
     """{wnid: (display name, parent wnid)} for every node on every label's path."""
     tree: dict[str, tuple[str, str]] = {}
@@ -624,34 +625,43 @@ def _labelset_rows(value: object, where: str) -> _LabelTables:
         raise bad
     if not all(isinstance(r, list) and len(r) == 3 and type(r[0]) is str for r in synsets):
         raise bad
-    labels = sorted(labels, key=lambda r: r[0])  # v1 reads its tables in key order too
+    labels = sorted(labels, key=_FIRST)  # v1 reads its tables in key order too
     try:
-        words_text = [_dumps(r[3]) for r in labels]  # v1's cell: words as canonical JSON text
+        words_text = [_words_json(r[3]) for r in labels]  # v1's cell: words as canonical JSON text
     except RecursionError:
         raise bad from None
     return _LabelTables(
         [(idx, wnid, name, text) for (idx, wnid, name, _), text in zip(labels, words_text, strict=True)],
-        [tuple(r) for r in sorted(synsets, key=lambda r: r[0])],
+        [tuple(r) for r in sorted(synsets, key=_FIRST)],
         [r[3] for r in labels],
     )
+
+
+def _words_json(words: object) -> str:
+    """``_dumps(words)``: a list of strings (every real label's words) is joined from its encoded
+    strings, which gives the same text several times faster than an encoder call per label row;
+    any other value goes through the encoder."""
+    if type(words) is list and all(type(w) is str for w in words):
+        return "[" + ",".join(map(encode_basestring, words)) + "]"
+    return _dumps(words)
 
 
 def _read_labels(tables: _LabelTables, where: str) -> tuple[LabelRow, ...]:
     """Label rows with their hierarchy paths; the same checks for every format version."""
     tree = _read_synsets(tables.synsets, where)
-    paths: dict[str, tuple[str, ...]] = {}
+    lines: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
     rows = []
     for expected, (idx, wnid, name, words) in enumerate(tables.labels):
-        what = f"labels row {idx}"
         if idx != expected:
             raise KlausFormatError(f"{where}: labels must be numbered 0..n-1 without gaps (found {idx} at {expected})")
         if not isinstance(wnid, str) or not _WNID.match(wnid) or not isinstance(name, str) or not name:
-            raise KlausFormatError(f"{where}: {what} has a bad wnid or name")
-        path = _path_to_root(tree, wnid, where, paths) if wnid else ()
-        hierarchy = tuple(tree[w][0] for w in path)
+            raise KlausFormatError(f"{where}: labels row {idx} has a bad wnid or name")
+        path, hierarchy = _path_to_root(tree, wnid, where, lines) if wnid else ((), ())
         # v2's words were parsed with the labelset, and their text is their canonical JSON: parsing it gives them back
-        parsed = _loads(words, where, what) if tables.words is None else tables.words[expected]
-        rows.append(LabelRow(idx, wnid, name, _str_list(parsed, where, what + " words"), path, hierarchy))
+        parsed = _loads(words, where, f"labels row {idx}") if tables.words is None else tables.words[expected]
+        if not _is_str_list(parsed):
+            raise KlausFormatError(f"{where}: labels row {idx} words must be a JSON list of strings")
+        rows.append(LabelRow(idx, wnid, name, tuple(parsed), path, hierarchy))  # type: ignore[arg-type]
     names = [r.name for r in rows]
     if len(set(names)) != len(names):
         duplicate = next(n for n in names if names.count(n) > 1)
@@ -659,7 +669,44 @@ def _read_labels(tables: _LabelTables, where: str) -> tuple[LabelRow, ...]:
     return tuple(rows)
 
 
+def _is_str_list(value: object) -> bool:
+    """Whether ``value`` is a list of strings (``map`` keeps the per-item test out of Python bytecode)."""
+    return isinstance(value, list) and all(map(isinstance, value, itertools.repeat(str)))
+
+
 def _read_synsets(rows: Sequence[tuple], where: str) -> dict[str, tuple[str, str]]:
+    """{wnid: (display name, parent wnid)}; every row well formed, each wnid once, every parent listed."""
+    tree = _synset_tree_at_once(rows)
+    if tree is None:
+        tree = _synset_tree(rows, where)
+    if not {parent for _, parent in tree.values()} <= tree.keys() | {""}:
+        for wnid, (_, parent) in tree.items():
+            if parent and parent not in tree:
+                raise KlausFormatError(f"{where}: synset {wnid} names a missing parent {parent}")
+    return tree
+
+
+def _synset_tree_at_once(rows: Sequence[tuple]) -> dict[str, tuple[str, str]] | None:
+    """The tree when every row plainly passes :func:`_synset_tree`'s checks (text cells, wnids of
+    exactly ``n`` and 8 digits and each listed once, parents such wnids or empty), found by a few
+    passes over whole columns rather than Python work per row; None otherwise, so that the
+    row-by-row check names the first bad row."""
+    if not rows:
+        return {}
+    if set(map(type, itertools.chain.from_iterable(rows))) != {str}:
+        return None
+    wnids, names, parents = zip(*rows, strict=True)
+    # Every wnid 9 characters long and the run of them n+8 digits at each 9th character: each is a wnid.
+    if set(map(len, wnids)) != {9} or not _WNID_RUN.fullmatch("".join(wnids)):
+        return None
+    if not set(map(len, parents)) <= {0, 9} or not _WNID_RUN.fullmatch("".join(parents)):
+        return None
+    tree = dict(zip(wnids, zip(names, parents, strict=True), strict=True))
+    return tree if len(tree) == len(rows) else None
+
+
+def _synset_tree(rows: Sequence[tuple], where: str) -> dict[str, tuple[str, str]]:
+    """The tree, row by row: refuses the first malformed or repeated row."""
     tree: dict[str, tuple[str, str]] = {}
     for wnid, name, parent in rows:
         if (
@@ -672,16 +719,17 @@ def _read_synsets(rows: Sequence[tuple], where: str) -> dict[str, tuple[str, str
         if wnid in tree:  # only possible in v2 (wnid is v1's primary key)
             raise KlausFormatError(f"{where}: synset {wnid} is listed twice")
         tree[wnid] = (name, parent)
-    for wnid, (_, parent) in tree.items():
-        if parent and parent not in tree:
-            raise KlausFormatError(f"{where}: synset {wnid} names a missing parent {parent}")
     return tree
 
 
 def _path_to_root(
-    tree: dict[str, tuple[str, str]], wnid: str, where: str, known: dict[str, tuple[str, ...]] | None = None
-) -> tuple[str, ...]:
-    """Root..``wnid`` by the parent links; ``known`` remembers the paths already walked (labels share ancestors)."""
+    tree: dict[str, tuple[str, str]],
+    wnid: str,
+    where: str,
+    known: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] | None = None,
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Root..``wnid`` by the parent links, as wnids and as display names; ``known`` remembers the
+    lines already walked (labels share ancestors, so each synset is climbed once)."""
     if wnid not in tree:
         raise KlausFormatError(f"{where}: label {wnid} is missing from the synsets table")
     known = {} if known is None else known
@@ -691,16 +739,18 @@ def _path_to_root(
         if len(climbed) > MAX_DEPTH:
             raise KlausFormatError(f"{where}: synset hierarchy above {wnid} is cyclic or deeper than {MAX_DEPTH}")
     top = climbed.pop() if climbed[-1] in known else None
-    path = known[top] if top is not None else ()
-    if top is None:
-        path = (climbed.pop(),)  # the root
-        known[path[-1]] = path
+    if top is not None:
+        path, names = known[top]
+    else:
+        root = climbed.pop()
+        path, names = (root,), (tree[root][0],)
+        known[root] = (path, names)
     for w in reversed(climbed):
-        path = (*path, w)
+        path, names = (*path, w), (*names, tree[w][0])
         if len(path) > MAX_DEPTH:
             raise KlausFormatError(f"{where}: synset hierarchy above {wnid} is cyclic or deeper than {MAX_DEPTH}")
-        known[w] = path
-    return path
+        known[w] = (path, names)
+    return path, names
 
 
 def _read_graph_v1(conn: sqlite3.Connection, where: str) -> bytes:
@@ -795,7 +845,7 @@ def _check_palette_fields(r: TensorRecord, what: str) -> None:
         raise KlausFormatError(f"{what}: a palettized tensor needs a non-empty shape")
     if not isinstance(r.palette, bytes) or len(r.palette) % 2 or not 2 <= len(r.palette) <= 2 << r.bits:
         raise KlausFormatError(f"{what}: palette must hold 1..2^bits fp16 values")
-    if not np.all(np.isfinite(np.frombuffer(r.palette, "<f2"))):
+    if not np.isfinite(np.frombuffer(r.palette, "<f2")).all():
         raise KlausFormatError(f"{what}: palette holds NaN or infinite values")
     if r.scales is None:
         if r.scale_axis is not None:
@@ -805,5 +855,5 @@ def _check_palette_fields(r: TensorRecord, what: str) -> None:
         raise KlausFormatError(f"{what}: scale_axis {r.scale_axis!r} is not an axis of shape {list(r.dims)}")
     if not isinstance(r.scales, bytes) or len(r.scales) != 2 * r.dims[r.scale_axis]:
         raise KlausFormatError(f"{what}: scales must hold one fp16 value per slice of axis {r.scale_axis}")
-    if not np.all(np.isfinite(np.frombuffer(r.scales, "<f2"))):
+    if not np.isfinite(np.frombuffer(r.scales, "<f2")).all():
         raise KlausFormatError(f"{what}: scales hold NaN or infinite values")

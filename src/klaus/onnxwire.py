@@ -176,29 +176,41 @@ def _varint(data: bytes | memoryview, pos: int) -> tuple[int, int]:
 
 def fields(data: bytes | memoryview) -> Iterator[tuple[int, int, int | memoryview]]:
     """(field number, wire type, value) for each field of one message: ints for varint and
-    fixed fields, a view of the bytes for length-delimited ones (nested messages, strings, packed)."""
+    fixed fields, a view of the bytes for length-delimited ones (nested messages, strings, packed).
+
+    Keys, small integers and short lengths are one byte; that case is read inline, as the reader
+    walks every field of every node of a graph while a model loads."""
     view = memoryview(data)
+    end = len(view)
     pos = 0
-    while pos < len(view):
-        key, pos = _varint(view, pos)
+    while pos < end:
+        key = view[pos]
+        if key < 0x80:
+            pos += 1
+        else:
+            key, pos = _varint(view, pos)
         number, wire = key >> 3, key & 7
         if number == 0:
             raise WireError("field number 0")
-        if wire == VARINT:
-            value, pos = _varint(view, pos)
-            yield number, wire, value
+        if wire in (LENGTH, VARINT):
+            if pos < end and view[pos] < 0x80:
+                value = view[pos]
+                pos += 1
+            else:
+                value, pos = _varint(view, pos)
+            if wire == VARINT:
+                yield number, wire, value
+                continue
+            if pos + value > end:
+                raise WireError("length-delimited field runs past the end")
+            yield number, wire, view[pos : pos + value]
+            pos += value
         elif wire in (FIXED64, FIXED32):
             width = 8 if wire == FIXED64 else 4
-            if pos + width > len(view):
+            if pos + width > end:
                 raise WireError("truncated fixed-width field")
             yield number, wire, int.from_bytes(view[pos : pos + width], "little")
             pos += width
-        elif wire == LENGTH:
-            length, pos = _varint(view, pos)
-            if pos + length > len(view):
-                raise WireError("length-delimited field runs past the end")
-            yield number, wire, view[pos : pos + length]
-            pos += length
         else:
             raise WireError(f"unsupported wire type {wire}")
 
