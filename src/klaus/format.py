@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from json.encoder import encode_basestring
 from operator import itemgetter
 from pathlib import Path
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -621,9 +622,7 @@ def _labelset_rows(value: object, where: str) -> _LabelTables:
     labels, synsets = value["labels"], value["synsets"]
     if not isinstance(labels, list) or not isinstance(synsets, list):
         raise bad
-    if not all(isinstance(r, list) and len(r) == 4 and type(r[0]) is int for r in labels):
-        raise bad
-    if not all(isinstance(r, list) and len(r) == 3 and type(r[0]) is str for r in synsets):
+    if not _rows_shaped(labels, 4, int) or not _rows_shaped(synsets, 3, str):
         raise bad
     labels = sorted(labels, key=_FIRST)  # v1 reads its tables in key order too
     try:
@@ -632,8 +631,18 @@ def _labelset_rows(value: object, where: str) -> _LabelTables:
         raise bad from None
     return _LabelTables(
         [(idx, wnid, name, text) for (idx, wnid, name, _), text in zip(labels, words_text, strict=True)],
-        [tuple(r) for r in sorted(synsets, key=_FIRST)],
+        list(map(tuple, sorted(synsets, key=_FIRST))),
         [r[3] for r in labels],
+    )
+
+
+def _rows_shaped(rows: list[Any], width: int, key: type) -> bool:
+    """Whether every row is a list of ``width`` items whose first is exactly of type ``key``; checked
+    a column at a time (``map`` over the rows), not by Python code per row."""
+    return (
+        all(map(isinstance, rows, itertools.repeat(list)))
+        and set(map(len, rows)) <= {width}
+        and set(map(type, map(_FIRST, rows))) <= {key}
     )
 
 
@@ -661,7 +670,7 @@ def _read_labels(tables: _LabelTables, where: str) -> tuple[LabelRow, ...]:
         parsed = _loads(words, where, f"labels row {idx}") if tables.words is None else tables.words[expected]
         if not _is_str_list(parsed):
             raise KlausFormatError(f"{where}: labels row {idx} words must be a JSON list of strings")
-        rows.append(LabelRow(idx, wnid, name, tuple(parsed), path, hierarchy))  # type: ignore[arg-type]
+        rows.append(LabelRow(idx, wnid, name, tuple(parsed), path, hierarchy))
     names = [r.name for r in rows]
     if len(set(names)) != len(names):
         duplicate = next(n for n in names if names.count(n) > 1)
@@ -669,7 +678,7 @@ def _read_labels(tables: _LabelTables, where: str) -> tuple[LabelRow, ...]:
     return tuple(rows)
 
 
-def _is_str_list(value: object) -> bool:
+def _is_str_list(value: object) -> TypeGuard[list[str]]:
     """Whether ``value`` is a list of strings (``map`` keeps the per-item test out of Python bytecode)."""
     return isinstance(value, list) and all(map(isinstance, value, itertools.repeat(str)))
 
@@ -733,18 +742,21 @@ def _path_to_root(
     if wnid not in tree:
         raise KlausFormatError(f"{where}: label {wnid} is missing from the synsets table")
     known = {} if known is None else known
-    climbed = [wnid]
-    while climbed[-1] not in known and tree[climbed[-1]][1]:
-        climbed.append(tree[climbed[-1]][1])
-        if len(climbed) > MAX_DEPTH:
+    node, climbed = wnid, []
+    while node not in known:
+        climbed.append(node)
+        parent = tree[node][1]
+        if not parent:
+            break
+        if len(climbed) == MAX_DEPTH:
             raise KlausFormatError(f"{where}: synset hierarchy above {wnid} is cyclic or deeper than {MAX_DEPTH}")
-    top = climbed.pop() if climbed[-1] in known else None
-    if top is not None:
-        path, names = known[top]
-    else:
-        root = climbed.pop()
-        path, names = (root,), (tree[root][0],)
-        known[root] = (path, names)
+        node = parent
+    if node in known:
+        path, names = known[node]
+    else:  # the climb ended at the root
+        climbed.pop()
+        path, names = (node,), (tree[node][0],)
+        known[node] = (path, names)
     for w in reversed(climbed):
         path, names = (*path, w), (*names, tree[w][0])
         if len(path) > MAX_DEPTH:

@@ -48,6 +48,9 @@ class Label:
 
 @dataclass(frozen=True)
 class Synset:
+    """One WordNet noun synset: its words and its hypernyms. (A docstring also spares dataclasses
+    building one from the signature at import.)"""
+
     wnid: str
     words: tuple[str, ...]
     parents: tuple[str, ...]  # every @ / @i hypernym
