@@ -226,7 +226,7 @@ def _text(value: int | memoryview) -> str:
     if not isinstance(value, memoryview):
         raise WireError("expected a string")
     try:
-        return bytes(value).decode("utf-8")
+        return str(value, "utf-8")  # decoded from the view, without copying it to bytes first
     except UnicodeDecodeError:
         raise WireError("a string is not valid UTF-8") from None
 
