@@ -25,7 +25,6 @@ import re
 import sqlite3
 import stat
 import struct
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring
@@ -262,6 +261,8 @@ def write_atomic(data: bytes, path: str | os.PathLike[str]) -> int:
         mode = stat.S_IMODE(os.stat(target).st_mode) & 0o777
     except OSError:  # no such file yet (or not one we can see): what open() would make
         mode = 0o666 & ~current_umask()
+    import tempfile  # here rather than at the top: with shutil, a few ms that reading a model does not need
+
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".klaus-", suffix=".tmp", dir=target.parent)
