@@ -25,7 +25,7 @@ import re
 import sqlite3
 import stat
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring
 from operator import itemgetter
@@ -178,6 +178,10 @@ class TensorRecord:
         if int(indices.max(initial=0)) >= len(palette):
             raise KlausFormatError(f"tensor {self.name!r}: index map refers past its {len(palette)}-entry palette")
         return codecs.dequantize(palette, indices, self.scale_values(), self.scale_axis or 0)
+
+
+# Called by the reader with a file's graph and tensor records once they are checked (:func:`read_model`).
+WeightsReady = Callable[[bytes, tuple[TensorRecord, ...]], None]
 
 
 @dataclass(frozen=True)
@@ -402,8 +406,13 @@ def looks_like_klaus(path: str | os.PathLike[str]) -> bool:
         return False
 
 
-def read_model(path: str | os.PathLike[str]) -> KlausModel:
-    """Load and fully validate a `.klaus` file."""
+def read_model(path: str | os.PathLike[str], on_weights: WeightsReady | None = None) -> KlausModel:
+    """Load and fully validate a `.klaus` file.
+
+    ``on_weights`` is called with the graph and the tensor records as soon as they are checked
+    (checksums, operator policy, weight count, activation bounds), before the labels and synsets
+    are: a caller can start building a session while the reader goes on. The model is returned
+    only when every check has passed."""
     where = str(path)
     try:
         size = os.path.getsize(path)
@@ -417,10 +426,10 @@ def read_model(path: str | os.PathLike[str]) -> KlausModel:
         raise KlausFormatError(f"{where}: is a directory, not a .klaus file") from None
     except OSError as exc:
         raise KlausFormatError(f"{where}: cannot read ({exc.strerror})") from None
-    return parse_model(data, where)
+    return parse_model(data, where, on_weights)
 
 
-def parse_model(data: bytes, where: str = "<bytes>") -> KlausModel:
+def parse_model(data: bytes, where: str = "<bytes>", on_weights: WeightsReady | None = None) -> KlausModel:
     _check_sqlite_header(data, where)
     conn = sqlite3.connect(":memory:")
     try:
@@ -433,7 +442,7 @@ def parse_model(data: bytes, where: str = "<bytes>") -> KlausModel:
         if check != [("ok",)]:
             raise KlausFormatError(f"{where}: corrupt database ({integrity_problem(check)})")
         try:
-            return _read_tables(conn, where)
+            return _read_tables(conn, where, on_weights)
         except (sqlite3.Error, UnicodeDecodeError) as exc:
             raise KlausFormatError(f"{where}: corrupt database ({exc})") from None
     finally:
@@ -476,7 +485,7 @@ def _check_sqlite_header(data: bytes, where: str) -> None:
         raise KlausFormatError(f"{where}: file size is not a whole number of pages; it is truncated")
 
 
-def _read_tables(conn: sqlite3.Connection, where: str) -> KlausModel:
+def _read_tables(conn: sqlite3.Connection, where: str, on_weights: WeightsReady | None = None) -> KlausModel:
     (app_id,) = conn.execute("PRAGMA application_id").fetchone()
     (version,) = conn.execute("PRAGMA user_version").fetchone()
     if app_id != APPLICATION_ID:
@@ -494,12 +503,15 @@ def _read_tables(conn: sqlite3.Connection, where: str) -> KlausModel:
         preprocess = Preprocess.from_dict(_loads(meta["preprocess"], where, "meta.preprocess"))
     except KlausFormatError as exc:
         raise KlausFormatError(f"{where}: {exc}") from None
-    labels = _read_labels(tables, where)
     graph = _read_graph_v1(conn, where) if version == 1 else _read_graph_v2(conn, where)
-    _check_graph_fits(onnxwire.read_skeleton(graph, where, allowed_ops()), meta, labels, where)
+    skeleton = onnxwire.read_skeleton(graph, where, allowed_ops())
     tensors = _read_tensors(conn, where)
     _check_weight_count(tensors, where)
     shapes.check(graph, where, {t.name: t.dims for t in tensors}, preprocess.input_size, preprocess.layout)
+    if on_weights is not None:
+        on_weights(graph, tensors)
+    labels = _read_labels(tables, where)
+    _check_graph_fits(skeleton, meta, labels, where)
     return KlausModel(meta, preprocess, labels, graph, tensors, source_path=where)
 
 

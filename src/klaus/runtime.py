@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,14 +14,14 @@ import numpy as np
 
 from . import onnxwire, shapes
 from .errors import KlausModelError, first_line, naming
-from .format import KlausModel, LabelRow, allowed_ops, looks_like_klaus, read_model
+from .format import KlausModel, LabelRow, WeightsReady, allowed_ops, looks_like_klaus, read_model
 from .images import load_image
 from .labels import labels_for
 from .limits import MEMORY_ENV, max_run_bytes
 from .memory import release_free_heap
 from .onnxwire import batches
 from .preprocess import Preprocess, check_input_shape, preprocess_for_input, to_tensor
-from .staging import StagedModel, decoded, fix_mmap_threshold, stage
+from .staging import StagedModel, Weights, decoded, fix_mmap_threshold, stage
 
 if TYPE_CHECKING:
     import onnx
@@ -187,7 +188,7 @@ def run_failure(where: str, exc: BaseException) -> KlausModelError:
     return KlausModelError(f"{where}: ONNX Runtime failed ({first_line(exc)})")
 
 
-def klaus_session(model: KlausModel, threads: int | None = None, spinning: bool = True):
+def klaus_session(model: KlausModel | Weights, threads: int | None = None, spinning: bool = True):
     """An ONNX Runtime session for a `.klaus` model, its decoded weights read the way a plain ONNX
     file's are (:func:`klaus.staging.stage`); where no weights file can be written (no writable
     directory, a full disk), they go to ONNX Runtime from memory instead, which holds them twice
@@ -206,10 +207,10 @@ def staged_session(staged: StagedModel, threads: int | None = None, spinning: bo
     )
 
 
-def _session_from_memory(model: KlausModel, threads: int | None, spinning: bool):
+def _session_from_memory(model: KlausModel | Weights, threads: int | None, spinning: bool):
     """:func:`klaus_session` without a weights file: the decoded arrays go to ONNX Runtime as
     external initializers, which it copies."""
-    where = model.source_path or model.name
+    where = model.where if isinstance(model, Weights) else model.source_path or model.name
     fix_mmap_threshold()
     arrays = {t.name: decoded(t, where) for t in model.tensors}
     blob = onnxwire.with_initializers(model.graph, [onnxwire.placeholder_tensor(t.name, t.dims) for t in model.tensors])
@@ -255,29 +256,28 @@ class Classifier:
             raise ValueError(f"memory must be one of {', '.join(MEMORY_MODES)}, got {memory!r}")
         if model is None:
             model = default_model_path()
-        if isinstance(model, KlausModel):
-            loaded: KlausModel | None = model
-        elif not _is_sqlite(model):
-            loaded = None
-        else:
-            loaded = read_model(model)
-        if loaded is not None:
+        if isinstance(model, KlausModel) or _is_sqlite(model):
+            early = _EarlySession(threads) if memory == "default" else None
+            try:
+                loaded = model if isinstance(model, KlausModel) else read_model(model, _handing_to(early, str(model)))
+            except BaseException:
+                if early is not None:
+                    early.abandon()
+                raise
             self.where = loaded.source_path or loaded.name  # the file, for messages
             self.name = loaded.name
             self.output = loaded.meta["output"]
             self.preprocess = preprocess or loaded.preprocess
             self.labels = tuple(labels or loaded.labels)
-            staged = stage(loaded) if memory == "default" else None
-            if staged is None:
-                self.session = self._klaus_session(loaded, threads, memory)
+            if early is None:
+                self.session = self._low_memory_session(loaded, threads)
                 del loaded  # ONNX Runtime holds its own copy of the weights now
-                release_free_heap()
             else:
-                del loaded  # the decoded weights are in the staged file: the compressed ones are not needed
-                release_free_heap()
-                with staged:
-                    self.session = staged_session(staged, threads)
-                release_free_heap()
+                if not early.begun:  # a model given as a KlausModel: no reader has handed its weights over
+                    early.start(Weights.of(loaded))
+                del loaded  # the compressed weights are in the staged file, or on their way to ONNX Runtime
+                self.session = early.result()
+            release_free_heap()
         else:
             from .onnxgraph import load_onnx  # a plain ONNX file: parsed (and checked) by the onnx package
 
@@ -303,9 +303,7 @@ class Classifier:
         check_input_shape(first.shape, self.preprocess, self.where, first.name)
         self._fixed_batch = fixed_batch_of(self.session)
 
-    def _klaus_session(self, loaded: KlausModel, threads: int | None, memory: str):
-        if memory == "default":  # staging has already failed: the weights go from memory
-            return _session_from_memory(loaded, threads, spinning=True)
+    def _low_memory_session(self, loaded: KlausModel, threads: int | None):
         from . import lowmem
 
         try:
@@ -365,6 +363,54 @@ class Classifier:
         if not np.all(np.isfinite(probs)):
             raise self._not_finite(image)
         return Classification(path, self.top(probs, top), elapsed)
+
+
+def _handing_to(early: _EarlySession | None, where: str) -> WeightsReady | None:
+    """The reader's ``on_weights`` that starts ``early`` (None: no early session, in low-memory mode)."""
+    if early is None:
+        return None
+    return lambda graph, tensors: early.start(Weights(graph, tensors, where))
+
+
+class _EarlySession(threading.Thread):
+    """A `.klaus` model's session, built on a thread of its own from the weights the reader hands over
+    (:func:`klaus.format.read_model`'s ``on_weights``) while the reader goes on checking the rest of
+    the file: labels, synsets and their checksum. ONNX Runtime releases the GIL while it builds a
+    session, so the two overlap; if the reader then refuses the file, the session is discarded.
+    """
+
+    def __init__(self, threads: int | None) -> None:
+        super().__init__(name="klaus-session")
+        self.threads = threads
+        self.weights: Weights | None = None
+        self.begun = False
+        self._session = None
+        self._error: BaseException | None = None
+
+    def start(self, weights: Weights) -> None:  # type: ignore[override]  # the weights to build from
+        self.weights = weights
+        self.begun = True
+        super().start()
+
+    def run(self) -> None:
+        weights, self.weights = self.weights, None  # staged or not, the compressed weights are not kept
+        try:
+            assert weights is not None
+            self._session = klaus_session(weights, self.threads)
+        except BaseException as exc:  # handed to the caller's thread by result()
+            self._error = exc
+
+    def result(self):
+        self.join()
+        if self._error is not None:
+            raise self._error
+        return self._session
+
+    def abandon(self) -> None:
+        """Wait for a build that has started (so its temporary files are gone) and drop it."""
+        if self.is_alive():
+            self.join()
+        self._session = None
 
 
 def _check_top(top: int) -> None:

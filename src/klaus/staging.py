@@ -91,6 +91,20 @@ def placement(records: Sequence[TensorRecord], min_bytes: int) -> Placement:
     return Placement(tuple(offsets), size, key)
 
 
+@dataclass(frozen=True)
+class Weights:
+    """What staging needs of a model file: its graph, its tensor records (checked by the reader), and its
+    name for messages. A reader can hand these over before it has checked the rest of the file."""
+
+    graph: bytes
+    tensors: tuple[TensorRecord, ...]
+    where: str
+
+    @classmethod
+    def of(cls, model: KlausModel) -> Weights:
+        return cls(model.graph, model.tensors, model.source_path or model.name)
+
+
 @dataclass
 class StagedModel:
     """A `.klaus` model ready for ONNX Runtime: ``graph`` is the stored graph whose initializers refer to
@@ -116,7 +130,7 @@ class StagedModel:
         self.close()
 
 
-def stage(model: KlausModel) -> StagedModel | None:
+def stage(model: KlausModel | Weights) -> StagedModel | None:
     """``model``'s weights where ONNX Runtime reads them (:class:`StagedModel`): from the cache, decoded into
     the cache, or decoded into a private temporary directory; None where none of these can be written.
 
@@ -125,7 +139,8 @@ def stage(model: KlausModel) -> StagedModel | None:
     one tensor larger than that. A tensor that fails its decode checks is a :class:`KlausFormatError` naming
     the file and the tensor, and leaves no file behind.
     """
-    where = model.source_path or model.name
+    model = model if isinstance(model, Weights) else Weights.of(model)
+    where = model.where
     fix_mmap_threshold()
     plan = placement(model.tensors, 0)  # a cache file lives on: every tensor can stay mapped from it
     cache = cache_directory() if plan.size <= CACHE_LIMIT_BYTES else None
@@ -182,7 +197,7 @@ def _usable(path: Path, size: int) -> bool:
     return stat.S_ISREG(info.st_mode) and info.st_size == size and _private(info)
 
 
-def _graph(model: KlausModel, plan: Placement, weights: str) -> bytes:
+def _graph(model: Weights, plan: Placement, weights: str) -> bytes:
     """The stored graph with an initializer per tensor: an external reference into ``weights``, or a
     placeholder for a tensor that goes from memory."""
     tensors = [
@@ -194,7 +209,7 @@ def _graph(model: KlausModel, plan: Placement, weights: str) -> bytes:
     return onnxwire.with_initializers(model.graph, tensors)
 
 
-def _stage_into_cache(model: KlausModel, plan: Placement, cache: Path, name: str, where: str) -> StagedModel | None:
+def _stage_into_cache(model: Weights, plan: Placement, cache: Path, name: str, where: str) -> StagedModel | None:
     """Decode ``model`` into a new cache file, written under a temporary name and renamed when whole;
     None when the cache cannot take it (a full disk, a read-only directory)."""
     part = cache / f"{name}.{os.getpid()}-{os.urandom(4).hex()}{PART_SUFFIX}"
@@ -211,7 +226,7 @@ def _stage_into_cache(model: KlausModel, plan: Placement, cache: Path, name: str
     return StagedModel(_graph(model, plan, name), cache, small, where, private=False)
 
 
-def _stage_privately(model: KlausModel, plan: Placement, where: str) -> StagedModel | None:
+def _stage_privately(model: Weights, plan: Placement, where: str) -> StagedModel | None:
     """Decode ``model`` into a new private temporary directory (0700, under ``$TMPDIR``)."""
     import tempfile  # here, not at the top: a start that finds its weights in the cache needs neither module
 
@@ -232,7 +247,7 @@ def _stage_privately(model: KlausModel, plan: Placement, where: str) -> StagedMo
     return StagedModel(_graph(model, plan, STAGED_WEIGHTS), directory, small, where, private=True)
 
 
-def _write_weights(model: KlausModel, plan: Placement, path: Path, small: dict[str, np.ndarray], where: str) -> None:
+def _write_weights(model: Weights, plan: Placement, path: Path, small: dict[str, np.ndarray], where: str) -> None:
     """Write each tensor that has an offset in ``plan`` to a new file at ``path``; put the others in ``small``."""
     offsets = dict(zip((r.name for r in model.tensors), plan.offsets, strict=True))
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
