@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -19,7 +20,8 @@ import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 
-from conftest import EXAMPLES, TINY_CLASSES, TINY_SIZE, feature_map_output, make_tiny_onnx, string_input
+from conftest import EXAMPLES, TINY_CLASSES, TINY_SIZE, feature_map_output, make_tiny_onnx, string_input, tiny_klaus
+from klaus import compression
 from klaus.cli import main
 from klaus.runtime import default_model_path
 
@@ -1372,3 +1374,16 @@ def test_ctrl_c_while_onnxruntime_initializes_is_aborted_not_a_traceback(monkeyp
     monkeypatch.setattr(common, "classifier", lambda *a, **k: (_ for _ in ()).throw(ImportError("no module named x")))
     result = CliRunner().invoke(main, ["classify", CAT], prog_name="klaus")
     assert isinstance(result.exception, ImportError)
+
+
+def test_a_model_onnx_runtime_cannot_load_is_one_error_whatever_the_images(tmp_path, monkeypatch):
+    """`classify` builds the session while it decodes the first photo; a model that cannot load is still the
+    command's one error line, not one per image, and it wins over an image that cannot be read."""
+    model = tiny_klaus()
+    path = tmp_path / "nope.klaus"
+    compression.write(dataclasses.replace(model, graph=model.graph.replace(b"Relu", b"Nope")), path)
+    monkeypatch.setenv("KLAUS_TRUST_MODEL", "1")  # past the operator policy, to ONNX Runtime
+    for images in ([CAT, COFFEE, ROCKET], [str(tmp_path / "missing.jpg"), CAT]):
+        result = run("classify", "--model", str(path), *images)
+        assert_one_line_error(result, str(path), "ONNX Runtime cannot load the model")
+        assert result.stdout == ""

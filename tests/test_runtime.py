@@ -219,7 +219,7 @@ def test_runtime_failures_are_klaus_errors(monkeypatch):
     def broken(*args, **kwargs):
         raise ort.capi.onnxruntime_pybind11_state.Fail("[ONNXRuntimeError] : 1 : FAIL : something\nmore detail")
 
-    monkeypatch.setattr(clf, "session", type("S", (), {"run": staticmethod(broken)})())
+    monkeypatch.setattr(clf, "_session", type("S", (), {"run": staticmethod(broken)})())
     with pytest.raises(
         KlausModelError, match=r"^tiny: ONNX Runtime failed \(\[ONNXRuntimeError\] : 1 : FAIL : something\)$"
     ):
@@ -273,7 +273,7 @@ def test_run_errors_name_the_model_file_not_its_name(tmp_path):
     compression.write(model, path)
     clf = Classifier(str(path))
     assert clf.name == "inner" and clf.where == str(path)
-    clf.session = type("S", (), {"run": staticmethod(lambda *a, **k: 1 / 0)})()
+    clf._session = type("S", (), {"run": staticmethod(lambda *a, **k: 1 / 0)})()
     with pytest.raises(KlausModelError, match=f"^{path}: ONNX Runtime failed"):
         clf.classify(CAT)
     compression.write(dataclasses.replace(model, preprocess=Preprocess(input_size=48)), path)
@@ -428,3 +428,25 @@ def test_classifying_with_a_klaus_model_imports_neither_onnx_nor_the_compression
     label, imported = out.splitlines()[0], out.splitlines()[1:]
     assert label == "tiger cat"
     assert imported == [""]
+
+
+def test_a_background_classifier_waits_for_its_session_where_it_is_first_needed(tmp_path, monkeypatch):
+    """With ``background`` the session may still be building when the classifier is returned; a model ONNX
+    Runtime cannot load is refused at first use (each time), where without it the constructor refuses it."""
+    model = tiny_klaus()
+    good = tmp_path / "good.klaus"
+    compression.write(model, good)
+    ready = Classifier(str(good))
+    later = Classifier(str(good), background=True)
+    assert later.ready() is later
+    np.testing.assert_array_equal(later.probabilities([CAT]), ready.probabilities([CAT]))
+    nope = tmp_path / "nope.klaus"
+    compression.write(dataclasses.replace(model, graph=model.graph.replace(b"Relu", b"Nope")), nope)
+    monkeypatch.setenv("KLAUS_TRUST_MODEL", "1")
+    cannot = f"^{nope}: ONNX Runtime cannot load the model"
+    with pytest.raises(KlausModelError, match=cannot):
+        Classifier(str(nope))
+    clf = Classifier(str(nope), background=True)
+    for _ in range(2):
+        with pytest.raises(KlausModelError, match=cannot):
+            clf.classify(CAT)

@@ -410,9 +410,10 @@ def read_model(path: str | os.PathLike[str], on_weights: WeightsReady | None = N
     """Load and fully validate a `.klaus` file.
 
     ``on_weights`` is called with the graph and the tensor records as soon as they are checked
-    (checksums, operator policy, weight count, activation bounds), before the labels and synsets
-    are: a caller can start building a session while the reader goes on. The model is returned
-    only when every check has passed."""
+    (their checksums, operator policy, weight count, activation bounds), before the labels, the
+    synsets and the checksum over them and the metadata are: a caller can start building a session
+    while the reader goes on. The model is returned only when every check has passed, and a file
+    that fails an earlier check is reported as corrupt when that checksum fails too."""
     where = str(path)
     try:
         size = os.path.getsize(path)
@@ -497,22 +498,34 @@ def _read_tables(conn: sqlite3.Connection, where: str, on_weights: WeightsReady 
         )
     _check_schema(conn, version, where)
     meta = _read_meta(conn, version, where)
-    tables = _label_tables_v1(conn) if version == 1 else _label_tables_v2(conn, where)
-    _check_content(tables, meta, where)
     try:
-        preprocess = Preprocess.from_dict(_loads(meta["preprocess"], where, "meta.preprocess"))
-    except KlausFormatError as exc:
-        raise KlausFormatError(f"{where}: {exc}") from None
-    graph = _read_graph_v1(conn, where) if version == 1 else _read_graph_v2(conn, where)
-    skeleton = onnxwire.read_skeleton(graph, where, allowed_ops())
-    tensors = _read_tensors(conn, where)
-    _check_weight_count(tensors, where)
-    shapes.check(graph, where, {t.name: t.dims for t in tensors}, preprocess.input_size, preprocess.layout)
+        preprocess = _read_preprocess(meta, where)
+        graph = _read_graph_v1(conn, where) if version == 1 else _read_graph_v2(conn, where)
+        skeleton = onnxwire.read_skeleton(graph, where, allowed_ops())
+        tensors = _read_tensors(conn, where)
+        _check_weight_count(tensors, where)
+        shapes.check(graph, where, {t.name: t.dims for t in tensors}, preprocess.input_size, preprocess.layout)
+    except KlausFormatError:
+        _check_content(_label_tables(conn, version, where), meta, where)  # a corrupt file is reported as corrupt
+        raise
     if on_weights is not None:
         on_weights(graph, tensors)
+    tables = _label_tables(conn, version, where)
+    _check_content(tables, meta, where)
     labels = _read_labels(tables, where)
     _check_graph_fits(skeleton, meta, labels, where)
     return KlausModel(meta, preprocess, labels, graph, tensors, source_path=where)
+
+
+def _read_preprocess(meta: dict[str, str], where: str) -> Preprocess:
+    try:
+        return Preprocess.from_dict(_loads(meta["preprocess"], where, "meta.preprocess"))
+    except KlausFormatError as exc:
+        raise KlausFormatError(f"{where}: {exc}") from None
+
+
+def _label_tables(conn: sqlite3.Connection, version: int, where: str) -> _LabelTables:
+    return _label_tables_v1(conn) if version == 1 else _label_tables_v2(conn, where)
 
 
 def allowed_ops() -> frozenset[str] | None:

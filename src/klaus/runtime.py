@@ -8,7 +8,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -69,6 +69,9 @@ class Prediction:
 
 @dataclass(frozen=True)
 class Classification:
+    """One photo's predictions; ``elapsed_ms`` is the time this photo took (decoding, preprocessing, the run),
+    without any wait for the model's session to be built."""
+
     path: str
     predictions: tuple[Prediction, ...]
     elapsed_ms: float
@@ -251,13 +254,26 @@ class Classifier:
         labels: Sequence[LabelRow] | None = None,
         threads: int | None = None,
         memory: str = "default",
+        spinning: bool = True,
+        background: bool = False,
     ) -> None:
+        """``spinning``: ONNX Runtime's idle threads busy-wait for the next run, which makes back-to-back runs
+        faster (batch-1 about 25 %) but takes a core from whatever else the process does meanwhile (building
+        the session while the first photo decodes, decoding photos between runs); without it they sleep.
+
+        ``background``: a `.klaus` model's session may still be building when the classifier is returned
+        (the caller decodes its first photos meanwhile); it is waited for where it is first needed
+        (:attr:`session`), and a model ONNX Runtime cannot load is refused there. Otherwise the
+        classifier is returned ready, or not at all."""
         if memory not in MEMORY_MODES:
             raise ValueError(f"memory must be one of {', '.join(MEMORY_MODES)}, got {memory!r}")
         if model is None:
             model = default_model_path()
+        self._session: Any = None
+        self._early: _EarlySession | None = None
+        self._waited = 0.0  # seconds spent waiting for the session (not part of any photo's time)
         if isinstance(model, KlausModel) or _is_sqlite(model):
-            early = _EarlySession(threads) if memory == "default" else None
+            early = _EarlySession(threads, spinning) if memory == "default" else None
             try:
                 loaded = model if isinstance(model, KlausModel) else read_model(model, _handing_to(early, str(model)))
             except BaseException:
@@ -270,14 +286,16 @@ class Classifier:
             self.preprocess = preprocess or loaded.preprocess
             self.labels = tuple(labels or loaded.labels)
             if early is None:
-                self.session = self._low_memory_session(loaded, threads)
+                self._adopt(self._low_memory_session(loaded, threads))
                 del loaded  # ONNX Runtime holds its own copy of the weights now
+                release_free_heap()
             else:
                 if not early.begun:  # a model given as a KlausModel: no reader has handed its weights over
                     early.start(Weights.of(loaded))
                 del loaded  # the compressed weights are in the staged file, or on their way to ONNX Runtime
-                self.session = early.result()
-            release_free_heap()
+                self._early = early
+                if not background:
+                    self.ready()
         else:
             from .onnxgraph import load_onnx  # a plain ONNX file: parsed (and checked) by the onnx package
 
@@ -291,17 +309,46 @@ class Classifier:
             feed = skeleton.data_inputs[0].shape if skeleton.data_inputs else None
             fitted = preprocess or preprocess_for_input(feed, self.where)  # a too-large input: that line first
             shapes.check(blob, self.where, input_size=fitted.input_size, layout=fitted.layout)
-            self.session = make_session(blob, threads, where=self.where, capped=True)
+            session = make_session(blob, threads, where=self.where, spinning=spinning, capped=True)
             del blob
             self.name = Path(str(model)).stem
             self.output = "logits"
-            shape = self.session.get_inputs()[0].shape
-            self.preprocess = preprocess or preprocess_for_input(shape, self.where)
-            self.labels = tuple(labels or labels_for(output_classes(self.session), where=self.where))
-        first = self.session.get_inputs()[0]
-        self.input_name = first.name
+            self.preprocess = preprocess or preprocess_for_input(session.get_inputs()[0].shape, self.where)
+            self.labels = tuple(labels or labels_for(output_classes(session), where=self.where))
+            self._adopt(session)
+
+    @property
+    def session(self) -> Any:
+        """The ONNX Runtime session. A `.klaus` model's is built on a thread of its own while the reader checks
+        the labels (and, with ``background``, while the caller decodes its first photos) and waited for here;
+        a model ONNX Runtime cannot load raises its :class:`KlausModelError` here, each time it is asked."""
+        if self._session is None:
+            assert self._early is not None
+            start = time.perf_counter()
+            self._adopt(self._early.result())
+            self._early = None
+            release_free_heap()
+            self._waited += time.perf_counter() - start
+        return self._session
+
+    @property
+    def input_name(self) -> str:
+        assert self.session is not None
+        return self._input_name
+
+    def ready(self) -> Classifier:
+        """This classifier once its session exists (:attr:`session`): for callers that want a model that
+        cannot run reported before they do anything else."""
+        assert self.session is not None
+        return self
+
+    def _adopt(self, session: Any) -> None:
+        """Take ``session`` once its input fits the preprocessing."""
+        first = session.get_inputs()[0]
         check_input_shape(first.shape, self.preprocess, self.where, first.name)
-        self._fixed_batch = fixed_batch_of(self.session)
+        self._input_name = str(first.name)
+        self._fixed_batch = fixed_batch_of(session)
+        self._session = session
 
     def _low_memory_session(self, loaded: KlausModel, threads: int | None):
         from . import lowmem
@@ -313,8 +360,9 @@ class Classifier:
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Class probabilities for a preprocessed batch (N, ...)."""
+        session = self.session  # a model that cannot load says so here, not as a failed run
         try:
-            raw = run_session(self.session, self.input_name, batch, self._fixed_batch)
+            raw = run_session(session, self._input_name, batch, self._fixed_batch)
         except Exception as exc:  # onnxruntime's Fail/InvalidArgument/RuntimeException types
             raise run_failure(self.where, exc) from None
         raw = raw.reshape(raw.shape[0], -1)
@@ -356,9 +404,9 @@ class Classifier:
     def classify(self, image: ImageSource, top: int = 5, crops: int = 1) -> Classification:
         """Top-``top`` predictions for one image; a model output that is not a number is an error for it."""
         _check_top(top)
-        start = time.perf_counter()
+        start, waited = time.perf_counter(), self._waited
         probs = self.probabilities([image], crops)[0]
-        elapsed = (time.perf_counter() - start) * 1000.0
+        elapsed = (time.perf_counter() - start - (self._waited - waited)) * 1000.0  # the photo's time, not the model's
         path = str(image) if isinstance(image, (str, os.PathLike)) else "<image>"
         if not np.all(np.isfinite(probs)):
             raise self._not_finite(image)
@@ -375,28 +423,42 @@ def _handing_to(early: _EarlySession | None, where: str) -> WeightsReady | None:
 class _EarlySession(threading.Thread):
     """A `.klaus` model's session, built on a thread of its own from the weights the reader hands over
     (:func:`klaus.format.read_model`'s ``on_weights``) while the reader goes on checking the rest of
-    the file: labels, synsets and their checksum. ONNX Runtime releases the GIL while it builds a
-    session, so the two overlap; if the reader then refuses the file, the session is discarded.
+    the file (labels, synsets) and the caller goes on after it (decoding the first photo). ONNX Runtime
+    releases the GIL while it builds a session, so these overlap; if the reader then refuses the file,
+    the session is discarded.
     """
 
-    def __init__(self, threads: int | None) -> None:
+    def __init__(self, threads: int | None, spinning: bool = True) -> None:
+        import onnxruntime  # noqa: F401  # here: an import on the building thread would hold the GIL the reader needs
+
         super().__init__(name="klaus-session")
         self.threads = threads
-        self.weights: Weights | None = None
+        self.spinning = spinning
         self.begun = False
+        self._weights: Weights | None = None
+        self._staged: StagedModel | None = None
         self._session = None
         self._error: BaseException | None = None
 
     def start(self, weights: Weights) -> None:  # type: ignore[override]  # the weights to build from
-        self.weights = weights
+        """Stage the weights on the caller's thread (Python work: the building thread would only contend
+        for the GIL with it), then build the session on this one."""
         self.begun = True
+        self._staged = stage(weights)
+        if self._staged is None:  # no weights file can be written: the arrays go from memory
+            self._weights = weights
         super().start()
 
     def run(self) -> None:
-        weights, self.weights = self.weights, None  # staged or not, the compressed weights are not kept
+        staged, weights = self._staged, self._weights
+        self._staged = self._weights = None  # the compressed weights are not kept
         try:
-            assert weights is not None
-            self._session = klaus_session(weights, self.threads)
+            if staged is None:
+                assert weights is not None
+                self._session = _session_from_memory(weights, self.threads, self.spinning)
+            else:
+                with staged:
+                    self._session = staged_session(staged, self.threads, self.spinning)
         except BaseException as exc:  # handed to the caller's thread by result()
             self._error = exc
 

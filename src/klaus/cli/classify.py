@@ -51,13 +51,16 @@ def classify(
     pixel_limit()  # a bad $KLAUS_MAX_PIXELS is one error now, not one per image
     if images.count("-") > 1:
         fail("'-' (the photo on standard input) can be given once")
-    classifier = common.classifier(model, threads, low_memory)
+    # One photo at a time, each decoded between two runs, the first while the session builds (``background``):
+    # ONNX Runtime's idle threads sleep rather than take a core from the decoding (``spinning``).
+    classifier = common.classifier(model, threads, low_memory, spinning=False, background=True)
     failures = 0
     for path in images:
         try:
             source = sys.stdin.buffer if path == "-" else path
             result = classifier.classify(source, top=top, crops=int(crops))
         except KlausError as exc:
+            classifier.ready()  # a model that cannot run is the command's one error, not one per image
             failures += 1
             if as_json:
                 emit({"path": path, "error": str(exc)})

@@ -153,11 +153,18 @@ def budget_option(f: F) -> F:
     )(f)
 
 
-def classifier(model: str | None, threads: int | None = None, low_memory: bool = False) -> Any:
+def classifier(
+    model: str | None,
+    threads: int | None = None,
+    low_memory: bool = False,
+    spinning: bool = True,
+    background: bool = False,
+) -> Any:
     """The model a command runs (:class:`klaus.runtime.Classifier`), imported when it is needed."""
     from ..runtime import Classifier
 
-    return Classifier(model, threads=threads, memory="low" if low_memory else "default")
+    memory = "low" if low_memory else "default"
+    return Classifier(model, threads=threads, memory=memory, spinning=spinning, background=background)
 
 
 class StageProgress:
