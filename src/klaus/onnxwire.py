@@ -15,6 +15,7 @@ are refused. Field numbers are those of onnx/onnx.proto3.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -458,11 +459,14 @@ def read_skeleton(blob: bytes | memoryview, where: str, allowed: frozenset[str] 
 # ---------------------------------------------------------------- writing
 
 
+@functools.cache
 def _key(number: int, wire: int) -> bytes:
     return encode_varint(number << 3 | wire)
 
 
 def encode_varint(value: int) -> bytes:
+    if 0 <= value < 0x80:  # most keys, dims and lengths: one byte
+        return bytes((value,))
     value &= (1 << 64) - 1
     out = bytearray()
     while True:
@@ -492,16 +496,23 @@ def external_tensor(name: str, dims: Sequence[int], location: str, offset: int, 
     """A serialized float32 TensorProto whose values ONNX Runtime reads from the file ``location``
     (relative to the model file) at byte ``offset``: name, type, shape and where, no data."""
     out = bytearray()
+    dim_key = _key(TENSOR_DIMS, VARINT)
     for d in dims:
-        out += _key(TENSOR_DIMS, VARINT) + encode_varint(int(d))
+        out += dim_key + encode_varint(int(d))
     out += _key(TENSOR_DATA_TYPE, VARINT) + encode_varint(data_type)
     out += _length_field(TENSOR_NAME, name.encode("utf-8"))
     size = 4 * _product(dims)
     for key, value in (("location", location), ("offset", str(offset)), ("length", str(size))):
-        entry = _length_field(ENTRY_KEY, key.encode()) + _length_field(ENTRY_VALUE, value.encode())
+        entry = _entry_key(key) + _length_field(ENTRY_VALUE, value.encode())
         out += _length_field(TENSOR_EXTERNAL_DATA, entry)
     out += _key(TENSOR_DATA_LOCATION, VARINT) + encode_varint(DATA_LOCATION_EXTERNAL)
     return bytes(out)
+
+
+@functools.cache
+def _entry_key(key: str) -> bytes:
+    """A StringStringEntryProto's key field (three keys describe every tensor's external data)."""
+    return _length_field(ENTRY_KEY, key.encode())
 
 
 def _product(dims: Sequence[int]) -> int:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import math
-import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from numbers import Integral, Real
@@ -375,6 +374,15 @@ def _source_span(start: int, stop: int, scale: float, size: int, resample: Image
     return max(0, math.floor((start + 0.5) * scale - reach)), min(size, math.ceil((stop - 0.5) * scale + reach))
 
 
+def _noise(height: int, width: int) -> np.ndarray:
+    """Fixed pseudo-random uint8 pixels (SplitMix64 of the pixel index): neither numpy.random (10 ms to import,
+    and OpenSSL) nor the random module (4 ms) is loaded to make them."""
+    z = np.arange(height * width, dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return ((z ^ (z >> np.uint64(31))) & np.uint64(0xFF)).astype(np.uint8).reshape(height, width)
+
+
 @functools.cache
 def _pillow_vertical_first() -> Callable[[int, int, int, int], bool] | None:
     """Which pass this Pillow runs first when resizing ``(w, h)`` to ``(rw, rh)``.
@@ -388,8 +396,7 @@ def _pillow_vertical_first() -> Callable[[int, int, int, int], bool] | None:
         "horizontal first": lambda w, h, rw, rh: False,
         "vertical first past 2x": lambda w, h, rw, rh: h - rh > 0 and h - rh > 2 * (w - rw),
     }
-    # Python's seeded generator, not numpy's: numpy.random takes ~10 ms to import (and loads OpenSSL)
-    noise = np.frombuffer(random.Random(0).randbytes(64 * 64), np.uint8).reshape(64, 64)
+    noise = _noise(64, 64)
     cubic = Image.Resampling.BICUBIC
     observed = []
     for h, rh in ((61, 40), (60, 40)):  # width 40 -> 30: the height shrinks by 21, then by 20

@@ -16,7 +16,6 @@ from . import onnxwire, shapes
 from .errors import KlausModelError, first_line, naming
 from .format import KlausModel, LabelRow, WeightsReady, allowed_ops, looks_like_klaus, read_model
 from .images import load_image
-from .labels import labels_for
 from .limits import MEMORY_ENV, max_run_bytes
 from .memory import release_free_heap
 from .onnxwire import batches
@@ -297,6 +296,7 @@ class Classifier:
                 if not background:
                     self.ready()
         else:
+            from .labels import labels_for  # a .klaus file carries its labels
             from .onnxgraph import load_onnx  # a plain ONNX file: parsed (and checked) by the onnx package
 
             self.where = str(model)
