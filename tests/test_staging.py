@@ -134,7 +134,7 @@ def test_a_shared_cache_directory_falls_back_to_private_staging(cache, tmp_path,
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
     staged = staging.stage(tiny_klaus())
-    assert staged is not None and staged.private and staged.folder.parent == tmp_path / "tmp"
+    assert staged is not None and staged.private and Path(staged.folder).parent == tmp_path / "tmp"
     assert list(cache.iterdir()) == []
     staged.close()
 
@@ -209,11 +209,10 @@ def test_staged_weights_are_the_decoded_tensors_page_aligned_in_a_private_direct
     model = tiny_klaus()
     staged = staging.stage(model)
     assert staged is not None and staged.private and staged.small == {}
-    assert staged.folder.parent == tmp_path
-    assert stat.S_IMODE(staged.folder.stat().st_mode) == 0o700
-    _assert_weights_file(
-        staged.graph, model, (staged.folder / staging.STAGED_WEIGHTS).read_bytes(), staging.STAGED_WEIGHTS
-    )
+    folder = Path(staged.folder)
+    assert folder.parent == tmp_path
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    _assert_weights_file(staged.graph, model, (folder / staging.STAGED_WEIGHTS).read_bytes(), staging.STAGED_WEIGHTS)
     staged.close()
     assert list(tmp_path.iterdir()) == []
 

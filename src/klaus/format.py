@@ -29,7 +29,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring
 from operator import itemgetter
-from pathlib import Path
 from typing import Any, TypeGuard
 
 import numpy as np
@@ -253,6 +252,8 @@ def write_atomic(data: bytes, path: str | os.PathLike[str]) -> int:
     limit) is one :class:`KlausWriteError` naming ``path`` (never the temporary file),
     and neither the temporary file nor a partial ``path`` is left behind.
     """
+    from pathlib import Path  # here: reading a model (the classify path) does not need pathlib's imports
+
     where = os.fspath(path)
     target = Path(where)
     if not where:

@@ -7,7 +7,6 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
@@ -23,6 +22,8 @@ from .preprocess import Preprocess, check_input_shape, preprocess_for_input, to_
 from .staging import StagedModel, Weights, decoded, fix_mmap_threshold, stage
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import onnx
 
 DEFAULT_MODEL_NAME = "efficientnet-lite0.klaus"
@@ -43,7 +44,14 @@ def default_model_path() -> Path:
     Found beside this module rather than through ``importlib.resources`` (5 ms to import, on every
     `klaus classify`): ONNX Runtime reads the staged weights from files, so Klaus runs from a
     package installed as files, never from a zip archive."""
-    return Path(__file__).resolve().parent / "data" / DEFAULT_MODEL_NAME
+    from pathlib import Path  # here: the classify path itself uses default_model_file, and no pathlib
+
+    return Path(default_model_file())
+
+
+def default_model_file() -> str:
+    """:func:`default_model_path` as a string."""
+    return os.path.join(os.path.dirname(os.path.realpath(__file__)), "data", DEFAULT_MODEL_NAME)
 
 
 @dataclass(frozen=True)
@@ -112,13 +120,13 @@ def run_batches(model: onnx.ModelProto, inputs: np.ndarray, output: str | None =
 
 
 def make_session(
-    model: onnx.ModelProto | bytes | Path,
+    model: onnx.ModelProto | bytes | str | os.PathLike[str],
     threads: int | None = None,
     arrays: dict[str, np.ndarray] | None = None,
     where: str | None = None,
     spinning: bool = True,
     capped: bool = False,
-    folder: Path | None = None,
+    folder: str | os.PathLike[str] | None = None,
 ):
     """An ONNX Runtime CPU session; deterministic settings, no custom ops.
 
@@ -142,7 +150,7 @@ def make_session(
     if arrays:
         options.add_external_initializers(list(arrays), [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays.values()])
     if folder is not None:
-        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", os.fspath(folder))
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 4  # fatal only: failures arrive as exceptions, which become one line
     if threads:
@@ -151,7 +159,13 @@ def make_session(
     if not spinning:
         options.inter_op_num_threads = 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    source = str(model) if isinstance(model, Path) else model if isinstance(model, bytes) else model.SerializeToString()
+    source = (
+        os.fspath(model)
+        if isinstance(model, (str, os.PathLike))
+        else model
+        if isinstance(model, bytes)
+        else model.SerializeToString()
+    )
     try:
         return ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
@@ -267,7 +281,7 @@ class Classifier:
         if memory not in MEMORY_MODES:
             raise ValueError(f"memory must be one of {', '.join(MEMORY_MODES)}, got {memory!r}")
         if model is None:
-            model = default_model_path()
+            model = default_model_file()
         self._session: Any = None
         self._early: _EarlySession | None = None
         self._waited = 0.0  # seconds spent waiting for the session (not part of any photo's time)
@@ -311,7 +325,7 @@ class Classifier:
             shapes.check(blob, self.where, input_size=fitted.input_size, layout=fitted.layout)
             session = make_session(blob, threads, where=self.where, spinning=spinning, capped=True)
             del blob
-            self.name = Path(str(model)).stem
+            self.name = os.path.splitext(os.path.basename(os.fspath(model)))[0]
             self.output = "logits"
             self.preprocess = preprocess or preprocess_for_input(session.get_inputs()[0].shape, self.where)
             self.labels = tuple(labels or labels_for(output_classes(session), where=self.where))

@@ -25,7 +25,6 @@ import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -112,7 +111,7 @@ class StagedModel:
     ``small``, take their values from memory. :meth:`close` removes ``folder`` when it is ``private``."""
 
     graph: bytes
-    folder: Path
+    folder: str
     small: dict[str, np.ndarray]
     where: str
     private: bool
@@ -146,9 +145,9 @@ def stage(model: KlausModel | Weights) -> StagedModel | None:
     cache = cache_directory() if plan.size <= CACHE_LIMIT_BYTES else None
     if cache is not None:
         name = plan.key + CACHE_SUFFIX
-        if _usable(cache / name, plan.size):
+        if _usable(os.path.join(cache, name), plan.size):
             with contextlib.suppress(OSError):
-                os.utime(cache / name)  # recently used: the last file the cache would remove
+                os.utime(os.path.join(cache, name))  # recently used: the last file the cache would remove
             return StagedModel(_graph(model, plan, name), cache, {}, where, private=False, cached=True)
         staged = _stage_into_cache(model, plan, cache, name, where)
         if staged is not None:
@@ -157,22 +156,21 @@ def stage(model: KlausModel | Weights) -> StagedModel | None:
     return _stage_privately(model, placement(model.tensors, STAGED_MIN_BYTES), where)
 
 
-def cache_directory() -> Path | None:
+def cache_directory() -> str | None:
     """The weights cache: ``$KLAUS_CACHE_DIR``, else ``$XDG_CACHE_HOME/klaus``, else ``~/.cache/klaus``;
     None when ``$KLAUS_NO_CACHE`` is set, or when the directory cannot be made or is not private to this
     user (a directory others may write to could hand Klaus weights it did not decode)."""
     if os.environ.get(NO_CACHE_ENV, "").strip().lower() in ("1", "yes", "true", "on"):
         return None
-    chosen = os.environ.get(CACHE_ENV, "").strip()
-    if chosen:
-        directory = Path(chosen)
-    else:
+    directory = os.environ.get(CACHE_ENV, "").strip()
+    if not directory:
         base = os.environ.get("XDG_CACHE_HOME", "").strip()
-        directory = (Path(base) if os.path.isabs(base) else Path.home() / ".cache") / "klaus"
+        base = base if os.path.isabs(base) else os.path.join(os.path.expanduser("~"), ".cache")
+        directory = os.path.join(base, "klaus")
     try:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        info = directory.stat()
-    except (OSError, RuntimeError):  # RuntimeError: no home directory to expand
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        info = os.stat(directory)
+    except OSError:
         return None
     return directory if stat.S_ISDIR(info.st_mode) and _private(info) else None
 
@@ -184,7 +182,7 @@ def _private(info: os.stat_result) -> bool:
     return info.st_uid == os.getuid() and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
 
 
-def _usable(path: Path, size: int) -> bool:
+def _usable(path: str, size: int) -> bool:
     """A cached weights file Klaus wrote: a regular file (not a link) of this user, of the expected size.
 
     Klaus writes a cache file under a temporary name and renames it when complete, so a file of the right
@@ -209,19 +207,19 @@ def _graph(model: Weights, plan: Placement, weights: str) -> bytes:
     return onnxwire.with_initializers(model.graph, tensors)
 
 
-def _stage_into_cache(model: Weights, plan: Placement, cache: Path, name: str, where: str) -> StagedModel | None:
+def _stage_into_cache(model: Weights, plan: Placement, cache: str, name: str, where: str) -> StagedModel | None:
     """Decode ``model`` into a new cache file, written under a temporary name and renamed when whole;
     None when the cache cannot take it (a full disk, a read-only directory)."""
-    part = cache / f"{name}.{os.getpid()}-{os.urandom(4).hex()}{PART_SUFFIX}"
+    part = os.path.join(cache, f"{name}.{os.getpid()}-{os.urandom(4).hex()}{PART_SUFFIX}")
     small: dict[str, np.ndarray] = {}
     try:
         _write_weights(model, plan, part, small, where)
-        os.replace(part, cache / name)
+        os.replace(part, os.path.join(cache, name))
     except OSError:
-        part.unlink(missing_ok=True)
+        _unlink(part)
         return None
     except BaseException:
-        part.unlink(missing_ok=True)
+        _unlink(part)
         raise
     return StagedModel(_graph(model, plan, name), cache, small, where, private=False)
 
@@ -231,13 +229,13 @@ def _stage_privately(model: Weights, plan: Placement, where: str) -> StagedModel
     import tempfile  # here, not at the top: a start that finds its weights in the cache needs neither module
 
     try:
-        directory = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-"))
+        directory = tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-")
     except OSError:
         return None
-    _remove_stale_staging(directory.parent)
+    _remove_stale_staging(os.path.dirname(directory))
     small: dict[str, np.ndarray] = {}
     try:
-        _write_weights(model, plan, directory / STAGED_WEIGHTS, small, where)
+        _write_weights(model, plan, os.path.join(directory, STAGED_WEIGHTS), small, where)
     except OSError:  # the temporary directory is full or not writable
         _remove_staging(directory)
         return None
@@ -247,7 +245,7 @@ def _stage_privately(model: Weights, plan: Placement, where: str) -> StagedModel
     return StagedModel(_graph(model, plan, STAGED_WEIGHTS), directory, small, where, private=True)
 
 
-def _write_weights(model: Weights, plan: Placement, path: Path, small: dict[str, np.ndarray], where: str) -> None:
+def _write_weights(model: Weights, plan: Placement, path: str, small: dict[str, np.ndarray], where: str) -> None:
     """Write each tensor that has an offset in ``plan`` to a new file at ``path``; put the others in ``small``."""
     offsets = dict(zip((r.name for r in model.tensors), plan.offsets, strict=True))
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
@@ -263,11 +261,11 @@ def _write_weights(model: Weights, plan: Placement, path: Path, small: dict[str,
         out.truncate(plan.size)  # exactly the size :func:`_usable` expects, whatever was written last
 
 
-def _trim_cache(cache: Path, keep: str) -> None:
+def _trim_cache(cache: str, keep: str) -> None:
     """Keep the cache within :data:`CACHE_LIMIT_BYTES`: remove the least recently used weights files (never
     ``keep``, nor one used in the last minute), and parts that writers killed mid-way left behind."""
     now = time.time()
-    files: list[tuple[float, int, Path]] = []
+    files: list[tuple[float, int, str]] = []
     try:
         entries = list(os.scandir(cache))
     except OSError:
@@ -280,21 +278,21 @@ def _trim_cache(cache: Path, keep: str) -> None:
         if not stat.S_ISREG(info.st_mode):
             continue
         if entry.name.endswith(PART_SUFFIX) and now - info.st_mtime > STALE_STAGING_SECONDS:
-            Path(entry.path).unlink(missing_ok=True)
+            _unlink(entry.path)
         elif entry.name.endswith(CACHE_SUFFIX):
-            files.append((info.st_mtime, info.st_size, Path(entry.path)))
+            files.append((info.st_mtime, info.st_size, entry.path))
     total = sum(size for _, size, _ in files)
     for mtime, size, path in sorted(files):
         if total <= CACHE_LIMIT_BYTES:
             break
-        if path.name == keep or now - mtime < CACHE_GRACE_SECONDS:
+        if os.path.basename(path) == keep or now - mtime < CACHE_GRACE_SECONDS:
             continue
         with contextlib.suppress(OSError):
-            path.unlink()
+            os.unlink(path)
             total -= size
 
 
-def _remove_stale_staging(root: Path) -> None:
+def _remove_stale_staging(root: str) -> None:
     """Remove the staging directories in ``root`` that processes of this user killed while building a
     session left behind (their process is gone and they are older than :data:`STALE_STAGING_SECONDS`).
     POSIX only: elsewhere a process id cannot be probed without side effects."""
@@ -317,7 +315,7 @@ def _remove_stale_staging(root: Path) -> None:
                 continue
         except OSError:
             continue
-        _remove_staging(Path(entry.path))
+        _remove_staging(entry.path)
 
 
 def _process_exists(pid: int) -> bool:
@@ -330,11 +328,17 @@ def _process_exists(pid: int) -> bool:
     return True
 
 
-def _remove_staging(directory: Path) -> None:
+def _remove_staging(directory: str) -> None:
     """Delete a private staging directory: the file Klaus writes there, then the directory itself."""
+    _unlink(os.path.join(directory, STAGED_WEIGHTS))
     with contextlib.suppress(OSError):
-        (directory / STAGED_WEIGHTS).unlink(missing_ok=True)
-        directory.rmdir()
+        os.rmdir(directory)
+
+
+def _unlink(path: str) -> None:
+    """Remove a file Klaus wrote, if it is still there (cleaning up never raises)."""
+    with contextlib.suppress(OSError):
+        os.unlink(path)
 
 
 M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES = -3, 128 * 1024  # glibc's mallopt parameter and its default value
