@@ -18,7 +18,7 @@ import io
 import struct
 import warnings
 import zlib
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -31,8 +31,7 @@ PALETTE_CODECS = ("palette-png",)
 CODECS = (*RAW_DTYPES, *PALETTE_CODECS)
 
 
-@dataclass(frozen=True)
-class PngOptions:
+class PngOptions(NamedTuple):
     """How hard to squeeze index maps: oxipng level (None = plain zlib -9), zopfli deflate."""
 
     level: int | None = 2

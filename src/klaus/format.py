@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring
 from operator import itemgetter
-from typing import Any, TypeGuard
+from typing import Any, NamedTuple, TypeGuard
 
 import numpy as np
 
@@ -365,8 +365,7 @@ def content_digest(meta: Sequence[tuple], labels: Sequence[tuple], synsets: Sequ
     return hashlib.sha256(_dumps(rows).encode("utf-8")).hexdigest()
 
 
-@dataclass(frozen=True)
-class _LabelTables:
+class _LabelTables(NamedTuple):
     """The label and synset rows as stored, in v1's shape whatever the version: ``labels``
     (idx, wnid, name, words) by idx with ``words`` as JSON text, ``synsets`` (wnid, name,
     parent) by wnid, so that one digest and one set of checks serve both versions."""

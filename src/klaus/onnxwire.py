@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -252,8 +253,7 @@ def _ints(wire: int, value: int | memoryview) -> list[int]:
     return out
 
 
-@dataclass(frozen=True)
-class ValueInfo:
+class ValueInfo(NamedTuple):
     """A graph input or output: name, element type and dims (int, a symbolic name, or None)."""
 
     name: str

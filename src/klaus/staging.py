@@ -25,7 +25,7 @@ import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -57,8 +57,7 @@ CACHE_SUFFIX, PART_SUFFIX = ".f32", ".part"
 CACHE_LIMIT_BYTES, CACHE_GRACE_SECONDS = 1 << 30, 60
 
 
-@dataclass(frozen=True)
-class Placement:
+class Placement(NamedTuple):
     """Where each of a model's tensors reaches ONNX Runtime: at a byte offset of the weights file, or from
     memory (None); the file's size, and the cache key that names it."""
 
@@ -90,8 +89,7 @@ def placement(records: Sequence[TensorRecord], min_bytes: int) -> Placement:
     return Placement(tuple(offsets), size, key)
 
 
-@dataclass(frozen=True)
-class Weights:
+class Weights(NamedTuple):
     """What staging needs of a model file: its graph, its tensor records (checked by the reader), and its
     name for messages. A reader can hand these over before it has checked the rest of the file."""
 
