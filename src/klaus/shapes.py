@@ -29,6 +29,7 @@ import math
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -88,8 +89,7 @@ def max_activation_bytes() -> int | None:
     return None if limits.trusted() else limits.max_run_bytes() // ACTIVATION_SHARE
 
 
-@dataclass(frozen=True)
-class Value:
+class Value(NamedTuple):
     """What the walk knows of one tensor: its shape (None: unknown), bytes per element, and for
     small integer tensors the values themselves."""
 
