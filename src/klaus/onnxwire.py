@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
@@ -261,17 +260,16 @@ class ValueInfo(NamedTuple):
     shape: tuple[int | str | None, ...] | None = None
 
 
-@dataclass(frozen=True)
-class Skeleton:
+class Skeleton(NamedTuple):
     """What the runtime needs to know about a graph, read from its bytes."""
 
     opsets: dict[str, int]
     inputs: tuple[ValueInfo, ...]
     outputs: tuple[ValueInfo, ...]
     initializers: frozenset[str]
-    op_types: frozenset[str] = field(default_factory=frozenset)
-    nodes: int = 0
-    producers: dict[str, str] = field(default_factory=dict)  # top-level value name -> the operator making it
+    op_types: frozenset[str]
+    nodes: int
+    producers: dict[str, str]  # top-level value name -> the operator making it
 
     def output_op(self) -> str:
         """The operator that makes the first graph output ('' if none does, e.g. an input passed through)."""

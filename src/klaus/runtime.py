@@ -56,6 +56,9 @@ def default_model_file() -> str:
 
 @dataclass(frozen=True)
 class Prediction:
+    """One of a photo's top classes: its rank (1 = best), class index, WordNet id, label, probability and
+    the display names of its WordNet path, root first."""
+
     rank: int
     index: int
     wnid: str
