@@ -36,13 +36,18 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import numpy as np
-from PIL import Image
 
 from klaus.errors import KlausError, KlausImageError
 from klaus.names import shown
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+# Pillow is imported where an image is first opened, not with this module: a `.klaus` model's session
+# builds on its own thread meanwhile (klaus.runtime), so Pillow's import is taken off the start's path.
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -92,14 +97,14 @@ _WHITE = (255, 255, 255, 255)
 _ORIENTATION = 0x0112
 # EXIF orientation -> the transposition that displays the image upright (as ImageOps.exif_transpose).
 _UPRIGHT = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
-}
+    2: "FLIP_LEFT_RIGHT",
+    3: "ROTATE_180",
+    4: "FLIP_TOP_BOTTOM",
+    5: "TRANSPOSE",
+    6: "ROTATE_270",
+    7: "TRANSVERSE",
+    8: "ROTATE_90",
+}  # names of Image.Transpose members
 # Decoded images above this many pixels are converted to RGB one band of about this many
 # pixels at a time (see _banded_rgb).
 _BAND_PIXELS = 1 << 22
@@ -177,6 +182,8 @@ def open_image(source: Source, *, max_pixels: int | None = None) -> Iterator[Ima
 
 @contextmanager
 def _opened(source: Source, max_pixels: int | None) -> Iterator[tuple[Image.Image, str, int]]:
+    from PIL import Image
+
     limit = pixel_limit() if max_pixels is None else max_pixels
     if limit < 1:
         raise ValueError(f"max_pixels must be >= 1, got {limit}")
@@ -203,6 +210,8 @@ def pillow_quiet() -> Iterator[None]:
     from 89 Mpx), and a corrupt EXIF block ("Corrupt EXIF data") is already tolerated
     (:func:`_orientation`). Other modules that hand Pillow an image use it too.
     """
+    from PIL import Image
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
@@ -394,7 +403,9 @@ def _decode(img: Image.Image, label: str, target: int | None, limit: int) -> Ima
     small = factor == 1 and img.width * img.height <= _BAND_PIXELS
     rgb = to_rgb(img) if small else _banded_rgb(img, factor)
     if upright is not None:  # after the conversion: a transposed copy of a large image would double it
-        rgb = rgb.transpose(upright)
+        from PIL import Image
+
+        rgb = rgb.transpose(Image.Transpose[upright])
     # Closing `img` destroys its pixel data: never hand it out.
     return rgb if rgb is not img else img.copy()
 
@@ -425,6 +436,8 @@ def _banded_rgb(img: Image.Image, factor: int) -> Image.Image:
     the decoded image plus one band. Bands cut across the longer side and are a whole number
     of ``factor`` pixels thick, so the result is the same as converting and reducing whole.
     """
+    from PIL import Image
+
     width, height = img.size
     scale = _float_scale(img) if img.mode == "F" else None
     out = Image.new("RGB", (-(-width // factor), -(-height // factor)))
@@ -475,11 +488,15 @@ def to_rgb(img: Image.Image, float_scale: float | None = None) -> Image.Image:
 
 
 def _gray_to_rgb(values: np.ndarray) -> Image.Image:
+    from PIL import Image
+
     gray = np.clip(np.rint(values), 0, 255).astype(np.uint8)
     return Image.fromarray(gray).convert("RGB")
 
 
 def _over_white(img: Image.Image) -> Image.Image:
+    from PIL import Image
+
     if img.mode == "La":  # premultiplied; Pillow cannot convert it directly
         lum, alpha = img.split()
         img = Image.merge("RGBa", (lum, lum, lum, alpha))
@@ -488,6 +505,8 @@ def _over_white(img: Image.Image) -> Image.Image:
 
 
 def _describe(exc: BaseException) -> str:
+    from PIL import Image
+
     if isinstance(exc, Image.UnidentifiedImageError):
         return "not an image (cannot identify image file)"
     text = " ".join(str(exc).split())

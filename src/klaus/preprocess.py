@@ -16,13 +16,15 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from numbers import Integral, Real
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image
 
 from klaus.errors import KlausFormatError, KlausModelError
 from klaus.images import MAX_RESIZED_PIXELS, Source, load_image, pillow_quiet, to_rgb
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 __all__ = [
     "INTERPOLATIONS",
@@ -43,13 +45,15 @@ __all__ = [
 #: asking for absurd allocations.
 MAX_INPUT_SIZE = 4096
 
-INTERPOLATIONS: dict[str, Image.Resampling] = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "lanczos": Image.Resampling.LANCZOS,
-    "box": Image.Resampling.BOX,
-    "hamming": Image.Resampling.HAMMING,
+#: The interpolations a model may ask for, and the names of Pillow's ``Image.Resampling`` filters
+#: that give them (names: Pillow is imported where an image is first resized, :mod:`klaus.images`).
+INTERPOLATIONS: dict[str, str] = {
+    "nearest": "NEAREST",
+    "bilinear": "BILINEAR",
+    "bicubic": "BICUBIC",
+    "lanczos": "LANCZOS",
+    "box": "BOX",
+    "hamming": "HAMMING",
 }
 _RESIZE_RULES = ("shorter", "stretch")
 _CHANNEL_ORDERS = ("RGB", "BGR")
@@ -57,12 +61,7 @@ _LAYOUTS = ("NCHW", "NHWC")
 _CROPS = (1, 10)
 # Radius (in output pixels) of the filters whose weights vary smoothly with the sampling
 # position, so that one window can be resampled on its own (see _window).
-_SUPPORT: dict[Image.Resampling, float] = {
-    Image.Resampling.BILINEAR: 1.0,
-    Image.Resampling.HAMMING: 1.0,
-    Image.Resampling.BICUBIC: 2.0,
-    Image.Resampling.LANCZOS: 3.0,
-}
+_SUPPORT: dict[str, float] = {"BILINEAR": 1.0, "HAMMING": 1.0, "BICUBIC": 2.0, "LANCZOS": 3.0}
 
 Box = tuple[int, int, int, int]
 
@@ -111,7 +110,9 @@ class Preprocess:
 
     @property
     def resample(self) -> Image.Resampling:
-        return INTERPOLATIONS[self.interpolation]
+        from PIL import Image
+
+        return Image.Resampling[INTERPOLATIONS[self.interpolation]]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form; :meth:`from_dict` inverts it exactly."""
@@ -300,7 +301,7 @@ def _windows(img: Image.Image, boxes: list[Box], spec: Preprocess, crops: int) -
     pixel value or (nearest/box) a sampling position.
     """
     rw, rh = resized_size(img.width, img.height, spec, crops)
-    if len(boxes) == 1 and spec.resample in _SUPPORT:
+    if len(boxes) == 1 and spec.resample.name in _SUPPORT:
         window = _window(img, boxes[0], rw, rh, spec.resample)
         if window is not None:
             return window[None]
@@ -370,7 +371,7 @@ def _window(img: Image.Image, box: Box, rw: int, rh: int, resample: Image.Resamp
 
 def _source_span(start: int, stop: int, scale: float, size: int, resample: Image.Resampling) -> tuple[int, int]:
     """Source rows (or columns) that output pixels ``start..stop`` of one axis draw on, at ``scale``."""
-    reach = _SUPPORT[resample] * max(scale, 1.0) + 1.0  # filter radius in source pixels, plus one to spare
+    reach = _SUPPORT[resample.name] * max(scale, 1.0) + 1.0  # filter radius in source pixels, plus one to spare
     return max(0, math.floor((start + 0.5) * scale - reach)), min(size, math.ceil((stop - 0.5) * scale + reach))
 
 
@@ -396,6 +397,8 @@ def _pillow_vertical_first() -> Callable[[int, int, int, int], bool] | None:
         "horizontal first": lambda w, h, rw, rh: False,
         "vertical first past 2x": lambda w, h, rw, rh: h - rh > 0 and h - rh > 2 * (w - rw),
     }
+    from PIL import Image
+
     noise = _noise(64, 64)
     cubic = Image.Resampling.BICUBIC
     observed = []
