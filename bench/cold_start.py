@@ -21,7 +21,7 @@ import time
 from _common import CAT, KLAUS, PYTHON, ROOT, SAMPLE, cli, command, empty_weights_cache, fp32_onnx, median, ratio, table
 
 KEYS = ("klaus", "klaus-first", "klaus-low", "ten", "help", "imports")
-ROUNDS = 7
+ROUNDS = 11
 FIRST = "klaus-first"  # each run from an empty weights cache
 TEN = 10  # photos in one process: the first ten development photos
 

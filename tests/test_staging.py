@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import EXAMPLES, TINY_PREPROCESS, tiny_klaus
-from klaus import onnxwire, runtime, staging
+from conftest import EXAMPLES, TINY_CLASSES, TINY_PREPROCESS, tiny_klaus
+from klaus import compression, onnxwire, runtime, staging
 from klaus.errors import KlausFormatError
+from klaus.labels import plain_label_rows
 from klaus.runtime import Classifier
 
 
@@ -312,3 +313,36 @@ def test_staging_left_by_a_killed_process_is_removed_by_the_next_session_build(t
     runtime.klaus_session(tiny_klaus())
     assert not stale.exists()
     assert sorted(tmp_path.iterdir()) == sorted([recent, alive, other])
+
+
+# ---------------------------------------------------------------- the session built beside the reader
+
+
+def test_a_classifier_reads_its_weights_from_the_cache_once_they_are_there(cache, tmp_path):
+    path = tmp_path / "tiny.klaus"
+    compression.write(tiny_klaus(), path)
+    first = Classifier(str(path)).probabilities([EXAMPLES / "cat.jpg"])
+    (weights,) = cache.iterdir()
+    inode = weights.stat().st_ino
+    again = Classifier(str(path), background=True)
+    np.testing.assert_array_equal(again.probabilities([EXAMPLES / "cat.jpg"]), first)
+    assert weights.stat().st_ino == inode
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_a_file_refused_after_its_weights_were_handed_over_leaves_nothing_behind(tmp_path, monkeypatch, cached):
+    """The reader hands the graph and tensors over before it checks the labels; a file whose labels it then
+    refuses is refused as before, and the session begun for it leaves no temporary file."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv(staging.CACHE_ENV, str(tmp_path / "cache"))
+    model = tiny_klaus()
+    if cached:
+        staging.stage(model)  # the weights cache holds these weights: the session starts at the handover
+    else:
+        monkeypatch.setenv(staging.NO_CACHE_ENV, "1")
+    path = tmp_path / "same.klaus"
+    compression.write(dataclasses.replace(model, labels=plain_label_rows(["same"] * TINY_CLASSES)), path)
+    with pytest.raises(KlausFormatError, match=r"label name 'same' is used twice"):
+        Classifier(str(path), background=True)
+    assert list((tmp_path / "tmp").iterdir()) == []

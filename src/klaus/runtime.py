@@ -19,7 +19,7 @@ from .limits import MEMORY_ENV, max_run_bytes
 from .memory import release_free_heap
 from .onnxwire import batches
 from .preprocess import Preprocess, check_input_shape, preprocess_for_input, to_tensor
-from .staging import StagedModel, Weights, decoded, fix_mmap_threshold, stage
+from .staging import StagedModel, Weights, cached, decoded, fix_mmap_threshold, stage
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -306,8 +306,7 @@ class Classifier:
                 del loaded  # ONNX Runtime holds its own copy of the weights now
                 release_free_heap()
             else:
-                if not early.begun:  # a model given as a KlausModel: no reader has handed its weights over
-                    early.start(Weights.of(loaded))
+                early.build(loaded)  # unless it is building already
                 del loaded  # the compressed weights are in the staged file, or on their way to ONNX Runtime
                 self._early = early
                 if not background:
@@ -434,15 +433,19 @@ def _handing_to(early: _EarlySession | None, where: str) -> WeightsReady | None:
     """The reader's ``on_weights`` that starts ``early`` (None: no early session, in low-memory mode)."""
     if early is None:
         return None
-    return lambda graph, tensors: early.start(Weights(graph, tensors, where))
+    return lambda graph, tensors: early.offer(Weights(graph, tensors, where))
 
 
 class _EarlySession(threading.Thread):
-    """A `.klaus` model's session, built on a thread of its own from the weights the reader hands over
-    (:func:`klaus.format.read_model`'s ``on_weights``) while the reader goes on checking the rest of
-    the file (labels, synsets) and the caller goes on after it (decoding the first photo). ONNX Runtime
-    releases the GIL while it builds a session, so these overlap; if the reader then refuses the file,
-    the session is discarded.
+    """A `.klaus` model's session, built on a thread of its own while the caller goes on: ONNX Runtime
+    releases the GIL while it builds a session.
+
+    When the weights cache holds the model's weights (:func:`klaus.staging.cached`), the build starts as
+    soon as the reader hands the weights over (:func:`klaus.format.read_model`'s ``on_weights``,
+    :meth:`offer`), beside the reader checking the labels and synsets and the caller decoding its first
+    photo; if the reader then refuses the file, the session is discarded. Weights that must be decoded
+    are decoded once the reader has returned (:meth:`build`), when its copies of the file are gone, so
+    the decoded weights never share the peak with them.
     """
 
     def __init__(self, threads: int | None, spinning: bool = True) -> None:
@@ -451,20 +454,35 @@ class _EarlySession(threading.Thread):
         super().__init__(name="klaus-session")
         self.threads = threads
         self.spinning = spinning
-        self.begun = False
+        self.building = False
         self._weights: Weights | None = None
         self._staged: StagedModel | None = None
         self._session = None
         self._error: BaseException | None = None
 
-    def start(self, weights: Weights) -> None:  # type: ignore[override]  # the weights to build from
-        """Stage the weights on the caller's thread (Python work: the building thread would only contend
-        for the GIL with it), then build the session on this one."""
-        self.begun = True
+    def offer(self, weights: Weights) -> None:
+        """Start building now if the weights cache holds ``weights``; otherwise keep them for :meth:`build`."""
+        self._staged = cached(weights)
+        if self._staged is None:
+            self._weights = weights
+        else:
+            self._begin()
+
+    def build(self, model: KlausModel) -> None:
+        """Start building, if :meth:`offer` has not: stage the weights on the caller's thread (Python work,
+        which the building thread would only contend for the GIL with), then build on this one."""
+        if self.building:
+            return
+        weights = self._weights or Weights.of(model)
+        self._weights = None
         self._staged = stage(weights)
         if self._staged is None:  # no weights file can be written: the arrays go from memory
             self._weights = weights
-        super().start()
+        self._begin()
+
+    def _begin(self) -> None:
+        self.building = True
+        self.start()
 
     def run(self) -> None:
         staged, weights = self._staged, self._weights
@@ -489,7 +507,10 @@ class _EarlySession(threading.Thread):
         """Wait for a build that has started (so its temporary files are gone) and drop it."""
         if self.is_alive():
             self.join()
-        self._session = None
+        self._session = self._weights = None
+        if self._staged is not None:
+            self._staged.close()
+            self._staged = None
 
 
 def _check_top(top: int) -> None:

@@ -139,19 +139,34 @@ def stage(model: KlausModel | Weights) -> StagedModel | None:
     model = model if isinstance(model, Weights) else Weights.of(model)
     where = model.where
     fix_mmap_threshold()
+    hit = cached(model)
+    if hit is not None:
+        return hit
     plan = placement(model.tensors, 0)  # a cache file lives on: every tensor can stay mapped from it
     cache = cache_directory() if plan.size <= CACHE_LIMIT_BYTES else None
     if cache is not None:
         name = plan.key + CACHE_SUFFIX
-        if _usable(os.path.join(cache, name), plan.size):
-            with contextlib.suppress(OSError):
-                os.utime(os.path.join(cache, name))  # recently used: the last file the cache would remove
-            return StagedModel(_graph(model, plan, name), cache, {}, where, private=False, cached=True)
         staged = _stage_into_cache(model, plan, cache, name, where)
         if staged is not None:
             _trim_cache(cache, keep=name)
             return staged
     return _stage_privately(model, placement(model.tensors, STAGED_MIN_BYTES), where)
+
+
+def cached(model: KlausModel | Weights) -> StagedModel | None:
+    """``model``'s weights as the weights cache holds them, decoded by an earlier start; None when it does
+    not hold them (or there is no cache). Decodes nothing and writes nothing."""
+    model = model if isinstance(model, Weights) else Weights.of(model)
+    plan = placement(model.tensors, 0)
+    cache = cache_directory() if plan.size <= CACHE_LIMIT_BYTES else None
+    if cache is None:
+        return None
+    name = plan.key + CACHE_SUFFIX
+    if not _usable(os.path.join(cache, name), plan.size):
+        return None
+    with contextlib.suppress(OSError):
+        os.utime(os.path.join(cache, name))  # recently used: the last file the cache would remove
+    return StagedModel(_graph(model, plan, name), cache, {}, model.where, private=False, cached=True)
 
 
 def cache_directory() -> str | None:
