@@ -157,6 +157,7 @@ def cached(model: KlausModel | Weights) -> StagedModel | None:
     """``model``'s weights as the weights cache holds them, decoded by an earlier start; None when it does
     not hold them (or there is no cache). Decodes nothing and writes nothing."""
     model = model if isinstance(model, Weights) else Weights.of(model)
+    fix_mmap_threshold()  # before ONNX Runtime allocates the session's buffers
     plan = placement(model.tensors, 0)
     cache = cache_directory() if plan.size <= CACHE_LIMIT_BYTES else None
     if cache is None:
