@@ -137,8 +137,8 @@ def make_session(
     (:func:`klaus.limits.max_run_bytes`): what a model file runs cannot take unbounded memory.
 
     ``model`` is a graph in memory or the path of an ONNX file; the files its external data refers
-    to lie in ``folder`` (:func:`klaus_session`), or beside the file. ``arrays`` gives the values of placeholder initializers
-    (:func:`klaus.onnxwire.placeholder_tensor`);
+    to lie in ``folder`` (:func:`klaus_session`), or beside the file. ``arrays`` gives the values of
+    placeholder initializers (:func:`klaus.onnxwire.placeholder_tensor`);
     ``where`` (the model file) is named in the error if ONNX Runtime refuses the graph. Without
     ``spinning``, idle ONNX Runtime threads sleep between calls instead of busy-waiting, which
     leaves the cores to the threads that decode photos while a batch is being assembled.
@@ -339,7 +339,8 @@ class Classifier:
         the labels (and, with ``background``, while the caller decodes its first photos) and waited for here;
         a model ONNX Runtime cannot load raises its :class:`KlausModelError` here, each time it is asked."""
         if self._session is None:
-            assert self._early is not None
+            if self._early is None:
+                raise RuntimeError("the classifier has no session")  # cannot happen: one is built or building
             start = time.perf_counter()
             self._adopt(self._early.result())
             self._early = None
@@ -349,13 +350,13 @@ class Classifier:
 
     @property
     def input_name(self) -> str:
-        assert self.session is not None
-        return self._input_name
+        return str(self.session.get_inputs()[0].name)
 
     def ready(self) -> Classifier:
         """This classifier once its session exists (:attr:`session`): for callers that want a model that
         cannot run reported before they do anything else."""
-        assert self.session is not None
+        if self.session is None:
+            raise RuntimeError("the classifier has no session")
         return self
 
     def _adopt(self, session: Any) -> None:
