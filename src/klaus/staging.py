@@ -155,7 +155,8 @@ def stage(model: KlausModel | Weights) -> StagedModel | None:
 
 def cached(model: KlausModel | Weights) -> StagedModel | None:
     """``model``'s weights as the weights cache holds them, decoded by an earlier start; None when it does
-    not hold them (or there is no cache). Decodes nothing and writes nothing."""
+    not hold them (or there is no cache). Decodes nothing and writes no weights: it only marks the file
+    as recently used."""
     model = model if isinstance(model, Weights) else Weights.of(model)
     fix_mmap_threshold()  # before ONNX Runtime allocates the session's buffers
     plan = placement(model.tensors, 0)
