@@ -158,6 +158,20 @@ def test_with_no_cache_or_an_unusable_one_the_weights_are_staged_privately(tmp_p
     assert list((tmp_path / "tmp").iterdir()) == []
 
 
+def test_the_cache_lies_in_the_xdg_cache_home_or_the_home_directory_and_nowhere_else(tmp_path, monkeypatch):
+    monkeypatch.delenv(staging.CACHE_ENV, raising=False)
+    monkeypatch.delenv(staging.NO_CACHE_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert staging.cache_directory() == str(tmp_path / "xdg" / "klaus")
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")  # the XDG specification says to ignore it
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert staging.cache_directory() == str(tmp_path / "home" / ".cache" / "klaus")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(os.path, "expanduser", lambda path: path)  # no home directory to be found
+    assert staging.cache_directory() is None
+    assert not (tmp_path / "relative").exists() and not (tmp_path / "~").exists()
+
+
 def test_the_cache_keeps_the_most_recently_used_files_within_its_limit(cache, monkeypatch):
     model = tiny_klaus()
     staging.stage(model)

@@ -180,7 +180,11 @@ def cache_directory() -> str | None:
     directory = os.environ.get(CACHE_ENV, "").strip()
     if not directory:
         base = os.environ.get("XDG_CACHE_HOME", "").strip()
-        base = base if os.path.isabs(base) else os.path.join(os.path.expanduser("~"), ".cache")
+        if not os.path.isabs(base):  # unset, or relative (which the XDG specification says to ignore)
+            home = os.path.expanduser("~")
+            if not os.path.isabs(home):  # no home directory: no cache, rather than one under the working directory
+                return None
+            base = os.path.join(home, ".cache")
         directory = os.path.join(base, "klaus")
     try:
         os.makedirs(directory, mode=0o700, exist_ok=True)
