@@ -229,11 +229,12 @@ def staged_session(staged: StagedModel, threads: int | None = None, spinning: bo
 def _session_from_memory(model: KlausModel | Weights, threads: int | None, spinning: bool):
     """:func:`klaus_session` without a weights file: the decoded arrays go to ONNX Runtime as
     external initializers, which it copies."""
-    where = model.where if isinstance(model, Weights) else model.source_path or model.name
+    weights = Weights.of(model)
     fix_mmap_threshold()
-    arrays = {t.name: decoded(t, where) for t in model.tensors}
-    blob = onnxwire.with_initializers(model.graph, [onnxwire.placeholder_tensor(t.name, t.dims) for t in model.tensors])
-    return make_session(blob, threads, arrays, where=where, spinning=spinning, capped=True)
+    arrays = {t.name: decoded(t, weights.where) for t in weights.tensors}
+    placeholders = [onnxwire.placeholder_tensor(t.name, t.dims) for t in weights.tensors]
+    blob = onnxwire.with_initializers(weights.graph, placeholders)
+    return make_session(blob, threads, arrays, where=weights.where, spinning=spinning, capped=True)
 
 
 def run_session(session, input_name: str, batch: np.ndarray, fixed: int | None, rows: int = RUN_ROWS) -> np.ndarray:
@@ -350,7 +351,7 @@ class Classifier:
 
     @property
     def input_name(self) -> str:
-        return str(self.session.get_inputs()[0].name)
+        return self.ready()._input_name
 
     def ready(self) -> Classifier:
         """This classifier once its session exists (:attr:`session`): for callers that want a model that

@@ -23,7 +23,7 @@ import os
 import stat
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -98,7 +98,9 @@ class Weights(NamedTuple):
     where: str
 
     @classmethod
-    def of(cls, model: KlausModel) -> Weights:
+    def of(cls, model: KlausModel | Weights) -> Weights:
+        if isinstance(model, Weights):
+            return model
         return cls(model.graph, model.tensors, model.source_path or model.name)
 
 
@@ -136,39 +138,51 @@ def stage(model: KlausModel | Weights) -> StagedModel | None:
     one tensor larger than that. A tensor that fails its decode checks is a :class:`KlausFormatError` naming
     the file and the tensor, and leaves no file behind.
     """
-    model = model if isinstance(model, Weights) else Weights.of(model)
-    where = model.where
+    weights = Weights.of(model)
     fix_mmap_threshold()
-    hit = cached(model)
-    if hit is not None:
-        return hit
-    plan = placement(model.tensors, 0)  # a cache file lives on: every tensor can stay mapped from it
-    cache = cache_directory() if plan.size <= CACHE_LIMIT_BYTES else None
-    if cache is not None:
-        name = plan.key + CACHE_SUFFIX
-        staged = _stage_into_cache(model, plan, cache, name, where)
+    slot = _cache_slot(weights)
+    if slot is not None:
+        staged = _from_cache(weights, slot) or _stage_into_cache(weights, slot)
         if staged is not None:
-            _trim_cache(cache, keep=name)
             return staged
-    return _stage_privately(model, placement(model.tensors, STAGED_MIN_BYTES), where)
+    return _stage_privately(weights, placement(weights.tensors, STAGED_MIN_BYTES))
 
 
 def cached(model: KlausModel | Weights) -> StagedModel | None:
     """``model``'s weights as the weights cache holds them, decoded by an earlier start; None when it does
     not hold them (or there is no cache). Decodes nothing and writes no weights: it only marks the file
     as recently used."""
-    model = model if isinstance(model, Weights) else Weights.of(model)
+    weights = Weights.of(model)
     fix_mmap_threshold()  # before ONNX Runtime allocates the session's buffers
-    plan = placement(model.tensors, 0)
+    slot = _cache_slot(weights)
+    return None if slot is None else _from_cache(weights, slot)
+
+
+class _Slot(NamedTuple):
+    """A model's place in the weights cache: the layout of its file, the cache directory, the file's name."""
+
+    plan: Placement
+    cache: str
+    name: str
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.cache, self.name)
+
+
+def _cache_slot(weights: Weights) -> _Slot | None:
+    """Where the cache keeps ``weights``; None without a cache, or for weights larger than the whole cache."""
+    plan = placement(weights.tensors, 0)  # a cache file lives on: every tensor can stay mapped from it
     cache = cache_directory() if plan.size <= CACHE_LIMIT_BYTES else None
-    if cache is None:
-        return None
-    name = plan.key + CACHE_SUFFIX
-    if not _usable(os.path.join(cache, name), plan.size):
+    return None if cache is None else _Slot(plan, cache, plan.key + CACHE_SUFFIX)
+
+
+def _from_cache(weights: Weights, slot: _Slot) -> StagedModel | None:
+    if not _usable(slot.path, slot.plan.size):
         return None
     with contextlib.suppress(OSError):
-        os.utime(os.path.join(cache, name))  # recently used: the last file the cache would remove
-    return StagedModel(_graph(model, plan, name), cache, {}, model.where, private=False, cached=True)
+        os.utime(slot.path)  # recently used: the last file the cache would remove
+    return StagedModel(_graph(weights, slot.plan, slot.name), slot.cache, {}, weights.where, private=False, cached=True)
 
 
 def cache_directory() -> str | None:
@@ -226,25 +240,24 @@ def _graph(model: Weights, plan: Placement, weights: str) -> bytes:
     return onnxwire.with_initializers(model.graph, tensors)
 
 
-def _stage_into_cache(model: Weights, plan: Placement, cache: str, name: str, where: str) -> StagedModel | None:
-    """Decode ``model`` into a new cache file, written under a temporary name and renamed when whole;
-    None when the cache cannot take it (a full disk, a read-only directory)."""
-    part = os.path.join(cache, f"{name}.{os.getpid()}-{os.urandom(4).hex()}{PART_SUFFIX}")
+def _stage_into_cache(weights: Weights, slot: _Slot) -> StagedModel | None:
+    """Decode ``weights`` into a new cache file, written under a temporary name and renamed when whole,
+    then keep the cache within its limit; None when the cache cannot take it (a full disk, a read-only
+    directory)."""
+    part = f"{slot.path}.{os.getpid()}-{os.urandom(4).hex()}{PART_SUFFIX}"
     small: dict[str, np.ndarray] = {}
     try:
-        _write_weights(model, plan, part, small, where)
-        os.replace(part, os.path.join(cache, name))
+        with _removed_on_failure(lambda: _unlink(part)):
+            _write_weights(weights, slot.plan, part, small)
+            os.replace(part, slot.path)
     except OSError:
-        _unlink(part)
         return None
-    except BaseException:
-        _unlink(part)
-        raise
-    return StagedModel(_graph(model, plan, name), cache, small, where, private=False)
+    _trim_cache(slot.cache, keep=slot.name)
+    return StagedModel(_graph(weights, slot.plan, slot.name), slot.cache, small, weights.where, private=False)
 
 
-def _stage_privately(model: Weights, plan: Placement, where: str) -> StagedModel | None:
-    """Decode ``model`` into a new private temporary directory (0700, under ``$TMPDIR``)."""
+def _stage_privately(weights: Weights, plan: Placement) -> StagedModel | None:
+    """Decode ``weights`` into a new private temporary directory (0700, under ``$TMPDIR``)."""
     import tempfile  # here, not at the top: a start that finds its weights in the cache needs neither module
 
     try:
@@ -254,22 +267,30 @@ def _stage_privately(model: Weights, plan: Placement, where: str) -> StagedModel
     _remove_stale_staging(os.path.dirname(directory))
     small: dict[str, np.ndarray] = {}
     try:
-        _write_weights(model, plan, os.path.join(directory, STAGED_WEIGHTS), small, where)
+        with _removed_on_failure(lambda: _remove_staging(directory)):
+            _write_weights(weights, plan, os.path.join(directory, STAGED_WEIGHTS), small)
     except OSError:  # the temporary directory is full or not writable
-        _remove_staging(directory)
         return None
+    return StagedModel(_graph(weights, plan, STAGED_WEIGHTS), directory, small, weights.where, private=True)
+
+
+@contextlib.contextmanager
+def _removed_on_failure(remove: Callable[[], None]) -> Iterator[None]:
+    """Run ``remove`` when the block fails, whatever the failure (a full disk, a tensor that does not
+    decode, Ctrl-C), so no partly written weights file is left behind."""
+    try:
+        yield
     except BaseException:
-        _remove_staging(directory)
+        remove()
         raise
-    return StagedModel(_graph(model, plan, STAGED_WEIGHTS), directory, small, where, private=True)
 
 
-def _write_weights(model: Weights, plan: Placement, path: str, small: dict[str, np.ndarray], where: str) -> None:
+def _write_weights(model: Weights, plan: Placement, path: str, small: dict[str, np.ndarray]) -> None:
     """Write each tensor that has an offset in ``plan`` to a new file at ``path``; put the others in ``small``."""
     offsets = dict(zip((r.name for r in model.tensors), plan.offsets, strict=True))
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
     with open(descriptor, "wb") as out:
-        for record, array in decoded_in_order(model.tensors, where):
+        for record, array in decoded_in_order(model.tensors, model.where):
             at = offsets[record.name]
             if at is None:
                 small[record.name] = array
