@@ -39,7 +39,7 @@ MODEL = "efficientnet-lite0"
 # Klaus's sources, which no installed copy pays, so the measured processes may write and reuse it.
 os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 # Klaus keeps each model's decoded weights in a cache (klaus.staging); the benchmarks keep theirs here, apart
-# from the user's, so a row that starts from an empty cache (:func:`empty_weights_cache`) means just that.
+# from the user's, so a row that starts from an empty cache (:func:`weights_cache_env`) means just that.
 WEIGHTS_CACHE_ENV = "KLAUS_CACHE_DIR"
 os.environ[WEIGHTS_CACHE_ENV] = str(CACHE / "weights")
 
@@ -125,8 +125,12 @@ def interleaved_ms(cases: dict[str, Callable[[], object]], repeats: int, warmup:
 
 
 @contextlib.contextmanager
-def empty_weights_cache() -> Iterator[dict[str, str]]:
-    """An environment whose weights cache is a new, empty directory: Klaus's first start after install."""
+def weights_cache_env(empty: bool) -> Iterator[dict[str, str] | None]:
+    """The environment of a measured child process: with ``empty``, one whose weights cache is a new, empty
+    directory (Klaus's first start after install); otherwise this process's own (None: inherited)."""
+    if not empty:
+        yield None
+        return
     with tempfile.TemporaryDirectory(prefix="klaus-bench-cache-") as directory:
         yield {**os.environ, WEIGHTS_CACHE_ENV: str(Path(directory) / "cache")}
 

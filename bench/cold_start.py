@@ -18,7 +18,7 @@ from __future__ import annotations
 import subprocess
 import time
 
-from _common import CAT, KLAUS, PYTHON, ROOT, SAMPLE, cli, command, empty_weights_cache, fp32_onnx, median, ratio, table
+from _common import CAT, KLAUS, PYTHON, ROOT, SAMPLE, cli, command, fp32_onnx, median, ratio, table, weights_cache_env
 
 KEYS = ("klaus", "klaus-first", "klaus-low", "ten", "help", "imports")
 ROUNDS = 11
@@ -27,16 +27,10 @@ TEN = 10  # photos in one process: the first ten development photos
 
 
 def wall_ms(args: list[str], empty_cache: bool = False) -> float:
-    if empty_cache:
-        with empty_weights_cache() as env:
-            return _wall_ms(args, env)
-    return _wall_ms(args, None)
-
-
-def _wall_ms(args: list[str], env: dict[str, str] | None) -> float:
-    start = time.perf_counter()
-    subprocess.run(args, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    return (time.perf_counter() - start) * 1000.0
+    with weights_cache_env(empty_cache) as env:
+        start = time.perf_counter()
+        subprocess.run(args, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        return (time.perf_counter() - start) * 1000.0
 
 
 def run(only: list[str] | None = None, rounds: int = ROUNDS) -> str:

@@ -41,7 +41,6 @@ from _common import (
     cli,
     command,
     embedded_model,
-    empty_weights_cache,
     fp32_onnx,
     interleaved_ms,
     median,
@@ -50,6 +49,7 @@ from _common import (
     ratio,
     run_command,
     table,
+    weights_cache_env,
 )
 
 KEYS = ("effnet", "alexnet-4096", "alexnet-2048")
@@ -70,8 +70,8 @@ print(json.dumps({"peak_bytes": kib("VmHWM"), "current_bytes": kib("VmRSS")}))
 """
 
 
-def rss_child(args: list[str]) -> dict[str, int]:
-    return json.loads(run_command(args).stdout.strip().splitlines()[-1])
+def rss_child(args: list[str], env: dict[str, str] | None = None) -> dict[str, int]:
+    return json.loads(run_command(args, env).stdout.strip().splitlines()[-1])
 
 
 def median_rss(children: dict[str, Callable[[], dict[str, int]]], rounds: int = ROUNDS) -> dict[str, dict[str, float]]:
@@ -98,11 +98,8 @@ def peak_cell(r: dict[str, float]) -> str:
 def klaus_rss(model, memory: str, empty_cache: bool = False) -> dict[str, int]:
     """A Klaus child's memory; with ``empty_cache`` it starts from an empty weights cache (decoding the model,
     as a first start does), otherwise from the benchmarks' cache, which the first round fills."""
-    args = [PYTHON, "-c", CHILD, str(model), str(CAT), memory]
-    if not empty_cache:
-        return rss_child(args)
-    with empty_weights_cache() as env:
-        return json.loads(run_command(args, env).stdout.strip().splitlines()[-1])
+    with weights_cache_env(empty_cache) as env:
+        return rss_child([PYTHON, "-c", CHILD, str(model), str(CAT), memory], env)
 
 
 def fp32_rss(onnx_path) -> dict[str, int]:
