@@ -60,10 +60,15 @@ def make_tiny_onnx(seed: int = 0, classes: int = TINY_CLASSES) -> onnx.ModelProt
         helper.make_node("Flatten", ["g"], ["f"], name="/flatten"),
         helper.make_node("Gemm", ["f", "fc.weight", "fc.bias"], ["logits"], name="/fc/Gemm", transB=1),
     ]
+    return classifier_model(nodes, inits, "tiny", TINY_SIZE, classes)
+
+
+def classifier_model(nodes: list, inits: list, name: str, size: int, classes: int) -> onnx.ModelProto:
+    """A checked opset-17 model of ``nodes``: image input (batch, 3, size, size), logits (batch, classes)."""
     graph = helper.make_graph(
         nodes,
-        "tiny",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, TINY_SIZE, TINY_SIZE])],
+        name,
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, size, size])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
         inits,
     )

@@ -16,6 +16,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from conftest import classifier_model
 from klaus import compression, onnxgraph
 from klaus.compression import calibrate
 from klaus.compression.budget import merged_stats
@@ -29,18 +30,8 @@ CLASSES = 10
 
 
 def _classifier(nodes: list, inits: list, name: str) -> onnx.ModelProto:
-    """A checked opset-17 model of ``nodes``: image input (batch, 3, SIZE, SIZE), logits (batch, CLASSES)."""
-    graph = helper.make_graph(
-        nodes,
-        name,
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, SIZE, SIZE])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", CLASSES])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="klaus-tests")
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
+    """A checked model of ``nodes``: image input (batch, 3, SIZE, SIZE), logits (batch, CLASSES)."""
+    return classifier_model(nodes, inits, name, SIZE, CLASSES)
 
 
 def shared_input_model(seed: int = 0) -> onnx.ModelProto:
